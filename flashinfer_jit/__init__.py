@@ -1,0 +1,18 @@
+"""flashinfer-jit: FlashInfer's attention API, with kernels generated, compiled and cached on demand."""
+import logging as _logging
+
+from .version import __version__
+
+_logging.getLogger("flashinfer_jit").addHandler(_logging.NullHandler())
+from .cascade import merge_state, merge_state_in_place, merge_states
+from .errors import (
+    BuildLockTimeout,
+    CacheIntegrityError,
+    CacheSecurityError,
+    FlashInferJITError,
+    KernelCompileError,
+    KernelLaunchError,
+    KernelLoadError,
+    MissingKernelError,
+    ToolchainNotFoundError,
+)

@@ -1,0 +1,59 @@
+"""torch.library registration of the kernel ops and the C-ABI call plumbing.
+
+Ops are registered once (namespace `flashinfer_jit`) with a CUDA implementation that resolves the
+kernel library (memoized) and calls its exported C function on the current stream, and a fake
+implementation for torch.compile tracing. Kernel launches go to the current stream, so they are
+captured by CUDA graphs.
+"""
+from __future__ import annotations
+
+import ctypes
+from typing import Any, Callable
+
+import torch
+
+NAMESPACE = "flashinfer_jit"
+_library = torch.library.Library(NAMESPACE, "DEF")
+
+# C argument types used by the exported launchers.
+PTR = ctypes.c_void_p
+I64 = ctypes.c_int64
+I32 = ctypes.c_int
+F32 = ctypes.c_float
+
+
+def define(schema: str, cuda_impl: Callable[..., Any], fake_impl: Callable[..., Any]) -> Any:
+    """Define `flashinfer_jit::<schema>` with a CUDA kernel and a fake (meta) implementation."""
+    name = schema.split("(", 1)[0]
+    _library.define(schema)
+    _library.impl(name, cuda_impl, "CUDA")
+    torch.library.register_fake(f"{NAMESPACE}::{name}", fake_impl, lib=_library)
+    return getattr(getattr(torch.ops, NAMESPACE), name)
+
+
+def ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def stream_of(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+class device_guard:
+    """Make `device` current for a launch (kernels run on the current device) and restore it."""
+
+    __slots__ = ("index", "previous")
+
+    def __init__(self, device: torch.device):
+        self.index = device.index if device.index is not None else torch.cuda.current_device()
+        self.previous = -1
+
+    def __enter__(self) -> None:
+        current = torch.cuda.current_device()
+        if current != self.index:
+            self.previous = current
+            torch.cuda.set_device(self.index)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.previous >= 0:
+            torch.cuda.set_device(self.previous)

@@ -1,0 +1,221 @@
+"""The compiler side: where CUDA lives, which archs to target, which flags, and a fingerprint of it all.
+
+Knows nothing about attention or the cache layout.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from . import env
+from .errors import ToolchainNotFoundError
+from .version import __version__
+
+# Flags every kernel is built with. They are part of the cache key.
+BASE_NVCC_FLAGS = (
+    "-O3",
+    "-std=c++17",
+    "--use_fast_math",
+    "--expt-relaxed-constexpr",
+    "-lineinfo",
+    "-Xptxas=-warn-spills",
+)
+BASE_CXX_FLAGS = ("-O3", "-std=c++17")
+DEFAULT_ARCH = "90a"
+# Rough peak resident memory of one nvcc job on our kernels; bounds parallel jobs.
+NVCC_JOB_BYTES = 2 * 1024**3
+
+
+def _is_cuda_home(path: Path) -> bool:
+    nvcc = path / "bin" / "nvcc"
+    return nvcc.is_file() and os.access(nvcc, os.X_OK) and (path / "include" / "cuda_runtime.h").is_file()
+
+
+def _script_target(path: Path) -> Path | None:
+    """If `path` is a shell wrapper that execs another nvcc, return the CUDA home it points to."""
+    try:
+        head = path.read_bytes()[:4096]
+    except OSError:
+        return None
+    if head.startswith(b"\x7fELF"):
+        return None
+    for match in re.finditer(rb"(/[^\s\"'$]+)/bin/nvcc\b", head):
+        candidate = Path(match.group(1).decode(errors="replace"))
+        if _is_cuda_home(candidate):
+            return candidate
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _resolve_cuda_home(cuda_home_env: str | None, nvcc_env: str | None, path_env: str | None) -> Path:
+    searched: list[str] = []
+    if nvcc_env:
+        nvcc = Path(nvcc_env)
+        home = nvcc.resolve().parent.parent
+        searched.append(f"FLASHINFER_JIT_NVCC={nvcc_env}")
+        if nvcc.is_file():
+            return _script_target(nvcc.resolve()) or home
+    if cuda_home_env:
+        searched.append(f"CUDA_HOME/CUDA_PATH={cuda_home_env}")
+        if _is_cuda_home(Path(cuda_home_env)):
+            return Path(cuda_home_env).resolve()
+    on_path = shutil.which("nvcc", path=path_env)
+    if on_path:
+        searched.append(f"nvcc on PATH: {on_path}")
+        real = Path(on_path).resolve()
+        wrapped = _script_target(real)
+        if wrapped:  # e.g. /usr/local/bin/nvcc = `exec /usr/local/cuda-13.0/bin/nvcc "$@"`
+            return wrapped.resolve()
+        if _is_cuda_home(real.parent.parent):
+            return real.parent.parent
+    for default in ("/usr/local/cuda", "/opt/cuda"):
+        searched.append(default)
+        if _is_cuda_home(Path(default)):
+            return Path(default).resolve()
+    raise ToolchainNotFoundError(
+        "no CUDA toolkit (nvcc) found. Searched:\n"
+        + "\n".join(f"  - {s}" for s in searched)
+        + "\nInstall the CUDA toolkit, or set CUDA_HOME to its root (the folder holding bin/nvcc), "
+        "or FLASHINFER_JIT_NVCC to the nvcc to use. To run only prebuilt kernels, set "
+        "FLASHINFER_JIT_PREBUILT_DIRS.",
+        searched,
+    )
+
+
+def cuda_home() -> Path:
+    """The CUDA toolkit root, resolved through wrapper scripts and symlinks."""
+    return _resolve_cuda_home(
+        os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"),
+        env.nvcc_override(),
+        os.environ.get("PATH"),
+    )
+
+
+def nvcc_path() -> Path:
+    override = env.nvcc_override()
+    return Path(override) if override else cuda_home() / "bin" / "nvcc"
+
+
+@functools.lru_cache(maxsize=None)
+def _nvcc_version(nvcc: str) -> str:
+    out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60)
+    if out.returncode != 0:
+        raise ToolchainNotFoundError(f"`{nvcc} --version` failed: {out.stderr.strip()}", [nvcc])
+    # "Cuda compilation tools, release 13.0, V13.0.88" + "Build cuda_13.0.r13.0/compiler.36424714_0"
+    lines = [l.strip() for l in out.stdout.splitlines() if "release" in l or l.startswith("Build")]
+    return " | ".join(lines) or out.stdout.strip()
+
+
+def nvcc_version() -> str | None:
+    """`nvcc --version` of the resolved nvcc; None when there is no toolkit (run-only deployments)."""
+    try:
+        return _nvcc_version(str(nvcc_path()))
+    except (ToolchainNotFoundError, OSError):
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def _cxx_version(cxx: str) -> str:
+    try:
+        out = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60)
+    except OSError:
+        return "unavailable"
+    return out.stdout.splitlines()[0].strip() if out.stdout else "unavailable"
+
+
+def host_compiler_version() -> str:
+    return _cxx_version(os.environ.get("CXX", "c++"))
+
+
+def normalize_arch(arch: str) -> str:
+    """'9.0' / '9.0a' / 'sm_90a' / '90' -> '90a'; '8.0' -> '80'. Hopper is always built as 90a (wgmma)."""
+    text = arch.strip().lower().removeprefix("sm_").removeprefix("compute_")
+    text = text.replace("+ptx", "")
+    match = re.fullmatch(r"(\d+)\.?(\d)([af]?)", text)
+    if not match:
+        raise ValueError(f"cannot read CUDA arch {arch!r}; write it like 9.0a, 90a or sm_90a")
+    major, minor, suffix = match.groups()
+    if major == "9" and minor == "0":
+        suffix = "a"
+    if int(major) < 8:
+        raise ValueError(f"CUDA arch {arch!r} is not supported: flashinfer-jit needs sm_80 or newer")
+    return f"{major}{minor}{suffix}"
+
+
+def _parse_arch_list(text: str) -> list[str]:
+    return [normalize_arch(a) for a in re.split(r"[,;\s]+", text) if a]
+
+
+def target_archs() -> tuple[str, ...]:
+    """The visible GPUs' archs; without a GPU FLASHINFER_JIT_ARCH, else TORCH_CUDA_ARCH_LIST, else 9.0a."""
+    if torch.cuda.is_available():
+        caps = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+        return tuple(sorted({normalize_arch(f"{ma}.{mi}") for ma, mi in caps}))
+    for text in (env.arch_override(), env.torch_arch_list()):
+        if text:
+            return tuple(sorted(set(_parse_arch_list(text))))
+    return (DEFAULT_ARCH,)
+
+
+def arch_tag(archs: tuple[str, ...]) -> str:
+    return "_".join(archs)
+
+
+def gencode_flags(archs: tuple[str, ...]) -> list[str]:
+    return [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+
+
+def nvcc_flags(archs: tuple[str, ...]) -> list[str]:
+    return [*BASE_NVCC_FLAGS, *gencode_flags(archs), *env.extra_cuda_flags()]
+
+
+def build_jobs(num_sources: int) -> int:
+    """MAX_JOBS if set; else min(cores, sources), capped so parallel nvccs fit in free memory."""
+    explicit = env.max_jobs()
+    if explicit:
+        return explicit
+    jobs = max(1, min(os.cpu_count() or 1, num_sources))
+    available = _available_memory()
+    if available is not None:
+        jobs = max(1, min(jobs, available // NVCC_JOB_BYTES))
+    return jobs
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def fingerprint(archs: tuple[str, ...]) -> dict[str, object]:
+    """Everything outside the sources that changes the binary. No paths, no times."""
+    return {
+        "package_version": __version__,
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cxx11_abi": bool(torch._C._GLIBCXX_USE_CXX11_ABI),
+        "python": f"{sys.version_info.major}.{sys.version_info.minor}",
+        "machine": platform.machine(),
+        "nvcc": nvcc_version(),
+        "host_cxx": host_compiler_version(),
+        "archs": list(archs),
+        "nvcc_flags": nvcc_flags(archs),
+        "cxx_flags": list(BASE_CXX_FLAGS),
+    }
+
+
+# The fields a prebuilt binary must match to run here; the compiler versions may differ.
+RUNTIME_FIELDS = ("package_version", "torch", "torch_cuda", "cxx11_abi", "python", "machine", "archs", "nvcc_flags", "cxx_flags")

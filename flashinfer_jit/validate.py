@@ -1,0 +1,76 @@
+"""Input checks shared by the ops and wrappers. Every failure names the argument, what was
+expected and what was found, and is raised before any kernel launch. None of these read tensor
+data, so none of them synchronizes the device."""
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+
+from .errors import describe
+from .spec import DTYPES, HEAD_DIMS
+
+ATTENTION_DTYPES = tuple(t for t, _ in DTYPES.values())
+
+
+def _fail(name: str, expected: str, value: object, exc: type[Exception] = ValueError) -> None:
+    raise exc(f"{name}: expected {expected}, got {describe(value)}")
+
+
+def tensor(
+    name: str,
+    value: object,
+    *,
+    dtypes: Iterable[torch.dtype] | None = None,
+    ndim: int | None = None,
+    shape: Sequence[int | None] | None = None,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        _fail(name, "a torch.Tensor", value, TypeError)
+    assert isinstance(value, torch.Tensor)
+    if dtypes is not None:
+        allowed = tuple(dtypes)
+        if value.dtype not in allowed:
+            _fail(name, f"dtype {' or '.join(str(d) for d in allowed)}", value, TypeError)
+    if ndim is not None and value.dim() != ndim:
+        _fail(name, f"a {ndim}-D tensor", value)
+    if shape is not None:
+        if value.dim() != len(shape) or any(s is not None and s != v for s, v in zip(shape, value.shape)):
+            pretty = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+            _fail(name, f"shape {pretty}", value)
+    if device is not None and value.device != device:
+        _fail(name, f"a tensor on {device} (the same device as the other inputs)", value)
+    return value
+
+
+def cuda_tensor(name: str, value: object, **kw: object) -> torch.Tensor:
+    t = tensor(name, value, **kw)  # type: ignore[arg-type]
+    if t.device.type != "cuda":
+        _fail(name, "a CUDA tensor", t)
+    return t
+
+
+def head_dim(name: str, value: int) -> int:
+    if value not in HEAD_DIMS:
+        raise ValueError(
+            f"{name}={value} is not supported; supported head dims: {', '.join(map(str, HEAD_DIMS))}"
+        )
+    return value
+
+
+def vector_rows(name: str, t: torch.Tensor) -> None:
+    """The last dim is contiguous and every row starts 16-byte aligned (kernels use 16-byte access)."""
+    if t.stride(-1) != 1:
+        _fail(name, "a contiguous last dimension (stride(-1) == 1); call .contiguous()", t)
+    elem = t.element_size()
+    if t.data_ptr() % 16 or any((s * elem) % 16 for s in t.stride()[:-1]):
+        _fail(name, f"16-byte aligned rows (data_ptr and strides multiples of {16 // elem} elements)", t)
+
+
+def same_device(pairs: Sequence[tuple[str, torch.Tensor]]) -> torch.device:
+    device = pairs[0][1].device
+    for name, t in pairs[1:]:
+        if t.device != device:
+            raise ValueError(f"{name}: expected a tensor on {device} (like {pairs[0][0]}), got {describe(t)}")
+    return device
