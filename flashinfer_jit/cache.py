@@ -75,6 +75,17 @@ def _make_private_dir(path: Path) -> None:
         os.chmod(d, 0o700)
 
 
+def _make_private_tree(root: Path) -> None:
+    """Directories 0700, files without group/other write. The compiler and linker create files
+    with the process umask (0777 under umask 000), and check_private would then refuse them."""
+    for path in [root, *root.rglob("*")]:
+        st = os.lstat(path)
+        if stat.S_ISDIR(st.st_mode):
+            os.chmod(path, 0o700)
+        elif stat.S_ISREG(st.st_mode) and st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            os.chmod(path, stat.S_IMODE(st.st_mode) & ~(stat.S_IWGRP | stat.S_IWOTH))
+
+
 def check_private(path: Path, trusted: bool = False) -> None:
     """Refuse a path that another user could have written: loading a .so runs its code.
 
@@ -208,6 +219,7 @@ class CacheLayer:
         tmp_manifest = build_dir / (MANIFEST + ".tmp")
         tmp_manifest.write_text(json.dumps(manifest, indent=2, sort_keys=True))
         os.replace(tmp_manifest, build_dir / MANIFEST)
+        _make_private_tree(build_dir)
         final = self.entry_dir(arch_tag, uri, key)
         _make_private_dir(final.parent)
         try:

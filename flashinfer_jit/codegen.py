@@ -31,8 +31,11 @@ def include_dir() -> Path:
 
 @functools.lru_cache(maxsize=None)
 def _environment(root: str) -> jinja2.Environment:
+    # cache_size=0: jinja's template cache revalidates by mtime only, so an edit that keeps the
+    # mtime (checkout, reinstall, copy -p) would render the old text under the old key.
     return jinja2.Environment(
         loader=jinja2.FileSystemLoader(root),
+        cache_size=0,
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
         trim_blocks=True,

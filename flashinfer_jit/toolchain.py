@@ -30,6 +30,8 @@ BASE_NVCC_FLAGS = (
 )
 BASE_CXX_FLAGS = ("-O3", "-std=c++17")
 DEFAULT_ARCH = "90a"
+# Where a CUDA toolkit is looked for when neither CUDA_HOME nor PATH names one.
+DEFAULT_CUDA_HOMES = ("/usr/local/cuda", "/opt/cuda")
 # Rough peak resident memory of one nvcc job on our kernels; bounds parallel jobs.
 NVCC_JOB_BYTES = 2 * 1024**3
 
@@ -76,7 +78,7 @@ def _resolve_cuda_home(cuda_home_env: str | None, nvcc_env: str | None, path_env
             return wrapped.resolve()
         if _is_cuda_home(real.parent.parent):
             return real.parent.parent
-    for default in ("/usr/local/cuda", "/opt/cuda"):
+    for default in DEFAULT_CUDA_HOMES:
         searched.append(default)
         if _is_cuda_home(Path(default)):
             return Path(default).resolve()
