@@ -1,0 +1,267 @@
+"""The cache under stress, with the fake compiler: races, killed builders, stale locks, corrupt
+entries, failing compiles, lock timeouts, permissions, logging. No CUDA needed."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import load_in_subprocess_cmd, run_loader, subprocess_env
+from flashinfer_jit import cache, loader
+from flashinfer_jit.errors import BuildLockTimeout, CacheSecurityError, KernelCompileError
+from flashinfer_jit.spec import MergeStateSpec
+
+SPEC = MergeStateSpec(head_dim=128, dtype="bf16")
+SPEC_ARGS = ("merge_state", "head_dim=128", "dtype=bf16")
+
+
+def entries(root: Path) -> list[Path]:
+    return [e.path for e in cache.CacheLayer(root, writable=True).entries()]
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def lock_path(root: Path) -> Path:
+    info = loader.compute_key(SPEC)
+    return root / "locks" / f"{cache.entry_name(SPEC.uri, info.key)}.lock"
+
+
+# ---- concurrency ---------------------------------------------------------------------------------
+
+def test_four_processes_racing_on_a_cold_key_compile_once(fake_nvcc, cache_root, tmp_path):
+    fake_nvcc.behave(sleep=1.5)  # long enough that every process arrives while the first builds
+    go = tmp_path / "go"
+    env = subprocess_env()
+    procs = [
+        subprocess.Popen(load_in_subprocess_cmd(*SPEC_ARGS, "--go-file", str(go)), env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
+    go.touch()
+    reports = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err[-3000:]
+        reports.append(json.loads(out.strip().splitlines()[-1]))
+
+    assert fake_nvcc.compiles == 1
+    assert sum(r["builds"] for r in reports) == 1
+    assert len({r["library"] for r in reports}) == 1
+    assert entries(cache_root) == [Path(reports[0]["entry"])]
+
+
+# ---- killed builders, stale locks ----------------------------------------------------------------
+
+def test_builder_sigkilled_mid_compile_does_not_block_the_next(fake_nvcc, cache_root, monkeypatch):
+    fake_nvcc.behave(sleep=60)
+    builder = subprocess.Popen(load_in_subprocess_cmd(*SPEC_ARGS), env=subprocess_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for(lambda: fake_nvcc.compiles == 1, 60, "the first builder to start compiling")
+    finally:
+        os.killpg(builder.pid, signal.SIGKILL)  # the builder, its ninja and its nvcc
+        builder.wait(timeout=30)
+    assert entries(cache_root) == []
+
+    fake_nvcc.behave(sleep=0)
+    monkeypatch.setenv("FLASHINFER_JIT_LOCK_TIMEOUT", "30")
+    start = time.monotonic()
+    report = run_loader(*SPEC_ARGS, timeout=90)
+    assert time.monotonic() - start < 60
+    assert report["builds"] == 1
+    assert fake_nvcc.compiles == 2
+    assert entries(cache_root) == [Path(report["entry"])]
+
+
+def test_compiler_dying_mid_write_publishes_nothing_and_next_call_rebuilds(fake_nvcc, cache_root):
+    fake_nvcc.behave(die_mid_write=True)
+    with pytest.raises(KernelCompileError):
+        loader.load(SPEC)
+    assert entries(cache_root) == []
+
+    fake_nvcc.behave()
+    kernel = loader.load(SPEC)
+    assert kernel.entry.library.is_file()
+    assert fake_nvcc.compiles == 2
+
+
+def test_stale_lock_files_do_not_block(fake_nvcc, cache_root, monkeypatch):
+    """Lock *files* left behind by dead processes (ours and torch's) are harmless: only a live
+    flock blocks."""
+    monkeypatch.setenv("FLASHINFER_JIT_LOCK_TIMEOUT", "5")
+    ours = lock_path(cache_root)
+    ours.parent.mkdir(parents=True)
+    ours.write_text("")
+    ours.with_suffix(".owner").write_text("pid 999999 on some-host since long ago\n")
+    (cache_root / "tmp").mkdir(mode=0o700)
+    (cache_root / "tmp" / "lock").write_text("")
+
+    # torch's own lock file inside the build directory, as an old torch (FileBaton) leaves it.
+    real_mkdtemp = cache.tempfile.mkdtemp
+
+    def mkdtemp_with_stale_torch_lock(*args, **kwargs):
+        path = real_mkdtemp(*args, **kwargs)
+        Path(path, "lock").write_text("")
+        return path
+
+    monkeypatch.setattr(cache.tempfile, "mkdtemp", mkdtemp_with_stale_torch_lock)
+    start = time.monotonic()
+    kernel = loader.load(SPEC)
+    assert time.monotonic() - start < 5
+    assert kernel.entry.library.is_file()
+    assert not (kernel.entry.path / "lock").exists()  # build intermediates are not published
+
+
+def test_lock_held_by_a_live_process_times_out_with_the_lock_path(fake_nvcc, cache_root, monkeypatch):
+    path = lock_path(cache_root)
+    path.parent.mkdir(parents=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import filelock, sys, time; l = filelock.FileLock(sys.argv[1]); l.acquire(); "
+         "print('locked', flush=True); time.sleep(120)", str(path)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        monkeypatch.setenv("FLASHINFER_JIT_LOCK_TIMEOUT", "1")
+        start = time.monotonic()
+        with pytest.raises(BuildLockTimeout) as excinfo:
+            loader.load(SPEC)
+        assert time.monotonic() - start < 10
+    finally:
+        holder.kill()
+        holder.wait()
+    assert str(path) in str(excinfo.value)
+    assert "FLASHINFER_JIT_LOCK_TIMEOUT" in str(excinfo.value)
+    assert excinfo.value.lock_path == path
+    assert fake_nvcc.compiles == 0
+
+
+# ---- integrity -----------------------------------------------------------------------------------
+
+def _truncate(path: Path) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(100)
+
+
+def _flip_one_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", [_truncate, _flip_one_byte], ids=["truncated", "one-byte-flip"])
+def test_damaged_library_is_quarantined_and_rebuilt_once(fake_nvcc, cache_root, damage, caplog):
+    first = loader.load(SPEC)
+    damaged_dir = first.entry.path
+    damage(first.entry.library)
+    loader.clear_memo()
+
+    builds = loader.build_count
+    with caplog.at_level(logging.WARNING, logger="flashinfer_jit"):
+        second = loader.load(SPEC)
+    assert loader.build_count == builds + 1
+    assert fake_nvcc.compiles == 2
+
+    quarantined = list((cache_root / "quarantine").iterdir())
+    assert len(quarantined) == 1 and quarantined[0].name.startswith(damaged_dir.name)
+    assert (quarantined[0] / "QUARANTINED").read_text().strip()
+    assert second.entry.path == damaged_dir  # a fresh entry at the same place
+    assert cache.CacheLayer(cache_root, writable=True).verify(second.entry) is None
+    assert any("quarantined" in r.getMessage() for r in caplog.records)
+
+    loader.clear_memo()
+    loader.load(SPEC)  # and now it is simply warm
+    assert fake_nvcc.compiles == 2
+
+
+# ---- failing compiles ----------------------------------------------------------------------------
+
+def test_failing_compile_reports_compiler_message_sources_and_log(fake_nvcc, cache_root):
+    fake_nvcc.behave(fail="identifier 'frobnicate' is undefined")
+    with pytest.raises(KernelCompileError) as excinfo:
+        loader.load(SPEC)
+    err = excinfo.value
+    text = str(err)
+    assert "identifier 'frobnicate' is undefined" in text
+    assert str(err.source_dir) in text and (err.source_dir / "merge_state.cu").is_file()
+    assert str(err.log_path) in text and "frobnicate" in err.log_path.read_text()
+    assert SPEC.uri in text
+    assert entries(cache_root) == []  # nothing published, so nothing stale to trip over later
+
+    fake_nvcc.behave()
+    kernel = loader.load(SPEC)  # failures are not cached: the fixed compiler is used at once
+    assert kernel.entry.library.is_file()
+    assert fake_nvcc.compiles == 2
+
+
+# ---- permissions ---------------------------------------------------------------------------------
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_cache_root_is_created_private(fake_nvcc, tmp_path, monkeypatch):
+    root = tmp_path / "a" / "b" / "cache"
+    monkeypatch.setenv("FLASHINFER_JIT_CACHE_DIR", str(root))
+    loader.load(SPEC)
+    assert _mode(root) == 0o700
+    assert _mode(tmp_path / "a") == 0o700 and _mode(tmp_path / "a" / "b") == 0o700
+
+
+def test_cache_stays_private_under_umask_000(fake_nvcc, cache_root):
+    old = os.umask(0)
+    try:
+        kernel = loader.load(SPEC)
+    finally:
+        os.umask(old)
+    assert _mode(cache_root) == 0o700
+    for path in [kernel.entry.path, *kernel.entry.path.rglob("*")]:
+        assert not _mode(path) & (stat.S_IWGRP | stat.S_IWOTH), f"{path} is {stat.filemode(path.stat().st_mode)}"
+    loader.clear_memo()
+    loader.load(SPEC)  # and the warm load accepts it
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])
+def test_group_or_world_writable_root_is_refused(fake_nvcc, cache_root, warm):
+    if warm:
+        loader.load(SPEC)
+        loader.clear_memo()
+    else:
+        cache_root.mkdir(mode=0o700)
+    cache_root.chmod(0o777)
+    with pytest.raises(CacheSecurityError) as excinfo:
+        loader.load(SPEC)
+    assert excinfo.value.path == cache_root
+    assert f"chmod go-w {cache_root}" in str(excinfo.value)
+    assert "FLASHINFER_JIT_TRUSTED_ROOTS" in str(excinfo.value)
+
+
+# ---- logging -------------------------------------------------------------------------------------
+
+def test_build_logs_start_and_end_warm_load_logs_nothing(fake_nvcc, caplog):
+    caplog.set_level(logging.INFO, logger="flashinfer_jit")
+    loader.load(SPEC)
+    messages = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert any("building" in m and SPEC.uri in m for m in messages), messages
+    assert any("built" in m and SPEC.uri in m and " s " in m for m in messages), messages
+
+    caplog.clear()
+    loader.clear_memo()
+    loader.load(SPEC)  # from disk
+    loader.load(SPEC)  # from the in-process memo
+    assert [r for r in caplog.records if r.levelno >= logging.INFO] == []
