@@ -16,3 +16,4 @@ from .errors import (
     MissingKernelError,
     ToolchainNotFoundError,
 )
+from .prefill import BatchPrefillWithRaggedKVCacheWrapper, single_prefill_with_kv_cache

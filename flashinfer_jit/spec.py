@@ -107,6 +107,22 @@ class PrefillSpec(KernelSpec):
     dtype: str = _uri_field("{}", tuple(DTYPES))
     causal: bool = _uri_field("causal|full", (False, True))
 
+    # Tile shapes are derived, not spec fields: they follow from head_dim (registers, shared memory).
+    @property
+    def kv_tile(self) -> int:
+        return 64
+
+    @property
+    def cta_q_options(self) -> tuple[int, ...]:
+        """Packed q rows per CTA the library contains; plan() picks one per batch."""
+        return (64,) if self.head_dim == 256 else (128, 64)
+
+    def template_context(self) -> dict[str, Any]:
+        ctx = super().template_context()
+        ctx["kv_tile"] = self.kv_tile
+        ctx["cta_q_options"] = list(self.cta_q_options)
+        return ctx
+
 
 FAMILIES: dict[str, type[KernelSpec]] = {cls.family: cls for cls in (MergeStateSpec, PrefillSpec)}
 

@@ -1,0 +1,393 @@
+// Batch prefill attention over ragged (and, through KVAddress, paged) KV: FA2-class kernel.
+//
+// One CTA runs one work item (request, packed q tile, KV chunk) for one KV head:
+//   - Q tile [CTA_Q packed rows, D] and K/V tiles [KV_TILE, D] in XOR-swizzled shared memory,
+//     loaded with cp.async (K of the next tile streams in during P*V, V during Q*K^T);
+//   - each warp owns 16 * MMA_Q rows; S = Q K^T and O += P V with mma.sync m16n8k16 fed by
+//     ldmatrix (V through ldmatrix.trans), P kept in registers as the A operand of the second GEMM;
+//   - fp32 online softmax in base 2 with sm_scale * log2(e) folded into one FFMA before exp2;
+//   - masks only where needed: the KV tail tile and, when causal, tiles crossing the diagonal
+//     (bottom-right aligned: query i sees keys j <= kv_len - q_len + i).
+// Rows that see no key produce O = 0 and LSE = -inf.
+#pragma once
+#include "flashinfer_jit/mma.cuh"
+#include "flashinfer_jit/prefill_plan.h"
+
+namespace fij {
+
+struct PrefillParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  void* o;
+  float* lse;  // [total_q, Hq] or nullptr
+  int64_t q_stride_n, q_stride_h;
+  int64_t k_stride_n, k_stride_h;
+  int64_t v_stride_n, v_stride_h;
+  int64_t o_stride_n, o_stride_h;
+  const int32_t* qo_indptr;
+  const int32_t* kv_indptr;
+  const WorkItem* items;
+  const MergeEntry* merges;
+  const int32_t* counts;  // [num_items, num_merges], on the device (fixed grids under CUDA graphs)
+  float* partial_o;       // [partial_rows, Hkv, D] fp32
+  float* partial_lse;     // [partial_rows, Hkv]
+  int32_t num_qo_heads;
+  int32_t num_kv_heads;
+  int32_t group;
+  float scale_log2;       // sm_scale * log2(e)
+  int32_t cta_q;
+  int32_t reserved;
+};
+
+template <int HEAD_DIM, int CTA_Q, int KV_TILE>
+struct PrefillShape {
+  static constexpr int kMmaQ = (HEAD_DIM == 256 || CTA_Q == 64) ? 1 : 2;  // m16 tiles per warp
+  static constexpr int kWarps = CTA_Q / (16 * kMmaQ);
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kChunks = HEAD_DIM / 8;   // 16-byte chunks per row
+  static constexpr int kNtS = KV_TILE / 8;       // n8 tiles of S
+  static constexpr int kNtO = HEAD_DIM / 8;      // n8 tiles of O
+  static constexpr int kKsQK = HEAD_DIM / 16;    // k16 steps of Q K^T
+  static constexpr int kKsPV = KV_TILE / 16;     // k16 steps of P V
+  template <typename T>
+  static constexpr int smem_bytes() { return (CTA_Q + 2 * KV_TILE) * HEAD_DIM * int(sizeof(T)); }
+  static_assert(kWarps >= 1 && kWarps * 16 * kMmaQ == CTA_Q, "bad CTA_Q");
+  static_assert(KV_TILE % 16 == 0, "bad KV_TILE");
+};
+
+// Address of KV row `pos` (0-based within the request) for KV head `head`.
+struct RaggedKV {
+  __device__ __forceinline__ static int64_t row(int64_t kv_start, int64_t pos, int head, int64_t stride_n,
+                                                int64_t stride_h) {
+    return (kv_start + pos) * stride_n + int64_t(head) * stride_h;
+  }
+};
+
+// Each thread copies one fixed 16-byte column chunk of rows r0, r0 + R, r0 + 2R, ... (R = THREADS /
+// chunks per row): one global pointer stepped by a constant, one shared offset (swizzle-invariant
+// when R is a multiple of 8).
+template <typename T, int HEAD_DIM, int ROWS, int THREADS>
+__device__ __forceinline__ void load_kv_tile(T* smem, const T* base, int64_t kv_start, int pos0, int limit,
+                                             int head, int64_t stride_n, int64_t stride_h) {
+  using Tile = SwizzledTile<HEAD_DIM>;
+  static_assert((ROWS * Tile::kChunks) % THREADS == 0 && THREADS % Tile::kChunks == 0, "uneven tile split");
+  constexpr int R = THREADS / Tile::kChunks;
+  const int chunk = threadIdx.x % Tile::kChunks, r0 = threadIdx.x / Tile::kChunks;
+  const T* src = base + RaggedKV::row(kv_start, pos0 + r0, head, stride_n, stride_h) + chunk * 8;
+  const int64_t step = R * stride_n;
+#pragma unroll
+  for (int it = 0; it < ROWS / R; ++it) {
+    const int row = r0 + it * R;
+    const bool valid = pos0 + row < limit;
+    cp_async_16(smem_addr(smem + Tile::offset(row, chunk)), valid ? src + it * step : base, valid);
+  }
+}
+
+template <typename T, int HEAD_DIM, int CTA_Q, int KV_TILE, bool CAUSAL>
+__global__ void __launch_bounds__(PrefillShape<HEAD_DIM, CTA_Q, KV_TILE>::kThreads, 2)
+    prefill_kernel(const __grid_constant__ PrefillParams p) {
+  using S = PrefillShape<HEAD_DIM, CTA_Q, KV_TILE>;
+  using Tile = SwizzledTile<HEAD_DIM>;
+  constexpr int MQ = S::kMmaQ;
+  extern __shared__ __align__(128) uint8_t smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sK = sQ + CTA_Q * HEAD_DIM;
+  T* sV = sK + KV_TILE * HEAD_DIM;
+
+  const int item_index = blockIdx.x / p.num_kv_heads;
+  const int hk = blockIdx.x % p.num_kv_heads;
+  if (item_index >= p.counts[0]) return;
+  const WorkItem item = p.items[item_index];
+  const int group = p.group;
+  const int64_t q_start = p.qo_indptr[item.request];
+  const int q_len = p.qo_indptr[item.request + 1] - int(q_start);
+  const int64_t kv_start = p.kv_indptr[item.request];
+  const int kv_len = p.kv_indptr[item.request + 1] - int(kv_start);
+  const int rows = min(CTA_Q, q_len * group - item.row_begin);
+  const int causal_offset = kv_len - q_len;
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int lane_g = lane / 4, lane_t = lane % 4;
+  const T* q_base = static_cast<const T*>(p.q);
+  const T* k_base = static_cast<const T*>(p.k);
+  const T* v_base = static_cast<const T*>(p.v);
+
+  // Q tile (packed rows -> (token, head)); rows past the tile's end are zero.
+  static_assert((CTA_Q * Tile::kChunks) % S::kThreads == 0, "Q tile chunks must split evenly");
+#pragma unroll
+  for (int it = 0; it < CTA_Q * Tile::kChunks / S::kThreads; ++it) {
+    const int i = tid + it * S::kThreads;
+    const int row = i / Tile::kChunks, chunk = i % Tile::kChunks;
+    const bool valid = row < rows;
+    const int packed = item.row_begin + row;
+    const int token = packed / group, head = hk * group + packed % group;
+    const T* src = valid ? q_base + (q_start + token) * p.q_stride_n + int64_t(head) * p.q_stride_h + chunk * 8 : q_base;
+    cp_async_16(smem_addr(sQ + Tile::offset(row, chunk)), src, valid);
+  }
+
+  // KV range this tile visits: the item's chunk, clipped by the causal diagonal of its last row.
+  const int first_token = item.row_begin / group;
+  const int last_token = (item.row_begin + max(rows, 1) - 1) / group;
+  int kv_hi = item.kv_end;
+  if (CAUSAL) kv_hi = min(kv_hi, max(0, last_token + causal_offset + 1));
+  const int kv_lo = item.kv_begin;
+
+  load_kv_tile<T, HEAD_DIM, KV_TILE, S::kThreads>(sK, k_base, kv_start, kv_lo, kv_hi, hk, p.k_stride_n, p.k_stride_h);
+  cp_async_commit();
+
+  float o_acc[MQ][S::kNtO][4];
+  float row_max[MQ][2], row_sum[MQ][2];
+#pragma unroll
+  for (int mi = 0; mi < MQ; ++mi) {
+#pragma unroll
+    for (int nt = 0; nt < S::kNtO; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o_acc[mi][nt][e] = 0.f;
+    row_max[mi][0] = row_max[mi][1] = neg_inf();
+    row_sum[mi][0] = row_sum[mi][1] = 0.f;
+  }
+  const float scale = p.scale_log2;
+  const int warp_row0 = warp * 16 * MQ;
+  // ldmatrix addresses. Row r, chunk c lives at byte r * kRowBytes + ((c ^ (r % 8)) << 4); every
+  // row a lane addresses has r % 8 == lane % 8 and chunk 2 * step + bit, so the step enters as
+  // `addr ^ (step << 5)` (no carry into the row bits: tile bases are kRowBytes * 8 aligned).
+  constexpr int kRowBytes = HEAD_DIM * int(sizeof(T));
+  const uint32_t swz = lane & 7;
+  const uint32_t q_frag = smem_addr(sQ) + (warp_row0 + lane % 16) * kRowBytes + (((lane / 16) ^ swz) << 4);
+  const uint32_t k_frag = smem_addr(sK) + ((lane / 16) * 8 + lane % 8) * kRowBytes + ((((lane / 8) & 1) ^ swz) << 4);
+  const uint32_t v_frag = smem_addr(sV) + (lane % 16) * kRowBytes + (((lane / 16) ^ swz) << 4);
+
+  for (int pos0 = kv_lo; pos0 < kv_hi; pos0 += KV_TILE) {
+    // V of this tile streams in while S = Q K^T is computed.
+    load_kv_tile<T, HEAD_DIM, KV_TILE, S::kThreads>(sV, v_base, kv_start, pos0, kv_hi, hk, p.v_stride_n, p.v_stride_h);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+
+    float s[MQ][S::kNtS][4];
+#pragma unroll
+    for (int mi = 0; mi < MQ; ++mi)
+#pragma unroll
+      for (int nt = 0; nt < S::kNtS; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[mi][nt][e] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < S::kKsQK; ++ks) {
+      uint32_t a[MQ][4];
+#pragma unroll
+      for (int mi = 0; mi < MQ; ++mi) ldmatrix_x4(a[mi], (q_frag ^ (ks << 5)) + mi * 16 * kRowBytes);
+#pragma unroll
+      for (int nb = 0; nb < S::kNtS / 2; ++nb) {
+        uint32_t b[4];
+        ldmatrix_x4(b, (k_frag ^ (ks << 5)) + nb * 16 * kRowBytes);
+#pragma unroll
+        for (int mi = 0; mi < MQ; ++mi) {
+          mma_16816<T>(s[mi][2 * nb], a[mi], b[0], b[1]);
+          mma_16816<T>(s[mi][2 * nb + 1], a[mi], b[2], b[3]);
+        }
+      }
+    }
+
+    // Mask the KV tail and (causal) keys right of the diagonal; only tiles that can need it.
+    const bool tail = pos0 + KV_TILE > kv_hi;
+    const bool diagonal = CAUSAL && pos0 + KV_TILE - 1 > first_token + causal_offset;
+    if (tail || diagonal) {
+#pragma unroll
+      for (int mi = 0; mi < MQ; ++mi)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          // Last key this row may see (its own token's diagonal), or kv_hi - 1.
+          const int packed = item.row_begin + warp_row0 + mi * 16 + lane_g + 8 * h;
+          const int limit = CAUSAL ? min(kv_hi - 1, packed / group + causal_offset) : kv_hi - 1;
+#pragma unroll
+          for (int nt = 0; nt < S::kNtS; ++nt)
+#pragma unroll
+            for (int e = 0; e < 2; ++e)
+              if (pos0 + nt * 8 + 2 * lane_t + e > limit) s[mi][nt][2 * h + e] = neg_inf();
+        }
+    }
+
+    // Online softmax (base 2). A row that has seen no key keeps max -inf; exp2 of -inf is 0.
+    // P is packed to 16-bit pairs right away: it is the A operand of P V (half the registers of S).
+    uint32_t p_frag[MQ][S::kNtS][2];
+#pragma unroll
+    for (int mi = 0; mi < MQ; ++mi)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float mx = row_max[mi][h];
+#pragma unroll
+        for (int nt = 0; nt < S::kNtS; ++nt) mx = fmaxf(mx, fmaxf(s[mi][nt][2 * h], s[mi][nt][2 * h + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+        const float base = mx == neg_inf() ? 0.f : mx * scale;
+        const float correction = exp2f(row_max[mi][h] * scale - base);
+        row_max[mi][h] = mx;
+        float sum = row_sum[mi][h] * correction;
+#pragma unroll
+        for (int nt = 0; nt < S::kNtS; ++nt) {
+          const float p0 = exp2f(fmaf(s[mi][nt][2 * h], scale, -base));
+          const float p1 = exp2f(fmaf(s[mi][nt][2 * h + 1], scale, -base));
+          p_frag[mi][nt][h] = Converter<T>::from_float2(p0, p1);
+          sum += p0 + p1;
+        }
+        row_sum[mi][h] = sum;
+#pragma unroll
+        for (int nt = 0; nt < S::kNtO; ++nt) {
+          o_acc[mi][nt][2 * h] *= correction;
+          o_acc[mi][nt][2 * h + 1] *= correction;
+        }
+      }
+
+    // Every warp is done reading K: the next K tile streams in during P V.
+    __syncthreads();
+    const bool more = pos0 + KV_TILE < kv_hi;
+    if (more) {
+      load_kv_tile<T, HEAD_DIM, KV_TILE, S::kThreads>(sK, k_base, kv_start, pos0 + KV_TILE, kv_hi, hk, p.k_stride_n,
+                                                      p.k_stride_h);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+
+#pragma unroll
+    for (int ks = 0; ks < S::kKsPV; ++ks) {
+      uint32_t a[MQ][4];
+#pragma unroll
+      for (int mi = 0; mi < MQ; ++mi) {
+        a[mi][0] = p_frag[mi][2 * ks][0];
+        a[mi][1] = p_frag[mi][2 * ks][1];
+        a[mi][2] = p_frag[mi][2 * ks + 1][0];
+        a[mi][3] = p_frag[mi][2 * ks + 1][1];
+      }
+#pragma unroll
+      for (int dn = 0; dn < S::kNtO / 2; ++dn) {
+        uint32_t b[4];
+        ldmatrix_x4_trans(b, (v_frag ^ (dn << 5)) + ks * 16 * kRowBytes);
+#pragma unroll
+        for (int mi = 0; mi < MQ; ++mi) {
+          mma_16816<T>(o_acc[mi][2 * dn], a[mi], b[0], b[1]);
+          mma_16816<T>(o_acc[mi][2 * dn + 1], a[mi], b[2], b[3]);
+        }
+      }
+    }
+    __syncthreads();  // V is overwritten by the next iteration's load
+  }
+  cp_async_wait<0>();  // an empty KV range still issued the Q/K group
+
+  // Epilogue: normalise, write O (or the partial state of a split chunk) and the LSE.
+  const bool split = item.partial >= 0;
+#pragma unroll
+  for (int mi = 0; mi < MQ; ++mi)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float sum = row_sum[mi][h];
+      sum += __shfl_xor_sync(0xffffffff, sum, 1);
+      sum += __shfl_xor_sync(0xffffffff, sum, 2);
+      const float inv = sum > 0.f ? 1.f / sum : 0.f;
+      const float lse = sum > 0.f ? row_max[mi][h] * scale + log2f(sum) : neg_inf();
+      const int r = warp_row0 + mi * 16 + lane_g + 8 * h;
+      if (r >= rows) continue;
+      const int packed = item.row_begin + r;
+      const int token = packed / group, head = hk * group + packed % group;
+      if (split) {
+        const int64_t prow = int64_t(item.partial + r) * p.num_kv_heads + hk;
+        float* dst = p.partial_o + prow * HEAD_DIM + 2 * lane_t;
+#pragma unroll
+        for (int nt = 0; nt < S::kNtO; ++nt)
+          *reinterpret_cast<float2*>(dst + nt * 8) = make_float2(o_acc[mi][nt][2 * h] * inv, o_acc[mi][nt][2 * h + 1] * inv);
+        if (lane_t == 0) p.partial_lse[prow] = lse;
+      } else {
+        T* dst = static_cast<T*>(p.o) + (q_start + token) * p.o_stride_n + int64_t(head) * p.o_stride_h + 2 * lane_t;
+#pragma unroll
+        for (int nt = 0; nt < S::kNtO; ++nt)
+          *reinterpret_cast<uint32_t*>(dst + nt * 8) =
+              Converter<T>::from_float2(o_acc[mi][nt][2 * h] * inv, o_acc[mi][nt][2 * h + 1] * inv);
+        if (p.lse != nullptr && lane_t == 0) p.lse[(q_start + token) * p.num_qo_heads + head] = lse;
+      }
+    }
+}
+
+// Merge the partial states of split q tiles: one CTA per (merge entry, KV head).
+template <typename T, int HEAD_DIM>
+__global__ void __launch_bounds__(128) prefill_merge_kernel(const __grid_constant__ PrefillParams p) {
+  constexpr int kSlice = HEAD_DIM / 8;
+  constexpr int kRowsPerPass = 128 / kSlice;
+  const int entry_index = blockIdx.x / p.num_kv_heads;
+  const int hk = blockIdx.x % p.num_kv_heads;
+  if (entry_index >= p.counts[1]) return;
+  const MergeEntry e = p.merges[entry_index];
+  const int64_t q_start = p.qo_indptr[e.request];
+  const int q_len = p.qo_indptr[e.request + 1] - int(q_start);
+  const int rows = min(p.cta_q, q_len * p.group - e.row_begin);
+  const int lane = threadIdx.x % kSlice;
+  for (int r = threadIdx.x / kSlice; r < rows; r += kRowsPerPass) {
+    float m = neg_inf();
+    for (int c = 0; c < e.num_chunks; ++c)
+      m = fmaxf(m, p.partial_lse[int64_t(e.partial_base + c * p.cta_q + r) * p.num_kv_heads + hk]);
+    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    float lse = neg_inf();
+    if (m != neg_inf()) {
+      float denom = 0.f;
+      for (int c = 0; c < e.num_chunks; ++c) {
+        const int64_t prow = int64_t(e.partial_base + c * p.cta_q + r) * p.num_kv_heads + hk;
+        const float w = exp2f(p.partial_lse[prow] - m);
+        if (w == 0.f) continue;
+        const float4* src = reinterpret_cast<const float4*>(p.partial_o + prow * HEAD_DIM + lane * 8);
+        const float4 x0 = src[0], x1 = src[1];
+        denom += w;
+        acc[0] += w * x0.x; acc[1] += w * x0.y; acc[2] += w * x0.z; acc[3] += w * x0.w;
+        acc[4] += w * x1.x; acc[5] += w * x1.y; acc[6] += w * x1.z; acc[7] += w * x1.w;
+      }
+      const float inv = 1.f / denom;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[i] *= inv;
+      lse = m + log2f(denom);
+    }
+    const int packed = e.row_begin + r;
+    const int token = packed / p.group, head = hk * p.group + packed % p.group;
+    store8(static_cast<T*>(p.o) + (q_start + token) * p.o_stride_n + int64_t(head) * p.o_stride_h + lane * 8, acc);
+    if (p.lse != nullptr && lane == 0) p.lse[(q_start + token) * p.num_qo_heads + head] = lse;
+  }
+}
+
+template <typename T, int HEAD_DIM, int CTA_Q, int KV_TILE, bool CAUSAL>
+inline int launch_prefill(const PrefillParams& p, int grid_items, int grid_merges, cudaStream_t stream) {
+  using S = PrefillShape<HEAD_DIM, CTA_Q, KV_TILE>;
+  constexpr int smem = S::template smem_bytes<T>();
+  auto kernel = prefill_kernel<T, HEAD_DIM, CTA_Q, KV_TILE, CAUSAL>;
+  static bool attribute_set[64] = {};  // per device ordinal
+  int device = 0;
+  cudaGetDevice(&device);
+  if (device < 64 && !attribute_set[device]) {
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (err != cudaSuccess) return int(err);
+    attribute_set[device] = true;
+  }
+  if (grid_items > 0) {
+    kernel<<<dim3(unsigned(grid_items) * unsigned(p.num_kv_heads)), S::kThreads, smem, stream>>>(p);
+    const int err = last_error();
+    if (err) return err;
+  }
+  if (grid_merges > 0) {
+    prefill_merge_kernel<T, HEAD_DIM><<<dim3(unsigned(grid_merges) * unsigned(p.num_kv_heads)), 128, 0, stream>>>(p);
+    return last_error();
+  }
+  return 0;
+}
+
+template <typename T, int HEAD_DIM, int CTA_Q, int KV_TILE, bool CAUSAL>
+inline int blocks_per_sm() {
+  using S = PrefillShape<HEAD_DIM, CTA_Q, KV_TILE>;
+  constexpr int smem = S::template smem_bytes<T>();
+  auto kernel = prefill_kernel<T, HEAD_DIM, CTA_Q, KV_TILE, CAUSAL>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return -int(err);
+  int blocks = 0;
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, S::kThreads, smem);
+  return err == cudaSuccess ? blocks : -int(err);
+}
+
+}  // namespace fij
