@@ -158,13 +158,18 @@ def _parse_arch_list(text: str) -> list[str]:
 
 def target_archs() -> tuple[str, ...]:
     """The visible GPUs' archs; without a GPU FLASHINFER_JIT_ARCH, else TORCH_CUDA_ARCH_LIST, else 9.0a."""
+    return resolve_target_archs()[0]
+
+
+def resolve_target_archs() -> tuple[tuple[str, ...], str]:
+    """The target archs and where they came from (`flashinfer-jit config` shows both)."""
     if torch.cuda.is_available():
         caps = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
-        return tuple(sorted({normalize_arch(f"{ma}.{mi}") for ma, mi in caps}))
-    for text in (env.arch_override(), env.torch_arch_list()):
+        return tuple(sorted({normalize_arch(f"{ma}.{mi}") for ma, mi in caps})), "the visible GPUs"
+    for name, text in (("FLASHINFER_JIT_ARCH", env.arch_override()), ("TORCH_CUDA_ARCH_LIST", env.torch_arch_list())):
         if text:
-            return tuple(sorted(set(_parse_arch_list(text))))
-    return (DEFAULT_ARCH,)
+            return tuple(sorted(set(_parse_arch_list(text)))), f"{name}={text}"
+    return (DEFAULT_ARCH,), "default: no GPU visible, FLASHINFER_JIT_ARCH and TORCH_CUDA_ARCH_LIST unset"
 
 
 def arch_tag(archs: tuple[str, ...]) -> str:
