@@ -1,0 +1,119 @@
+"""A real nvcc build of merge_state into a temporary cache, then warm loads in new processes that
+have no compiler at all. Slow (seconds of nvcc), CPU only; the numeric check at the end needs a GPU."""
+from __future__ import annotations
+
+import datetime
+import json
+
+import pytest
+import torch
+
+from conftest import REAL_NVCC, requires_nvcc, run_loader, subprocess_env
+from flashinfer_jit import cache, loader, toolchain
+from flashinfer_jit.spec import MergeStateSpec
+
+pytestmark = [pytest.mark.slow, requires_nvcc]
+
+SPEC = MergeStateSpec(head_dim=128, dtype="bf16")
+SPEC_ARGS = ("merge_state", "head_dim=128", "dtype=bf16")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> dict:
+    """One real build shared by this module's tests (nvcc is the slow part)."""
+    root = tmp_path_factory.mktemp("real") / "cache"
+    mp = pytest.MonkeyPatch()
+    mp.setenv("FLASHINFER_JIT_CACHE_DIR", str(root))
+    try:
+        builds = loader.build_count
+        kernel = loader.load(SPEC)
+        assert loader.build_count == builds + 1
+        manifest = json.loads((kernel.entry.path / cache.MANIFEST).read_text())
+    finally:
+        loader.clear_memo()
+        mp.undo()
+    return {"root": root, "entry": kernel.entry.path, "library": kernel.entry.library,
+            "manifest": manifest, "key": kernel.key}
+
+
+def test_manifest_describes_the_build(built):
+    m = built["manifest"]
+    assert m["spec"] == {"family": "merge_state", "head_dim": 128, "dtype": "bf16"}
+    assert m["key"] == built["key"] and len(m["key"]) == 64
+    assert m["toolchain"]["nvcc"] == REAL_NVCC
+    assert m["toolchain"]["torch"] == torch.__version__
+    assert m["flags"] == toolchain.nvcc_flags(("90a",))
+    assert "-gencode=arch=compute_90a,code=sm_90a" in m["flags"]
+    assert 0 < m["build_seconds"] < 600
+    assert m["size"] == built["library"].stat().st_size
+    assert m["sha256"] == cache.sha256_file(built["library"])
+    created = datetime.datetime.fromisoformat(m["created"])
+    assert abs((datetime.datetime.now(datetime.timezone.utc) - created).total_seconds()) < 3600
+    assert built["entry"] == built["root"] / "90a" / cache.entry_name(SPEC.uri, m["key"])
+    assert (built["entry"] / "src" / "merge_state.cu").is_file()
+    assert not list(built["entry"].glob("*.o"))  # intermediates are not published
+
+
+def test_library_exports_the_launchers(built):
+    import ctypes
+    lib = ctypes.CDLL(str(built["library"]))
+    for name in ("merge_two", "merge_many", "error_string"):
+        assert hasattr(lib, f"fij_{SPEC.uri}_{name}")
+
+
+def test_warm_load_in_the_same_process_does_not_compile(built, monkeypatch):
+    monkeypatch.setenv("FLASHINFER_JIT_CACHE_DIR", str(built["root"]))
+    builds = loader.build_count
+    kernel = loader.load(SPEC)
+    assert loader.build_count == builds
+    assert kernel.entry.library == built["library"]
+
+
+@pytest.mark.parametrize("no_compiler", ["nvcc-override-missing", "no-toolkit-anywhere"])
+def test_new_process_without_any_compiler_loads_the_same_library(built, tmp_path, no_compiler):
+    """A deployment with no CUDA toolkit: the key cannot include an nvcc version, so the loader
+    matches the manifest's runtime key (same sources, torch, archs, flags) instead."""
+    empty_bin = tmp_path / "bin"
+    empty_bin.mkdir()
+    env = subprocess_env(
+        FLASHINFER_JIT_CACHE_DIR=str(built["root"]),
+        PATH=str(empty_bin),  # no nvcc, no ninja, no c++
+        CUDA_HOME=None, CUDA_PATH=None,
+        FLASHINFER_JIT_NVCC="/nonexistent/bin/nvcc" if no_compiler == "nvcc-override-missing" else None,
+    )
+    args = [*SPEC_ARGS, "--forbid-build"]
+    if no_compiler == "no-toolkit-anywhere":
+        args.append("--no-default-cuda")
+    report = run_loader(*args, env=env, timeout=120, cwd=tmp_path)
+    assert report["builds"] == 0
+    assert report["library"] == str(built["library"])
+    assert report["key"] != built["key"]  # the full key has no nvcc version to include
+
+
+def test_new_process_with_the_compiler_loads_by_full_key(built, tmp_path):
+    report = run_loader(*SPEC_ARGS, "--forbid-build", env=subprocess_env(FLASHINFER_JIT_CACHE_DIR=str(built["root"])),
+                        timeout=120, cwd=tmp_path)
+    assert report["builds"] == 0
+    assert report["library"] == str(built["library"])
+    assert report["key"] == built["key"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_merge_state_matches_a_float32_reference(head_dim, dtype):
+    import flashinfer_jit
+
+    torch.manual_seed(0)
+    n, h = 37, 5
+    v_a, v_b = (torch.randn(n, h, head_dim, device="cuda", dtype=dtype) for _ in range(2))
+    s_a, s_b = (torch.randn(n, h, device="cuda", dtype=torch.float32) * 4 for _ in range(2))
+    s_a[0] = float("-inf")  # one empty state
+    v, s = flashinfer_jit.merge_state(v_a, s_a, v_b, s_b)
+
+    s_ref = torch.logaddexp2(s_a, s_b)
+    w_a = torch.exp2(s_a - s_ref)[..., None]
+    w_b = torch.exp2(s_b - s_ref)[..., None]
+    v_ref = w_a * v_a.float() + w_b * v_b.float()
+    torch.testing.assert_close(s, s_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(v.float(), v_ref, rtol=2e-2, atol=2e-2)
