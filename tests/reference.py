@@ -1,0 +1,377 @@
+"""Float32 PyTorch references for attention and attention-state merging, plus ragged-batch helpers.
+
+Used by the GPU tests (tests/test_prefill_gpu.py, tests/test_merge_state_gpu.py) and by
+benchmarks/bench_prefill.py. Plain torch, any device; nothing here imports flashinfer_jit.
+
+Conventions (FlashInfer's):
+* LSE is base 2: lse = log2(sum_j exp2(x_j)) with x_j = sm_scale * log2(e) * (q . k_j), which equals
+  the natural-log logsumexp of sm_scale * (q . k_j) divided by ln 2.
+* An empty state (no visible key) has out = 0 and lse = -inf.
+* Causal masking is bottom-right aligned: query i (0-based within its request) of a request with
+  q_len queries and kv_len keys sees keys j <= kv_len - q_len + i. Rows whose visible set is empty
+  (kv_len = 0, or causal with q_len > kv_len for the first q_len - kv_len rows) are empty states.
+* GQA: query head h uses kv head h // (num_qo_heads // num_kv_heads).
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+LOG2E = 1.4426950408889634
+NEG_INF = float("-inf")
+
+# Elements of one float32 logits block [heads, rows, keys] before the reference splits the rows.
+_MAX_BLOCK_ELEMENTS = 1 << 27
+
+
+# ---- attention -----------------------------------------------------------------------------------
+
+def attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = False,
+    sm_scale: float | None = None,
+    *,
+    q_len: int | None = None,
+    row_index: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of one request in float32.
+
+    q: [n, Hq, D]; k, v: [kv_len, Hkv, D] (NHD), any float dtype (converted to float32).
+    By default q holds all q_len = n query rows of the request. To evaluate only some rows, pass the
+    request's q_len and row_index (LongTensor [n]: the position of each given row within the request).
+
+    Returns (out float32 [n, Hq, D], lse float32 [n, Hq], base 2). Empty rows: out 0, lse -inf.
+    """
+    n, num_qo_heads, head_dim = q.shape
+    kv_len, num_kv_heads, head_dim_k = k.shape
+    assert v.shape == k.shape, f"k {tuple(k.shape)} and v {tuple(v.shape)} differ"
+    assert head_dim_k == head_dim, f"q head_dim {head_dim} != k head_dim {head_dim_k}"
+    assert num_qo_heads % num_kv_heads == 0, f"{num_qo_heads} query heads, {num_kv_heads} kv heads"
+    if q_len is None:
+        q_len = n
+    if row_index is None:
+        assert n == q_len, "pass row_index when q holds a subset of the rows"
+        row_index = torch.arange(n, device=q.device)
+    row_index = row_index.to(device=q.device, dtype=torch.long)
+    scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
+    group = num_qo_heads // num_kv_heads
+
+    qf = q.float()
+    kf = k.float()
+    vf = v.float()
+    if group > 1:
+        kf = kf.repeat_interleave(group, dim=1)
+        vf = vf.repeat_interleave(group, dim=1)
+
+    out = torch.empty((n, num_qo_heads, head_dim), dtype=torch.float32, device=q.device)
+    lse = torch.empty((n, num_qo_heads), dtype=torch.float32, device=q.device)
+    rows_per_block = max(1, _MAX_BLOCK_ELEMENTS // max(1, num_qo_heads * max(1, kv_len)))
+    key_pos = torch.arange(kv_len, device=q.device)
+    for start in range(0, n, rows_per_block):
+        stop = min(n, start + rows_per_block)
+        logits = torch.einsum("qhd,khd->hqk", qf[start:stop], kf) * scale  # [Hq, rows, kv_len]
+        if causal:
+            limit = kv_len - q_len + row_index[start:stop]  # key j visible iff j <= limit
+            visible = key_pos[None, :] <= limit[:, None]  # [rows, kv_len]
+            logits = logits.masked_fill(~visible[None], NEG_INF)
+        lse_e = torch.logsumexp(logits, dim=-1)  # [Hq, rows]; -inf where no key is visible
+        finite = torch.isfinite(lse_e)
+        p = torch.exp(logits - torch.where(finite, lse_e, torch.zeros_like(lse_e))[..., None])
+        out[start:stop] = torch.einsum("hqk,khd->qhd", p, vf)
+        lse[start:stop] = (lse_e * LOG2E).transpose(0, 1)
+    return out, lse
+
+
+def to_nhd(x: torch.Tensor, kv_layout: str) -> torch.Tensor:
+    """A ragged K or V in `kv_layout` ("NHD": [N, H, D], "HND": [H, N, D]) as an NHD view."""
+    if kv_layout == "NHD":
+        return x
+    if kv_layout == "HND":
+        return x.transpose(0, 1)
+    raise ValueError(f"kv_layout {kv_layout!r}")
+
+
+def from_nhd(x: torch.Tensor, kv_layout: str) -> torch.Tensor:
+    """An NHD ragged K or V in `kv_layout` (contiguous)."""
+    if kv_layout == "NHD":
+        return x.contiguous()
+    if kv_layout == "HND":
+        return x.transpose(0, 1).contiguous()
+    raise ValueError(f"kv_layout {kv_layout!r}")
+
+
+def _as_list(indptr: torch.Tensor | Sequence[int]) -> list[int]:
+    if isinstance(indptr, torch.Tensor):
+        return [int(x) for x in indptr.tolist()]
+    return [int(x) for x in indptr]
+
+
+def ragged_attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    qo_indptr: torch.Tensor | Sequence[int],
+    kv_indptr: torch.Tensor | Sequence[int],
+    causal: bool = False,
+    sm_scale: float | None = None,
+    kv_layout: str = "NHD",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference for a ragged batch: q [total_q, Hq, D], k/v ragged in kv_layout.
+
+    Returns (out float32 [total_q, Hq, D], lse float32 [total_q, Hq]). Rows of q past
+    qo_indptr[-1] are left out (the result has exactly qo_indptr[-1] rows)."""
+    qo = _as_list(qo_indptr)
+    kv = _as_list(kv_indptr)
+    assert len(qo) == len(kv) and qo[0] == 0 and kv[0] == 0, (qo, kv)
+    k_nhd = to_nhd(k, kv_layout)
+    v_nhd = to_nhd(v, kv_layout)
+    total_q = qo[-1]
+    num_qo_heads, head_dim = q.shape[1], q.shape[2]
+    out = torch.zeros((total_q, num_qo_heads, head_dim), dtype=torch.float32, device=q.device)
+    lse = torch.full((total_q, num_qo_heads), NEG_INF, dtype=torch.float32, device=q.device)
+    for i in range(len(qo) - 1):
+        qs, qe, ks, ke = qo[i], qo[i + 1], kv[i], kv[i + 1]
+        assert qe >= qs and ke >= ks, f"indptr not non-decreasing at request {i}"
+        if qe == qs:
+            continue
+        o_i, l_i = attention_ref(q[qs:qe], k_nhd[ks:ke], v_nhd[ks:ke], causal, sm_scale)
+        out[qs:qe] = o_i
+        lse[qs:qe] = l_i
+    return out, lse
+
+
+def causal_visible_keys(q_len: int, kv_len: int) -> int:
+    """Number of (query, key) pairs a bottom-right causal mask keeps for one request."""
+    if q_len <= kv_len:
+        return q_len * kv_len - q_len * (q_len - 1) // 2
+    return kv_len * (kv_len + 1) // 2  # the first q_len - kv_len rows see nothing
+
+
+# ---- merging attention states --------------------------------------------------------------------
+
+def merge_state_ref(
+    v_a: torch.Tensor, s_a: torch.Tensor, v_b: torch.Tensor, s_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge two states in float32. v [..., D], s [...] base-2 LSE. -inf = empty state."""
+    va, vb = v_a.float(), v_b.float()
+    sa, sb = s_a.float(), s_b.float()
+    m = torch.maximum(sa, sb)
+    empty = torch.isneginf(m)
+    m_safe = torch.where(empty, torch.zeros_like(m), m)
+    wa = torch.exp2(sa - m_safe)
+    wb = torch.exp2(sb - m_safe)
+    denom = wa + wb
+    denom_safe = torch.where(empty, torch.ones_like(denom), denom)
+    v = (wa[..., None] * va + wb[..., None] * vb) / denom_safe[..., None]
+    v = torch.where(empty[..., None], torch.zeros_like(v), v)
+    s = torch.where(empty, torch.full_like(m, NEG_INF), m_safe + torch.log2(denom_safe))
+    return v, s
+
+
+def merge_states_ref(v: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge K states per row in float32: v [N, K, H, D], s [N, K, H] -> ([N, H, D], [N, H])."""
+    n, k, h, d = v.shape
+    if k == 0:
+        return (torch.zeros((n, h, d), dtype=torch.float32, device=v.device),
+                torch.full((n, h), NEG_INF, dtype=torch.float32, device=v.device))
+    vf, sf = v.float(), s.float()
+    m = sf.max(dim=1).values  # [N, H]
+    empty = torch.isneginf(m)
+    m_safe = torch.where(empty, torch.zeros_like(m), m)
+    w = torch.exp2(sf - m_safe[:, None, :])  # [N, K, H]; 0 for empty states
+    denom = w.sum(dim=1)
+    denom_safe = torch.where(empty, torch.ones_like(denom), denom)
+    out = (w[..., None] * vf).sum(dim=1) / denom_safe[..., None]
+    out = torch.where(empty[..., None], torch.zeros_like(out), out)
+    lse = torch.where(empty, torch.full_like(m, NEG_INF), m_safe + torch.log2(denom_safe))
+    return out, lse
+
+
+# ---- ragged batches ------------------------------------------------------------------------------
+
+def make_indptr(lengths: Sequence[int]) -> torch.Tensor:
+    """int32 CPU prefix sums with a leading 0."""
+    out = [0]
+    for n in lengths:
+        assert n >= 0, lengths
+        out.append(out[-1] + int(n))
+    return torch.tensor(out, dtype=torch.int32)
+
+
+@dataclass
+class RaggedBatch:
+    q_lens: list[int]
+    kv_lens: list[int]
+    q: torch.Tensor  # [total_q, Hq, D]
+    k: torch.Tensor  # ragged K in kv_layout
+    v: torch.Tensor
+    qo_indptr: torch.Tensor  # int32, CPU
+    kv_indptr: torch.Tensor  # int32, CPU
+    kv_layout: str
+    num_qo_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.q_lens)
+
+    @property
+    def total_q(self) -> int:
+        return sum(self.q_lens)
+
+    @property
+    def total_kv(self) -> int:
+        return sum(self.kv_lens)
+
+    def reference(self, causal: bool, sm_scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return ragged_attention_ref(self.q, self.k, self.v, self.qo_indptr, self.kv_indptr, causal, sm_scale,
+                                    self.kv_layout)
+
+    def describe(self) -> str:
+        pairs = ", ".join(f"{a}/{b}" for a, b in zip(self.q_lens, self.kv_lens))
+        return (f"batch={self.batch_size} (q/kv: {pairs}) Hq={self.num_qo_heads} Hkv={self.num_kv_heads} "
+                f"D={self.head_dim} {self.q.dtype} {self.kv_layout}")
+
+
+def make_ragged_batch(
+    q_lens: Sequence[int],
+    kv_lens: Sequence[int],
+    num_qo_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    kv_layout: str = "NHD",
+    seed: int = 0,
+) -> RaggedBatch:
+    """Fresh randn q/k/v (unit scale) for the given lengths, seeded."""
+    assert len(q_lens) == len(kv_lens)
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    total_q, total_kv = sum(q_lens), sum(kv_lens)
+    q = torch.randn((total_q, num_qo_heads, head_dim), generator=gen, device=device, dtype=torch.float32).to(dtype)
+    k = torch.randn((total_kv, num_kv_heads, head_dim), generator=gen, device=device, dtype=torch.float32).to(dtype)
+    v = torch.randn((total_kv, num_kv_heads, head_dim), generator=gen, device=device, dtype=torch.float32).to(dtype)
+    return RaggedBatch(
+        q_lens=[int(x) for x in q_lens], kv_lens=[int(x) for x in kv_lens], q=q,
+        k=from_nhd(k, kv_layout), v=from_nhd(v, kv_layout),
+        qo_indptr=make_indptr(q_lens), kv_indptr=make_indptr(kv_lens), kv_layout=kv_layout,
+        num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+    )
+
+
+def random_lengths(rng: random.Random, batch_size: int, max_q: int = 48, max_kv: int = 96) -> tuple[list[int], list[int]]:
+    """Random (q_len, kv_len) pairs mixing the interesting shapes: q_len 0, kv_len 0, q == kv,
+    q < kv (a prefix in the cache), q > kv, and single-token queries."""
+    q_lens, kv_lens = [], []
+    for _ in range(batch_size):
+        r = rng.random()
+        if r < 0.08:
+            q, kv = 0, rng.randint(0, max_kv)
+        elif r < 0.16:
+            q, kv = rng.randint(1, max_q), 0
+        elif r < 0.45:
+            q = rng.randint(1, max_q)
+            kv = q
+        elif r < 0.75:
+            q = rng.randint(1, max_q)
+            kv = rng.randint(q, max(q, max_kv))
+        elif r < 0.88:
+            q, kv = 1, rng.randint(1, max_kv)
+        else:
+            kv = rng.randint(1, max_q)
+            q = rng.randint(kv, max_q)
+        q_lens.append(q)
+        kv_lens.append(kv)
+    return q_lens, kv_lens
+
+
+# ---- comparisons ---------------------------------------------------------------------------------
+
+def output_tolerance(dtype: torch.dtype) -> tuple[float, float]:
+    """(atol, rtol) for an fp16/bf16 attention output against the float32 reference on unit randn inputs."""
+    if dtype == torch.bfloat16:
+        return 2e-2, 1e-2
+    if dtype == torch.float16:
+        return 1e-2, 5e-3
+    return 1e-4, 1e-4
+
+
+LSE_ATOL = 1e-2
+LSE_RTOL = 2e-3
+
+
+def _worst(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float) -> str:
+    a, e = actual.float(), expected.float()
+    diff = (a - e).abs()
+    excess = diff - (atol + rtol * e.abs())
+    idx = int(torch.argmax(excess.reshape(-1)))
+    where = tuple(int(i) for i in torch.unravel_index(torch.tensor(idx), tuple(diff.shape)))
+    bad = int((excess > 0).sum())
+    return (f"{bad} of {diff.numel()} elements out of tolerance (atol {atol}, rtol {rtol}); "
+            f"max abs diff {float(diff.max()):.4g}; worst at {where}: got {float(a.reshape(-1)[idx]):.6g}, "
+            f"expected {float(e.reshape(-1)[idx]):.6g}")
+
+
+def check_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float, what: str) -> None:
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    if actual.numel() == 0:
+        return
+    a, e = actual.float(), expected.float()
+    nan = torch.isnan(a)
+    assert not bool(nan.any()), f"{what}: {int(nan.sum())} NaN values (first at {tuple(torch.nonzero(nan)[0].tolist())})"
+    ok = (a - e).abs() <= atol + rtol * e.abs()
+    if not bool(ok.all()):
+        raise AssertionError(f"{what}: {_worst(a, e, atol, rtol)}")
+
+
+def check_attention(
+    out: torch.Tensor,
+    ref_out: torch.Tensor,
+    dtype: torch.dtype,
+    what: str,
+    lse: torch.Tensor | None = None,
+    ref_lse: torch.Tensor | None = None,
+) -> None:
+    """out vs reference (finite everywhere, within tolerance); LSE: -inf exactly where the reference is
+    -inf (and out exactly 0 there), finite and within tolerance elsewhere."""
+    assert out.dtype == dtype, f"{what}: out dtype {out.dtype}, expected {dtype}"
+    assert out.shape == ref_out.shape, f"{what}: out shape {tuple(out.shape)} != {tuple(ref_out.shape)}"
+    if out.numel():
+        finite = torch.isfinite(out)
+        assert bool(finite.all()), (f"{what}: {int((~finite).sum())} non-finite output values "
+                                    f"(first at {tuple(torch.nonzero(~finite)[0].tolist())})")
+    atol, rtol = output_tolerance(dtype)
+    check_close(out, ref_out, atol, rtol, f"{what}: out")
+    if ref_lse is None:
+        return
+    assert lse is not None, f"{what}: no lse returned"
+    assert lse.dtype == torch.float32, f"{what}: lse dtype {lse.dtype}, expected torch.float32"
+    assert lse.shape == ref_lse.shape, f"{what}: lse shape {tuple(lse.shape)} != {tuple(ref_lse.shape)}"
+    if lse.numel() == 0:
+        return
+    empty = torch.isneginf(ref_lse)
+    got_empty = torch.isneginf(lse)
+    if not torch.equal(empty, got_empty):
+        wrong = torch.nonzero(empty != got_empty)[0].tolist()
+        raise AssertionError(f"{what}: lse -inf pattern differs from the reference; first at (row, head) "
+                             f"{tuple(wrong)}: got {float(lse[tuple(wrong)])}, expected {float(ref_lse[tuple(wrong)])}")
+    if bool(empty.any()):
+        zeros = out[empty]
+        assert bool((zeros == 0).all()), f"{what}: rows with no visible key must output exactly 0"
+    finite = torch.isfinite(lse[~empty])
+    assert bool(finite.all()), f"{what}: {int((~finite).sum())} non-finite lse values where the reference is finite"
+    check_close(torch.where(empty, 0.0, lse), torch.where(empty, 0.0, ref_lse), LSE_ATOL, LSE_RTOL, f"{what}: lse")
+
+
+def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    if a.numel() == 0:
+        return 0.0
+    return float((a.float() - b.float()).abs().max())
