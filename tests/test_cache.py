@@ -153,15 +153,22 @@ def test_lock_held_by_a_live_process_times_out_with_the_lock_path(fake_nvcc, cac
 
 # ---- integrity -----------------------------------------------------------------------------------
 
+# The damaged bytes go in through a new file renamed over the old one: this process has the
+# original mapped, and changing a mapped library in place would crash it (SIGBUS), not test us.
+def _replace_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".damaged")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
 def _truncate(path: Path) -> None:
-    with open(path, "r+b") as f:
-        f.truncate(100)
+    _replace_bytes(path, path.read_bytes()[:100])
 
 
 def _flip_one_byte(path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
-    path.write_bytes(bytes(data))
+    _replace_bytes(path, bytes(data))
 
 
 @pytest.mark.parametrize("damage", [_truncate, _flip_one_byte], ids=["truncated", "one-byte-flip"])

@@ -1,0 +1,31 @@
+# make demo : build or load the merge_state kernels and (with a GPU) check them
+# make test : the test suite (CPU; GPU tests skip themselves), with a throwaway kernel cache
+#
+# Both create .venv on first use and install the package into it (editable, with test extras) once;
+# the stamp file is refreshed when pyproject.toml changes.
+
+PYTHON ?= python3
+VENV   := .venv
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: demo test clean-venv
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(VENV)/bin/python
+	$(VENV)/bin/pip install -e '.[test]'
+	touch $@
+
+demo: $(STAMP)
+	FLASHINFER_JIT_CACHE_DIR="$${FLASHINFER_JIT_CACHE_DIR:-$(CURDIR)/cache}" $(VENV)/bin/python examples/quickstart.py
+
+test: $(STAMP)
+	@cache_dir="$$(mktemp -d)"; \
+	echo "kernel cache for this run: $$cache_dir"; \
+	FLASHINFER_JIT_CACHE_DIR="$$cache_dir/cache" $(VENV)/bin/python -m pytest -ra $(PYTEST_ARGS); \
+	status=$$?; rm -rf "$$cache_dir"; exit $$status
+
+clean-venv:
+	rm -rf $(VENV)
