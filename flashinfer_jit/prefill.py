@@ -118,6 +118,11 @@ def _target_ctas(kernel: loader.LoadedKernel, spec: PrefillSpec, device: torch.d
     return blocks * torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def _kv_tile(kernel: loader.LoadedKernel) -> int:
+    """Keys per KV tile, as compiled into the library (the planner must use the kernel's value)."""
+    return kernel.function("kv_tile", [])()
+
+
 def _check_indptr(name: str, indptr: object) -> torch.Tensor:
     t = validate.tensor(name, indptr, dtypes=(torch.int32,), ndim=1)
     if t.numel() < 1:
@@ -215,12 +220,14 @@ class BatchPrefillWithRaggedKVCacheWrapper:
         if disable_split_kv:
             split_tiles = -1
         elif fixed_split_size is not None:
-            if fixed_split_size <= 0 or fixed_split_size % spec.kv_tile:
-                raise ValueError(f"fixed_split_size: expected a positive multiple of {spec.kv_tile}, got {fixed_split_size}")
-            split_tiles = fixed_split_size // spec.kv_tile
+            kv_tile = _kv_tile(kernel)
+            if fixed_split_size <= 0 or fixed_split_size % kv_tile:
+                raise ValueError(f"fixed_split_size: expected a positive multiple of {kv_tile}, got {fixed_split_size}")
+            split_tiles = fixed_split_size // kv_tile
         else:
             split_tiles = 0
-        config = PlanConfig(batch, group, num_kv_heads, cta_q, spec.kv_tile, int(bool(causal)), target,
+        kv_tile = _kv_tile(kernel)
+        config = PlanConfig(batch, group, num_kv_heads, cta_q, kv_tile, int(bool(causal)), target,
                             MIN_CHUNK_TILES, split_tiles, 0)
 
         if self._use_cuda_graph:

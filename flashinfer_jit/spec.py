@@ -110,7 +110,8 @@ class PrefillSpec(KernelSpec):
     # Tile shapes are derived, not spec fields: they follow from head_dim (registers, shared memory).
     @property
     def kv_tile(self) -> int:
-        return 64
+        # Two K/V stages must fit beside Q twice per SM (2 CTAs/SM): 32 keys at head_dim 256.
+        return 32 if self.head_dim == 256 else 64
 
     @property
     def cta_q_options(self) -> tuple[int, ...]:

@@ -1,8 +1,8 @@
 // Batch prefill attention over ragged (and, through KVAddress, paged) KV: FA2-class kernel.
 //
 // One CTA runs one work item (request, packed q tile, KV chunk) for one KV head:
-//   - Q tile [CTA_Q packed rows, D] and K/V tiles [KV_TILE, D] in XOR-swizzled shared memory,
-//     loaded with cp.async (K of the next tile streams in during P*V, V during Q*K^T);
+//   - Q tile [CTA_Q packed rows, D] and two stages of K/V tiles [KV_TILE, D] in XOR-swizzled shared
+//     memory, loaded with cp.async: tile j+1 streams in while tile j is computed (one barrier a tile);
 //   - each warp owns 16 * MMA_Q rows; S = Q K^T and O += P V with mma.sync m16n8k16 fed by
 //     ldmatrix (V through ldmatrix.trans), P kept in registers as the A operand of the second GEMM;
 //   - fp32 online softmax in base 2 with sm_scale * log2(e) folded into one FFMA before exp2;
@@ -12,6 +12,15 @@
 #pragma once
 #include "flashinfer_jit/mma.cuh"
 #include "flashinfer_jit/prefill_plan.h"
+
+// Tuning switches (experiments pass them through FLASHINFER_JIT_EXTRA_CUDAFLAGS, which is part of
+// the cache key): K/V pipeline depth and skipping the O rescale when no row maximum moved.
+#ifndef FIJ_KV_STAGES
+#define FIJ_KV_STAGES 2
+#endif
+#ifndef FIJ_LAZY_RESCALE  // 1 on, 0 off, -1: on for head_dim >= 128 (at 64 the vote costs more than it saves)
+#define FIJ_LAZY_RESCALE -1
+#endif
 
 namespace fij {
 
@@ -50,39 +59,51 @@ struct PrefillShape {
   static constexpr int kNtO = HEAD_DIM / 8;      // n8 tiles of O
   static constexpr int kKsQK = HEAD_DIM / 16;    // k16 steps of Q K^T
   static constexpr int kKsPV = KV_TILE / 16;     // k16 steps of P V
+  // Q, then kStages stages of (K, V). Two stages: tile j+1 streams in during all of tile j, one
+  // barrier a tile. One stage: V_j streams in during Q K_j^T and K_j+1 during P V_j.
+  static constexpr int kStages = FIJ_KV_STAGES;
   template <typename T>
-  static constexpr int smem_bytes() { return (CTA_Q + 2 * KV_TILE) * HEAD_DIM * int(sizeof(T)); }
+  static constexpr int smem_bytes() { return (CTA_Q + 2 * kStages * KV_TILE) * HEAD_DIM * int(sizeof(T)); }
   static_assert(kWarps >= 1 && kWarps * 16 * kMmaQ == CTA_Q, "bad CTA_Q");
   static_assert(KV_TILE % 16 == 0, "bad KV_TILE");
 };
 
-// Address of KV row `pos` (0-based within the request) for KV head `head`.
-struct RaggedKV {
-  __device__ __forceinline__ static int64_t row(int64_t kv_start, int64_t pos, int head, int64_t stride_n,
-                                                int64_t stride_h) {
-    return (kv_start + pos) * stride_n + int64_t(head) * stride_h;
+// Streams K or V tiles of ROWS rows of one KV head into shared memory. Each thread copies one fixed
+// 16-byte column chunk of rows r0, r0 + R, ... (R = THREADS / chunks per row) through a pointer that
+// advances by one tile per load, so a tile costs a few instructions per 16-byte copy.
+template <typename T, int HEAD_DIM, int ROWS, int THREADS>
+struct KVTileLoader {
+  static constexpr int kChunks = HEAD_DIM / 8;
+  static constexpr int R = THREADS / kChunks;
+  static_assert((ROWS * kChunks) % THREADS == 0 && THREADS % kChunks == 0 && ROWS % R == 0, "uneven tile split");
+  static_assert(R % 8 == 0 || R == 4, "swizzle stepping assumes R is 4 or a multiple of 8");
+  const T* ptr;      // this thread's chunk of row (first row of the next tile + r0)
+  int64_t row_step;  // R rows, in elements
+  uint32_t smem_off; // byte offset of (r0, chunk) in a tile
+  int r0;
+
+  __device__ __forceinline__ KVTileLoader(const T* base, int64_t first_row, int head, int64_t stride_n,
+                                          int64_t stride_h) {
+    const int chunk = threadIdx.x % kChunks;
+    r0 = threadIdx.x / kChunks;
+    ptr = base + (first_row + r0) * stride_n + int64_t(head) * stride_h + chunk * 8;
+    row_step = R * stride_n;
+    smem_off = uint32_t((r0 * HEAD_DIM + ((chunk ^ (r0 & 7)) << 3)) * int(sizeof(T)));
+  }
+
+  // Load the next tile (rows with index >= `remaining` are zero-filled) and advance.
+  __device__ __forceinline__ void load(uint32_t smem_tile, int remaining, const T* fallback) {
+#pragma unroll
+    for (int it = 0; it < ROWS / R; ++it) {
+      // Adding it * R to r0 changes r0 % 8 by XOR with (it * R) % 8 (0 or 4 here): the swizzle steps
+      // by a constant.
+      const uint32_t dst = (smem_tile + smem_off + it * R * HEAD_DIM * int(sizeof(T))) ^ (((it * R) & 7) << 4);
+      const bool valid = r0 + it * R < remaining;
+      cp_async_16(dst, valid ? ptr + it * row_step : fallback, valid);
+    }
+    ptr += (ROWS / R) * row_step;
   }
 };
-
-// Each thread copies one fixed 16-byte column chunk of rows r0, r0 + R, r0 + 2R, ... (R = THREADS /
-// chunks per row): one global pointer stepped by a constant, one shared offset (swizzle-invariant
-// when R is a multiple of 8).
-template <typename T, int HEAD_DIM, int ROWS, int THREADS>
-__device__ __forceinline__ void load_kv_tile(T* smem, const T* base, int64_t kv_start, int pos0, int limit,
-                                             int head, int64_t stride_n, int64_t stride_h) {
-  using Tile = SwizzledTile<HEAD_DIM>;
-  static_assert((ROWS * Tile::kChunks) % THREADS == 0 && THREADS % Tile::kChunks == 0, "uneven tile split");
-  constexpr int R = THREADS / Tile::kChunks;
-  const int chunk = threadIdx.x % Tile::kChunks, r0 = threadIdx.x / Tile::kChunks;
-  const T* src = base + RaggedKV::row(kv_start, pos0 + r0, head, stride_n, stride_h) + chunk * 8;
-  const int64_t step = R * stride_n;
-#pragma unroll
-  for (int it = 0; it < ROWS / R; ++it) {
-    const int row = r0 + it * R;
-    const bool valid = pos0 + row < limit;
-    cp_async_16(smem_addr(smem + Tile::offset(row, chunk)), valid ? src + it * step : base, valid);
-  }
-}
 
 template <typename T, int HEAD_DIM, int CTA_Q, int KV_TILE, bool CAUSAL>
 __global__ void __launch_bounds__(PrefillShape<HEAD_DIM, CTA_Q, KV_TILE>::kThreads, 2)
@@ -92,8 +113,9 @@ __global__ void __launch_bounds__(PrefillShape<HEAD_DIM, CTA_Q, KV_TILE>::kThrea
   constexpr int MQ = S::kMmaQ;
   extern __shared__ __align__(128) uint8_t smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
-  T* sK = sQ + CTA_Q * HEAD_DIM;
-  T* sV = sK + KV_TILE * HEAD_DIM;
+  T* sK = sQ + CTA_Q * HEAD_DIM;                  // stage s at sK + s * kStage
+  T* sV = sK + S::kStages * KV_TILE * HEAD_DIM;  // stage s at sV + s * kStage
+  constexpr int kStage = KV_TILE * HEAD_DIM;
 
   const int item_index = blockIdx.x / p.num_kv_heads;
   const int hk = blockIdx.x % p.num_kv_heads;
@@ -133,7 +155,13 @@ __global__ void __launch_bounds__(PrefillShape<HEAD_DIM, CTA_Q, KV_TILE>::kThrea
   if (CAUSAL) kv_hi = min(kv_hi, max(0, last_token + causal_offset + 1));
   const int kv_lo = item.kv_begin;
 
-  load_kv_tile<T, HEAD_DIM, KV_TILE, S::kThreads>(sK, k_base, kv_start, kv_lo, kv_hi, hk, p.k_stride_n, p.k_stride_h);
+  using Loader = KVTileLoader<T, HEAD_DIM, KV_TILE, S::kThreads>;
+  Loader k_loader(k_base, kv_start + kv_lo, hk, p.k_stride_n, p.k_stride_h);
+  Loader v_loader(v_base, kv_start + kv_lo, hk, p.v_stride_n, p.v_stride_h);
+  const uint32_t sK_addr = smem_addr(sK), sV_addr = smem_addr(sV);
+  constexpr uint32_t kStageBytes = KV_TILE * HEAD_DIM * int(sizeof(T));
+  k_loader.load(sK_addr, kv_hi - kv_lo, k_base);
+  if (S::kStages == 2) v_loader.load(sV_addr, kv_hi - kv_lo, v_base);
   cp_async_commit();
 
   float o_acc[MQ][S::kNtO][4];
@@ -158,12 +186,25 @@ __global__ void __launch_bounds__(PrefillShape<HEAD_DIM, CTA_Q, KV_TILE>::kThrea
   const uint32_t k_frag = smem_addr(sK) + ((lane / 16) * 8 + lane % 8) * kRowBytes + ((((lane / 8) & 1) ^ swz) << 4);
   const uint32_t v_frag = smem_addr(sV) + (lane % 16) * kRowBytes + (((lane / 16) ^ swz) << 4);
 
-  for (int pos0 = kv_lo; pos0 < kv_hi; pos0 += KV_TILE) {
-    // V of this tile streams in while S = Q K^T is computed.
-    load_kv_tile<T, HEAD_DIM, KV_TILE, S::kThreads>(sV, v_base, kv_start, pos0, kv_hi, hk, p.v_stride_n, p.v_stride_h);
-    cp_async_commit();
-    cp_async_wait<1>();
+  int stage = 0;
+  for (int pos0 = kv_lo; pos0 < kv_hi; pos0 += KV_TILE, stage ^= (S::kStages - 1)) {
+    if (S::kStages == 1) {
+      v_loader.load(sV_addr, kv_hi - pos0, v_base);
+      cp_async_commit();
+      cp_async_wait<1>();
+      __syncthreads();
+    } else {
+    // One barrier per tile: it publishes this tile's K/V and tells every thread that all warps are
+    // done with the other stage, which then receives the next tile while this one is computed.
+    cp_async_wait<0>();
     __syncthreads();
+    if (pos0 + KV_TILE < kv_hi) {
+      k_loader.load(sK_addr + (stage ^ 1) * kStageBytes, kv_hi - pos0 - KV_TILE, k_base);
+      v_loader.load(sV_addr + (stage ^ 1) * kStageBytes, kv_hi - pos0 - KV_TILE, v_base);
+      cp_async_commit();
+    }
+    }
+    const uint32_t stage_bytes = stage * kStage * int(sizeof(T));
 
     float s[MQ][S::kNtS][4];
 #pragma unroll
@@ -180,7 +221,7 @@ __global__ void __launch_bounds__(PrefillShape<HEAD_DIM, CTA_Q, KV_TILE>::kThrea
 #pragma unroll
       for (int nb = 0; nb < S::kNtS / 2; ++nb) {
         uint32_t b[4];
-        ldmatrix_x4(b, (k_frag ^ (ks << 5)) + nb * 16 * kRowBytes);
+        ldmatrix_x4(b, ((k_frag + stage_bytes) ^ (ks << 5)) + nb * 16 * kRowBytes);
 #pragma unroll
         for (int mi = 0; mi < MQ; ++mi) {
           mma_16816<T>(s[mi][2 * nb], a[mi], b[0], b[1]);
@@ -232,25 +273,28 @@ __global__ void __launch_bounds__(PrefillShape<HEAD_DIM, CTA_Q, KV_TILE>::kThrea
           sum += p0 + p1;
         }
         row_sum[mi][h] = sum;
+        constexpr bool kLazy = FIJ_LAZY_RESCALE < 0 ? HEAD_DIM >= 128 : FIJ_LAZY_RESCALE != 0;
+        if (!kLazy || __any_sync(0xffffffff, correction != 1.f)) {
 #pragma unroll
-        for (int nt = 0; nt < S::kNtO; ++nt) {
-          o_acc[mi][nt][2 * h] *= correction;
-          o_acc[mi][nt][2 * h + 1] *= correction;
+          for (int nt = 0; nt < S::kNtO; ++nt) {
+            o_acc[mi][nt][2 * h] *= correction;
+            o_acc[mi][nt][2 * h + 1] *= correction;
+          }
         }
       }
 
-    // Every warp is done reading K: the next K tile streams in during P V.
-    __syncthreads();
-    const bool more = pos0 + KV_TILE < kv_hi;
-    if (more) {
-      load_kv_tile<T, HEAD_DIM, KV_TILE, S::kThreads>(sK, k_base, kv_start, pos0 + KV_TILE, kv_hi, hk, p.k_stride_n,
-                                                      p.k_stride_h);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
+    if (S::kStages == 1) {
+      // Every warp is done reading K: the next K tile streams in during P V.
+      __syncthreads();
+      if (pos0 + KV_TILE < kv_hi) {
+        k_loader.load(sK_addr, kv_hi - pos0 - KV_TILE, k_base);
+        cp_async_commit();
+        cp_async_wait<1>();
+      } else {
+        cp_async_wait<0>();
+      }
+      __syncthreads();
     }
-    __syncthreads();
 
 #pragma unroll
     for (int ks = 0; ks < S::kKsPV; ++ks) {
@@ -265,7 +309,7 @@ __global__ void __launch_bounds__(PrefillShape<HEAD_DIM, CTA_Q, KV_TILE>::kThrea
 #pragma unroll
       for (int dn = 0; dn < S::kNtO / 2; ++dn) {
         uint32_t b[4];
-        ldmatrix_x4_trans(b, (v_frag ^ (dn << 5)) + ks * 16 * kRowBytes);
+        ldmatrix_x4_trans(b, ((v_frag + stage_bytes) ^ (dn << 5)) + ks * 16 * kRowBytes);
 #pragma unroll
         for (int mi = 0; mi < MQ; ++mi) {
           mma_16816<T>(o_acc[mi][2 * dn], a[mi], b[0], b[1]);
@@ -273,9 +317,9 @@ __global__ void __launch_bounds__(PrefillShape<HEAD_DIM, CTA_Q, KV_TILE>::kThrea
         }
       }
     }
-    __syncthreads();  // V is overwritten by the next iteration's load
+    if (S::kStages == 1) __syncthreads();  // V is overwritten by the next iteration's load
   }
-  cp_async_wait<0>();  // an empty KV range still issued the Q/K group
+  cp_async_wait<0>();  // an empty KV range still issued the Q/K/V group
 
   // Epilogue: normalise, write O (or the partial state of a split chunk) and the LSE.
   const bool split = item.partial >= 0;
