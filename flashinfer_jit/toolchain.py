@@ -62,26 +62,30 @@ def _resolve_cuda_home(cuda_home_env: str | None, nvcc_env: str | None, path_env
     if nvcc_env:
         nvcc = Path(nvcc_env)
         home = nvcc.resolve().parent.parent
-        searched.append(f"FLASHINFER_JIT_NVCC={nvcc_env}")
         if nvcc.is_file():
             return _script_target(nvcc.resolve()) or home
+        searched.append(f"FLASHINFER_JIT_NVCC={nvcc_env} (no such file)")
     if cuda_home_env:
-        searched.append(f"CUDA_HOME/CUDA_PATH={cuda_home_env}")
         if _is_cuda_home(Path(cuda_home_env)):
             return Path(cuda_home_env).resolve()
+        searched.append(f"CUDA_HOME/CUDA_PATH={cuda_home_env} (no bin/nvcc and include/cuda_runtime.h there)")
+    else:
+        searched.append("CUDA_HOME/CUDA_PATH (unset)")
     on_path = shutil.which("nvcc", path=path_env)
     if on_path:
-        searched.append(f"nvcc on PATH: {on_path}")
         real = Path(on_path).resolve()
         wrapped = _script_target(real)
         if wrapped:  # e.g. /usr/local/bin/nvcc = `exec /usr/local/cuda-13.0/bin/nvcc "$@"`
             return wrapped.resolve()
         if _is_cuda_home(real.parent.parent):
             return real.parent.parent
+        searched.append(f"nvcc on PATH: {on_path} (not inside a CUDA toolkit, nor a script that runs one)")
+    else:
+        searched.append(f"nvcc on PATH (not found; PATH={path_env or ''})")
     for default in DEFAULT_CUDA_HOMES:
-        searched.append(default)
         if _is_cuda_home(Path(default)):
             return Path(default).resolve()
+        searched.append(f"{default} (not a CUDA toolkit)")
     raise ToolchainNotFoundError(
         "no CUDA toolkit (nvcc) found. Searched:\n"
         + "\n".join(f"  - {s}" for s in searched)

@@ -15,8 +15,10 @@ from pathlib import Path
 import pytest
 
 from conftest import load_in_subprocess_cmd, run_loader, subprocess_env
-from flashinfer_jit import cache, loader
-from flashinfer_jit.errors import BuildLockTimeout, CacheSecurityError, KernelCompileError
+from flashinfer_jit import cache, loader, toolchain
+from flashinfer_jit.errors import (
+    BuildLockTimeout, CacheSecurityError, KernelCompileError, ToolchainNotFoundError,
+)
 from flashinfer_jit.spec import MergeStateSpec
 
 SPEC = MergeStateSpec(head_dim=128, dtype="bf16")
@@ -78,7 +80,8 @@ def test_builder_sigkilled_mid_compile_does_not_block_the_next(fake_nvcc, cache_
     assert entries(cache_root) == []
 
     fake_nvcc.behave(sleep=0)
-    monkeypatch.setenv("FLASHINFER_JIT_LOCK_TIMEOUT", "30")
+    # The dead builder's flock went with it: a short timeout is plenty (a stale lock would raise).
+    monkeypatch.setenv("FLASHINFER_JIT_LOCK_TIMEOUT", "5")
     start = time.monotonic()
     report = run_loader(*SPEC_ARGS, timeout=90)
     assert time.monotonic() - start < 60
@@ -214,6 +217,17 @@ def test_failing_compile_reports_compiler_message_sources_and_log(fake_nvcc, cac
     kernel = loader.load(SPEC)  # failures are not cached: the fixed compiler is used at once
     assert kernel.entry.library.is_file()
     assert fake_nvcc.compiles == 2
+
+
+def test_cold_cache_without_a_toolkit_says_what_was_searched(cache_root, monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path / "no-bin"))
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setattr(toolchain, "DEFAULT_CUDA_HOMES", ())
+    toolchain._resolve_cuda_home.cache_clear()
+    with pytest.raises(ToolchainNotFoundError, match=r"no CUDA toolkit \(nvcc\) found. Searched:\n  - CUDA_HOME"):
+        loader.load(SPEC)
+    assert entries(cache_root) == []
 
 
 # ---- permissions ---------------------------------------------------------------------------------

@@ -70,9 +70,21 @@ def test_no_nvcc_anywhere_lists_what_was_searched(no_cuda_anywhere, monkeypatch)
         toolchain.cuda_home()
     text = str(excinfo.value)
     assert "CUDA_HOME/CUDA_PATH=/nonexistent/cuda-home" in text
-    assert "/nonexistent/cuda" in text
+    assert f"nvcc on PATH (not found; PATH={no_cuda_anywhere})" in text
+    assert "/nonexistent/cuda (not a CUDA toolkit)" in text
     assert "FLASHINFER_JIT_NVCC" in text and "CUDA_HOME" in text  # how to fix it
     assert "/nonexistent/cuda-home" in " ".join(excinfo.value.searched)
+
+
+def test_unset_and_missing_settings_are_listed_too(no_cuda_anywhere, monkeypatch):
+    monkeypatch.setenv("FLASHINFER_JIT_NVCC", "/nonexistent/bin/nvcc")
+    with pytest.raises(ToolchainNotFoundError) as excinfo:
+        toolchain.cuda_home()
+    assert excinfo.value.searched[:3] == [
+        "FLASHINFER_JIT_NVCC=/nonexistent/bin/nvcc (no such file)",
+        "CUDA_HOME/CUDA_PATH (unset)",
+        f"nvcc on PATH (not found; PATH={no_cuda_anywhere})",
+    ]
 
 
 def test_no_nvcc_means_no_nvcc_version_rather_than_an_error(no_cuda_anywhere):
