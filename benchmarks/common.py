@@ -1,0 +1,220 @@
+"""Shared pieces of the benchmarks: workloads, exact FLOP counts, timing, result files.
+
+Workloads (bf16, 32 query heads, 8 kv heads) come from one seeded generator, drawn in a fixed order
+so every run and every machine benchmarks the same batches:
+
+    g = torch.Generator().manual_seed(1)
+    chat = 16 lengths in [256, 4096]
+    mix  = [16384] + 31 lengths in [128, 512]
+    qa   = 32 lengths in [64, 512]
+    pref = qa + 32 draws in [1024, 8192]    (kv length of append request i = qa[i] + draw[i])
+
+FLOPs are the useful ragged matmul FLOPs (QK^T and PV; softmax ignored), the same number for every
+implementation whatever it computes on padding: 4 * q * k * D * Hq per request, non-causal; with the
+bottom-right causal mask, 4 * D * Hq * (number of visible (query, key) pairs), which is
+q * k - q * (q - 1) / 2 for q <= k.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO / "tests") not in sys.path:
+    sys.path.insert(0, str(REPO / "tests"))
+import reference  # noqa: E402  (tests/reference.py: the float32 reference and ragged helpers)
+
+NUM_QO_HEADS = 32
+NUM_KV_HEADS = 8
+DTYPE = torch.bfloat16
+FLOP_CONVENTION = (
+    "useful ragged matmul FLOPs, identical for every impl: non-causal 4*q*k*D*Hq per request; causal "
+    "(bottom-right) 4*D*Hq*visible pairs = 4*D*Hq*(q*k - q*(q-1)/2) for q <= k; padding never counted"
+)
+
+
+# ---- workloads -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    q_lens: tuple[int, ...]
+    kv_lens: tuple[int, ...]
+    causal: bool
+    head_dim: int
+    num_qo_heads: int = NUM_QO_HEADS
+    num_kv_heads: int = NUM_KV_HEADS
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.q_lens)
+
+    @property
+    def total_q(self) -> int:
+        return sum(self.q_lens)
+
+    @property
+    def total_kv(self) -> int:
+        return sum(self.kv_lens)
+
+    @property
+    def flops(self) -> int:
+        return attention_flops(self.q_lens, self.kv_lens, self.causal, self.head_dim, self.num_qo_heads)
+
+    def describe(self) -> str:
+        return (f"{self.name}: batch {self.batch_size}, total q {self.total_q}, total kv {self.total_kv}, "
+                f"max q {max(self.q_lens)}, max kv {max(self.kv_lens)}, {'causal' if self.causal else 'non-causal'}, "
+                f"D={self.head_dim}, Hq={self.num_qo_heads}, Hkv={self.num_kv_heads}, {self.flops / 1e12:.3f} TFLOP")
+
+
+def draw_lengths() -> dict[str, list[int]]:
+    """The benchmark lengths, drawn in this exact order from one generator seeded with 1."""
+    g = torch.Generator().manual_seed(1)
+
+    def draw(lo: int, hi: int, n: int) -> list[int]:
+        return [int(x) for x in torch.randint(lo, hi + 1, (n,), generator=g).tolist()]
+
+    chat = draw(256, 4096, 16)
+    mix = [16384] + draw(128, 512, 31)
+    qa = draw(64, 512, 32)
+    pref_draw = draw(1024, 8192, 32)
+    pref = [a + b for a, b in zip(qa, pref_draw)]
+    return {"chat": chat, "mix": mix, "qa": qa, "pref": pref}
+
+
+def workloads() -> list[Workload]:
+    L = draw_lengths()
+    chat, mix, qa, pref = (tuple(L[k]) for k in ("chat", "mix", "qa", "pref"))
+    return [
+        Workload("chat16_causal_hd128", chat, chat, True, 128),
+        Workload("chat16_full_hd128", chat, chat, False, 128),
+        Workload("long1+short31_causal_hd128", mix, mix, True, 128),
+        Workload("append32_prefix_causal_hd128", qa, pref, True, 128),
+        Workload("chat16_causal_hd64", chat, chat, True, 64),
+    ]
+
+
+def attention_flops(q_lens: Sequence[int], kv_lens: Sequence[int], causal: bool, head_dim: int,
+                    num_qo_heads: int) -> int:
+    """Exact useful FLOPs of a ragged batch (integer arithmetic)."""
+    pairs = 0
+    for q, k in zip(q_lens, kv_lens):
+        pairs += reference.causal_visible_keys(q, k) if causal else q * k
+    return 4 * head_dim * num_qo_heads * pairs
+
+
+# ---- timing --------------------------------------------------------------------------------------
+
+def bench_ms(fn: Callable[[], Any], warmup: int = 25, rep: int = 100) -> float:
+    """Median milliseconds of fn() by triton.testing.do_bench (L2 flushed between calls by do_bench)."""
+    try:
+        from triton.testing import do_bench
+    except ImportError:
+        return _bench_events(fn, warmup, rep)
+    try:
+        return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+    except TypeError:  # a triton without return_mode
+        return float(do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.5]))
+
+
+def _bench_events(fn: Callable[[], Any], warmup: int, rep: int) -> float:
+    """Fallback without triton: CUDA events around each call, median (no L2 flush)."""
+    fn()
+    torch.cuda.synchronize()
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    stop.record()
+    torch.cuda.synchronize()
+    est = max(start.elapsed_time(stop), 1e-3)
+    for _ in range(max(1, int(warmup / est))):
+        fn()
+    times = []
+    for _ in range(max(1, int(rep / est))):
+        start.record()
+        fn()
+        stop.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(stop))
+    return statistics.median(times)
+
+
+def tflops(flops: int, ms: float | None) -> float | None:
+    if ms is None or ms <= 0:
+        return None
+    return flops / (ms * 1e-3) / 1e12
+
+
+# ---- provenance ----------------------------------------------------------------------------------
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
+
+
+def card_slug() -> str:
+    if torch.cuda.is_available():
+        return slug(torch.cuda.get_device_name())
+    return "no-gpu"
+
+
+def today() -> str:
+    return datetime.date.today().isoformat()
+
+
+def git_commit() -> str:
+    """`git rev-parse --short HEAD`, else $BENCH_COMMIT (a checkout copied without .git), else 'unknown'."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                             timeout=10)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return os.environ.get("BENCH_COMMIT") or "unknown"
+
+
+def environment() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "python": sys.version.split()[0],
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    try:
+        info["cudnn"] = torch.backends.cudnn.version()
+    except Exception:  # noqa: BLE001
+        info["cudnn"] = None
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info["device_name"] = torch.cuda.get_device_name()
+        info["sm_count"] = props.multi_processor_count
+        info["capability"] = f"{props.major}.{props.minor}"
+    return info
+
+
+def write_json(path: Path, payload: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def fmt(value: Any, spec: str) -> str:
+    if value is None:
+        return "-"
+    return format(value, spec)

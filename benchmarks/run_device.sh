@@ -1,0 +1,204 @@
+#!/usr/bin/env bash
+# The one command for a GPU device run. From the repo root:
+#
+#   PYTHONPATH=. bash benchmarks/run_device.sh                 # all steps: measure build tests bench
+#   PYTHONPATH=. bash benchmarks/run_device.sh tests bench     # only some steps (in the fixed order)
+#
+# Steps (each under `timeout`; a failing or timed-out step is recorded and the run goes on):
+#   measure  benchmarks/measure_build.py: cold nvcc build and warm load (fresh processes) of
+#            MergeStateSpec(128,bf16) and PrefillSpec(ragged,128,bf16,causal), in the fresh cache
+#   build    benchmarks/measure_build.py --warm-all: every spec the GPU tests need, built in parallel
+#            (ProcessPoolExecutor over PrefillSpec.supported() with kv_layout ragged + every MergeStateSpec)
+#   tests    python3 -m pytest -m gpu -q --maxfail=25 tests/   (log: $OUT/gpu_tests.log)
+#            Not -x by default: one early failure (say the torch.compile test of merge_state, which runs
+#            before every prefill test) would hide all later results of a one-shot device run.
+#            PYTEST_FLAGS="-x -q" gives exactly `pytest -m gpu -x -q tests/`.
+#   bench    benchmarks/bench_prefill.py --out $OUT     (<card>-<date>-prefill.json/.md)
+#
+# Everything lands in $OUT (at most 8 files): run_device.log (this whole output), gpu_tests.log,
+# <card>-<date>-build.json, <card>-<date>-warm.json, <card>-<date>-prefill.json, <card>-<date>-prefill.md,
+# summary.json (exit code and seconds of every step).
+#
+# Environment knobs:
+#   OUT            output directory (default benchmarks/results/device-<timestamp>)
+#   BUDGET_S       wall-clock budget for all steps, seconds (default 540); step timeouts shrink to fit
+#   FIJ_CACHE_DIR  reuse this kernel cache instead of a fresh one (default: a new cache/device-run.XXXXXX
+#                  under the checkout; cache/ is git-ignored). E.g. FIJ_CACHE_DIR=$PWD/cache/device keeps
+#                  built kernels between calls on a still-warm machine.
+#   PYTEST_FLAGS   replaces the default "-q --maxfail=25" (e.g. "-x -q" to stop at the first failure)
+#   BENCH_ARGS     extra bench_prefill.py arguments (e.g. "--quick" or "--workloads chat16_causal_hd128")
+#   BENCH_COMMIT   commit id to record when the checkout has no .git
+#   PYTHON         interpreter (default python3)
+set -u -o pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
+REPO=$PWD
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+PY=${PYTHON:-python3}
+BUDGET_S=${BUDGET_S:-540}
+ALL_STEPS=(measure build tests bench)
+declare -A DEFAULT_T=([measure]=150 [build]=240 [tests]=180 [bench]=150)
+declare -A MIN_T=([measure]=60 [build]=60 [tests]=90 [bench]=60)
+
+STEPS=("$@")
+[ ${#STEPS[@]} -eq 0 ] && STEPS=("${ALL_STEPS[@]}")
+for s in "${STEPS[@]}"; do
+  case " ${ALL_STEPS[*]} " in
+    *" $s "*) ;;
+    *) echo "run_device.sh: unknown step '$s' (steps: ${ALL_STEPS[*]})" >&2; exit 2 ;;
+  esac
+done
+
+OUT=${OUT:-$REPO/benchmarks/results/device-$(date +%Y%m%d-%H%M%S)}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+
+want() { local s; for s in "${STEPS[@]}"; do [ "$s" = "$1" ] && return 0; done; return 1; }
+
+START=$(date +%s)
+declare -A RC SECS TIMEOUT
+
+# Timeout for step $1: its default, shrunk so the later wanted steps keep their minimum.
+step_timeout() {
+  local step=$1 reserve=0 later seen=0
+  for later in "${ALL_STEPS[@]}"; do
+    if [ $seen -eq 1 ] && want "$later"; then reserve=$((reserve + MIN_T[$later])); fi
+    [ "$later" = "$step" ] && seen=1
+  done
+  local left=$((BUDGET_S - ($(date +%s) - START) - reserve))
+  local t=${DEFAULT_T[$step]}
+  [ $left -lt $t ] && t=$left
+  echo $t
+}
+
+# run_step NAME LOGFILE(or -) CMD...: run under timeout, record exit code and seconds.
+run_step() {
+  local name=$1 log=$2; shift 2
+  local t=${TIMEOUT[$name]}
+  if [ "$t" -lt 20 ]; then
+    echo "== $name: SKIPPED (only ${t}s of the ${BUDGET_S}s budget left)"
+    RC[$name]=skipped; SECS[$name]=0
+    return
+  fi
+  echo
+  echo "== $name (timeout ${t}s) $(date -u +%H:%M:%S): $*"
+  local s rc
+  s=$(date +%s)
+  if [ "$log" = "-" ]; then
+    timeout -k 10 "$t" "$@"
+    rc=$?
+  else
+    timeout -k 10 "$t" "$@" 2>&1 | tee "$log"
+    rc=${PIPESTATUS[0]}
+  fi
+  SECS[$name]=$(($(date +%s) - s))
+  RC[$name]=$rc
+  if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then echo "== $name: TIMED OUT after ${t}s"; fi
+  echo "== $name: exit $rc in ${SECS[$name]}s"
+}
+
+main() {
+  echo "== run_device.sh $(date -u +%Y-%m-%dT%H:%M:%SZ): steps ${STEPS[*]}, budget ${BUDGET_S}s, OUT=$OUT"
+  echo "== environment"
+  echo "host $(hostname), $(nproc) cores"
+  free -g 2>/dev/null | head -2
+  timeout 30 nvidia-smi -L || echo "nvidia-smi -L failed"
+  timeout 30 nvidia-smi --query-gpu=name,driver_version,power.limit,clocks.max.sm,memory.total --format=csv || true
+  "$PY" --version
+  timeout 120 "$PY" - <<'EOF' || echo "python environment probe failed"
+import warnings
+warnings.filterwarnings("ignore")
+import torch
+print("torch", torch.__version__, "| cuda", torch.version.cuda, "| cudnn", torch.backends.cudnn.version())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("device", torch.cuda.get_device_name(), "| sm", f"{p.major}.{p.minor}", "|", p.multi_processor_count, "SMs")
+else:
+    print("device: torch sees NO CUDA device")
+for mod in ("triton", "pytest", "jinja2", "ninja", "filelock"):
+    try:
+        m = __import__(mod)
+        print(mod, getattr(m, "__version__", "?"))
+    except Exception as exc:
+        print(mod, "MISSING:", exc)
+EOF
+  (command -v nvcc >/dev/null && nvcc --version | tail -2) || echo "nvcc not on PATH"
+  if [ -z "${BENCH_COMMIT:-}" ]; then
+    BENCH_COMMIT=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)
+  fi
+  export BENCH_COMMIT
+  echo "commit $BENCH_COMMIT"
+
+  # A fresh kernel cache (or FIJ_CACHE_DIR when given). Private (0700): the loader refuses others'.
+  if [ -n "${FIJ_CACHE_DIR:-}" ]; then
+    mkdir -p "$FIJ_CACHE_DIR" && chmod 700 "$FIJ_CACHE_DIR"
+    FLASHINFER_JIT_CACHE_DIR=$(cd "$FIJ_CACHE_DIR" && pwd)
+  else
+    # Under the checkout's git-ignored cache/ (a filesystem we know allows exec; /tmp may be noexec).
+    FLASHINFER_JIT_CACHE_DIR=$(mkdir -p "$REPO/cache" && mktemp -d "$REPO/cache/device-run.XXXXXX") ||
+      FLASHINFER_JIT_CACHE_DIR=$(mktemp -d "${TMPDIR:-/tmp}/fij-device-cache.XXXXXX")
+  fi
+  export FLASHINFER_JIT_CACHE_DIR
+  unset FLASHINFER_JIT_DISABLE_BUILD FLASHINFER_JIT_PREBUILT_DIRS
+  echo "FLASHINFER_JIT_CACHE_DIR=$FLASHINFER_JIT_CACHE_DIR"
+  env | grep -E '^(FLASHINFER_JIT|CUDA_HOME|CUDA_PATH|TORCH_CUDA_ARCH_LIST|MAX_JOBS|PYTHONPATH)=' || true
+
+  if want measure; then
+    TIMEOUT[measure]=$(step_timeout measure)
+    # Cold builds go into the run's (empty) cache so the build step can reuse them.
+    local cache_arg=()
+    if [ -z "$(ls -A "$FLASHINFER_JIT_CACHE_DIR" 2>/dev/null)" ]; then
+      cache_arg=(--cache-dir "$FLASHINFER_JIT_CACHE_DIR")
+    fi
+    run_step measure - "$PY" benchmarks/measure_build.py ${cache_arg[@]+"${cache_arg[@]}"} --out "$OUT" \
+      --timeout $((TIMEOUT[measure] > 30 ? TIMEOUT[measure] - 15 : 15))
+  fi
+  if want build; then
+    TIMEOUT[build]=$(step_timeout build)
+    run_step build - "$PY" benchmarks/measure_build.py --warm-all --out "$OUT" \
+      --timeout $((TIMEOUT[build] > 30 ? TIMEOUT[build] - 15 : 15))
+  fi
+  if want tests; then
+    TIMEOUT[tests]=$(step_timeout tests)
+    # shellcheck disable=SC2086
+    run_step tests "$OUT/gpu_tests.log" "$PY" -m pytest -m gpu ${PYTEST_FLAGS:--q --maxfail=25} -rfEsx --durations=25 \
+      -p no:cacheprovider tests/
+  fi
+  if want bench; then
+    TIMEOUT[bench]=$(step_timeout bench)
+    # shellcheck disable=SC2086
+    run_step bench - "$PY" benchmarks/bench_prefill.py --out "$OUT" \
+      --deadline $((TIMEOUT[bench] > 60 ? TIMEOUT[bench] - 30 : 30)) ${BENCH_ARGS:-}
+  fi
+
+  local total=$(($(date +%s) - START))
+  echo
+  echo "== summary (${total}s of ${BUDGET_S}s budget)"
+  local json="{\"steps\": {" sep="" s
+  for s in "${STEPS[@]}"; do
+    printf '   %-8s exit %-8s %5ss (timeout %ss)\n' "$s" "${RC[$s]:-not-run}" "${SECS[$s]:-0}" "${TIMEOUT[$s]:-?}"
+    json+="$sep\"$s\": {\"exit\": \"${RC[$s]:-not-run}\", \"seconds\": ${SECS[$s]:-0}, \"timeout\": \"${TIMEOUT[$s]:-}\"}"
+    sep=", "
+  done
+  json+="}, \"total_seconds\": $total, \"budget_seconds\": $BUDGET_S, \"commit\": \"$BENCH_COMMIT\", "
+  json+="\"cache_dir\": \"$FLASHINFER_JIT_CACHE_DIR\", \"finished\": \"$(date -u +%Y-%m-%dT%H:%M:%SZ)\"}"
+  echo "$json" > "$OUT/summary.json"
+
+  # At most 8 files come back: bundle any extras (never the two logs or the summary).
+  rm -f "$OUT"/*.tmp
+  local count
+  count=$(find "$OUT" -type f | wc -l)
+  if [ "$count" -gt 8 ]; then
+    echo "== $count files in OUT: bundling extras into extras.tar.gz"
+    (cd "$OUT" && find . -type f ! -name run_device.log ! -name gpu_tests.log ! -name summary.json \
+       ! -name extras.tar.gz -printf '%P\n' | tar czf extras.tar.gz -T - --remove-files)
+  fi
+  ls -la "$OUT"
+  for s in "${STEPS[@]}"; do
+    [ "${RC[$s]:-1}" = "0" ] || return 1
+  done
+  return 0
+}
+
+main 2>&1 | tee "$OUT/run_device.log"
+exit "${PIPESTATUS[0]}"
