@@ -155,6 +155,8 @@ def _load_uncached(spec: KernelSpec) -> LoadedKernel:
         raise MissingKernelError(
             spec.uri, info.key, [l.describe() for l in layers], prebuild_command(spec, info.archs)
         )
+    if info.fingerprint["nvcc"] is None:
+        toolchain.require_nvcc()  # explains why nothing can be built, before any lock or build dir
     writable = layers[-1]
     name = cache.entry_name(spec.uri, info.key)
     with writable.lock(name):

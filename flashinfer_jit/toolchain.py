@@ -120,6 +120,19 @@ def _nvcc_version(nvcc: str) -> str:
     return " | ".join(lines) or out.stdout.strip()
 
 
+def require_nvcc() -> str:
+    """`nvcc --version` of the nvcc a build would use, or ToolchainNotFoundError saying why there is none."""
+    nvcc = nvcc_path()  # without a toolkit this raises, listing everywhere it looked
+    try:
+        return _nvcc_version(str(nvcc))
+    except OSError as exc:
+        raise ToolchainNotFoundError(
+            f"cannot run nvcc {nvcc}: {exc.strerror}. Set FLASHINFER_JIT_NVCC to a working nvcc, or unset it "
+            f"and set CUDA_HOME to a CUDA toolkit.",
+            [str(nvcc)],
+        ) from None
+
+
 def nvcc_version() -> str | None:
     """`nvcc --version` of the resolved nvcc; None when there is no toolkit (run-only deployments)."""
     try:

@@ -227,7 +227,15 @@ def test_cold_cache_without_a_toolkit_says_what_was_searched(cache_root, monkeyp
     toolchain._resolve_cuda_home.cache_clear()
     with pytest.raises(ToolchainNotFoundError, match=r"no CUDA toolkit \(nvcc\) found. Searched:\n  - CUDA_HOME"):
         loader.load(SPEC)
-    assert entries(cache_root) == []
+    assert not cache_root.exists()  # no lock, no build dir: nothing to clean up
+
+
+def test_cold_cache_with_a_missing_nvcc_override_names_it(cache_root, monkeypatch):
+    monkeypatch.setenv("FLASHINFER_JIT_NVCC", "/nonexistent/bin/nvcc")
+    toolchain._resolve_cuda_home.cache_clear()
+    with pytest.raises(ToolchainNotFoundError, match=r"cannot run nvcc /nonexistent/bin/nvcc: No such file"):
+        loader.load(SPEC)
+    assert not cache_root.exists()
 
 
 # ---- permissions ---------------------------------------------------------------------------------
