@@ -17,7 +17,7 @@ import pytest
 from conftest import load_in_subprocess_cmd, run_loader, subprocess_env
 from flashinfer_jit import cache, loader, toolchain
 from flashinfer_jit.errors import (
-    BuildLockTimeout, CacheSecurityError, KernelCompileError, ToolchainNotFoundError,
+    BuildLockTimeout, CacheSecurityError, KernelCompileError, MissingKernelError, ToolchainNotFoundError,
 )
 from flashinfer_jit.spec import MergeStateSpec
 
@@ -294,3 +294,38 @@ def test_build_logs_start_and_end_warm_load_logs_nothing(fake_nvcc, caplog):
     loader.load(SPEC)  # from disk
     loader.load(SPEC)  # from the in-process memo
     assert [r for r in caplog.records if r.levelno >= logging.INFO] == []
+
+
+# ---- layers --------------------------------------------------------------------------------------
+
+def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p): (p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(root.rglob("*"))}
+
+
+def test_read_only_prebuilt_layer_serves_without_any_write(fake_nvcc, tmp_path, monkeypatch):
+    prebuilt = tmp_path / "prebuilt"
+    monkeypatch.setenv("FLASHINFER_JIT_CACHE_DIR", str(prebuilt))
+    built = loader.load(SPEC)
+    loader.clear_memo()
+    before = _snapshot(prebuilt)
+
+    user_root = tmp_path / "user-cache"
+    monkeypatch.setenv("FLASHINFER_JIT_CACHE_DIR", str(user_root))
+    monkeypatch.setenv("FLASHINFER_JIT_PREBUILT_DIRS", str(prebuilt))
+    monkeypatch.setenv("FLASHINFER_JIT_DISABLE_BUILD", "1")
+    kernel = loader.load(SPEC)
+    assert kernel.entry.library == built.entry.library
+    assert _snapshot(prebuilt) == before  # not even a lock file
+    assert not user_root.exists()
+    assert fake_nvcc.compiles == 1
+
+
+def test_build_disabled_and_missing_names_layers_and_prebuild_command(fake_nvcc, cache_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("FLASHINFER_JIT_PREBUILT_DIRS", str(tmp_path / "prebuilt"))
+    monkeypatch.setenv("FLASHINFER_JIT_DISABLE_BUILD", "1")
+    with pytest.raises(MissingKernelError) as excinfo:
+        loader.load(SPEC)
+    text = str(excinfo.value)
+    assert f"{tmp_path / 'prebuilt'} (read-only)" in text and f"{cache_root} (writable)" in text
+    assert "flashinfer-jit prebuild --family merge_state --head-dim 128 --dtype bf16 --arch 90a" in text
+    assert fake_nvcc.compiles == 0
