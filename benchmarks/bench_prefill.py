@@ -48,7 +48,6 @@ from common import reference  # noqa: E402
 IMPLS = ("flashinfer_jit", "fa2_varlen", "cudnn_padded", "flex_docmask")
 BASELINE = "fa2_varlen"
 WORKSPACE_BYTES = 256 << 20
-SAMPLE_ROWS_PER_REQUEST = 5
 
 
 # ---- data ----------------------------------------------------------------------------------------

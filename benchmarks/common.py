@@ -125,6 +125,9 @@ def bench_ms(fn: Callable[[], Any], warmup: int = 25, rep: int = 100) -> float:
         return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
     except TypeError:  # a triton without return_mode
         return float(do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.5]))
+    except RuntimeError as exc:  # triton present but its driver unusable: time with CUDA events
+        print(f"bench_ms: triton do_bench failed ({exc}); falling back to CUDA events", file=sys.stderr)
+        return _bench_events(fn, warmup, rep)
 
 
 def _bench_events(fn: Callable[[], Any], warmup: int, rep: int) -> float:

@@ -79,7 +79,8 @@ def _kill_children(sig: int = signal.SIGKILL) -> None:
 def _on_term(signum, frame):  # noqa: ARG001
     print(f"measure_build: signal {signum}: killing {len(_children)} child process group(s)", flush=True)
     _kill_children()
-    sys.exit(128 + signum)
+    sys.stderr.flush()
+    os._exit(128 + signum)  # not sys.exit: that would wait on a process pool whose workers just died
 
 
 def child_env(cache_dir: Path | None) -> dict[str, str]:
@@ -93,12 +94,13 @@ def child_env(cache_dir: Path | None) -> dict[str, str]:
 
 def run_child(spec: dict[str, Any], cache_dir: Path, timeout: float) -> dict[str, Any]:
     """One fresh process loading `spec`; its own session so a timeout kills nvcc too."""
+    timeout = max(1.0, timeout)
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(spec)], env=child_env(cache_dir),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     _children.add(proc.pid)
     try:
-        stdout, stderr = proc.communicate(timeout=max(1.0, timeout))
+        stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         _kill_children()
         proc.communicate()
