@@ -16,4 +16,10 @@ from .errors import (
     MissingKernelError,
     ToolchainNotFoundError,
 )
-from .prefill import BatchPrefillWithRaggedKVCacheWrapper, single_prefill_with_kv_cache
+from .page import append_paged_kv_cache, get_batch_indices_positions
+from .prefill import (
+    BatchDecodeWithPagedKVCacheWrapper,
+    BatchPrefillWithPagedKVCacheWrapper,
+    BatchPrefillWithRaggedKVCacheWrapper,
+    single_prefill_with_kv_cache,
+)

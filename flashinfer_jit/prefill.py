@@ -1,17 +1,21 @@
-"""Batch prefill over ragged KV: FlashInfer's `BatchPrefillWithRaggedKVCacheWrapper` and
-`single_prefill_with_kv_cache`.
+"""Batch attention wrappers with FlashInfer's names and semantics:
+`BatchPrefillWithRaggedKVCacheWrapper`, `BatchPrefillWithPagedKVCacheWrapper`,
+`BatchDecodeWithPagedKVCacheWrapper` and `single_prefill_with_kv_cache`.
 
 Semantics follow FlashInfer: LSE is base 2; causal masks are bottom-right aligned (query i of a
-request sees keys j <= kv_len - q_len + i); sm_scale defaults to 1/sqrt(head_dim).
+request sees keys j <= kv_len - q_len + i); sm_scale defaults to 1/sqrt(head_dim). A paged request
+with n pages holds (n - 1) * page_size + last_page_len tokens.
 
 Stricter than FlashInfer, and documented here:
   - every tensor is checked (dtype, device, shape, strides, 16-byte aligned rows) before launch, and
     run() must be called with exactly the dtypes and sizes given to plan();
-  - indptrs must be int32, start at 0 and be non-decreasing (checked on the host by the planner);
-  - plan() accepts CPU indptrs without any device synchronization (a CUDA indptr costs one copy);
-  - rows that see no key (kv_len 0, or causal rows left of the diagonal) give O = 0 and LSE = -inf;
-  - a float workspace too small for the split-KV partial states is an error that says how large
-    it must be, never an overflow.
+  - indptrs must be int32, start at 0 and be non-decreasing; page indices must lie inside the cache
+    passed to run(); last_page_len must be in [1, page_size] (0 only for a request with no pages).
+    All of this is checked on the host: plan() with CPU tensors never synchronizes the device (CUDA
+    tensors cost one copy to the host);
+  - rows that see no key (kv_len 0, or causal rows before the diagonal) give O = 0 and LSE = -inf;
+  - a float workspace too small for the split-KV partial states is an error that says how large it
+    must be, never an overflow.
 """
 from __future__ import annotations
 
@@ -47,25 +51,30 @@ class PrefillParams(ctypes.Structure):
         ("merges", ctypes.c_void_p), ("counts", ctypes.c_void_p),
         ("partial_o", ctypes.c_void_p), ("partial_lse", ctypes.c_void_p),
         ("num_qo_heads", ctypes.c_int32), ("num_kv_heads", ctypes.c_int32), ("group", ctypes.c_int32),
-        ("scale_log2", ctypes.c_float), ("cta_q", ctypes.c_int32), ("reserved", ctypes.c_int32),
+        ("scale_log2", ctypes.c_float), ("cta_q", ctypes.c_int32), ("page_size", ctypes.c_int32),
+        ("page_indptr", ctypes.c_void_p), ("page_indices", ctypes.c_void_p), ("stride_page", ctypes.c_int64),
+        ("page_div_mul", ctypes.c_uint32), ("page_div_shift", ctypes.c_int32),
     ]
 
 
 _RUN_ARGTYPES = [ctypes.POINTER(PrefillParams), ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
-_BLOCKS_ARGTYPES = [ctypes.c_int]
+
+
+def page_divider(page_size: int) -> tuple[int, int]:
+    """(mul, shift) with n // page_size == (umulhi(n, mul) + n) >> shift for 0 <= n < 2**31."""
+    shift = (page_size - 1).bit_length()
+    return ((1 << 32) * ((1 << shift) - page_size)) // page_size + 1, shift
 
 
 @dataclass
 class _PlanState:
     """Everything run() needs, computed once by plan()."""
 
-    spec: PrefillSpec
     kernel: loader.LoadedKernel
     run_fn: Any
     params: PrefillParams
     grid_items: int
     grid_merges: int
-    device: torch.device
     dtype: torch.dtype
     batch: int
     total_q: int
@@ -73,33 +82,34 @@ class _PlanState:
     num_qo_heads: int
     num_kv_heads: int
     head_dim: int
+    page_size: int = 0
+    max_page_index: int = -1
 
 
-_plans: "weakref.WeakValueDictionary[int, Any]" = weakref.WeakValueDictionary()
-_plan_ids = itertools.count(1)
+_wrappers: "weakref.WeakValueDictionary[int, _BatchAttention]" = weakref.WeakValueDictionary()
+_wrapper_ids = itertools.count(1)
 
 
-def _prefill_run_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                      lse: Optional[torch.Tensor], plan_id: int) -> None:
-    owner = _plans.get(plan_id)
+def _attention_run_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                        lse: Optional[torch.Tensor], plan_id: int) -> None:
+    owner = _wrappers.get(plan_id)
     if owner is None or owner._state is None:
-        raise RuntimeError(f"prefill plan {plan_id} no longer exists; call plan() again")
-    state: _PlanState = owner._state
+        raise RuntimeError(f"attention plan {plan_id} no longer exists; call plan() again")
+    state = owner._state
     p = state.params
-    p.q, p.k, p.v, p.o = q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr()
+    p.q, p.o = q.data_ptr(), o.data_ptr()
     p.lse = lse.data_ptr() if lse is not None else None
     p.q_stride_n, p.q_stride_h = q.stride(0), q.stride(1)
-    p.k_stride_n, p.k_stride_h = owner._kv_strides(k)
-    p.v_stride_n, p.v_stride_h = owner._kv_strides(v)
     p.o_stride_n, p.o_stride_h = o.stride(0), o.stride(1)
+    owner._set_kv(p, k, v)
     with device_guard(q.device):
         code = state.run_fn(ctypes.byref(p), state.grid_items, state.grid_merges, stream_of(q.device))
-    state.kernel.check(code, "batch prefill")
+    state.kernel.check(code, "batch attention")
 
 
-_prefill_run_op = define(
-    "prefill_run(Tensor q, Tensor k, Tensor v, Tensor(a!) o, Tensor(b!)? lse, int plan_id) -> ()",
-    _prefill_run_cuda, lambda *args: None,
+_attention_run_op = define(
+    "attention_run(Tensor q, Tensor k, Tensor v, Tensor(a!) o, Tensor(b!)? lse, int plan_id) -> ()",
+    _attention_run_cuda, lambda *args: None,
 )
 
 _blocks_per_sm: dict[tuple[int, PrefillSpec, int], int] = {}
@@ -108,14 +118,15 @@ _blocks_per_sm: dict[tuple[int, PrefillSpec, int], int] = {}
 def _target_ctas(kernel: loader.LoadedKernel, spec: PrefillSpec, device: torch.device, cta_q: int) -> int:
     """CTAs that fill the GPU: SMs x resident CTAs per SM of this kernel (occupancy query)."""
     key = (device.index or 0, spec, cta_q)
-    blocks = _blocks_per_sm.get(key)
-    if blocks is None:
+    total = _blocks_per_sm.get(key)
+    if total is None:
         with device_guard(device):
-            blocks = kernel.function("blocks_per_sm", _BLOCKS_ARGTYPES)(cta_q)
+            blocks = kernel.function("blocks_per_sm", [ctypes.c_int])(cta_q)
         if blocks <= 0:
             kernel.check(-blocks or 1, "occupancy query")
-        _blocks_per_sm[key] = blocks
-    return blocks * torch.cuda.get_device_properties(device).multi_processor_count
+        total = blocks * torch.cuda.get_device_properties(device).multi_processor_count
+        _blocks_per_sm[key] = total
+    return total
 
 
 def _kv_tile(kernel: loader.LoadedKernel) -> int:
@@ -123,93 +134,104 @@ def _kv_tile(kernel: loader.LoadedKernel) -> int:
     return kernel.function("kv_tile", [])()
 
 
-def _check_indptr(name: str, indptr: object) -> torch.Tensor:
-    t = validate.tensor(name, indptr, dtypes=(torch.int32,), ndim=1)
-    if t.numel() < 1:
-        raise ValueError(f"{name}: expected at least one entry (batch_size + 1), got {tuple(t.shape)}")
-    return t
+def _index_tensor(name: str, value: object, min_entries: int = 0) -> torch.Tensor:
+    t = validate.tensor(name, value, dtypes=(torch.int32,), ndim=1)
+    if t.numel() < min_entries:
+        raise ValueError(f"{name}: expected at least {min_entries} entries, got shape {tuple(t.shape)}")
+    return t if t.device.type == "cpu" and t.is_contiguous() else t.to("cpu").contiguous()
 
 
-def _host_int32(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous CPU copy/view. A CUDA indptr costs one device-to-host copy (a sync)."""
-    return t.contiguous() if t.device.type == "cpu" else t.to("cpu")
+def _as_dtype(name: str, value: Union[str, torch.dtype]) -> torch.dtype:
+    if isinstance(value, str):
+        value = getattr(torch, value, None)  # type: ignore[assignment]
+    if value not in validate.ATTENTION_DTYPES:
+        raise TypeError(f"{name}: expected torch.float16 or torch.bfloat16, got {value!r}")
+    return value  # type: ignore[return-value]
 
 
-class BatchPrefillWithRaggedKVCacheWrapper:
-    """Batch prefill attention over ragged K/V (all requests packed along the token axis).
+def _check_heads(num_qo_heads: object, num_kv_heads: object, head_dim: int, head_dim_vo: Optional[int]) -> None:
+    validate.head_dim("head_dim", head_dim)
+    if head_dim_vo not in (None, head_dim):
+        raise ValueError(f"head_dim_vo: expected None or {head_dim} (equal q/k and v head dims), got {head_dim_vo}")
+    for name, value in (("num_qo_heads", num_qo_heads), ("num_kv_heads", num_kv_heads)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    if num_qo_heads % num_kv_heads:  # type: ignore[operator]
+        raise ValueError(f"num_qo_heads ({num_qo_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
 
-    Args:
-        float_workspace_buffer: uint8 CUDA tensor for split-KV partial states. 128 MB covers any
-            batch FlashInfer's default covers; plan() says how many bytes a plan needs if it is short.
-        kv_layout: "NHD" (k, v: [total_kv, Hkv, D]) or "HND" (k, v: [Hkv, total_kv, D]).
-        use_cuda_graph: make run() capturable: grids and metadata buffers are fixed by the first
-            plan(); later plans may change lengths as long as the batch size and the total q tokens
-            do not exceed the first plan's. q/k/v/out may then be larger than the planned totals
-            (rows past the plan are ignored and not written).
-    """
 
-    def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str = "NHD", use_cuda_graph: bool = False,
-                 **unsupported: Any):
-        if unsupported:
-            raise TypeError(f"unsupported arguments {sorted(unsupported)}: flashinfer-jit does not implement them")
+def _no_unsupported(what: str, unsupported: dict[str, Any]) -> None:
+    # FlashInfer options we do not implement are refused rather than silently ignored.
+    if unsupported:
+        raise TypeError(f"{what}: unsupported arguments {sorted(unsupported)}: flashinfer-jit does not implement them")
+
+
+class _IntLayout:
+    """Offsets (in int32) of the plan metadata in the int workspace."""
+
+    def __init__(self, batch_capacity: int, item_capacity: int, merge_capacity: int, page_capacity: int):
+        self.item_capacity, self.merge_capacity = item_capacity, merge_capacity
+        self.qo = _COUNTS_INTS
+        self.kv = self.qo + _align8(batch_capacity + 1)
+        self.page_indptr = self.kv + _align8(batch_capacity + 1)
+        self.page_indices = self.page_indptr + (_align8(batch_capacity + 1) if page_capacity else 0)
+        self.items = self.page_indices + _align8(page_capacity)
+        self.merges = self.items + item_capacity * ITEM_INTS
+        self.total_ints = self.merges + merge_capacity * MERGE_INTS
+
+
+def _align8(n: int) -> int:
+    return (n + 7) // 8 * 8
+
+
+def _memmove_ints(host: torch.Tensor, offset: int, src: torch.Tensor) -> None:
+    ctypes.memmove(host.data_ptr() + 4 * offset, src.data_ptr(), 4 * src.numel())
+
+
+class _BatchAttention:
+    """Plan/run machinery shared by the ragged, paged and decode wrappers."""
+
+    _layouts = ("NHD", "HND")
+
+    def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str, use_cuda_graph: bool):
         validate.cuda_tensor("float_workspace_buffer", float_workspace_buffer, dtypes=(torch.uint8,), ndim=1)
-        if kv_layout not in ("NHD", "HND"):
-            raise ValueError(f"kv_layout: expected 'NHD' or 'HND', got {kv_layout!r}")
+        if kv_layout not in self._layouts:
+            raise ValueError(f"kv_layout: expected one of {self._layouts}, got {kv_layout!r}")
         self._float_workspace = float_workspace_buffer
         self._device = float_workspace_buffer.device
         self._kv_layout = kv_layout
-        self._use_cuda_graph = use_cuda_graph
+        self._use_cuda_graph = bool(use_cuda_graph)
         self._int_workspace: Optional[torch.Tensor] = None
-        self._pinned: list[torch.Tensor] = []
+        self._pinned: list[torch.Tensor] = [torch.empty(0, dtype=torch.int32), torch.empty(0, dtype=torch.int32)]
         self._pinned_events: list[Optional[torch.cuda.Event]] = [None, None]
         self._pinned_turn = 0
         self._graph_limits: Optional[dict[str, int]] = None
         self._state: Optional[_PlanState] = None
-        self._plan_id = next(_plan_ids)
-        _plans[self._plan_id] = self
+        self._plan_id = next(_wrapper_ids)
+        _wrappers[self._plan_id] = self
 
     @property
     def is_cuda_graph_enabled(self) -> bool:
         return self._use_cuda_graph
 
-    def _kv_strides(self, t: torch.Tensor) -> tuple[int, int]:
-        return (t.stride(0), t.stride(1)) if self._kv_layout == "NHD" else (t.stride(1), t.stride(0))
-
-    # ------------------------------------------------------------------------------------------
-    def plan(self, qo_indptr: torch.Tensor, kv_indptr: torch.Tensor, num_qo_heads: int, num_kv_heads: int,
-             head_dim: int, causal: bool = False, sm_scale: Optional[float] = None,
-             q_data_type: Union[str, torch.dtype] = torch.float16,
-             kv_data_type: Optional[Union[str, torch.dtype]] = None, head_dim_vo: Optional[int] = None,
-             fixed_split_size: Optional[int] = None, disable_split_kv: bool = False, **unsupported: Any) -> None:
-        """Plan a batch. qo_indptr, kv_indptr: int32 [batch + 1], on the CPU (no device sync) or CUDA.
-
-        fixed_split_size (KV tokens per chunk, a multiple of the KV tile) and disable_split_kv make the
-        split decision independent of the batch (batch-invariant results)."""
-        if unsupported:
-            raise TypeError(f"unsupported plan() arguments {sorted(unsupported)}: flashinfer-jit does not implement them")
+    def _plan(self, layout_name: str, qo_host: torch.Tensor, kv_lens_indptr: torch.Tensor,
+              num_qo_heads: int, num_kv_heads: int, head_dim: int, causal: bool, sm_scale: Optional[float],
+              q_data_type: Union[str, torch.dtype], kv_data_type: Optional[Union[str, torch.dtype]],
+              fixed_split_size: Optional[int], disable_split_kv: bool,
+              pages: Optional[tuple[torch.Tensor, torch.Tensor, int]] = None) -> None:
+        """Plan from host int32 tensors: qo_indptr and the cumulative KV lengths (+ page table)."""
         q_dtype = _as_dtype("q_data_type", q_data_type)
         kv_dtype = _as_dtype("kv_data_type", kv_data_type) if kv_data_type is not None else q_dtype
         if kv_dtype != q_dtype:
             raise TypeError(f"kv_data_type: expected the same dtype as q_data_type ({q_dtype}), got {kv_dtype}")
-        validate.head_dim("head_dim", head_dim)
-        if head_dim_vo not in (None, head_dim):
-            raise ValueError(f"head_dim_vo: expected None or {head_dim} (equal q/k and v head dims), got {head_dim_vo}")
-        for name, value in (("num_qo_heads", num_qo_heads), ("num_kv_heads", num_kv_heads)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected a positive int, got {value!r}")
-        if num_qo_heads % num_kv_heads:
-            raise ValueError(f"num_qo_heads ({num_qo_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
-        qo = _check_indptr("qo_indptr", qo_indptr)
-        kv = _check_indptr("kv_indptr", kv_indptr)
-        if qo.numel() != kv.numel():
-            raise ValueError(f"kv_indptr: expected {qo.numel()} entries like qo_indptr (batch_size + 1), got {kv.numel()}")
-        qo_host, kv_host = _host_int32(qo), _host_int32(kv)
         batch = qo_host.numel() - 1
-        total_q, total_kv = int(qo_host[-1]), int(kv_host[-1])
+        total_q = int(qo_host[batch]) if batch else int(qo_host[0])
+        total_kv = int(kv_lens_indptr[batch]) if batch else 0
         group = num_qo_heads // num_kv_heads
 
-        spec = PrefillSpec(kv_layout="ragged", head_dim=head_dim, dtype=dtype_name(q_dtype), causal=bool(causal))
+        spec = PrefillSpec(kv_layout=layout_name, head_dim=head_dim, dtype=dtype_name(q_dtype), causal=bool(causal))
         kernel = loader.load(spec)
+        kv_tile = _kv_tile(kernel)
         if self._graph_limits is not None:
             cta_q = self._graph_limits["cta_q"]
         elif head_dim == 256:
@@ -220,35 +242,37 @@ class BatchPrefillWithRaggedKVCacheWrapper:
         if disable_split_kv:
             split_tiles = -1
         elif fixed_split_size is not None:
-            kv_tile = _kv_tile(kernel)
             if fixed_split_size <= 0 or fixed_split_size % kv_tile:
                 raise ValueError(f"fixed_split_size: expected a positive multiple of {kv_tile}, got {fixed_split_size}")
             split_tiles = fixed_split_size // kv_tile
         else:
             split_tiles = 0
-        kv_tile = _kv_tile(kernel)
         config = PlanConfig(batch, group, num_kv_heads, cta_q, kv_tile, int(bool(causal)), target,
                             MIN_CHUNK_TILES, split_tiles, 0)
+        num_pages = pages[1].numel() if pages is not None else 0
 
         if self._use_cuda_graph:
             limits = self._graph_limits
             if limits is None:
-                items_cap = math.ceil(total_q * group / 64) + batch + 4 * target + 16
-                limits = {"batch": batch, "total_q": total_q, "items": items_cap, "merges": items_cap, "cta_q": cta_q}
-            elif batch > limits["batch"] or total_q > limits["total_q"]:
+                items_cap = math.ceil(total_q * group / 64) + batch + target + 16
+                limits = {"batch": batch, "total_q": total_q, "items": items_cap, "merges": items_cap,
+                          "cta_q": cta_q, "pages": 2 * num_pages + 64}
+            elif batch > limits["batch"] or total_q > limits["total_q"] or num_pages > limits["pages"]:
                 raise ValueError(
                     f"with use_cuda_graph=True later plans must fit the first: batch {batch} (max {limits['batch']}), "
-                    f"total q tokens {total_q} (max {limits['total_q']}); create a new wrapper for larger batches")
-            batch_cap, items_cap, merges_cap = limits["batch"], limits["items"], limits["merges"]
+                    f"total q tokens {total_q} (max {limits['total_q']}), pages {num_pages} (max {limits['pages']}); "
+                    f"create a new wrapper for larger batches")
+            batch_cap, items_cap, merges_cap, pages_cap = limits["batch"], limits["items"], limits["merges"], limits["pages"]
         else:
-            batch_cap, items_cap, merges_cap = batch, 0, 0
+            limits = None
+            batch_cap, items_cap, merges_cap, pages_cap = batch, 64, 64, num_pages
 
         # Plan straight into pinned host memory, growing it when the planner asks for more room.
         while True:
-            layout = _IntLayout(batch_cap, max(items_cap, 1), max(merges_cap, 1))
+            layout = _IntLayout(batch_cap, items_cap, merges_cap, pages_cap if pages is not None else 0)
             host = self._pinned_buffer(layout.total_ints)
             status, plan = run_planner(
-                kernel, qo_host, kv_host, config,
+                kernel, qo_host, kv_lens_indptr, config,
                 host.data_ptr() + 4 * layout.items, layout.item_capacity,
                 host.data_ptr() + 4 * layout.merges, layout.merge_capacity)
             if status == PLAN_OK:
@@ -257,91 +281,92 @@ class BatchPrefillWithRaggedKVCacheWrapper:
                 raise ValueError(
                     f"this plan needs {plan.num_items} work items / {plan.num_merges} merges but the CUDA-graph "
                     f"buffers were sized for {items_cap} / {merges_cap} by the first plan; create a new wrapper")
-            items_cap, merges_cap = plan.num_items, plan.num_merges
+            items_cap, merges_cap = max(plan.num_items, 1), max(plan.num_merges, 1)
 
-        partial_bytes = plan.partial_rows * num_kv_heads * (head_dim + 1) * 4
-        if partial_bytes > self._float_workspace.numel() // (4 * (head_dim + 1)) * (4 * (head_dim + 1)):
+        slots = self._float_workspace.numel() // (4 * (head_dim + 1))
+        if plan.partial_rows * num_kv_heads > slots:
+            need = plan.partial_rows * num_kv_heads * (head_dim + 1) * 4
             raise ValueError(
                 f"float_workspace_buffer holds {self._float_workspace.numel()} bytes but this plan's split-KV "
-                f"partial states need {partial_bytes} bytes; pass a buffer of at least that size (or "
-                f"disable_split_kv=True)")
+                f"partial states need {need} bytes; pass a buffer of at least that size (or disable_split_kv=True)")
 
         host[0], host[1] = plan.num_items, plan.num_merges
-        host[layout.qo: layout.qo + batch + 1].copy_(qo_host)
-        host[layout.kv: layout.kv + batch + 1].copy_(kv_host)
+        _memmove_ints(host, layout.qo, qo_host)
+        _memmove_ints(host, layout.kv, kv_lens_indptr)
+        if pages is not None:
+            _memmove_ints(host, layout.page_indptr, pages[0])
+            _memmove_ints(host, layout.page_indices, pages[1])
         device_ints = self._device_buffer(layout.total_ints)
         device_ints[: layout.total_ints].copy_(host[: layout.total_ints], non_blocking=True)
         self._mark_pinned_in_use()
-        if self._use_cuda_graph:
-            self._graph_limits = limits
+        self._graph_limits = limits
 
         base = device_ints.data_ptr()
         params = PrefillParams()
         params.qo_indptr, params.kv_indptr = base + 4 * layout.qo, base + 4 * layout.kv
         params.items, params.merges, params.counts = base + 4 * layout.items, base + 4 * layout.merges, base
-        # Partial states: fp32 O [slots, D] then LSE [slots] at offsets fixed by the buffer size (so a
+        # Partial states: fp32 O [slots, D] then LSE [slots], at offsets fixed by the buffer size (a
         # captured CUDA graph keeps valid pointers across plans).
-        slots = self._float_workspace.numel() // (4 * (head_dim + 1))
         params.partial_o = self._float_workspace.data_ptr()
         params.partial_lse = params.partial_o + slots * head_dim * 4
         params.num_qo_heads, params.num_kv_heads, params.group = num_qo_heads, num_kv_heads, group
         params.scale_log2 = (sm_scale if sm_scale is not None else 1.0 / math.sqrt(head_dim)) * LOG2E
         params.cta_q = cta_q
+        page_size, max_page_index = 0, -1
+        if pages is not None:
+            page_size = pages[2]
+            params.page_size = page_size
+            params.page_div_mul, params.page_div_shift = page_divider(page_size)
+            params.page_indptr, params.page_indices = base + 4 * layout.page_indptr, base + 4 * layout.page_indices
+            used = pages[1][: int(pages[0][batch])] if batch else pages[1][:0]
+            if used.numel():
+                lo, hi = int(used.min()), int(used.max())
+                if lo < 0:
+                    raise ValueError(f"paged_kv_indices: page indices must be >= 0, got {lo}")
+                max_page_index = hi
         self._state = _PlanState(
-            spec=spec, kernel=kernel, run_fn=kernel.function("run", _RUN_ARGTYPES), params=params,
+            kernel=kernel, run_fn=kernel.function("run", _RUN_ARGTYPES), params=params,
             grid_items=items_cap if self._use_cuda_graph else plan.num_items,
             grid_merges=merges_cap if self._use_cuda_graph else plan.num_merges,
-            device=self._device, dtype=q_dtype, batch=batch, total_q=total_q, total_kv=total_kv,
-            num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads, head_dim=head_dim)
+            dtype=q_dtype, batch=batch, total_q=total_q, total_kv=total_kv, num_qo_heads=num_qo_heads,
+            num_kv_heads=num_kv_heads, head_dim=head_dim, page_size=page_size, max_page_index=max_page_index)
 
-    begin_forward = plan
-
-    # ------------------------------------------------------------------------------------------
-    def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: Optional[torch.Tensor] = None,
-            lse: Optional[torch.Tensor] = None, return_lse: bool = False):
-        """Attention for the planned batch. Returns out, or (out, lse) when return_lse is True."""
+    def _prepare_q_out(self, q: torch.Tensor, out: Optional[torch.Tensor], lse: Optional[torch.Tensor],
+                       return_lse: bool) -> tuple[_PlanState, torch.Tensor, Optional[torch.Tensor]]:
         s = self._state
         if s is None:
             raise RuntimeError("run() called before plan()")
-        graph = self._use_cuda_graph
-        rows_q = _rows(s.total_q, graph)
-        rows_kv = _rows(s.total_kv, graph)
-        validate.cuda_tensor("q", q, dtypes=(s.dtype,), shape=(rows_q, s.num_qo_heads, s.head_dim), device=s.device)
-        kv_shape = (rows_kv, s.num_kv_heads, s.head_dim) if self._kv_layout == "NHD" else (s.num_kv_heads, rows_kv, s.head_dim)
-        validate.tensor("k", k, dtypes=(s.dtype,), shape=kv_shape, device=s.device)
-        validate.tensor("v", v, dtypes=(s.dtype,), shape=kv_shape, device=s.device)
-        _check_rows_fit("q", q.shape[0], s.total_q)
-        kv_rows = k.shape[0] if self._kv_layout == "NHD" else k.shape[1]
-        _check_rows_fit("k", kv_rows, s.total_kv)
-        for name, t in (("q", q), ("k", k), ("v", v)):
-            validate.vector_rows(name, t)
+        rows = None if self._use_cuda_graph else s.total_q
+        validate.cuda_tensor("q", q, dtypes=(s.dtype,), shape=(rows, s.num_qo_heads, s.head_dim), device=self._device)
+        if q.shape[0] < s.total_q:
+            raise ValueError(f"q: expected at least {s.total_q} tokens (the planned total), got {q.shape[0]}")
+        validate.vector_rows("q", q)
         if out is None:
             out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         else:
-            validate.tensor("out", out, dtypes=(s.dtype,), shape=tuple(q.shape), device=s.device)
+            validate.tensor("out", out, dtypes=(s.dtype,), shape=tuple(q.shape), device=self._device)
             validate.vector_rows("out", out)
         if lse is None and return_lse:
             lse = torch.empty((q.shape[0], s.num_qo_heads), dtype=torch.float32, device=q.device)
         elif lse is not None:
-            validate.tensor("lse", lse, dtypes=(torch.float32,), shape=(q.shape[0], s.num_qo_heads), device=s.device)
+            validate.tensor("lse", lse, dtypes=(torch.float32,), shape=(q.shape[0], s.num_qo_heads), device=self._device)
             if not lse.is_contiguous():
                 raise ValueError(f"lse: expected a contiguous tensor, got strides {lse.stride()}")
+        return s, out, lse
+
+    def _launch(self, s: _PlanState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                lse: Optional[torch.Tensor]) -> None:
         if s.total_q > 0 and (s.grid_items > 0 or s.grid_merges > 0):
-            _prefill_run_op(q, k, v, out, lse, self._plan_id)
-        return (out, lse) if return_lse else out
+            _attention_run_op(q, k, v, out, lse, self._plan_id)
 
-    forward = run
-
-    def run_return_lse(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw: Any):
-        return self.run(q, k, v, return_lse=True, **kw)
+    def _set_kv(self, p: PrefillParams, k: torch.Tensor, v: torch.Tensor) -> None:
+        raise NotImplementedError
 
     # ---- buffers ----------------------------------------------------------------------------
     def _pinned_buffer(self, ints: int) -> torch.Tensor:
         """One of two pinned host buffers, alternating, so a plan never overwrites memory that the
         previous plan's asynchronous copy may still be reading."""
         turn = self._pinned_turn
-        while len(self._pinned) < 2:
-            self._pinned.append(torch.empty(0, dtype=torch.int32))
         event = self._pinned_events[turn]
         if event is not None and not event.query():
             event.synchronize()
@@ -350,9 +375,10 @@ class BatchPrefillWithRaggedKVCacheWrapper:
         return self._pinned[turn]
 
     def _mark_pinned_in_use(self) -> None:
-        event = torch.cuda.Event()
+        event = self._pinned_events[self._pinned_turn]
+        if event is None:
+            event = self._pinned_events[self._pinned_turn] = torch.cuda.Event()
         event.record(torch.cuda.current_stream(self._device))
-        self._pinned_events[self._pinned_turn] = event
         self._pinned_turn ^= 1
 
     def _device_buffer(self, ints: int) -> torch.Tensor:
@@ -365,37 +391,230 @@ class BatchPrefillWithRaggedKVCacheWrapper:
         return buf
 
 
-class _IntLayout:
-    """Offsets (in int32) of the metadata in the int workspace: counts, indptrs, items, merges."""
+class BatchPrefillWithRaggedKVCacheWrapper(_BatchAttention):
+    """Batch prefill attention over ragged K/V (all requests packed along the token axis).
 
-    def __init__(self, batch_capacity: int, item_capacity: int, merge_capacity: int):
-        self.item_capacity, self.merge_capacity = item_capacity, merge_capacity
-        self.qo = _COUNTS_INTS
-        self.kv = self.qo + _align8(batch_capacity + 1)
-        self.items = self.kv + _align8(batch_capacity + 1)
-        self.merges = self.items + item_capacity * ITEM_INTS
-        self.total_ints = self.merges + merge_capacity * MERGE_INTS
+    Args:
+        float_workspace_buffer: uint8 CUDA tensor for split-KV partial states. 128 MB covers large
+            batches; plan() says how many bytes a plan needs when it is short.
+        kv_layout: "NHD" (k, v: [total_kv, Hkv, D]) or "HND" (k, v: [Hkv, total_kv, D]).
+        use_cuda_graph: make run() capturable: grids and metadata buffers are fixed by the first
+            plan(); later plans may change lengths as long as the batch size and the total q tokens
+            do not exceed the first plan's. q/k/v/out may then be larger than the planned totals
+            (rows past the plan are ignored and not written).
+    """
+
+    def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str = "NHD", use_cuda_graph: bool = False,
+                 **unsupported: Any):
+        _no_unsupported("BatchPrefillWithRaggedKVCacheWrapper", unsupported)
+        super().__init__(float_workspace_buffer, kv_layout, use_cuda_graph)
+
+    def plan(self, qo_indptr: torch.Tensor, kv_indptr: torch.Tensor, num_qo_heads: int, num_kv_heads: int,
+             head_dim: int, causal: bool = False, sm_scale: Optional[float] = None,
+             q_data_type: Union[str, torch.dtype] = torch.float16,
+             kv_data_type: Optional[Union[str, torch.dtype]] = None, head_dim_vo: Optional[int] = None,
+             fixed_split_size: Optional[int] = None, disable_split_kv: bool = False, **unsupported: Any) -> None:
+        """Plan a batch. qo_indptr, kv_indptr: int32 [batch + 1], on the CPU (no device sync) or CUDA.
+
+        fixed_split_size (KV tokens per chunk, a multiple of the KV tile) and disable_split_kv make the
+        split decision independent of the batch (batch-invariant results)."""
+        _no_unsupported("plan()", unsupported)
+        _check_heads(num_qo_heads, num_kv_heads, head_dim, head_dim_vo)
+        qo = _index_tensor("qo_indptr", qo_indptr, 1)
+        kv = _index_tensor("kv_indptr", kv_indptr, 1)
+        if qo.numel() != kv.numel():
+            raise ValueError(f"kv_indptr: expected {qo.numel()} entries like qo_indptr (batch_size + 1), got {kv.numel()}")
+        self._plan("ragged", qo, kv, num_qo_heads, num_kv_heads, head_dim, causal, sm_scale, q_data_type,
+                   kv_data_type, fixed_split_size, disable_split_kv)
+
+    begin_forward = plan
+
+    def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: Optional[torch.Tensor] = None,
+            lse: Optional[torch.Tensor] = None, return_lse: bool = False):
+        """Attention for the planned batch. Returns out, or (out, lse) when return_lse is True."""
+        s, out, lse = self._prepare_q_out(q, out, lse, return_lse)
+        rows = None if self._use_cuda_graph else s.total_kv
+        shape = (rows, s.num_kv_heads, s.head_dim) if self._kv_layout == "NHD" else (s.num_kv_heads, rows, s.head_dim)
+        for name, t in (("k", k), ("v", v)):
+            validate.tensor(name, t, dtypes=(s.dtype,), shape=shape, device=self._device)
+            validate.vector_rows(name, t)
+        kv_rows = k.shape[0] if self._kv_layout == "NHD" else k.shape[1]
+        if kv_rows < s.total_kv:
+            raise ValueError(f"k: expected at least {s.total_kv} tokens (the planned total), got {kv_rows}")
+        self._launch(s, q, k, v, out, lse)
+        return (out, lse) if return_lse else out
+
+    forward = run
+
+    def run_return_lse(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw: Any):
+        return self.run(q, k, v, return_lse=True, **kw)
+
+    def _set_kv(self, p: PrefillParams, k: torch.Tensor, v: torch.Tensor) -> None:
+        p.k, p.v = k.data_ptr(), v.data_ptr()
+        nhd = self._kv_layout == "NHD"
+        p.k_stride_n, p.k_stride_h = (k.stride(0), k.stride(1)) if nhd else (k.stride(1), k.stride(0))
+        p.v_stride_n, p.v_stride_h = (v.stride(0), v.stride(1)) if nhd else (v.stride(1), v.stride(0))
 
 
-def _align8(n: int) -> int:
-    return (n + 7) // 8 * 8
+def _paged_kv_lengths(name_prefix: str, indptr: torch.Tensor, last_page_len: torch.Tensor, page_size: int,
+                      batch: int) -> torch.Tensor:
+    """Cumulative KV lengths [batch + 1] from the page table, checking it on the host."""
+    pages = indptr[1:] - indptr[:-1]
+    if int(indptr[0]) != 0:
+        raise ValueError(f"{name_prefix}indptr[0] must be 0, got {int(indptr[0])}")
+    if batch and bool((pages < 0).any()):
+        i = int(torch.nonzero(pages < 0)[0, 0])
+        raise ValueError(f"{name_prefix}indptr must be non-decreasing (at index {i}: "
+                         f"{name_prefix}indptr[{i}:{i + 2}] = {indptr[i:i + 2].tolist()})")
+    has_pages = pages > 0
+    bad = (has_pages & ((last_page_len < 1) | (last_page_len > page_size))) | (~has_pages & (last_page_len != 0))
+    if batch and bool(bad.any()):
+        i = int(torch.nonzero(bad)[0, 0])
+        raise ValueError(
+            f"{name_prefix}last_page_len[{i}] = {int(last_page_len[i])} is invalid: expected 1..{page_size} for a "
+            f"request with pages ({int(pages[i])} here), 0 for a request without pages")
+    lengths = torch.where(has_pages, (pages - 1) * page_size + last_page_len, torch.zeros_like(pages))
+    out = torch.zeros(batch + 1, dtype=torch.int32)
+    torch.cumsum(lengths, 0, out=out[1:])
+    return out
 
 
-def _rows(planned: int, graph: bool) -> Optional[int]:
-    return None if graph else planned
+class BatchPrefillWithPagedKVCacheWrapper(_BatchAttention):
+    """Batch prefill attention over a paged KV cache.
+
+    The cache passed to run() is one tensor [num_pages, 2, page_size, Hkv, D] (NHD) or
+    [num_pages, 2, Hkv, page_size, D] (HND) holding K at [:, 0] and V at [:, 1], or a (k, v) tuple of
+    [num_pages, page_size, Hkv, D] / [num_pages, Hkv, page_size, D] tensors with equal strides.
+    """
+
+    def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str = "NHD", use_cuda_graph: bool = False,
+                 **unsupported: Any):
+        _no_unsupported("BatchPrefillWithPagedKVCacheWrapper", unsupported)
+        super().__init__(float_workspace_buffer, kv_layout, use_cuda_graph)
+
+    def plan(self, qo_indptr: torch.Tensor, paged_kv_indptr: torch.Tensor, paged_kv_indices: torch.Tensor,
+             paged_kv_last_page_len: torch.Tensor, num_qo_heads: int, num_kv_heads: int, head_dim: int,
+             page_size: int, causal: bool = False, sm_scale: Optional[float] = None,
+             q_data_type: Union[str, torch.dtype] = torch.float16,
+             kv_data_type: Optional[Union[str, torch.dtype]] = None, head_dim_vo: Optional[int] = None,
+             fixed_split_size: Optional[int] = None, disable_split_kv: bool = False, **unsupported: Any) -> None:
+        """Plan a batch over a page table (CSR: indptr [batch + 1], indices, last_page_len [batch]).
+        All int32; CPU tensors avoid any device sync."""
+        _no_unsupported("plan()", unsupported)
+        _check_heads(num_qo_heads, num_kv_heads, head_dim, head_dim_vo)
+        if not isinstance(page_size, int) or page_size < 1:
+            raise ValueError(f"page_size: expected a positive int, got {page_size!r}")
+        qo = _index_tensor("qo_indptr", qo_indptr, 1)
+        batch = qo.numel() - 1
+        indptr = _index_tensor("paged_kv_indptr", paged_kv_indptr, 1)
+        if indptr.numel() != batch + 1:
+            raise ValueError(f"paged_kv_indptr: expected {batch + 1} entries (batch_size + 1), got {indptr.numel()}")
+        indices = _index_tensor("paged_kv_indices", paged_kv_indices)
+        last = _index_tensor("paged_kv_last_page_len", paged_kv_last_page_len)
+        if last.numel() != batch:
+            raise ValueError(f"paged_kv_last_page_len: expected {batch} entries (batch_size), got {last.numel()}")
+        kv_lens = _paged_kv_lengths("paged_kv_", indptr, last, page_size, batch)
+        if int(indptr[batch]) > indices.numel():
+            raise ValueError(f"paged_kv_indices: expected at least paged_kv_indptr[-1] = {int(indptr[batch])} "
+                             f"entries, got {indices.numel()}")
+        self._plan(f"paged_{self._kv_layout.lower()}", qo, kv_lens, num_qo_heads, num_kv_heads, head_dim, causal,
+                   sm_scale, q_data_type, kv_data_type, fixed_split_size, disable_split_kv,
+                   pages=(indptr, indices, page_size))
+
+    begin_forward = plan
+
+    def run(self, q: torch.Tensor, paged_kv_cache: Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]],
+            out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None, return_lse: bool = False):
+        """Attention for the planned batch. Returns out, or (out, lse) when return_lse is True."""
+        s, out, lse = self._prepare_q_out(q, out, lse, return_lse)
+        k, v = self._split_cache(s, paged_kv_cache)
+        self._launch(s, q, k, v, out, lse)
+        return (out, lse) if return_lse else out
+
+    forward = run
+
+    def _split_cache(self, s: _PlanState, cache: Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]):
+        nhd = self._kv_layout == "NHD"
+        page_shape = (s.page_size, s.num_kv_heads, s.head_dim) if nhd else (s.num_kv_heads, s.page_size, s.head_dim)
+        if isinstance(cache, torch.Tensor):
+            validate.cuda_tensor("paged_kv_cache", cache, dtypes=(s.dtype,), shape=(None, 2, *page_shape),
+                                 device=self._device)
+            k, v = cache[:, 0], cache[:, 1]
+        elif isinstance(cache, (tuple, list)) and len(cache) == 2:
+            k = validate.cuda_tensor("paged_kv_cache[0] (k)", cache[0], dtypes=(s.dtype,), shape=(None, *page_shape),
+                                     device=self._device)
+            v = validate.tensor("paged_kv_cache[1] (v)", cache[1], dtypes=(s.dtype,), shape=tuple(k.shape),
+                                device=self._device)
+            if k.stride() != v.stride():
+                raise ValueError(f"paged_kv_cache: k and v must have equal strides, got {k.stride()} and {v.stride()}")
+        else:
+            raise TypeError(f"paged_kv_cache: expected a tensor or a (k, v) tuple, got {type(cache).__name__}")
+        for name, t in (("paged_kv_cache (k)", k), ("paged_kv_cache (v)", v)):
+            validate.vector_rows(name, t)
+        if s.max_page_index >= k.shape[0]:
+            raise ValueError(f"paged_kv_indices: page index {s.max_page_index} is outside the cache "
+                             f"({k.shape[0]} pages)")
+        return k, v
+
+    def _set_kv(self, p: PrefillParams, k: torch.Tensor, v: torch.Tensor) -> None:
+        p.k, p.v = k.data_ptr(), v.data_ptr()
+        p.stride_page = k.stride(0)
+        if self._kv_layout == "NHD":
+            p.k_stride_n, p.k_stride_h = k.stride(1), k.stride(2)
+        else:
+            p.k_stride_n, p.k_stride_h = k.stride(2), k.stride(1)
+        p.v_stride_n, p.v_stride_h = p.k_stride_n, p.k_stride_h
 
 
-def _check_rows_fit(name: str, rows: int, planned: int) -> None:
-    if rows < planned:
-        raise ValueError(f"{name}: expected at least {planned} tokens (the planned total), got {rows}")
+class BatchDecodeWithPagedKVCacheWrapper:
+    """Batch decode (one query token per request) over a paged KV cache.
 
+    Runs the tensor-core attention kernel with the query heads of a KV head packed into one tile;
+    plan() splits long KV ranges across CTAs (flash-decoding) when the batch cannot fill the GPU and
+    merges the parts by LSE. `use_tensor_cores` is accepted for FlashInfer compatibility: the
+    tensor-core path is always used.
+    """
 
-def _as_dtype(name: str, value: Union[str, torch.dtype]) -> torch.dtype:
-    if isinstance(value, str):
-        value = getattr(torch, value, None) if hasattr(torch, value) else None  # type: ignore[assignment]
-    if value not in validate.ATTENTION_DTYPES:
-        raise TypeError(f"{name}: expected torch.float16 or torch.bfloat16, got {value!r}")
-    return value  # type: ignore[return-value]
+    def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str = "NHD", use_cuda_graph: bool = False,
+                 use_tensor_cores: bool = True, **unsupported: Any):
+        _no_unsupported("BatchDecodeWithPagedKVCacheWrapper", unsupported)
+        self._inner = BatchPrefillWithPagedKVCacheWrapper(float_workspace_buffer, kv_layout, use_cuda_graph)
+        self._qo_indptr = torch.arange(0, 1, dtype=torch.int32)
+
+    @property
+    def is_cuda_graph_enabled(self) -> bool:
+        return self._inner.is_cuda_graph_enabled
+
+    def plan(self, indptr: torch.Tensor, indices: torch.Tensor, last_page_len: torch.Tensor, num_qo_heads: int,
+             num_kv_heads: int, head_dim: int, page_size: int, sm_scale: Optional[float] = None,
+             q_data_type: Optional[Union[str, torch.dtype]] = None,
+             kv_data_type: Optional[Union[str, torch.dtype]] = None, data_type: Optional[Union[str, torch.dtype]] = None,
+             fixed_split_size: Optional[int] = None, disable_split_kv: bool = False,
+             pos_encoding_mode: str = "NONE", **unsupported: Any) -> None:
+        """Plan a decode batch over a page table (int32 indptr [batch + 1], indices, last_page_len [batch])."""
+        _no_unsupported("plan()", unsupported)
+        if pos_encoding_mode != "NONE":
+            raise ValueError(f"pos_encoding_mode: only 'NONE' is supported, got {pos_encoding_mode!r}")
+        if data_type is not None:  # FlashInfer's older name for the KV dtype
+            kv_data_type = data_type if kv_data_type is None else kv_data_type
+        # q and KV must share one dtype here; either may be given (default float16).
+        q_data_type = q_data_type if q_data_type is not None else (kv_data_type or torch.float16)
+        batch = validate.tensor("indptr", indptr, dtypes=(torch.int32,), ndim=1).numel() - 1
+        if self._qo_indptr.numel() != batch + 1:
+            self._qo_indptr = torch.arange(0, batch + 1, dtype=torch.int32)
+        self._inner.plan(self._qo_indptr, indptr, indices, last_page_len, num_qo_heads, num_kv_heads, head_dim,
+                         page_size, causal=False, sm_scale=sm_scale,
+                         q_data_type=q_data_type, kv_data_type=kv_data_type, fixed_split_size=fixed_split_size,
+                         disable_split_kv=disable_split_kv)
+
+    begin_forward = plan
+
+    def run(self, q: torch.Tensor, paged_kv_cache: Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]],
+            out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None, return_lse: bool = False):
+        """q: [batch, Hq, D]. Returns out [batch, Hq, D], or (out, lse) when return_lse is True."""
+        return self._inner.run(q, paged_kv_cache, out=out, lse=lse, return_lse=return_lse)
+
+    forward = run
 
 
 _single_workspaces: dict[torch.device, torch.Tensor] = {}
@@ -405,8 +624,7 @@ def single_prefill_with_kv_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                                  sm_scale: Optional[float] = None, kv_layout: str = "NHD",
                                  return_lse: bool = False, **unsupported: Any):
     """Attention for one request: q [q_len, Hq, D]; k, v [kv_len, Hkv, D] (NHD) or [Hkv, kv_len, D] (HND)."""
-    if unsupported:
-        raise TypeError(f"unsupported arguments {sorted(unsupported)}: flashinfer-jit does not implement them")
+    _no_unsupported("single_prefill_with_kv_cache", unsupported)
     q = validate.cuda_tensor("q", q, dtypes=validate.ATTENTION_DTYPES, ndim=3)
     validate.tensor("k", k, ndim=3)
     if kv_layout not in ("NHD", "HND"):

@@ -125,7 +125,18 @@ class PrefillSpec(KernelSpec):
         return ctx
 
 
-FAMILIES: dict[str, type[KernelSpec]] = {cls.family: cls for cls in (MergeStateSpec, PrefillSpec)}
+@dataclass(frozen=True)
+class AppendPagedSpec(KernelSpec):
+    """append_paged_kv_cache for one head_dim and dtype (the page layout is a run-time stride)."""
+
+    family: ClassVar[str] = "append_paged"
+    templates: ClassVar[tuple[str, ...]] = ("page.cu.jinja",)
+
+    head_dim: int = _uri_field("hd{}", HEAD_DIMS)
+    dtype: str = _uri_field("{}", tuple(DTYPES))
+
+
+FAMILIES: dict[str, type[KernelSpec]] = {cls.family: cls for cls in (MergeStateSpec, PrefillSpec, AppendPagedSpec)}
 
 
 def spec_from_dict(data: dict[str, Any]) -> KernelSpec:

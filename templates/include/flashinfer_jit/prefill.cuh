@@ -46,7 +46,14 @@ struct PrefillParams {
   int32_t group;
   float scale_log2;       // sm_scale * log2(e)
   int32_t cta_q;
-  int32_t reserved;
+  int32_t page_size;        // paged layouts: tokens per page
+  // Paged layouts: request r's pages are page_indices[page_indptr[r] .. page_indptr[r + 1]); token t
+  // of a page starts at page * stride_page + t * {k,v}_stride_n (K and V share the strides).
+  const int32_t* page_indptr;
+  const int32_t* page_indices;
+  int64_t stride_page;
+  uint32_t page_div_mul;    // pos / page_size == (umulhi(pos, mul) + pos) >> shift
+  int32_t page_div_shift;
 };
 
 template <int HEAD_DIM, int CTA_Q, int KV_TILE>
@@ -105,7 +112,49 @@ struct KVTileLoader {
   }
 };
 
-template <typename T, int HEAD_DIM, int CTA_Q, int KV_TILE, bool CAUSAL>
+// Paged K/V: the same copy pattern, with each row's address looked up through the page table.
+template <typename T, int HEAD_DIM, int ROWS, int THREADS>
+struct PagedKVTileLoader {
+  static constexpr int kChunks = HEAD_DIM / 8;
+  static constexpr int R = THREADS / kChunks;
+  static_assert((ROWS * kChunks) % THREADS == 0 && THREADS % kChunks == 0 && ROWS % R == 0, "uneven tile split");
+  const int32_t* pages;  // this request's page indices
+  int64_t head_chunk;    // head * stride_h + chunk * 8
+  uint32_t smem_off;
+  int r0;
+
+  __device__ __forceinline__ PagedKVTileLoader(const int32_t* request_pages, int head, int64_t stride_h) {
+    const int chunk = threadIdx.x % kChunks;
+    r0 = threadIdx.x / kChunks;
+    pages = request_pages;
+    head_chunk = int64_t(head) * stride_h + chunk * 8;
+    smem_off = uint32_t((r0 * HEAD_DIM + ((chunk ^ (r0 & 7)) << 3)) * int(sizeof(T)));
+  }
+
+  // Load rows [pos0, pos0 + ROWS) of the request; rows with index >= `remaining` are zero-filled.
+  __device__ __forceinline__ void load(uint32_t smem_tile, const T* base, int pos0, int remaining,
+                                       const PrefillParams& p) {
+    int64_t offset[ROWS / R];
+#pragma unroll
+    for (int it = 0; it < ROWS / R; ++it) {  // all page-table reads first: one latency per tile
+      const int row = r0 + it * R;
+      offset[it] = 0;
+      if (row < remaining) {
+        const uint32_t pos = uint32_t(pos0 + row);
+        const uint32_t page_slot = (__umulhi(pos, p.page_div_mul) + pos) >> p.page_div_shift;
+        const int in_page = int(pos - page_slot * uint32_t(p.page_size));
+        offset[it] = int64_t(pages[page_slot]) * p.stride_page + int64_t(in_page) * p.k_stride_n + head_chunk;
+      }
+    }
+#pragma unroll
+    for (int it = 0; it < ROWS / R; ++it) {
+      const uint32_t dst = (smem_tile + smem_off + it * R * HEAD_DIM * int(sizeof(T))) ^ (((it * R) & 7) << 4);
+      cp_async_16(dst, base + offset[it], r0 + it * R < remaining);
+    }
+  }
+};
+
+template <typename T, int HEAD_DIM, int CTA_Q, int KV_TILE, bool CAUSAL, bool PAGED>
 __global__ void __launch_bounds__(PrefillShape<HEAD_DIM, CTA_Q, KV_TILE>::kThreads, 2)
     prefill_kernel(const __grid_constant__ PrefillParams p) {
   using S = PrefillShape<HEAD_DIM, CTA_Q, KV_TILE>;
@@ -155,13 +204,25 @@ __global__ void __launch_bounds__(PrefillShape<HEAD_DIM, CTA_Q, KV_TILE>::kThrea
   if (CAUSAL) kv_hi = min(kv_hi, max(0, last_token + causal_offset + 1));
   const int kv_lo = item.kv_begin;
 
-  using Loader = KVTileLoader<T, HEAD_DIM, KV_TILE, S::kThreads>;
-  Loader k_loader(k_base, kv_start + kv_lo, hk, p.k_stride_n, p.k_stride_h);
-  Loader v_loader(v_base, kv_start + kv_lo, hk, p.v_stride_n, p.v_stride_h);
+  // K/V tile loads: load_k / load_v(smem, first row, rows available) — ragged rows are contiguous
+  // per KV head (pointer stepping), paged rows go through the page table.
+  using Ragged = KVTileLoader<T, HEAD_DIM, KV_TILE, S::kThreads>;
+  using Paged = PagedKVTileLoader<T, HEAD_DIM, KV_TILE, S::kThreads>;
+  Ragged k_loader(k_base, PAGED ? 0 : kv_start + kv_lo, hk, p.k_stride_n, p.k_stride_h);
+  Ragged v_loader(v_base, PAGED ? 0 : kv_start + kv_lo, hk, p.v_stride_n, p.v_stride_h);
+  Paged paged(PAGED ? p.page_indices + p.page_indptr[item.request] : nullptr, hk, p.k_stride_h);
+  auto load_k = [&](uint32_t smem, int pos0) {
+    if constexpr (PAGED) paged.load(smem, k_base, pos0, kv_hi - pos0, p);
+    else k_loader.load(smem, kv_hi - pos0, k_base);
+  };
+  auto load_v = [&](uint32_t smem, int pos0) {
+    if constexpr (PAGED) paged.load(smem, v_base, pos0, kv_hi - pos0, p);
+    else v_loader.load(smem, kv_hi - pos0, v_base);
+  };
   const uint32_t sK_addr = smem_addr(sK), sV_addr = smem_addr(sV);
   constexpr uint32_t kStageBytes = KV_TILE * HEAD_DIM * int(sizeof(T));
-  k_loader.load(sK_addr, kv_hi - kv_lo, k_base);
-  if (S::kStages == 2) v_loader.load(sV_addr, kv_hi - kv_lo, v_base);
+  load_k(sK_addr, kv_lo);
+  if (S::kStages == 2) load_v(sV_addr, kv_lo);
   cp_async_commit();
 
   float o_acc[MQ][S::kNtO][4];
@@ -189,7 +250,7 @@ __global__ void __launch_bounds__(PrefillShape<HEAD_DIM, CTA_Q, KV_TILE>::kThrea
   int stage = 0;
   for (int pos0 = kv_lo; pos0 < kv_hi; pos0 += KV_TILE, stage ^= (S::kStages - 1)) {
     if (S::kStages == 1) {
-      v_loader.load(sV_addr, kv_hi - pos0, v_base);
+      load_v(sV_addr, pos0);
       cp_async_commit();
       cp_async_wait<1>();
       __syncthreads();
@@ -199,8 +260,8 @@ __global__ void __launch_bounds__(PrefillShape<HEAD_DIM, CTA_Q, KV_TILE>::kThrea
     cp_async_wait<0>();
     __syncthreads();
     if (pos0 + KV_TILE < kv_hi) {
-      k_loader.load(sK_addr + (stage ^ 1) * kStageBytes, kv_hi - pos0 - KV_TILE, k_base);
-      v_loader.load(sV_addr + (stage ^ 1) * kStageBytes, kv_hi - pos0 - KV_TILE, v_base);
+      load_k(sK_addr + (stage ^ 1) * kStageBytes, pos0 + KV_TILE);
+      load_v(sV_addr + (stage ^ 1) * kStageBytes, pos0 + KV_TILE);
       cp_async_commit();
     }
     }
@@ -287,7 +348,7 @@ __global__ void __launch_bounds__(PrefillShape<HEAD_DIM, CTA_Q, KV_TILE>::kThrea
       // Every warp is done reading K: the next K tile streams in during P V.
       __syncthreads();
       if (pos0 + KV_TILE < kv_hi) {
-        k_loader.load(sK_addr, kv_hi - pos0 - KV_TILE, k_base);
+        load_k(sK_addr, pos0 + KV_TILE);
         cp_async_commit();
         cp_async_wait<1>();
       } else {
@@ -397,11 +458,11 @@ __global__ void __launch_bounds__(128) prefill_merge_kernel(const __grid_constan
   }
 }
 
-template <typename T, int HEAD_DIM, int CTA_Q, int KV_TILE, bool CAUSAL>
+template <typename T, int HEAD_DIM, int CTA_Q, int KV_TILE, bool CAUSAL, bool PAGED>
 inline int launch_prefill(const PrefillParams& p, int grid_items, int grid_merges, cudaStream_t stream) {
   using S = PrefillShape<HEAD_DIM, CTA_Q, KV_TILE>;
   constexpr int smem = S::template smem_bytes<T>();
-  auto kernel = prefill_kernel<T, HEAD_DIM, CTA_Q, KV_TILE, CAUSAL>;
+  auto kernel = prefill_kernel<T, HEAD_DIM, CTA_Q, KV_TILE, CAUSAL, PAGED>;
   static bool attribute_set[64] = {};  // per device ordinal
   int device = 0;
   cudaGetDevice(&device);
@@ -422,11 +483,11 @@ inline int launch_prefill(const PrefillParams& p, int grid_items, int grid_merge
   return 0;
 }
 
-template <typename T, int HEAD_DIM, int CTA_Q, int KV_TILE, bool CAUSAL>
+template <typename T, int HEAD_DIM, int CTA_Q, int KV_TILE, bool CAUSAL, bool PAGED>
 inline int blocks_per_sm() {
   using S = PrefillShape<HEAD_DIM, CTA_Q, KV_TILE>;
   constexpr int smem = S::template smem_bytes<T>();
-  auto kernel = prefill_kernel<T, HEAD_DIM, CTA_Q, KV_TILE, CAUSAL>;
+  auto kernel = prefill_kernel<T, HEAD_DIM, CTA_Q, KV_TILE, CAUSAL, PAGED>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return -int(err);
   int blocks = 0;

@@ -1,0 +1,155 @@
+"""Paged KV cache helpers (FlashInfer's `flashinfer.page` functions).
+
+Stricter than FlashInfer: shapes, dtypes and devices are checked before launch, and the kernel never
+writes outside the cache: a token whose request, position or page lies outside the page table is
+skipped. When the index tensors are on the CPU they are checked on the host first and a bad entry
+raises (naming it) instead of being skipped.
+"""
+from __future__ import annotations
+
+import ctypes
+from typing import Union
+
+import torch
+
+from . import loader, validate
+from .ops import define, device_guard, stream_of
+from .spec import AppendPagedSpec, dtype_name
+
+
+class AppendParams(ctypes.Structure):
+    """Mirror of fij::AppendParams (templates/include/flashinfer_jit/page.cuh)."""
+
+    _fields_ = [
+        ("key", ctypes.c_void_p), ("value", ctypes.c_void_p),
+        ("key_stride_n", ctypes.c_int64), ("key_stride_h", ctypes.c_int64),
+        ("value_stride_n", ctypes.c_int64), ("value_stride_h", ctypes.c_int64),
+        ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p),
+        ("stride_page", ctypes.c_int64), ("stride_n", ctypes.c_int64), ("stride_h", ctypes.c_int64),
+        ("batch_indices", ctypes.c_void_p), ("positions", ctypes.c_void_p), ("kv_indices", ctypes.c_void_p),
+        ("kv_indptr", ctypes.c_void_p), ("nnz", ctypes.c_int64), ("num_kv_heads", ctypes.c_int32),
+        ("page_size", ctypes.c_int32), ("num_pages", ctypes.c_int32), ("batch", ctypes.c_int32),
+    ]
+
+
+def _append_cuda(append_key: torch.Tensor, append_value: torch.Tensor, batch_indices: torch.Tensor,
+                 positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_indices: torch.Tensor,
+                 kv_indptr: torch.Tensor, nhd: bool) -> None:
+    kernel = loader.load(AppendPagedSpec(head_dim=append_key.shape[-1], dtype=dtype_name(append_key.dtype)))
+    p = AppendParams()
+    p.key, p.value = append_key.data_ptr(), append_value.data_ptr()
+    p.key_stride_n, p.key_stride_h = append_key.stride(0), append_key.stride(1)
+    p.value_stride_n, p.value_stride_h = append_value.stride(0), append_value.stride(1)
+    p.k_cache, p.v_cache = k_cache.data_ptr(), v_cache.data_ptr()
+    p.stride_page = k_cache.stride(0)
+    p.stride_n, p.stride_h = (k_cache.stride(1), k_cache.stride(2)) if nhd else (k_cache.stride(2), k_cache.stride(1))
+    p.batch_indices, p.positions = batch_indices.data_ptr(), positions.data_ptr()
+    p.kv_indices, p.kv_indptr = kv_indices.data_ptr(), kv_indptr.data_ptr()
+    p.nnz = append_key.shape[0]
+    p.num_kv_heads = append_key.shape[1]
+    p.page_size = k_cache.shape[1] if nhd else k_cache.shape[2]
+    p.num_pages = k_cache.shape[0]
+    p.batch = kv_indptr.numel() - 1
+    with device_guard(append_key.device):
+        code = kernel.function("append", [ctypes.POINTER(AppendParams), ctypes.c_void_p])(
+            ctypes.byref(p), stream_of(append_key.device))
+    kernel.check(code, "append_paged_kv_cache")
+
+
+_append_op = define(
+    "append_paged(Tensor key, Tensor value, Tensor batch_indices, Tensor positions, Tensor(a!) k_cache, "
+    "Tensor(b!) v_cache, Tensor kv_indices, Tensor kv_indptr, bool nhd) -> ()",
+    _append_cuda, lambda *args: None,
+)
+
+
+def _cache_pair(paged_kv_cache: Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(paged_kv_cache, torch.Tensor):
+        validate.cuda_tensor("paged_kv_cache", paged_kv_cache, ndim=5)
+        if paged_kv_cache.shape[1] != 2:
+            raise ValueError(f"paged_kv_cache: expected shape [num_pages, 2, ...] (K and V), got {tuple(paged_kv_cache.shape)}")
+        return paged_kv_cache[:, 0], paged_kv_cache[:, 1]
+    if isinstance(paged_kv_cache, (tuple, list)) and len(paged_kv_cache) == 2:
+        k = validate.cuda_tensor("paged_kv_cache[0] (k)", paged_kv_cache[0], ndim=4)
+        v = validate.tensor("paged_kv_cache[1] (v)", paged_kv_cache[1], dtypes=(k.dtype,), shape=tuple(k.shape), device=k.device)
+        if k.stride() != v.stride():
+            raise ValueError(f"paged_kv_cache: k and v must have equal strides, got {k.stride()} and {v.stride()}")
+        return k, v
+    raise TypeError(f"paged_kv_cache: expected a tensor or a (k, v) tuple, got {type(paged_kv_cache).__name__}")
+
+
+def append_paged_kv_cache(append_key: torch.Tensor, append_value: torch.Tensor, batch_indices: torch.Tensor,
+                          positions: torch.Tensor,
+                          paged_kv_cache: Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]],
+                          kv_indices: torch.Tensor, kv_indptr: torch.Tensor, kv_last_page_len: torch.Tensor,
+                          kv_layout: str = "NHD") -> None:
+    """Write append_key/append_value [nnz, Hkv, D] into the paged cache: token i goes to request
+    batch_indices[i] at KV position positions[i] (see get_batch_indices_positions). The page table
+    (kv_indices, kv_indptr, kv_last_page_len) must already cover the new positions."""
+    if kv_layout not in ("NHD", "HND"):
+        raise ValueError(f"kv_layout: expected 'NHD' or 'HND', got {kv_layout!r}")
+    nhd = kv_layout == "NHD"
+    k_cache, v_cache = _cache_pair(paged_kv_cache)
+    heads, head_dim = (k_cache.shape[2], k_cache.shape[3]) if nhd else (k_cache.shape[1], k_cache.shape[3])
+    page_size = k_cache.shape[1] if nhd else k_cache.shape[2]
+    validate.head_dim("paged_kv_cache head_dim", head_dim)
+    key = validate.cuda_tensor("append_key", append_key, dtypes=(k_cache.dtype,), shape=(None, heads, head_dim),
+                               device=k_cache.device)
+    validate.tensor("append_value", append_value, dtypes=(k_cache.dtype,), shape=tuple(key.shape), device=k_cache.device)
+    nnz = key.shape[0]
+    for name, t in (("append_key", append_key), ("append_value", append_value), ("paged_kv_cache (k)", k_cache),
+                    ("paged_kv_cache (v)", v_cache)):
+        validate.vector_rows(name, t)
+    index = {}
+    for name, t, n in (("batch_indices", batch_indices, nnz), ("positions", positions, nnz),
+                       ("kv_indices", kv_indices, None), ("kv_indptr", kv_indptr, None),
+                       ("kv_last_page_len", kv_last_page_len, None)):
+        validate.tensor(name, t, dtypes=(torch.int32,), shape=(n,))
+        index[name] = t
+    batch = kv_indptr.numel() - 1
+    if batch < 0 or kv_last_page_len.numel() != batch:
+        raise ValueError(f"kv_last_page_len: expected {max(batch, 0)} entries (len(kv_indptr) - 1), got {kv_last_page_len.numel()}")
+    if all(t.device.type == "cpu" for t in index.values()):
+        _check_append_on_host(batch_indices, positions, kv_indices, kv_indptr, page_size, k_cache.shape[0])
+    device_index = {name: t.to(k_cache.device, non_blocking=True).contiguous() for name, t in index.items()
+                    if name != "kv_last_page_len"}
+    if nnz == 0:
+        return
+    _append_op(key, append_value, device_index["batch_indices"], device_index["positions"], k_cache, v_cache,
+               device_index["kv_indices"], device_index["kv_indptr"], nhd)
+
+
+def _check_append_on_host(batch_indices: torch.Tensor, positions: torch.Tensor, kv_indices: torch.Tensor,
+                          kv_indptr: torch.Tensor, page_size: int, num_pages: int) -> None:
+    batch = kv_indptr.numel() - 1
+    if batch_indices.numel() == 0:
+        return
+    if int(batch_indices.min()) < 0 or int(batch_indices.max()) >= batch:
+        raise ValueError(f"batch_indices: expected values in [0, {batch}), got range "
+                         f"[{int(batch_indices.min())}, {int(batch_indices.max())}]")
+    b = batch_indices.long()
+    slots = kv_indptr.long()[b] + positions.long() // page_size
+    bad = (positions < 0) | (slots >= kv_indptr.long()[b + 1])
+    if bool(bad.any()):
+        i = int(torch.nonzero(bad)[0, 0])
+        raise ValueError(f"positions[{i}] = {int(positions[i])} lies outside request {int(batch_indices[i])}'s pages")
+    pages = kv_indices.long()[slots]
+    if int(pages.min()) < 0 or int(pages.max()) >= num_pages:
+        raise ValueError(f"kv_indices: page {int(pages.max())} is outside the cache ({num_pages} pages)")
+
+
+def get_batch_indices_positions(append_indptr: torch.Tensor, seq_lens: torch.Tensor,
+                                nnz: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For appending: request index and KV position of each of the `nnz` new tokens. append_indptr
+    [batch + 1] offsets the new tokens; seq_lens [batch] are the KV lengths after appending. Runs on
+    the tensors' device without synchronizing."""
+    validate.tensor("append_indptr", append_indptr, dtypes=(torch.int32,), ndim=1)
+    batch = append_indptr.numel() - 1
+    validate.tensor("seq_lens", seq_lens, dtypes=(torch.int32,), shape=(batch,), device=append_indptr.device)
+    device = append_indptr.device
+    append_lens = append_indptr[1:] - append_indptr[:-1]
+    batch_indices = torch.repeat_interleave(torch.arange(batch, dtype=torch.int32, device=device), append_lens,
+                                            output_size=nnz)
+    token = torch.arange(nnz, dtype=torch.int32, device=device)
+    positions = token - append_indptr[batch_indices] + (seq_lens - append_lens)[batch_indices]
+    return batch_indices.to(torch.int32), positions.to(torch.int32)
