@@ -14,9 +14,9 @@
 #include "flashinfer_jit/prefill_plan.h"
 
 // Tuning switches (experiments pass them through FLASHINFER_JIT_EXTRA_CUDAFLAGS, which is part of
-// the cache key): K/V pipeline depth and skipping the O rescale when no row maximum moved.
+// the cache key): K/V pipeline depth (0: by shape) and skipping the O rescale when no row maximum moved.
 #ifndef FIJ_KV_STAGES
-#define FIJ_KV_STAGES 2
+#define FIJ_KV_STAGES 0
 #endif
 #ifndef FIJ_LAZY_RESCALE  // 1 on, 0 off, -1: on for head_dim >= 128 (at 64 the vote costs more than it saves)
 #define FIJ_LAZY_RESCALE -1
@@ -66,9 +66,12 @@ struct PrefillShape {
   static constexpr int kNtO = HEAD_DIM / 8;      // n8 tiles of O
   static constexpr int kKsQK = HEAD_DIM / 16;    // k16 steps of Q K^T
   static constexpr int kKsPV = KV_TILE / 16;     // k16 steps of P V
-  // Q, then kStages stages of (K, V). Two stages: tile j+1 streams in during all of tile j, one
-  // barrier a tile. One stage: V_j streams in during Q K_j^T and K_j+1 during P V_j.
-  static constexpr int kStages = FIJ_KV_STAGES;
+  // Q, then kStages stages of (K, V): tiles j+1 .. j+kStages-1 stream in while tile j is computed,
+  // one barrier a tile. Three stages where two CTAs per SM still fit (the small-q / decode tiles:
+  // more bytes in flight), else two.
+  static constexpr int kStages =
+      FIJ_KV_STAGES > 0 ? FIJ_KV_STAGES : ((CTA_Q == 64 && HEAD_DIM <= 128) ? 3 : 2);
+  static_assert(kStages >= 2, "the pipeline needs at least two K/V stages");
   template <typename T>
   static constexpr int smem_bytes() { return (CTA_Q + 2 * kStages * KV_TILE) * HEAD_DIM * int(sizeof(T)); }
   static_assert(kWarps >= 1 && kWarps * 16 * kMmaQ == CTA_Q, "bad CTA_Q");
@@ -221,9 +224,15 @@ __global__ void __launch_bounds__(PrefillShape<HEAD_DIM, CTA_Q, KV_TILE>::kThrea
   };
   const uint32_t sK_addr = smem_addr(sK), sV_addr = smem_addr(sV);
   constexpr uint32_t kStageBytes = KV_TILE * HEAD_DIM * int(sizeof(T));
-  load_k(sK_addr, kv_lo);
-  if (S::kStages == 2) load_v(sV_addr, kv_lo);
-  cp_async_commit();
+  // Prologue: tiles 0 .. kStages-2, one commit group each (the first also holds Q).
+#pragma unroll
+  for (int t = 0; t < S::kStages - 1; ++t) {
+    if (kv_lo + t * KV_TILE < kv_hi) {
+      load_k(sK_addr + t * kStageBytes, kv_lo + t * KV_TILE);
+      load_v(sV_addr + t * kStageBytes, kv_lo + t * KV_TILE);
+    }
+    cp_async_commit();
+  }
 
   float o_acc[MQ][S::kNtO][4];
   float row_max[MQ][2], row_sum[MQ][2];
@@ -248,22 +257,19 @@ __global__ void __launch_bounds__(PrefillShape<HEAD_DIM, CTA_Q, KV_TILE>::kThrea
   const uint32_t v_frag = smem_addr(sV) + (lane % 16) * kRowBytes + (((lane / 16) ^ swz) << 4);
 
   int stage = 0;
-  for (int pos0 = kv_lo; pos0 < kv_hi; pos0 += KV_TILE, stage ^= (S::kStages - 1)) {
-    if (S::kStages == 1) {
-      load_v(sV_addr, pos0);
-      cp_async_commit();
-      cp_async_wait<1>();
-      __syncthreads();
-    } else {
-    // One barrier per tile: it publishes this tile's K/V and tells every thread that all warps are
-    // done with the other stage, which then receives the next tile while this one is computed.
-    cp_async_wait<0>();
+  for (int pos0 = kv_lo; pos0 < kv_hi; pos0 += KV_TILE, stage = stage + 1 == S::kStages ? 0 : stage + 1) {
+    // One barrier per tile: after it, tile j (commit group j) is visible to every thread, and every
+    // warp is done with tile j-1, whose stage now receives tile j + kStages - 1.
+    cp_async_wait<S::kStages - 2>();
     __syncthreads();
-    if (pos0 + KV_TILE < kv_hi) {
-      load_k(sK_addr + (stage ^ 1) * kStageBytes, pos0 + KV_TILE);
-      load_v(sV_addr + (stage ^ 1) * kStageBytes, pos0 + KV_TILE);
-      cp_async_commit();
-    }
+    {
+      const int next = pos0 + (S::kStages - 1) * KV_TILE;
+      const int next_stage = stage == 0 ? S::kStages - 1 : stage - 1;
+      if (next < kv_hi) {
+        load_k(sK_addr + next_stage * kStageBytes, next);
+        load_v(sV_addr + next_stage * kStageBytes, next);
+      }
+      cp_async_commit();  // possibly empty: keeps one group per tile for the wait count above
     }
     const uint32_t stage_bytes = stage * kStage * int(sizeof(T));
 
@@ -344,18 +350,6 @@ __global__ void __launch_bounds__(PrefillShape<HEAD_DIM, CTA_Q, KV_TILE>::kThrea
         }
       }
 
-    if (S::kStages == 1) {
-      // Every warp is done reading K: the next K tile streams in during P V.
-      __syncthreads();
-      if (pos0 + KV_TILE < kv_hi) {
-        load_k(sK_addr, pos0 + KV_TILE);
-        cp_async_commit();
-        cp_async_wait<1>();
-      } else {
-        cp_async_wait<0>();
-      }
-      __syncthreads();
-    }
 
 #pragma unroll
     for (int ks = 0; ks < S::kKsPV; ++ks) {
@@ -378,7 +372,6 @@ __global__ void __launch_bounds__(PrefillShape<HEAD_DIM, CTA_Q, KV_TILE>::kThrea
         }
       }
     }
-    if (S::kStages == 1) __syncthreads();  // V is overwritten by the next iteration's load
   }
   cp_async_wait<0>();  // an empty KV range still issued the Q/K/V group
 
