@@ -27,6 +27,7 @@ def _kernel(v: torch.Tensor) -> loader.LoadedKernel:
 
 def _merge_two_cuda(v_a: torch.Tensor, s_a: torch.Tensor, v_b: torch.Tensor, s_b: torch.Tensor,
                     v_out: torch.Tensor, s_out: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
+    validate.aligned_pointers("merge_state", v_a, v_b, v_out)
     kernel = _kernel(v_a)
     fn = kernel.function("merge_two", _MERGE_TWO_ARGS)
     with device_guard(v_a.device):
@@ -38,6 +39,7 @@ def _merge_two_cuda(v_a: torch.Tensor, s_a: torch.Tensor, v_b: torch.Tensor, s_b
 
 
 def _merge_many_cuda(v: torch.Tensor, s: torch.Tensor, v_out: torch.Tensor, s_out: torch.Tensor) -> None:
+    validate.aligned_pointers("merge_states", v, v_out)
     kernel = _kernel(v)
     fn = kernel.function("merge_many", _MERGE_MANY_ARGS)
     with device_guard(v.device):

@@ -35,6 +35,7 @@ class AppendParams(ctypes.Structure):
 def _append_cuda(append_key: torch.Tensor, append_value: torch.Tensor, batch_indices: torch.Tensor,
                  positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_indices: torch.Tensor,
                  kv_indptr: torch.Tensor, nhd: bool) -> None:
+    validate.aligned_pointers("append_paged_kv_cache", append_key, append_value, k_cache, v_cache)
     kernel = loader.load(AppendPagedSpec(head_dim=append_key.shape[-1], dtype=dtype_name(append_key.dtype)))
     p = AppendParams()
     p.key, p.value = append_key.data_ptr(), append_value.data_ptr()

@@ -96,6 +96,7 @@ def _attention_run_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: to
     if owner is None or owner._state is None:
         raise RuntimeError(f"attention plan {plan_id} no longer exists; call plan() again")
     state = owner._state
+    validate.aligned_pointers("attention run", q, k, v, o)
     p = state.params
     p.q, p.o = q.data_ptr(), o.data_ptr()
     p.lse = lse.data_ptr() if lse is not None else None

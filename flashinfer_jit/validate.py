@@ -64,8 +64,8 @@ def vector_rows(name: str, t: torch.Tensor) -> None:
     if t.stride(-1) != 1:
         _fail(name, "a contiguous last dimension (stride(-1) == 1); call .contiguous()", t)
     elem = t.element_size()
-    # Under torch.compile tracing there is no data pointer; the op re-checks nothing, so eager runs
-    # of the same shapes have already validated the strides.
+    # Under torch.compile tracing there is no data pointer: the op implementations re-check the
+    # pointers at run time (aligned_pointers).
     pointer_misaligned = not torch.compiler.is_compiling() and t.data_ptr() % 16 != 0
     if pointer_misaligned or any((s * elem) % 16 for s in t.stride()[:-1]):
         _fail(name, f"16-byte aligned rows (data_ptr and strides multiples of {16 // elem} elements)", t)
@@ -77,3 +77,14 @@ def same_device(pairs: Sequence[tuple[str, torch.Tensor]]) -> torch.device:
         if t.device != device:
             raise ValueError(f"{name}: expected a tensor on {device} (like {pairs[0][0]}), got {describe(t)}")
     return device
+
+
+def aligned_pointers(op: str, *tensors: "torch.Tensor | None") -> None:
+    """Run-time guard inside the ops (also reached from torch.compile'd code): 16-byte aligned data."""
+    bits = 0
+    for t in tensors:
+        if t is not None:
+            bits |= t.data_ptr()
+    if bits % 16:
+        bad = [describe(t) for t in tensors if t is not None and t.data_ptr() % 16]
+        raise ValueError(f"{op}: tensors must start at 16-byte aligned addresses; misaligned: {', '.join(bad)}")
