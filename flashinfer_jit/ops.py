@@ -22,13 +22,30 @@ I32 = ctypes.c_int
 F32 = ctypes.c_float
 
 
-def define(schema: str, cuda_impl: Callable[..., Any], fake_impl: Callable[..., Any]) -> Any:
+class Op:
+    """A registered op. Under torch.compile tracing calls go through the dispatcher (the op is opaque
+    to the compiler, its fake implementation gives the metadata); in eager mode, CUDA graph capture
+    included, they call the same implementation directly, saving the dispatcher's Python round trip
+    on the launch path."""
+
+    __slots__ = ("op", "impl")
+
+    def __init__(self, op: Any, impl: Callable[..., Any]):
+        self.op, self.impl = op, impl
+
+    def __call__(self, *args: Any) -> Any:
+        if torch.compiler.is_compiling():
+            return self.op(*args)
+        return self.impl(*args)
+
+
+def define(schema: str, cuda_impl: Callable[..., Any], fake_impl: Callable[..., Any]) -> Op:
     """Define `flashinfer_jit::<schema>` with a CUDA kernel and a fake (meta) implementation."""
     name = schema.split("(", 1)[0]
     _library.define(schema)
     _library.impl(name, cuda_impl, "CUDA")
     torch.library.register_fake(f"{NAMESPACE}::{name}", fake_impl, lib=_library)
-    return getattr(getattr(torch.ops, NAMESPACE), name)
+    return Op(getattr(getattr(torch.ops, NAMESPACE), name), cuda_impl)
 
 
 def ptr(t: torch.Tensor | None) -> int | None:
@@ -36,7 +53,18 @@ def ptr(t: torch.Tensor | None) -> int | None:
 
 
 def stream_of(device: torch.device) -> int:
-    return torch.cuda.current_stream(device).cuda_stream
+    """The raw current stream of `device` (what a capture records into)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _raw_stream(index)
+
+
+def _current_stream_handle(index: int) -> int:
+    return torch.cuda.current_stream(index).cuda_stream
+
+
+# torch's raw-stream getter skips building a Stream object (a few µs per launch); fall back to the
+# public API where it does not exist.
+_raw_stream: Callable[[int], int] = getattr(torch._C, "_cuda_getCurrentRawStream", _current_stream_handle)
 
 
 class device_guard:

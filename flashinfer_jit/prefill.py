@@ -540,7 +540,7 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchAttention):
         if isinstance(cache, torch.Tensor):
             validate.cuda_tensor("paged_kv_cache", cache, dtypes=(s.dtype,), shape=(None, 2, *page_shape),
                                  device=self._device)
-            k, v = cache[:, 0], cache[:, 1]
+            k = v = cache  # one 5-D tensor: _set_kv offsets V by stride(1), no slicing per run
         elif isinstance(cache, (tuple, list)) and len(cache) == 2:
             k = validate.cuda_tensor("paged_kv_cache[0] (k)", cache[0], dtypes=(s.dtype,), shape=(None, *page_shape),
                                      device=self._device)
@@ -550,20 +550,24 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchAttention):
                 raise ValueError(f"paged_kv_cache: k and v must have equal strides, got {k.stride()} and {v.stride()}")
         else:
             raise TypeError(f"paged_kv_cache: expected a tensor or a (k, v) tuple, got {type(cache).__name__}")
-        for name, t in (("paged_kv_cache (k)", k), ("paged_kv_cache (v)", v)):
-            validate.vector_rows(name, t)
+        validate.vector_rows("paged_kv_cache", k)
+        if v is not k:
+            validate.vector_rows("paged_kv_cache (v)", v)
         if s.max_page_index >= k.shape[0]:
             raise ValueError(f"paged_kv_indices: page index {s.max_page_index} is outside the cache "
                              f"({k.shape[0]} pages)")
         return k, v
 
     def _set_kv(self, p: PrefillParams, k: torch.Tensor, v: torch.Tensor) -> None:
-        p.k, p.v = k.data_ptr(), v.data_ptr()
-        p.stride_page = k.stride(0)
-        if self._kv_layout == "NHD":
-            p.k_stride_n, p.k_stride_h = k.stride(1), k.stride(2)
+        # k/v: [pages, (tokens, heads | heads, tokens), D] each, or both the 5-D cache [pages, 2, ...].
+        token_dim, head_dim = (1, 2) if self._kv_layout == "NHD" else (2, 1)
+        p.k, p.stride_page = k.data_ptr(), k.stride(0)
+        if k.dim() == 5:
+            p.v = p.k + k.stride(1) * k.element_size()
+            token_dim, head_dim = token_dim + 1, head_dim + 1
         else:
-            p.k_stride_n, p.k_stride_h = k.stride(2), k.stride(1)
+            p.v = v.data_ptr()
+        p.k_stride_n, p.k_stride_h = k.stride(token_dim), k.stride(head_dim)
         p.v_stride_n, p.v_stride_h = p.k_stride_n, p.k_stride_h
 
 

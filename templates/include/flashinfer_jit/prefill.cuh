@@ -115,16 +115,20 @@ struct KVTileLoader {
   }
 };
 
-// Paged K/V: the same copy pattern, with each row's address looked up through the page table.
+// Paged K/V: the same copy pattern, each row's address looked up through the page table. The
+// page-table reads for the next tile are issued one tile ahead (fetch), so their latency hides
+// behind a tile of compute instead of stalling the copy issue.
 template <typename T, int HEAD_DIM, int ROWS, int THREADS>
 struct PagedKVTileLoader {
   static constexpr int kChunks = HEAD_DIM / 8;
   static constexpr int R = THREADS / kChunks;
+  static constexpr int kIters = ROWS / R;
   static_assert((ROWS * kChunks) % THREADS == 0 && THREADS % kChunks == 0 && ROWS % R == 0, "uneven tile split");
   const int32_t* pages;  // this request's page indices
   int64_t head_chunk;    // head * stride_h + chunk * 8
   uint32_t smem_off;
   int r0;
+  int next_page[kIters];  // pages of this thread's rows of the tile that load_kv copies next
 
   __device__ __forceinline__ PagedKVTileLoader(const int32_t* request_pages, int head, int64_t stride_h) {
     const int chunk = threadIdx.x % kChunks;
@@ -134,25 +138,33 @@ struct PagedKVTileLoader {
     smem_off = uint32_t((r0 * HEAD_DIM + ((chunk ^ (r0 & 7)) << 3)) * int(sizeof(T)));
   }
 
-  // Load rows [pos0, pos0 + ROWS) of the request; rows with index >= `remaining` are zero-filled.
-  __device__ __forceinline__ void load(uint32_t smem_tile, const T* base, int pos0, int remaining,
-                                       const PrefillParams& p) {
-    int64_t offset[ROWS / R];
+  __device__ __forceinline__ static uint32_t page_slot(uint32_t pos, const PrefillParams& p) {
+    return (__umulhi(pos, p.page_div_mul) + pos) >> p.page_div_shift;
+  }
+
+  // Read the page table for rows [pos0, pos0 + ROWS) (those below `remaining`).
+  __device__ __forceinline__ void fetch(int pos0, int remaining, const PrefillParams& p) {
 #pragma unroll
-    for (int it = 0; it < ROWS / R; ++it) {  // all page-table reads first: one latency per tile
+    for (int it = 0; it < kIters; ++it) {
       const int row = r0 + it * R;
-      offset[it] = 0;
-      if (row < remaining) {
-        const uint32_t pos = uint32_t(pos0 + row);
-        const uint32_t page_slot = (__umulhi(pos, p.page_div_mul) + pos) >> p.page_div_shift;
-        const int in_page = int(pos - page_slot * uint32_t(p.page_size));
-        offset[it] = int64_t(pages[page_slot]) * p.stride_page + int64_t(in_page) * p.k_stride_n + head_chunk;
-      }
+      next_page[it] = row < remaining ? pages[page_slot(uint32_t(pos0 + row), p)] : 0;
     }
+  }
+
+  // Copy K and V rows [pos0, pos0 + ROWS) (fetched before); rows >= `remaining` are zero-filled.
+  __device__ __forceinline__ void load_kv(uint32_t k_tile, uint32_t v_tile, const T* k_base, const T* v_base,
+                                          int pos0, int remaining, const PrefillParams& p) {
 #pragma unroll
-    for (int it = 0; it < ROWS / R; ++it) {
-      const uint32_t dst = (smem_tile + smem_off + it * R * HEAD_DIM * int(sizeof(T))) ^ (((it * R) & 7) << 4);
-      cp_async_16(dst, base + offset[it], r0 + it * R < remaining);
+    for (int it = 0; it < kIters; ++it) {
+      const int row = r0 + it * R;
+      const bool valid = row < remaining;
+      const uint32_t pos = uint32_t(pos0 + row);
+      const int in_page = int(pos - page_slot(pos, p) * uint32_t(p.page_size));
+      const int64_t offset =
+          valid ? int64_t(next_page[it]) * p.stride_page + int64_t(in_page) * p.k_stride_n + head_chunk : 0;
+      const uint32_t dst = (smem_off + it * R * HEAD_DIM * int(sizeof(T))) ^ (((it * R) & 7) << 4);
+      cp_async_16(k_tile + dst, k_base + offset, valid);
+      cp_async_16(v_tile + dst, v_base + offset, valid);
     }
   }
 };
@@ -207,30 +219,30 @@ __global__ void __launch_bounds__(PrefillShape<HEAD_DIM, CTA_Q, KV_TILE>::kThrea
   if (CAUSAL) kv_hi = min(kv_hi, max(0, last_token + causal_offset + 1));
   const int kv_lo = item.kv_begin;
 
-  // K/V tile loads: load_k / load_v(smem, first row, rows available) — ragged rows are contiguous
-  // per KV head (pointer stepping), paged rows go through the page table.
+  // K/V tile loads: load_tile(stage, first row) — ragged rows are contiguous per KV head (pointer
+  // stepping), paged rows go through the page table (read one tile ahead).
   using Ragged = KVTileLoader<T, HEAD_DIM, KV_TILE, S::kThreads>;
   using Paged = PagedKVTileLoader<T, HEAD_DIM, KV_TILE, S::kThreads>;
   Ragged k_loader(k_base, PAGED ? 0 : kv_start + kv_lo, hk, p.k_stride_n, p.k_stride_h);
   Ragged v_loader(v_base, PAGED ? 0 : kv_start + kv_lo, hk, p.v_stride_n, p.v_stride_h);
   Paged paged(PAGED ? p.page_indices + p.page_indptr[item.request] : nullptr, hk, p.k_stride_h);
-  auto load_k = [&](uint32_t smem, int pos0) {
-    if constexpr (PAGED) paged.load(smem, k_base, pos0, kv_hi - pos0, p);
-    else k_loader.load(smem, kv_hi - pos0, k_base);
-  };
-  auto load_v = [&](uint32_t smem, int pos0) {
-    if constexpr (PAGED) paged.load(smem, v_base, pos0, kv_hi - pos0, p);
-    else v_loader.load(smem, kv_hi - pos0, v_base);
-  };
   const uint32_t sK_addr = smem_addr(sK), sV_addr = smem_addr(sV);
   constexpr uint32_t kStageBytes = KV_TILE * HEAD_DIM * int(sizeof(T));
+  auto load_tile = [&](int stage_index, int pos0) {
+    if constexpr (PAGED) {
+      paged.load_kv(sK_addr + stage_index * kStageBytes, sV_addr + stage_index * kStageBytes, k_base, v_base, pos0,
+                    kv_hi - pos0, p);
+      paged.fetch(pos0 + KV_TILE, kv_hi - pos0 - KV_TILE, p);
+    } else {
+      k_loader.load(sK_addr + stage_index * kStageBytes, kv_hi - pos0, k_base);
+      v_loader.load(sV_addr + stage_index * kStageBytes, kv_hi - pos0, v_base);
+    }
+  };
+  if constexpr (PAGED) paged.fetch(kv_lo, kv_hi - kv_lo, p);
   // Prologue: tiles 0 .. kStages-2, one commit group each (the first also holds Q).
 #pragma unroll
   for (int t = 0; t < S::kStages - 1; ++t) {
-    if (kv_lo + t * KV_TILE < kv_hi) {
-      load_k(sK_addr + t * kStageBytes, kv_lo + t * KV_TILE);
-      load_v(sV_addr + t * kStageBytes, kv_lo + t * KV_TILE);
-    }
+    if (kv_lo + t * KV_TILE < kv_hi) load_tile(t, kv_lo + t * KV_TILE);
     cp_async_commit();
   }
 
@@ -265,10 +277,7 @@ __global__ void __launch_bounds__(PrefillShape<HEAD_DIM, CTA_Q, KV_TILE>::kThrea
     {
       const int next = pos0 + (S::kStages - 1) * KV_TILE;
       const int next_stage = stage == 0 ? S::kStages - 1 : stage - 1;
-      if (next < kv_hi) {
-        load_k(sK_addr + next_stage * kStageBytes, next);
-        load_v(sV_addr + next_stage * kStageBytes, next);
-      }
+      if (next < kv_hi) load_tile(next_stage, next);
       cp_async_commit();  // possibly empty: keeps one group per tile for the wait count above
     }
     const uint32_t stage_bytes = stage * kStage * int(sizeof(T));
@@ -422,18 +431,22 @@ __global__ void __launch_bounds__(128) prefill_merge_kernel(const __grid_constan
   const int rows = min(p.cta_q, q_len * p.group - e.row_begin);
   const int lane = threadIdx.x % kSlice;
   for (int r = threadIdx.x / kSlice; r < rows; r += kRowsPerPass) {
+    // Loads of different chunks are independent (unrolled) so their latencies overlap; an empty
+    // chunk has LSE -inf and O = 0, so it adds nothing.
+    const float* lse_row = p.partial_lse + int64_t(e.partial_base + r) * p.num_kv_heads + hk;
+    const int64_t lse_step = int64_t(p.cta_q) * p.num_kv_heads;
     float m = neg_inf();
-    for (int c = 0; c < e.num_chunks; ++c)
-      m = fmaxf(m, p.partial_lse[int64_t(e.partial_base + c * p.cta_q + r) * p.num_kv_heads + hk]);
+#pragma unroll 8
+    for (int c = 0; c < e.num_chunks; ++c) m = fmaxf(m, lse_row[c * lse_step]);
     float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
     float lse = neg_inf();
     if (m != neg_inf()) {
       float denom = 0.f;
+      const float* o_row = p.partial_o + (int64_t(e.partial_base + r) * p.num_kv_heads + hk) * HEAD_DIM + lane * 8;
+#pragma unroll 8
       for (int c = 0; c < e.num_chunks; ++c) {
-        const int64_t prow = int64_t(e.partial_base + c * p.cta_q + r) * p.num_kv_heads + hk;
-        const float w = exp2f(p.partial_lse[prow] - m);
-        if (w == 0.f) continue;
-        const float4* src = reinterpret_cast<const float4*>(p.partial_o + prow * HEAD_DIM + lane * 8);
+        const float w = exp2f(lse_row[c * lse_step] - m);
+        const float4* src = reinterpret_cast<const float4*>(o_row + c * lse_step * HEAD_DIM);
         const float4 x0 = src[0], x1 = src[1];
         denom += w;
         acc[0] += w * x0.x; acc[1] += w * x0.y; acc[2] += w * x0.z; acc[3] += w * x0.w;
