@@ -2,18 +2,26 @@
 
 Layout of a cache root (one per layer):
 
-    <root>/<arch>/<uri>-<key[:16]>/   one entry: <uri>*.so, manifest.json, src/, build.log
+    <root>/<arch>/<uri>-<key[:16]>/   one entry: <uri>*.so, manifest.json, src/, build.log, last_used
     <root>/locks/<uri>-<key[:16]>.lock  flock per entry (released by the OS when its holder dies)
     <root>/tmp/                       private build dirs; an entry is published by one rename
     <root>/quarantine/                entries that failed verification, kept for inspection
 
 An entry directory appears only by `rename` of a complete build dir, so a reader sees a whole entry
 or none. Entries are never modified in place: a process that mapped a .so keeps a valid file even
-while another process quarantines or replaces that entry.
+while another process quarantines, removes or replaces that entry (removal renames the entry out of
+the way first, then unlinks; nothing is ever truncated or rewritten). The one file that changes is
+`last_used`, an empty file whose mtime a load refreshes (at most once per process per entry, and
+never in a read-only layer); `cache prune` evicts by it.
+
+Inspection and housekeeping (`flashinfer-jit cache ...`) live here too: `entry_report`, `verify_all`,
+`select_for_clear`, `select_for_prune`, `remove`. They know nothing about CUDA either.
 """
 from __future__ import annotations
 
+import datetime
 import errno
+import fnmatch
 import hashlib
 import json
 import logging
@@ -21,10 +29,11 @@ import os
 import shutil
 import stat
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import filelock
 
@@ -34,8 +43,13 @@ from .errors import BuildLockTimeout, CacheSecurityError
 logger = logging.getLogger("flashinfer_jit")
 
 MANIFEST = "manifest.json"
+LAST_USED = "last_used"
 SCHEMA = 1
 _INTERMEDIATES = (".o", ".ninja_deps", ".ninja_log", "lock")
+_SPECIAL_DIRS = ("locks", "tmp", "quarantine")
+# A build dir under tmp/ is left over (its builder died or failed) once it is older than this and
+# its entry lock is free.
+STALE_TMP_SECONDS = 3600.0
 
 
 def sha256_file(path: Path) -> str:
@@ -58,6 +72,68 @@ class Entry:
     @property
     def library(self) -> Path:
         return self.path / self.manifest["library"]
+
+    @property
+    def uri(self) -> str:
+        return str(self.manifest.get("uri", self.path.name))
+
+    @property
+    def arch(self) -> str:
+        return self.path.parent.name
+
+    @property
+    def created(self) -> float:
+        """Build time (epoch seconds) from the manifest, else the directory's mtime."""
+        text = self.manifest.get("created")
+        if isinstance(text, str):
+            try:
+                return datetime.datetime.fromisoformat(text).timestamp()
+            except ValueError:
+                pass
+        return _mtime(self.path) or 0.0
+
+    @property
+    def last_used(self) -> float | None:
+        """When a process last loaded it (mtime of `last_used`); None if never recorded."""
+        return _mtime(self.path / LAST_USED)
+
+    @property
+    def last_activity(self) -> float:
+        """The later of build and last load: the age `cache clear --older-than` and `prune` go by."""
+        used = self.last_used
+        return max(self.created, used) if used is not None else self.created
+
+
+def _mtime(path: Path) -> float | None:
+    try:
+        return os.stat(path).st_mtime
+    except OSError:
+        return None
+
+
+def tree_bytes(path: Path) -> int:
+    """Bytes of every regular file under `path` (symlinks not followed)."""
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                total += st.st_size
+    return total
+
+
+def _newest_mtime(path: Path) -> float:
+    newest = _mtime(path) or 0.0
+    for dirpath, dirs, files in os.walk(path):
+        for name in dirs + files:
+            try:
+                newest = max(newest, os.lstat(os.path.join(dirpath, name)).st_mtime)
+            except OSError:
+                continue
+    return newest
 
 
 def _make_private_dir(path: Path) -> None:
@@ -86,27 +162,34 @@ def _make_private_tree(root: Path) -> None:
             os.chmod(path, stat.S_IMODE(st.st_mode) & ~(stat.S_IWGRP | stat.S_IWOTH))
 
 
-def check_private(path: Path, trusted: bool = False) -> None:
+def check_private(path: Path, trusted: bool = False, is_root: bool = False) -> None:
     """Refuse a path that another user could have written: loading a .so runs its code.
 
     The path must not be a symlink, must be owned by us or root, and must not be writable by
-    group/others (unless it lies under a root listed in FLASHINFER_JIT_TRUSTED_ROOTS).
+    group/others. Under a root listed in FLASHINFER_JIT_TRUSTED_ROOTS (a deliberately shared team
+    cache) owner and mode are not checked, and the root itself may be a symlink; a symlink inside a
+    cache is always refused (the cache never creates one).
     """
     st = os.lstat(path)
-    if stat.S_ISLNK(st.st_mode):
+    if stat.S_ISLNK(st.st_mode) and not (trusted and is_root):
         raise CacheSecurityError(
-            f"refusing cache path {path}: it is a symbolic link. Point FLASHINFER_JIT_CACHE_DIR at the real "
-            f"directory instead.",
+            f"refusing cache path {path}: it is a symbolic link, which whoever controls its target could "
+            f"redirect. Point FLASHINFER_JIT_CACHE_DIR (or FLASHINFER_JIT_PREBUILT_DIRS) at the real directory "
+            f"({os.path.realpath(path)}), or list the root in FLASHINFER_JIT_TRUSTED_ROOTS if it is meant to be "
+            f"shared.",
             path,
         )
+    if trusted:
+        return
     if st.st_uid not in (os.getuid(), 0):
         raise CacheSecurityError(
-            f"refusing cache path {path}: owned by uid {st.st_uid}, not by you (uid {os.getuid()}) or root. "
-            f"Use a cache directory you own (FLASHINFER_JIT_CACHE_DIR), or list a deliberately shared one in "
-            f"FLASHINFER_JIT_TRUSTED_ROOTS.",
+            f"refusing cache path {path}: owned by uid {st.st_uid}, not by you (uid {os.getuid()}) or root, "
+            f"so its owner could replace the kernels in it. Fix it with `chown -R {os.getuid()} {path}` (as "
+            f"root), use a cache directory you own (FLASHINFER_JIT_CACHE_DIR), or list a deliberately shared "
+            f"root in FLASHINFER_JIT_TRUSTED_ROOTS.",
             path,
         )
-    if not trusted and st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         raise CacheSecurityError(
             f"refusing cache path {path}: mode {stat.filemode(st.st_mode)} lets other users write it. "
             f"Fix it with `chmod go-w {path}`, or list the root in FLASHINFER_JIT_TRUSTED_ROOTS if it is "
@@ -156,6 +239,16 @@ class CacheLayer:
                     return Entry(candidate, manifest)
         return None
 
+    def candidates(self, arch_tag: str, uri: str) -> Iterator[Entry]:
+        """Every entry of `uri` for `arch_tag`, whatever its key (to explain a mismatch)."""
+        arch_dir = self.root / arch_tag
+        if not arch_dir.is_dir():
+            return
+        for candidate in sorted(arch_dir.glob(f"{uri}-*")):
+            manifest = self._read_manifest(candidate)
+            if manifest is not None and manifest.get("uri", uri) == uri:
+                yield Entry(candidate, manifest)
+
     def verify(self, entry: Entry) -> str | None:
         """None if the entry's .so matches its manifest (size and sha256), else what is wrong."""
         library = entry.library
@@ -174,21 +267,49 @@ class CacheLayer:
         """Every path from the root down to the .so must be private to us (or root)."""
         trusted = self.trusted
         path = self.root
-        check_private(path, trusted)
+        check_private(path, trusted, is_root=True)
         for part in entry.library.relative_to(self.root).parts:
             path = path / part
             check_private(path, trusted)
 
-    def entries(self) -> Iterator[Entry]:
+    def entry_dirs(self) -> Iterator[Path]:
+        """Every directory in an entry's place, complete or not (verify reports the incomplete ones)."""
         if not self.root.is_dir():
             return
         for arch_dir in sorted(self.root.iterdir()):
-            if arch_dir.name in ("locks", "tmp", "quarantine") or not arch_dir.is_dir():
+            if arch_dir.name in _SPECIAL_DIRS or not arch_dir.is_dir() or arch_dir.is_symlink():
                 continue
             for directory in sorted(arch_dir.iterdir()):
-                manifest = self._read_manifest(directory)
-                if manifest is not None:
-                    yield Entry(directory, manifest)
+                if directory.is_dir() and not directory.is_symlink():
+                    yield directory
+
+    def entries(self) -> Iterator[Entry]:
+        for directory in self.entry_dirs():
+            manifest = self._read_manifest(directory)
+            if manifest is not None:
+                yield Entry(directory, manifest)
+
+    def quarantined(self) -> list[Path]:
+        directory = self.root / "quarantine"
+        return sorted(p for p in directory.iterdir() if p.is_dir()) if directory.is_dir() else []
+
+    def tmp_dirs(self) -> list[Path]:
+        directory = self.root / "tmp"
+        return sorted(p for p in directory.iterdir() if p.is_dir()) if directory.is_dir() else []
+
+    def stale_tmp_dirs(self, max_age: float = STALE_TMP_SECONDS, now: float | None = None) -> list[Path]:
+        """Build dirs under tmp/ untouched for `max_age` seconds whose entry lock is free: left by a
+        builder that died or failed (a live builder holds the lock)."""
+        now = time.time() if now is None else now
+        stale = []
+        for directory in self.tmp_dirs():
+            if now - _newest_mtime(directory) < max_age:
+                continue
+            name = directory.name.split(".", 1)[0]
+            if self.writable and not _lock_is_free(self.root / "locks" / f"{name}.lock"):
+                continue
+            stale.append(directory)
+        return stale
 
     # ---- writing (writable layer only) -----------------------------------------------------
     def _require_writable(self) -> None:
@@ -198,7 +319,7 @@ class CacheLayer:
     def ensure_root(self) -> None:
         self._require_writable()
         _make_private_dir(self.root)
-        check_private(self.root, self.trusted)
+        check_private(self.root, self.trusted, is_root=True)
 
     def lock(self, name: str) -> "BuildLock":
         self.ensure_root()
@@ -213,19 +334,21 @@ class CacheLayer:
     def publish(self, build_dir: Path, arch_tag: str, uri: str, key: str, manifest: dict[str, Any]) -> Entry:
         """Write the manifest into the finished build dir, drop intermediates, rename it into place."""
         self._require_writable()
-        for path in list(build_dir.iterdir()):
-            if path.is_file() and (path.suffix in _INTERMEDIATES or path.name in _INTERMEDIATES):
-                path.unlink()
-        tmp_manifest = build_dir / (MANIFEST + ".tmp")
-        tmp_manifest.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        os.replace(tmp_manifest, build_dir / MANIFEST)
-        _make_private_tree(build_dir)
         final = self.entry_dir(arch_tag, uri, key)
-        _make_private_dir(final.parent)
         try:
+            for path in list(build_dir.iterdir()):
+                if path.is_file() and (path.suffix in _INTERMEDIATES or path.name in _INTERMEDIATES):
+                    path.unlink()
+            tmp_manifest = build_dir / (MANIFEST + ".tmp")
+            tmp_manifest.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+            os.replace(tmp_manifest, build_dir / MANIFEST)
+            _make_private_tree(build_dir)
+            _make_private_dir(final.parent)
             os.rename(build_dir, final)
         except OSError as exc:
             if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                # Disk full, quota, read-only: nothing was published; drop the half-written build dir.
+                shutil.rmtree(build_dir, ignore_errors=True)
                 raise
             # Another builder published first (only possible without working locks): keep theirs.
             shutil.rmtree(build_dir, ignore_errors=True)
@@ -240,10 +363,52 @@ class CacheLayer:
         self._require_writable()
         _make_private_dir(self.root / "quarantine")
         target = self.root / "quarantine" / f"{entry.path.name}.{int(time.time())}.{os.getpid()}"
-        os.rename(entry.path, target)
-        (target / "QUARANTINED").write_text(reason + "\n")
+        os.rename(entry.path, target)  # FileNotFoundError: someone else moved it first
+        try:
+            (target / "QUARANTINED").write_text(reason + "\n")
+        except OSError:
+            pass
         logger.warning("quarantined cache entry %s: %s (moved to %s)", entry.path, reason, target)
         return target
+
+    def touch_last_used(self, entry: Entry) -> None:
+        """Record a load: refresh the mtime of `<entry>/last_used`, at most once per process per entry.
+
+        Writable layers only (a read-only layer is never written). Best effort: a failure (disk full,
+        a layer made read-only underneath us) is ignored. The .so and the manifest are never touched.
+        """
+        if not self.writable:
+            return
+        with _touched_guard:
+            if entry.path in _touched:
+                return
+            _touched.add(entry.path)
+        path = entry.path / LAST_USED
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+            os.close(fd)
+            os.utime(path)
+        except OSError as exc:
+            logger.debug("could not record the last use of %s: %s", entry.path, exc)
+
+    def remove(self, path: Path) -> int:
+        """Remove an entry, quarantined entry or build dir of this layer; returns the bytes freed.
+
+        The directory is first renamed out of its place (atomically: a reader sees the whole entry or
+        none), then deleted. Deleting only unlinks: a process that has the .so mapped keeps it."""
+        self._require_writable()
+        path = Path(path)
+        if self.root not in path.parents:
+            raise ValueError(f"{path} is not inside the cache layer {self.root}")
+        size = tree_bytes(path)
+        _make_private_dir(self.root / "tmp")
+        doomed = self.root / "tmp" / f"{path.name.split('.', 1)[0]}.removing-{os.getpid()}-{time.monotonic_ns()}"
+        try:
+            os.rename(path, doomed)
+        except FileNotFoundError:
+            return 0  # already gone (another process removed or quarantined it)
+        shutil.rmtree(doomed, ignore_errors=True)
+        return size
 
 
 class BuildLock:
@@ -275,6 +440,166 @@ class BuildLock:
         self._lock.release()
 
 
-def layers() -> list[CacheLayer]:
-    """Read-only prebuilt layers first (FLASHINFER_JIT_PREBUILT_DIRS), then the writable user cache."""
-    return [CacheLayer(p, writable=False) for p in env.prebuilt_dirs()] + [CacheLayer(env.cache_dir(), writable=True)]
+_touched: set[Path] = set()
+_touched_guard = threading.Lock()
+
+
+def _lock_is_free(path: Path) -> bool:
+    """True if nobody holds the flock at `path` (taking and dropping it at once)."""
+    if not path.exists():
+        return True
+    lock = filelock.FileLock(str(path), timeout=0, thread_local=False)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        return False
+    except OSError:
+        return True
+    lock.release()
+    return True
+
+
+def layers(cache_dir: Path | str | None = None) -> list[CacheLayer]:
+    """Read-only prebuilt layers first (FLASHINFER_JIT_PREBUILT_DIRS), then the writable user cache
+    (`cache_dir`, else FLASHINFER_JIT_CACHE_DIR, else the per-user default)."""
+    writable = Path(cache_dir).expanduser().absolute() if cache_dir is not None else env.cache_dir()
+    return [CacheLayer(p, writable=False) for p in env.prebuilt_dirs()] + [CacheLayer(writable, writable=True)]
+
+
+def writable_layer(cache_dir: Path | str | None = None) -> CacheLayer:
+    return layers(cache_dir)[-1]
+
+
+# ---- inspection and housekeeping (flashinfer-jit cache ...) ---------------------------------------
+
+SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024**2, "mb": 1024**2, "mib": 1024**2,
+              "g": 1024**3, "gb": 1024**3, "gib": 1024**3, "t": 1024**4, "tb": 1024**4, "tib": 1024**4}
+DURATION_UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_size(text: str) -> int:
+    """'2G', '500M', '1.5GiB', '4096' -> bytes (binary units)."""
+    raw = str(text).strip().lower().replace(" ", "")
+    number = raw.rstrip("kmgtib")
+    unit = raw[len(number):]
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1.0
+    if unit not in SIZE_UNITS or value < 0:
+        raise ValueError(f"cannot read size {text!r}: write it like 2G, 500M, 1.5GiB or 4096 (bytes)")
+    return int(value * SIZE_UNITS[unit])
+
+
+def parse_duration(text: str) -> float:
+    """'7d', '12h', '30m', '90s', '2w' -> seconds."""
+    raw = str(text).strip().lower()
+    number = raw.rstrip("smhdwin")
+    unit = raw[len(number):] or "s"
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1.0
+    if unit not in DURATION_UNITS or value < 0:
+        raise ValueError(f"cannot read duration {text!r}: write it like 7d, 12h, 30m, 90s or 2w")
+    return value * DURATION_UNITS[unit]
+
+
+def format_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def toolchain_differences(manifest: dict[str, Any], current: dict[str, Any] | None,
+                          fields: Iterable[str]) -> list[str]:
+    """Names of `fields` whose value in the entry's recorded toolchain differs from `current`."""
+    if current is None:
+        return []
+    recorded = manifest.get("toolchain") or {}
+    return [f for f in fields if recorded.get(f) != current.get(f)]
+
+
+def entry_report(layer: CacheLayer, entry: Entry, *, verify: bool = True,
+                 current: dict[str, Any] | None = None, fields: Iterable[str] = ()) -> dict[str, Any]:
+    """One entry as plain data (`cache list --json`, `cache show`)."""
+    m = entry.manifest
+    toolchain = m.get("toolchain") or {}
+    problem = layer.verify(entry) if verify else None
+    differs = toolchain_differences(m, current, fields)
+    return {
+        "uri": entry.uri,
+        "arch": entry.arch,
+        "key": m.get("key"),
+        "path": str(entry.path),
+        "layer": str(layer.root),
+        "writable": layer.writable,
+        "library": m.get("library"),
+        "size": m.get("size"),
+        "disk_bytes": tree_bytes(entry.path),
+        "built": m.get("created"),
+        "build_seconds": m.get("build_seconds"),
+        "last_used": _iso(entry.last_used),
+        "toolchain": {"nvcc": toolchain.get("nvcc"), "torch": toolchain.get("torch"),
+                      "torch_cuda": toolchain.get("torch_cuda"), "package_version": toolchain.get("package_version")},
+        "toolchain_differs": differs if current is not None else None,
+        "verified": (problem is None) if verify else None,
+        "problem": problem,
+        "spec": m.get("spec"),
+    }
+
+
+def verify_all(layer: CacheLayer) -> list[tuple[Path, Entry | None, str | None]]:
+    """(directory, entry or None, problem or None) for every entry directory of the layer. A directory
+    without a readable manifest is reported as a problem (a leftover no loader will ever use)."""
+    results = []
+    for directory in layer.entry_dirs():
+        manifest = layer._read_manifest(directory)
+        if manifest is None:
+            results.append((directory, None, f"no readable {MANIFEST}"))
+            continue
+        entry = Entry(directory, manifest)
+        results.append((directory, entry, layer.verify(entry)))
+    return results
+
+
+def select_for_clear(layer: CacheLayer, *, older_than: float | None = None, pattern: str | None = None,
+                     now: float | None = None) -> list[Entry]:
+    """Entries of the layer matching every filter: last activity (build or load) at least `older_than`
+    seconds ago; URI (or entry directory name) matching the glob `pattern`."""
+    now = time.time() if now is None else now
+    chosen = []
+    for entry in layer.entries():
+        if older_than is not None and now - entry.last_activity < older_than:
+            continue
+        if pattern is not None and not (fnmatch.fnmatchcase(entry.uri, pattern)
+                                        or fnmatch.fnmatchcase(entry.path.name, pattern)):
+            continue
+        chosen.append(entry)
+    return chosen
+
+
+def select_for_prune(layer: CacheLayer, max_size: int) -> tuple[list[Path], int]:
+    """What to remove so the layer holds at most `max_size` bytes: quarantined entries first (oldest
+    first), then entries least recently used first. Returns (paths, bytes the layer holds now)."""
+    sized: list[tuple[int, float, Path, int]] = []  # (priority, last activity, path, bytes)
+    for directory in layer.quarantined():
+        sized.append((0, _mtime(directory) or 0.0, directory, tree_bytes(directory)))
+    for entry in layer.entries():
+        sized.append((1, entry.last_activity, entry.path, tree_bytes(entry.path)))
+    total = sum(item[3] for item in sized)
+    chosen, remaining = [], total
+    for _priority, _when, path, size in sorted(sized, key=lambda item: (item[0], item[1])):
+        if remaining <= max_size:
+            break
+        chosen.append(path)
+        remaining -= size
+    return chosen, total

@@ -79,6 +79,16 @@ class CacheSecurityError(FlashInferJITError):
         self.path = Path(path)
 
 
+class CacheWriteError(FlashInferJITError):
+    """The writable cache could not take a new kernel (disk full, quota, read-only filesystem).
+    Nothing was published: the half-written build was removed, and the next call starts over."""
+
+    def __init__(self, message: str, path: Path, errno: int | None = None):
+        super().__init__(message)
+        self.path = Path(path)
+        self.errno = errno
+
+
 class KernelLoadError(FlashInferJITError):
     """A built .so could not be loaded (dlopen failed)."""
 

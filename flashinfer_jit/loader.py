@@ -2,22 +2,32 @@
 
 A warm cache loads the .so directly (no ninja, no nvcc run). Builds are deduplicated across
 threads (a lock per spec) and across processes (an flock per entry, re-checked after acquiring).
+
+`ensure_built` is the same lookup-then-build without loading; `flashinfer-jit prebuild`
+(prebuild.py) calls it for every variant of a matrix.
 """
 from __future__ import annotations
 
 import ctypes
 import datetime
+import errno
 import hashlib
 import json
 import logging
+import os
+import shlex
+import shutil
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 from . import build, cache, env, toolchain
 from .codegen import headers_digest, render
-from .errors import CacheIntegrityError, KernelLaunchError, KernelLoadError, MissingKernelError
+from .errors import (
+    CacheIntegrityError, CacheWriteError, KernelCompileError, KernelLaunchError, KernelLoadError, MissingKernelError,
+)
 from .spec import KernelSpec
 
 logger = logging.getLogger("flashinfer_jit")
@@ -105,81 +115,190 @@ def load(spec: KernelSpec) -> LoadedKernel:
     return kernel
 
 
-def prebuild_command(spec: KernelSpec, archs: tuple[str, ...]) -> str:
+def prebuild_command(spec: KernelSpec, archs: Sequence[str], cache_dir: Path | str | None = None) -> str:
+    """The `flashinfer-jit prebuild` command line that builds exactly `spec` for `archs` (one binary
+    for all of them: archs joined by '+') into `cache_dir`. prebuild.py parses this syntax."""
     fields = spec.to_dict()
     parts = ["flashinfer-jit prebuild", f"--family {fields.pop('family')}"]
     for name, value in fields.items():
         flag = name.replace("_", "-")
         parts.append(f"--{flag} {str(value).lower() if isinstance(value, bool) else value}")
-    parts.append(f"--arch {','.join(archs)}")
+    parts.append(f"--arch {'+'.join(archs)}")
+    if cache_dir is not None:
+        parts.append(f"--cache-dir {shlex.quote(str(cache_dir))}")
     return " ".join(parts)
 
 
+class _EntryVanished(Exception):
+    """The entry was moved away (cache clear, quarantine by another process) while we loaded it."""
+
+
 def _open(spec: KernelSpec, key: str, layer: cache.CacheLayer, entry: cache.Entry) -> LoadedKernel:
-    layer.check_security(entry)
+    try:
+        layer.check_security(entry)
+    except FileNotFoundError:
+        raise _EntryVanished() from None
     try:
         lib = ctypes.CDLL(str(entry.library))
     except OSError as exc:
+        if not entry.library.exists():
+            raise _EntryVanished() from None
         hint = ""
         if "failed to map segment" in str(exc):
             hint = (" The cache is probably on a filesystem mounted noexec; point FLASHINFER_JIT_CACHE_DIR "
                     "at a filesystem that allows executing code.")
         raise KernelLoadError(f"cannot load {entry.library}: {exc}.{hint}", entry.library) from None
+    layer.touch_last_used(entry)
     return LoadedKernel(spec=spec, key=key, entry=entry, lib=lib)
+
+
+_mismatch_warned: set[Path] = set()
+
+
+def _explain_mismatch(spec: KernelSpec, info: KeyInfo, layer: cache.CacheLayer, tag: str) -> None:
+    """A read-only layer holds `spec` but built for another toolchain or other sources: say why it
+    is skipped, once per layer per process."""
+    if layer.root in _mismatch_warned:
+        return
+    for candidate in layer.candidates(tag, spec.uri):
+        differs = cache.toolchain_differences(candidate.manifest, info.fingerprint, toolchain.RUNTIME_FIELDS)
+        recorded = candidate.manifest.get("toolchain") or {}
+        detail = ", ".join(f"{f}: {recorded.get(f)!r} there, {info.fingerprint.get(f)!r} here" for f in differs)
+        why = f"built with a different toolchain ({detail})" if differs else (
+            "built from different kernel sources (another flashinfer-jit revision)")
+        _mismatch_warned.add(layer.root)
+        logger.warning(
+            "skipping %s in read-only cache layer %s: %s. Rebuild that layer with this installation "
+            "(flashinfer-jit prebuild --cache-dir ...).", candidate.path.name, layer.root, why)
+        return
 
 
 def _find_verified(spec: KernelSpec, info: KeyInfo, layer: cache.CacheLayer) -> cache.Entry | None:
     tag = toolchain.arch_tag(info.archs)
-    runtime_key = info.runtime_key if info.fingerprint["nvcc"] is None else None
+    # Without a compiler the key has no nvcc version to match: accept the same sources built for the
+    # same runtime. A read-only layer was prebuilt elsewhere: the runtime match is what counts there.
+    runtime_key = info.runtime_key if (info.fingerprint["nvcc"] is None or not layer.writable) else None
     entry = layer.find(tag, spec.uri, info.key, runtime_key)
     if entry is None:
+        if not layer.writable:
+            _explain_mismatch(spec, info, layer, tag)
         return None
     problem = layer.verify(entry)
     if problem is None:
         return entry
+    if not entry.path.exists():
+        return None  # removed under us: a miss
     if layer.writable:
-        layer.quarantine(entry, problem)
+        try:
+            layer.quarantine(entry, problem)
+        except FileNotFoundError:
+            pass  # another process quarantined it first
     else:
         logger.warning("skipping %s in read-only cache layer %s: %s", spec.uri, layer.root, problem)
     return None
 
 
-def _load_uncached(spec: KernelSpec) -> LoadedKernel:
-    info = compute_key(spec)
-    layers = cache.layers()
+def find(spec: KernelSpec, info: KeyInfo, layers: Sequence[cache.CacheLayer]) -> tuple[cache.CacheLayer, cache.Entry] | None:
+    """The first layer holding a verified entry for `spec` (read-only layers first)."""
     for layer in layers:
         entry = _find_verified(spec, info, layer)
         if entry is not None:
-            return _open(spec, info.key, layer, entry)
-    if env.build_disabled():
-        raise MissingKernelError(
-            spec.uri, info.key, [l.describe() for l in layers], prebuild_command(spec, info.archs)
-        )
+            return layer, entry
+    return None
+
+
+def ensure_built(spec: KernelSpec, info: KeyInfo, layer: cache.CacheLayer) -> tuple[cache.Entry, bool]:
+    """The verified entry of `spec` in the writable `layer`, building it if missing (under the entry
+    lock, re-checked after acquiring). Returns (entry, True if this call compiled it)."""
     if info.fingerprint["nvcc"] is None:
         toolchain.require_nvcc()  # explains why nothing can be built, before any lock or build dir
-    writable = layers[-1]
     name = cache.entry_name(spec.uri, info.key)
-    with writable.lock(name):
-        entry = _find_verified(spec, info, writable)  # another process may have built it meanwhile
-        if entry is None:
-            entry = _build(spec, info, writable)
-            problem = writable.verify(entry)
-            if problem is not None:
-                raise CacheIntegrityError(
-                    f"freshly built {entry.library} fails verification: {problem}", entry.library
+    try:
+        lock = layer.lock(name)
+    except OSError as exc:
+        if exc.errno not in _NO_SPACE:
+            raise
+        raise _cache_write_error(layer, spec, _NO_SPACE[exc.errno], exc.errno) from None
+    with lock:
+        entry = _find_verified(spec, info, layer)  # another process may have built it meanwhile
+        if entry is not None:
+            return entry, False
+        entry = _build(spec, info, layer)
+        problem = layer.verify(entry)
+        if problem is not None:
+            raise CacheIntegrityError(f"freshly built {entry.library} fails verification: {problem}", entry.library)
+    return entry, True
+
+
+def _load_uncached(spec: KernelSpec) -> LoadedKernel:
+    info = compute_key(spec)
+    layers = cache.layers()
+    for _attempt in range(3):
+        found = find(spec, info, layers)
+        if found is None:
+            if env.build_disabled():
+                raise MissingKernelError(
+                    spec.uri, info.key, [l.describe() for l in layers],
+                    prebuild_command(spec, info.archs, layers[-1].root),
                 )
-    return _open(spec, info.key, writable, entry)
+            found = (layers[-1], ensure_built(spec, info, layers[-1])[0])
+        layer, entry = found
+        try:
+            return _open(spec, info.key, layer, entry)
+        except _EntryVanished:
+            logger.info("flashinfer-jit: %s was removed while loading it; looking again", entry.path)
+    raise KernelLoadError(f"{spec.uri}: its cache entry keeps disappearing while loading (a concurrent "
+                          f"`flashinfer-jit cache clear` in a loop?)", layers[-1].root)
+
+
+# errno values that mean "the cache cannot take more data", not "the kernel is wrong".
+_NO_SPACE = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+             errno.EROFS: "the filesystem is read-only"}
+_NO_SPACE_TEXT = ("No space left on device", "Disk quota exceeded", "Read-only file system")
+
+
+def _cache_write_error(layer: cache.CacheLayer, spec: KernelSpec, why: str, code: int | None) -> CacheWriteError:
+    try:
+        free = f"{cache.format_size(shutil.disk_usage(layer.root).free)} free"
+    except OSError:
+        free = "free space unknown"
+    return CacheWriteError(
+        f"cannot add kernel '{spec.uri}' to the cache at {layer.root}: {why} ({free}). Nothing was published; "
+        f"the next call starts over. Free space with `flashinfer-jit cache prune --max-size 2G` (or "
+        f"`cache clear`), or point FLASHINFER_JIT_CACHE_DIR at a filesystem with room.",
+        layer.root, code,
+    )
 
 
 def _build(spec: KernelSpec, info: KeyInfo, layer: cache.CacheLayer) -> cache.Entry:
+    """Build into a private dir under tmp/ and publish it. Disk full (ENOSPC, EDQUOT, EROFS) at any
+    step, compiler included, is a CacheWriteError and leaves nothing behind."""
+    build_dir: Path | None = None
+    try:
+        build_dir = layer.new_build_dir(cache.entry_name(spec.uri, info.key))
+        return _build_in(spec, info, layer, build_dir)
+    except OSError as exc:
+        if exc.errno not in _NO_SPACE:
+            raise
+        if build_dir is not None:
+            shutil.rmtree(build_dir, ignore_errors=True)
+        raise _cache_write_error(layer, spec, _NO_SPACE[exc.errno], exc.errno) from None
+    except KernelCompileError as exc:
+        if build_dir is None or not any(text in exc.tail for text in _NO_SPACE_TEXT):
+            raise
+        # The compiler ran out of room: a half-written object is no use for inspection.
+        shutil.rmtree(build_dir, ignore_errors=True)
+        error = _cache_write_error(layer, spec, "the compiler could not write its output", None)
+        raise CacheWriteError(f"{error}\n--- compiler output (last lines) ---\n{exc.tail}", layer.root) from None
+
+
+def _build_in(spec: KernelSpec, info: KeyInfo, layer: cache.CacheLayer, build_dir: Path) -> cache.Entry:
     global build_count
     tag = toolchain.arch_tag(info.archs)
-    name = cache.entry_name(spec.uri, info.key)
-    build_dir = layer.new_build_dir(name)
     logger.info("flashinfer-jit: building %s for sm_%s ...", spec.uri, tag)
     start = time.perf_counter()
-    # On failure the build dir (sources + log, named in the error) stays under tmp/: it is never
-    # an entry, so the cache stays consistent and the next call retries.
+    # On a compile failure the build dir (sources + log, named in the error) stays under tmp/: it is
+    # never an entry, so the cache stays consistent and the next call retries.
     result = build.build_library(spec.uri, info.sources, build_dir, info.archs)
     build_count += 1
     library = result.library

@@ -54,10 +54,11 @@ class PrefillParams(ctypes.Structure):
         ("scale_log2", ctypes.c_float), ("cta_q", ctypes.c_int32), ("page_size", ctypes.c_int32),
         ("page_indptr", ctypes.c_void_p), ("page_indices", ctypes.c_void_p), ("stride_page", ctypes.c_int64),
         ("page_div_mul", ctypes.c_uint32), ("page_div_shift", ctypes.c_int32),
+        ("merge_counters", ctypes.c_void_p),
     ]
 
 
-_RUN_ARGTYPES = [ctypes.POINTER(PrefillParams), ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+_RUN_ARGTYPES = [ctypes.POINTER(PrefillParams), ctypes.c_int, ctypes.c_void_p]
 
 
 def page_divider(page_size: int) -> tuple[int, int]:
@@ -74,7 +75,6 @@ class _PlanState:
     run_fn: Any
     params: PrefillParams
     grid_items: int
-    grid_merges: int
     dtype: torch.dtype
     batch: int
     total_q: int
@@ -104,7 +104,7 @@ def _attention_run_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: to
     p.o_stride_n, p.o_stride_h = o.stride(0), o.stride(1)
     owner._set_kv(p, k, v)
     with device_guard(q.device):
-        code = state.run_fn(ctypes.byref(p), state.grid_items, state.grid_merges, stream_of(q.device))
+        code = state.run_fn(ctypes.byref(p), state.grid_items, stream_of(q.device))
     state.kernel.check(code, "batch attention")
 
 
@@ -170,7 +170,8 @@ def _no_unsupported(what: str, unsupported: dict[str, Any]) -> None:
 class _IntLayout:
     """Offsets (in int32) of the plan metadata in the int workspace."""
 
-    def __init__(self, batch_capacity: int, item_capacity: int, merge_capacity: int, page_capacity: int):
+    def __init__(self, batch_capacity: int, item_capacity: int, merge_capacity: int, page_capacity: int,
+                 num_kv_heads: int):
         self.item_capacity, self.merge_capacity = item_capacity, merge_capacity
         self.qo = _COUNTS_INTS
         self.kv = self.qo + _align8(batch_capacity + 1)
@@ -178,7 +179,8 @@ class _IntLayout:
         self.page_indices = self.page_indptr + (_align8(batch_capacity + 1) if page_capacity else 0)
         self.items = self.page_indices + _align8(page_capacity)
         self.merges = self.items + item_capacity * ITEM_INTS
-        self.total_ints = self.merges + merge_capacity * MERGE_INTS
+        self.counters = self.merges + merge_capacity * MERGE_INTS  # zeroed by every plan
+        self.total_ints = self.counters + _align8(merge_capacity * num_kv_heads)
 
 
 def _align8(n: int) -> int:
@@ -187,6 +189,11 @@ def _align8(n: int) -> int:
 
 def _memmove_ints(host: torch.Tensor, offset: int, src: torch.Tensor) -> None:
     ctypes.memmove(host.data_ptr() + 4 * offset, src.data_ptr(), 4 * src.numel())
+
+
+def _host_int(t: torch.Tensor, index: int) -> int:
+    """t[index] of a contiguous CPU int32 tensor, without building a tensor (plan() hot path)."""
+    return ctypes.c_int32.from_address(t.data_ptr() + 4 * index).value
 
 
 class _BatchAttention:
@@ -226,8 +233,8 @@ class _BatchAttention:
         if kv_dtype != q_dtype:
             raise TypeError(f"kv_data_type: expected the same dtype as q_data_type ({q_dtype}), got {kv_dtype}")
         batch = qo_host.numel() - 1
-        total_q = int(qo_host[batch]) if batch else int(qo_host[0])
-        total_kv = int(kv_lens_indptr[batch]) if batch else 0
+        total_q = _host_int(qo_host, batch)
+        total_kv = _host_int(kv_lens_indptr, batch)
         group = num_qo_heads // num_kv_heads
 
         spec = PrefillSpec(kv_layout=layout_name, head_dim=head_dim, dtype=dtype_name(q_dtype), causal=bool(causal))
@@ -266,11 +273,14 @@ class _BatchAttention:
             batch_cap, items_cap, merges_cap, pages_cap = limits["batch"], limits["items"], limits["merges"], limits["pages"]
         else:
             limits = None
-            batch_cap, items_cap, merges_cap, pages_cap = batch, 64, 64, num_pages
+            # Enough for any plan without splits, so the planner usually runs once.
+            # (splitting adds at most target / num_kv_heads chunks: see prefill_plan.h).
+            items_cap = total_q * group // cta_q + batch + target // num_kv_heads + 1
+            batch_cap, merges_cap, pages_cap = batch, items_cap, num_pages
 
         # Plan straight into pinned host memory, growing it when the planner asks for more room.
         while True:
-            layout = _IntLayout(batch_cap, items_cap, merges_cap, pages_cap if pages is not None else 0)
+            layout = _IntLayout(batch_cap, items_cap, merges_cap, pages_cap if pages is not None else 0, num_kv_heads)
             host = self._pinned_buffer(layout.total_ints)
             status, plan = run_planner(
                 kernel, qo_host, kv_lens_indptr, config,
@@ -291,7 +301,9 @@ class _BatchAttention:
                 f"float_workspace_buffer holds {self._float_workspace.numel()} bytes but this plan's split-KV "
                 f"partial states need {need} bytes; pass a buffer of at least that size (or disable_split_kv=True)")
 
-        host[0], host[1] = plan.num_items, plan.num_merges
+        counts = (ctypes.c_int32 * 2)(plan.num_items, plan.num_merges)
+        ctypes.memmove(host.data_ptr(), counts, 8)
+        ctypes.memset(host.data_ptr() + 4 * layout.counters, 0, 4 * (layout.total_ints - layout.counters))
         _memmove_ints(host, layout.qo, qo_host)
         _memmove_ints(host, layout.kv, kv_lens_indptr)
         if pages is not None:
@@ -306,6 +318,7 @@ class _BatchAttention:
         params = PrefillParams()
         params.qo_indptr, params.kv_indptr = base + 4 * layout.qo, base + 4 * layout.kv
         params.items, params.merges, params.counts = base + 4 * layout.items, base + 4 * layout.merges, base
+        params.merge_counters = base + 4 * layout.counters
         # Partial states: fp32 O [slots, D] then LSE [slots], at offsets fixed by the buffer size (a
         # captured CUDA graph keeps valid pointers across plans).
         params.partial_o = self._float_workspace.data_ptr()
@@ -328,7 +341,6 @@ class _BatchAttention:
         self._state = _PlanState(
             kernel=kernel, run_fn=kernel.function("run", _RUN_ARGTYPES), params=params,
             grid_items=items_cap if self._use_cuda_graph else plan.num_items,
-            grid_merges=merges_cap if self._use_cuda_graph else plan.num_merges,
             dtype=q_dtype, batch=batch, total_q=total_q, total_kv=total_kv, num_qo_heads=num_qo_heads,
             num_kv_heads=num_kv_heads, head_dim=head_dim, page_size=page_size, max_page_index=max_page_index)
 
@@ -357,7 +369,7 @@ class _BatchAttention:
 
     def _launch(self, s: _PlanState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                 lse: Optional[torch.Tensor]) -> None:
-        if s.total_q > 0 and (s.grid_items > 0 or s.grid_merges > 0):
+        if s.total_q > 0 and s.grid_items > 0:
             _attention_run_op(q, k, v, out, lse, self._plan_id)
 
     def _set_kv(self, p: PrefillParams, k: torch.Tensor, v: torch.Tensor) -> None:

@@ -54,6 +54,7 @@ struct PrefillParams {
   int64_t stride_page;
   uint32_t page_div_mul;    // pos / page_size == (umulhi(pos, mul) + pos) >> shift
   int32_t page_div_shift;
+  int32_t* merge_counters;  // [merges, Hkv], zero between runs: chunks of a split tile that finished
 };
 
 template <int HEAD_DIM, int CTA_Q, int KV_TILE>
@@ -168,6 +169,50 @@ struct PagedKVTileLoader {
     }
   }
 };
+
+// Merge the partial states of one split q tile for KV head hk (run by the tile's last chunk).
+// Partial rows were written by other CTAs: read them through L2 (ld.cg), after the caller's fence.
+template <typename T, int HEAD_DIM, int THREADS>
+__device__ __forceinline__ void merge_tile(const PrefillParams& p, const MergeEntry& e, int hk) {
+  constexpr int kSlice = HEAD_DIM / 8;
+  constexpr int kRowsPerPass = THREADS / kSlice;
+  const int64_t q_start = p.qo_indptr[e.request];
+  const int q_len = p.qo_indptr[e.request + 1] - int(q_start);
+  const int rows = min(p.cta_q, q_len * p.group - e.row_begin);
+  const int lane = threadIdx.x % kSlice;
+  for (int r = threadIdx.x / kSlice; r < rows; r += kRowsPerPass) {
+    // Loads of different chunks are independent (unrolled) so their latencies overlap; an empty
+    // chunk has LSE -inf and O = 0, so it adds nothing.
+    const float* lse_row = (p.partial_lse) + int64_t(e.partial_base + r) * p.num_kv_heads + hk;
+    const int64_t lse_step = int64_t(p.cta_q) * p.num_kv_heads;
+    float m = neg_inf();
+#pragma unroll 8
+    for (int c = 0; c < e.num_chunks; ++c) m = fmaxf(m, __ldcg(lse_row + c * lse_step));
+    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    float lse = neg_inf();
+    if (m != neg_inf()) {
+      float denom = 0.f;
+      const float* o_row = p.partial_o + (int64_t(e.partial_base + r) * p.num_kv_heads + hk) * HEAD_DIM + lane * 8;
+#pragma unroll 8
+      for (int c = 0; c < e.num_chunks; ++c) {
+        const float w = exp2f(__ldcg(lse_row + c * lse_step) - m);
+        const float4* src = reinterpret_cast<const float4*>(o_row + c * lse_step * HEAD_DIM);
+        const float4 x0 = __ldcg(src), x1 = __ldcg(src + 1);
+        denom += w;
+        acc[0] += w * x0.x; acc[1] += w * x0.y; acc[2] += w * x0.z; acc[3] += w * x0.w;
+        acc[4] += w * x1.x; acc[5] += w * x1.y; acc[6] += w * x1.z; acc[7] += w * x1.w;
+      }
+      const float inv = 1.f / denom;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[i] *= inv;
+      lse = m + log2f(denom);
+    }
+    const int packed = e.row_begin + r;
+    const int token = packed / p.group, head = hk * p.group + packed % p.group;
+    store8(static_cast<T*>(p.o) + (q_start + token) * p.o_stride_n + int64_t(head) * p.o_stride_h + lane * 8, acc);
+    if (p.lse != nullptr && lane == 0) p.lse[(q_start + token) * p.num_qo_heads + head] = lse;
+  }
+}
 
 template <typename T, int HEAD_DIM, int CTA_Q, int KV_TILE, bool CAUSAL, bool PAGED>
 __global__ void __launch_bounds__(PrefillShape<HEAD_DIM, CTA_Q, KV_TILE>::kThreads, 2)
@@ -415,57 +460,27 @@ __global__ void __launch_bounds__(PrefillShape<HEAD_DIM, CTA_Q, KV_TILE>::kThrea
         if (p.lse != nullptr && lane_t == 0) p.lse[(q_start + token) * p.num_qo_heads + head] = lse;
       }
     }
-}
 
-// Merge the partial states of split q tiles: one CTA per (merge entry, KV head).
-template <typename T, int HEAD_DIM>
-__global__ void __launch_bounds__(128) prefill_merge_kernel(const __grid_constant__ PrefillParams p) {
-  constexpr int kSlice = HEAD_DIM / 8;
-  constexpr int kRowsPerPass = 128 / kSlice;
-  const int entry_index = blockIdx.x / p.num_kv_heads;
-  const int hk = blockIdx.x % p.num_kv_heads;
-  if (entry_index >= p.counts[1]) return;
-  const MergeEntry e = p.merges[entry_index];
-  const int64_t q_start = p.qo_indptr[e.request];
-  const int q_len = p.qo_indptr[e.request + 1] - int(q_start);
-  const int rows = min(p.cta_q, q_len * p.group - e.row_begin);
-  const int lane = threadIdx.x % kSlice;
-  for (int r = threadIdx.x / kSlice; r < rows; r += kRowsPerPass) {
-    // Loads of different chunks are independent (unrolled) so their latencies overlap; an empty
-    // chunk has LSE -inf and O = 0, so it adds nothing.
-    const float* lse_row = p.partial_lse + int64_t(e.partial_base + r) * p.num_kv_heads + hk;
-    const int64_t lse_step = int64_t(p.cta_q) * p.num_kv_heads;
-    float m = neg_inf();
-#pragma unroll 8
-    for (int c = 0; c < e.num_chunks; ++c) m = fmaxf(m, lse_row[c * lse_step]);
-    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    float lse = neg_inf();
-    if (m != neg_inf()) {
-      float denom = 0.f;
-      const float* o_row = p.partial_o + (int64_t(e.partial_base + r) * p.num_kv_heads + hk) * HEAD_DIM + lane * 8;
-#pragma unroll 8
-      for (int c = 0; c < e.num_chunks; ++c) {
-        const float w = exp2f(lse_row[c * lse_step] - m);
-        const float4* src = reinterpret_cast<const float4*>(o_row + c * lse_step * HEAD_DIM);
-        const float4 x0 = src[0], x1 = src[1];
-        denom += w;
-        acc[0] += w * x0.x; acc[1] += w * x0.y; acc[2] += w * x0.z; acc[3] += w * x0.w;
-        acc[4] += w * x1.x; acc[5] += w * x1.y; acc[6] += w * x1.z; acc[7] += w * x1.w;
-      }
-      const float inv = 1.f / denom;
-#pragma unroll
-      for (int i = 0; i < 8; ++i) acc[i] *= inv;
-      lse = m + log2f(denom);
+  // Split tile: the last chunk to finish (device-wide counter) merges the tile's partial states.
+  if (split) {
+    __threadfence();  // this CTA's partial rows are visible before the counter says so
+    __syncthreads();
+    int* last_flag = reinterpret_cast<int*>(sQ);  // Q is no longer read
+    if (tid == 0) {
+      const int done = atomicAdd(p.merge_counters + item.merge * p.num_kv_heads + hk, 1);
+      *last_flag = done == item.num_chunks - 1;
     }
-    const int packed = e.row_begin + r;
-    const int token = packed / p.group, head = hk * p.group + packed % p.group;
-    store8(static_cast<T*>(p.o) + (q_start + token) * p.o_stride_n + int64_t(head) * p.o_stride_h + lane * 8, acc);
-    if (p.lse != nullptr && lane == 0) p.lse[(q_start + token) * p.num_qo_heads + head] = lse;
+    __syncthreads();
+    if (*last_flag) {
+      __threadfence();
+      merge_tile<T, HEAD_DIM, S::kThreads>(p, p.merges[item.merge], hk);
+      if (tid == 0) p.merge_counters[item.merge * p.num_kv_heads + hk] = 0;  // ready for the next run
+    }
   }
 }
 
 template <typename T, int HEAD_DIM, int CTA_Q, int KV_TILE, bool CAUSAL, bool PAGED>
-inline int launch_prefill(const PrefillParams& p, int grid_items, int grid_merges, cudaStream_t stream) {
+inline int launch_prefill(const PrefillParams& p, int grid_items, cudaStream_t stream) {
   using S = PrefillShape<HEAD_DIM, CTA_Q, KV_TILE>;
   constexpr int smem = S::template smem_bytes<T>();
   auto kernel = prefill_kernel<T, HEAD_DIM, CTA_Q, KV_TILE, CAUSAL, PAGED>;
@@ -479,11 +494,6 @@ inline int launch_prefill(const PrefillParams& p, int grid_items, int grid_merge
   }
   if (grid_items > 0) {
     kernel<<<dim3(unsigned(grid_items) * unsigned(p.num_kv_heads)), S::kThreads, smem, stream>>>(p);
-    const int err = last_error();
-    if (err) return err;
-  }
-  if (grid_merges > 0) {
-    prefill_merge_kernel<T, HEAD_DIM><<<dim3(unsigned(grid_merges) * unsigned(p.num_kv_heads)), 128, 0, stream>>>(p);
     return last_error();
   }
   return 0;

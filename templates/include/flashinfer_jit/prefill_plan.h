@@ -8,7 +8,8 @@
 // Items are emitted longest first: the GPU dispatches blocks in index order, so the heavy items
 // start early and the short ones fill the gaps (longest-processing-time-first).
 // A q tile whose KV range is much longer than the average CTA's share is split into chunks
-// (split-KV); each chunk writes a partial state (fp32 O and LSE) and a merge pass combines them.
+// (split-KV); each chunk writes a partial state (fp32 O and LSE) and the last chunk to finish merges
+// them (a per-tile counter in device memory; no second kernel launch).
 #pragma once
 #include <stdint.h>
 
@@ -23,7 +24,9 @@ struct WorkItem {
   int32_t kv_begin;   // KV range [kv_begin, kv_end) within the request, multiple of the KV tile
   int32_t kv_end;
   int32_t partial;    // -1: write the output; else first partial row of this chunk
-  int32_t pad[3];
+  int32_t merge;      // split chunks: index of the tile's MergeEntry
+  int32_t num_chunks; // split chunks: chunks of the tile (the last one to finish merges them)
+  int32_t pad;
 };
 
 struct MergeEntry {
@@ -131,7 +134,8 @@ inline int32_t plan_prefill(const int32_t* qo_indptr, const int32_t* kv_indptr, 
         const int64_t kv_begin = c * per_chunk * kv_tile;
         const int64_t kv_end = std::min(limit, (c + 1) * per_chunk * kv_tile);
         WorkItem item{r, static_cast<int32_t>(rb), static_cast<int32_t>(kv_begin), static_cast<int32_t>(kv_end),
-                      static_cast<int32_t>(chunks > 1 ? base + c * cta_q : -1), {0, 0, 0}};
+                      static_cast<int32_t>(chunks > 1 ? base + c * cta_q : -1),
+                      static_cast<int32_t>(chunks > 1 ? num_merges : -1), static_cast<int32_t>(chunks), 0};
         unordered.push_back(item);
         ++bucket_count[static_cast<size_t>(ceil_div(std::max<int64_t>(kv_end - kv_begin, 0), kv_tile))];
       }
