@@ -571,6 +571,36 @@ def verify_all(layer: CacheLayer) -> list[tuple[Path, Entry | None, str | None]]
     return results
 
 
+def check_layer(layer: CacheLayer, fix: bool = False) -> list[dict[str, Any]]:
+    """`cache verify`: every entry directory of the layer, re-hashed. With `fix`, bad ones of a
+    writable layer are quarantined (incomplete ones, with no manifest, removed); a read-only layer
+    is only reported."""
+    results = []
+    for directory, entry, problem in verify_all(layer):
+        action = None
+        if problem is not None and fix:
+            if not layer.writable:
+                action = "left alone (read-only layer): rebuild that layer"
+            elif entry is not None:
+                try:
+                    action = f"quarantined to {layer.quarantine(entry, problem)}"
+                except FileNotFoundError:
+                    action = "gone (removed by another process)"
+            else:
+                layer.remove(directory)
+                action = "removed (incomplete entry)"
+        results.append({"path": str(directory), "layer": str(layer.root), "writable": layer.writable,
+                        "ok": problem is None, "problem": problem, "action": action,
+                        "fixed": action is not None and not action.startswith("left alone")})
+    return results
+
+
+def remove_paths(layer: CacheLayer, paths: Iterable[Path], dry_run: bool = False) -> list[tuple[Path, int]]:
+    """Remove each path (entry, quarantined entry or leftover build dir) of the writable layer;
+    (path, bytes freed) for each. A dry run only measures."""
+    return [(Path(p), tree_bytes(Path(p)) if dry_run else layer.remove(Path(p))) for p in paths]
+
+
 def select_for_clear(layer: CacheLayer, *, older_than: float | None = None, pattern: str | None = None,
                      now: float | None = None) -> list[Entry]:
     """Entries of the layer matching every filter: last activity (build or load) at least `older_than`

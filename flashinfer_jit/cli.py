@@ -1,9 +1,16 @@
 """`flashinfer-jit` (also `python -m flashinfer_jit`): a thin command line over library calls.
 
 Every subcommand is one small function registered with `@command`; it gets the parsed arguments
-and returns the exit status. The library does the work, the CLI only formats it. `prebuild` and
-`cache list|show|verify|clear|prune` slot in the same way (a command may add its own
-sub-subcommands in `configure`).
+and returns the exit status. The library does the work (prebuild.py, cache.py, loader.py), the CLI
+only parses and formats:
+
+    config     toolchain, archs, GPUs and every cache layer
+    prebuild   build a matrix of kernel variants ahead of time, in parallel
+    cache      list | show URI | verify [--fix] | clear [--older-than 7d] [--uri GLOB] | prune --max-size 2G
+
+Every command takes --cache-dir DIR (the writable cache; default FLASHINFER_JIT_CACHE_DIR, else the
+per-user cache). Read-only layers (FLASHINFER_JIT_PREBUILT_DIRS) are listed and verified, never
+written.
 
 Errors the package raises on purpose (FlashInferJITError) and bad settings (ValueError from a
 malformed environment variable) print one clear message and exit 1, without a traceback.
@@ -11,16 +18,18 @@ malformed environment variable) print one clear message and exit 1, without a tr
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import logging
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
-from . import cache, codegen, env, toolchain
+from . import cache, codegen, env, loader, prebuild, toolchain
 from .errors import FlashInferJITError
 from .version import __version__
 
@@ -65,6 +74,7 @@ def _layer_report(layer: cache.CacheLayer) -> dict[str, Any]:
         "writable": layer.writable,
         "exists": exists,
         "entries": sum(1 for _ in layer.entries()) if exists else 0,
+        "bytes": cache.tree_bytes(layer.root) if exists else 0,
     }
 
 
@@ -77,7 +87,7 @@ def _gpus() -> list[dict[str, Any]]:
     ]
 
 
-def collect_config() -> dict[str, Any]:
+def collect_config(cache_dir: Path | str | None = None) -> dict[str, Any]:
     """What this process would build with and where it would look: all read-only probes."""
     archs = _probe(toolchain.resolve_target_archs)
     return {
@@ -93,7 +103,7 @@ def collect_config() -> dict[str, Any]:
         "nvcc_flags": _probe(lambda: toolchain.nvcc_flags(toolchain.target_archs())),
         "build_disabled": _probe(env.build_disabled),
         "lock_timeout_s": _probe(env.lock_timeout),
-        "cache_layers": [_layer_report(layer) for layer in cache.layers()],
+        "cache_layers": [_layer_report(layer) for layer in cache.layers(cache_dir)],
         "gpus": _gpus(),
     }
 
@@ -129,23 +139,303 @@ def format_config(report: dict[str, Any]) -> str:
     for i, layer in enumerate(report["cache_layers"], 1):
         kind = "writable" if layer["writable"] else "read-only, FLASHINFER_JIT_PREBUILT_DIRS"
         if layer["exists"]:
-            state = f"{layer['entries']} {'entry' if layer['entries'] == 1 else 'entries'}"
+            state = f"{layer['entries']} {'entry' if layer['entries'] == 1 else 'entries'}, {cache.format_size(layer['bytes'])}"
         else:
             state = "does not exist yet; created by the first build" if layer["writable"] else "does not exist"
         lines.append(f"  {i}. {layer['path']} ({kind}; {state})")
     return "\n".join(lines)
 
 
+def _add_cache_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cache-dir", metavar="DIR", type=Path, default=None,
+                        help="the writable cache (default: FLASHINFER_JIT_CACHE_DIR, else ~/.cache/flashinfer-jit)")
+
+
+def _add_json(parser: argparse.ArgumentParser, what: str = "one JSON object instead of text") -> None:
+    parser.add_argument("--json", action="store_true", help=f"print {what}")
+
+
 def _configure_config(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    _add_json(parser)
+    _add_cache_dir(parser)
 
 
 @command("config", "show the toolchain, target archs, GPUs and cache layers this process would use",
          _configure_config)
 def config(args: argparse.Namespace) -> int:
-    report = collect_config()
+    report = collect_config(args.cache_dir)
     print(json.dumps(report, indent=2) if args.json else format_config(report))
     return 0
+
+
+# ---- prebuild ------------------------------------------------------------------------------------
+
+def _configure_prebuild(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Build kernel variants ahead of time, in parallel, into the cache. The matrix is every supported "
+        "variant of the chosen families, narrowed by the options; comma-separated values are alternatives. "
+        "Variants already cached are skipped. Exit status 1 if any build failed.")
+    parser.add_argument("--family", metavar="F,...",
+                        help=f"kernel families or aliases: {', '.join(prebuild.family_names())} (default: all)")
+    for name, choices in prebuild.matrix_options().items():
+        flags = [f"--{name.replace('_', '-')}"]
+        flags += [f"--{alias}" for alias, target in prebuild.OPTION_ALIASES.items() if target == name]
+        shown = ",".join(str(c).lower() if isinstance(c, bool) else str(c) for c in choices)
+        parser.add_argument(*flags, dest=name, metavar="V,...", help=f"only these values ({shown})")
+    parser.add_argument("--arch", metavar="A,...",
+                        help="target archs, e.g. 90a or 90a,80 (one build each) or 80+90a (one library for both); "
+                             "default: the visible GPUs, else FLASHINFER_JIT_ARCH, else 9.0a")
+    parser.add_argument("--jobs", type=int, metavar="N",
+                        help="kernels compiled at once (default: cores; always capped by free memory, ~2 GiB each)")
+    _add_cache_dir(parser)
+    parser.add_argument("--config", type=Path, metavar="FILE.json",
+                        help="read the options from a JSON file; command-line options override it")
+    parser.add_argument("--dry-run", action="store_true", help="list what would be built; build nothing")
+    _add_json(parser, "one JSON report on stdout (progress lines go to stderr)")
+
+
+def _arch_text(archs: Sequence[str]) -> str:
+    return "+".join(f"sm_{a}" for a in archs)
+
+
+def _progress_line(outcome: prebuild.Outcome, index: int, total: int) -> str:
+    head = f"[{index}/{total}] "
+    where = f"{outcome.uri} ({_arch_text(outcome.archs)})"
+    if outcome.status == prebuild.BUILT:
+        return f"{head}built {where} in {outcome.seconds:.1f} s, {cache.format_size(outcome.disk_bytes)}"
+    if outcome.status == prebuild.CACHED:
+        return f"{head}cached {where}"
+    if outcome.status == prebuild.PLANNED:
+        return f"{head}would build {where}"
+    first = (outcome.error or "").strip().splitlines()
+    return f"{head}FAILED {where} after {outcome.seconds:.1f} s" + (f": {first[-1]}" if first else "")
+
+
+def format_prebuild_summary(report: prebuild.Report) -> str:
+    d = report.to_dict()["summary"]
+    if report.dry_run:
+        lines = [f"dry run: {d['would_build']} to build, {d['cached']} already cached, {d['total']} in all "
+                 f"(cache: {report.root})"]
+    else:
+        lines = [f"built {d['built']}, cached {d['cached']}, failed {d['failed']} of {d['total']} in "
+                 f"{report.seconds:.1f} s with {report.jobs} parallel job(s)"]
+        present = d["built"] + d["cached"]
+        if present:
+            lines.append(f"disk used: {cache.format_size(d['disk_bytes'])} for these {present} kernels "
+                         f"({cache.format_size(d['disk_bytes_per_variant'])} each on average) in {report.root}")
+    for outcome in report.failed:
+        lines.append(f"\n--- {outcome.uri} ({_arch_text(outcome.archs)}) failed"
+                     + (f"; full log: {outcome.log}" if outcome.log else "") + " ---")
+        lines.append((outcome.error or "").rstrip())
+    return "\n".join(lines)
+
+
+@command("prebuild", "build a matrix of kernel variants ahead of time (parallel; skips cached ones)",
+         _configure_prebuild)
+def prebuild_cmd(args: argparse.Namespace) -> int:
+    config = prebuild.load_config(args.config) if args.config else {"matrices": [{}], "arch": None, "jobs": None,
+                                                                          "cache_dir": None}
+    overrides = {name: getattr(args, name) for name in prebuild.matrix_options() if getattr(args, name) is not None}
+    if args.family is not None:
+        overrides["family"] = args.family
+    specs = prebuild.expand_matrices([{**m, **overrides} for m in config["matrices"]])
+    arch_value = args.arch if args.arch is not None else config["arch"]
+    arch_groups = prebuild.parse_archs(arch_value) if arch_value is not None else [toolchain.target_archs()]
+    cache_dir = args.cache_dir if args.cache_dir is not None else config["cache_dir"]
+    jobs = args.jobs if args.jobs is not None else config["jobs"]
+    layer = cache.writable_layer(cache_dir)
+    progress = sys.stderr if args.json else sys.stdout
+
+    def on_progress(outcome: prebuild.Outcome, index: int, total: int) -> None:
+        print(_progress_line(outcome, index, total), file=progress, flush=True)
+
+    report = prebuild.run(specs, arch_groups, layer, jobs=jobs, dry_run=args.dry_run, on_progress=on_progress)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(format_prebuild_summary(report))
+    return 1 if report.failed else 0
+
+
+# ---- cache ---------------------------------------------------------------------------------------
+
+def _when(ts: float | str | None) -> str:
+    if ts is None:
+        return "never"
+    if isinstance(ts, str):
+        try:
+            ts = datetime.datetime.fromisoformat(ts).timestamp()
+        except ValueError:
+            return ts
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
+
+
+def _toolchain_text(report: dict[str, Any]) -> str:
+    tc = report["toolchain"]
+    nvcc = tc.get("nvcc") or ""
+    release = nvcc.split("release", 1)[1].split(",", 1)[0].strip() if "release" in nvcc else "?"
+    text = f"nvcc {release}, torch {tc.get('torch')}"
+    differs = report.get("toolchain_differs")
+    if differs:
+        text += f" (differs: {', '.join(differs)})"
+    return text
+
+
+def format_table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *rows]]
+    return "\n".join(lines)
+
+
+def cache_list(args: argparse.Namespace) -> int:
+    reports = loader.inventory(args.cache_dir)
+    if args.json:
+        print(json.dumps(reports, indent=2))
+        return 0
+    for layer in cache.layers(args.cache_dir):
+        mine = [r for r in reports if r["layer"] == str(layer.root)]
+        kind = "writable" if layer.writable else "read-only"
+        print(f"{layer.root} ({kind}): {len(mine)} {'entry' if len(mine) == 1 else 'entries'}, "
+              f"{cache.format_size(sum(r['disk_bytes'] for r in mine))}")
+        if not mine:
+            continue
+        rows = [[r["uri"], r["arch"], cache.format_size(r["disk_bytes"]), _when(r["built"]), _when(r["last_used"]),
+                 _toolchain_text(r), "yes" if r["verified"] else f"NO: {r['problem']}"] for r in mine]
+        print(format_table(rows, ["URI", "ARCH", "SIZE", "BUILT", "LAST USED", "TOOLCHAIN", "VERIFIED"]))
+    return 0
+
+
+def cache_show(args: argparse.Namespace) -> int:
+    matches = [r for r in loader.inventory(args.cache_dir)
+               if args.uri in (r["uri"], Path(r["path"]).name, r["path"]) or (r["key"] or "").startswith(args.uri)]
+    if not matches:
+        print(f"{PROG}: no cache entry matches {args.uri!r} (see `{PROG} cache list`)", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(matches, indent=2))
+        return 0
+    for i, r in enumerate(matches):
+        if i:
+            print()
+        manifest = json.loads((Path(r["path"]) / cache.MANIFEST).read_text())
+        print(f"{r['uri']}  ({r['arch']}, key {r['key']})")
+        rows = [
+            ("path", r["path"]),
+            ("layer", f"{r['layer']} ({'writable' if r['writable'] else 'read-only'})"),
+            ("library", f"{r['library']} ({cache.format_size(r['size'] or 0)}; entry {cache.format_size(r['disk_bytes'])})"),
+            ("verified", "yes (size and sha256 match the manifest)" if r["verified"] else f"NO: {r['problem']}"),
+            ("built", f"{_when(r['built'])} in {r['build_seconds']} s"),
+            ("last used", _when(r["last_used"])),
+            ("toolchain", _toolchain_text(r) if r["toolchain_differs"] else _toolchain_text(r) + " (matches this installation)"),
+            ("spec", json.dumps(r["spec"])),
+            ("flags", " ".join(manifest.get("flags", []))),
+        ]
+        for name, value in rows:
+            print(f"  {name:<11}{value}")
+        for name, value in sorted((manifest.get("toolchain") or {}).items()):
+            print(f"  {'':<11}{name}: {value}")
+    return 0
+
+
+def cache_verify(args: argparse.Namespace) -> int:
+    results = [r for layer in cache.layers(args.cache_dir) for r in cache.check_layer(layer, fix=args.fix)]
+    bad = [r for r in results if not r["ok"]]
+    if args.json:
+        print(json.dumps({"checked": len(results), "bad": len(bad), "entries": results}, indent=2))
+    else:
+        for r in results:
+            if r["ok"]:
+                print(f"ok   {r['path']}")
+            else:
+                print(f"BAD  {r['path']}\n     {r['problem']}" + (f"; {r['action']}" if r["action"] else ""))
+        hint = "" if not bad or args.fix else f" (run `{PROG} cache verify --fix` to quarantine them)"
+        print(f"verified {len(results)} {'entry' if len(results) == 1 else 'entries'}: "
+              f"{len(results) - len(bad)} ok, {len(bad)} bad{hint}")
+    return 1 if any(not r["fixed"] for r in bad) else 0
+
+
+def _confirm(prompt: str, yes: bool) -> bool:
+    if yes:
+        return True
+    if not sys.stdin.isatty():
+        print(f"{PROG}: nothing removed: add --yes to confirm (stdin is not a terminal)", file=sys.stderr)
+        return False
+    return input(f"{prompt} [y/N] ").strip().lower() in ("y", "yes")
+
+
+def _print_removal(layer: cache.CacheLayer, entries: list[Path], stale: list[Path], dry_run: bool,
+                   as_json: bool, what: str) -> None:
+    removed = cache.remove_paths(layer, [*entries, *stale], dry_run)
+    freed = sum(size for _, size in removed)
+    if as_json:
+        print(json.dumps({"cache_dir": str(layer.root), "dry_run": dry_run, "bytes": freed,
+                          "removed": [{"path": str(p), "bytes": size} for p, size in removed]}, indent=2))
+        return
+    for path, size in removed:
+        print(f"{'would remove' if dry_run else 'removed'} {path} ({cache.format_size(size)})")
+    print(f"{what}: {'would remove' if dry_run else 'removed'} {len(entries)} "
+          f"{'entry' if len(entries) == 1 else 'entries'} and {len(stale)} leftover build dir(s), "
+          f"{cache.format_size(freed)}, in {layer.root}")
+
+
+def cache_clear(args: argparse.Namespace) -> int:
+    layer = cache.writable_layer(args.cache_dir)
+    older = cache.parse_duration(args.older_than) if args.older_than else None
+    entries = [e.path for e in cache.select_for_clear(layer, older_than=older, pattern=args.uri)]
+    if older is None and args.uri is None:
+        entries += layer.quarantined()  # a full clear empties quarantine/ too
+    stale = layer.stale_tmp_dirs()
+    if not entries and not stale:
+        print(f"nothing to remove in {layer.root}")
+        return 0
+    if not args.dry_run and not _confirm(f"remove {len(entries)} entries from {layer.root}?", args.yes):
+        return 1
+    _print_removal(layer, entries, stale, args.dry_run, args.json, "clear")
+    return 0
+
+
+def cache_prune(args: argparse.Namespace) -> int:
+    layer = cache.writable_layer(args.cache_dir)
+    limit = cache.parse_size(args.max_size)
+    stale = layer.stale_tmp_dirs()
+    paths, total = cache.select_for_prune(layer, limit)
+    _print_removal(layer, paths, stale, args.dry_run, args.json,
+                   f"prune to {cache.format_size(limit)} (the cache held {cache.format_size(total)})")
+    return 0
+
+
+CACHE_ACTIONS: dict[str, tuple[str, Callable[[argparse.Namespace], int]]] = {
+    "list": ("every entry of every layer: URI, arch, size, built, last used, toolchain, verified", cache_list),
+    "show": ("one entry in detail (by URI, entry directory name or key prefix)", cache_show),
+    "verify": ("recompute the sha256 of every .so against its manifest; --fix quarantines bad entries", cache_verify),
+    "clear": ("remove entries from the writable cache (all, or --older-than / --uri)", cache_clear),
+    "prune": ("remove least recently used entries until the writable cache fits --max-size", cache_prune),
+}
+
+
+def _configure_cache(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    parsers = {name: sub.add_parser(name, help=text, description=text) for name, (text, _) in CACHE_ACTIONS.items()}
+    for p in parsers.values():
+        _add_cache_dir(p)
+        _add_json(p)
+    parsers["show"].add_argument("uri", metavar="URI", help="a kernel URI, an entry directory name or a key prefix")
+    parsers["verify"].add_argument("--fix", action="store_true",
+                                   help="quarantine bad entries of the writable cache (the next load rebuilds them)")
+    for name in ("clear", "prune"):
+        parsers[name].add_argument("--dry-run", action="store_true", help="list what would be removed")
+    parsers["clear"].add_argument("--older-than", metavar="AGE",
+                                  help="only entries neither built nor loaded for AGE (7d, 12h, 30m)")
+    parsers["clear"].add_argument("--uri", metavar="GLOB", help="only entries whose URI matches, e.g. 'prefill_*'")
+    parsers["clear"].add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+    parsers["prune"].add_argument("--max-size", required=True, metavar="SIZE",
+                                  help="keep the writable cache at most this big (2G, 500M): quarantined entries "
+                                       "go first, then the least recently used")
+
+
+@command("cache", "inspect and maintain the kernel cache: list, show, verify, clear, prune", _configure_cache)
+def cache_cmd(args: argparse.Namespace) -> int:
+    return CACHE_ACTIONS[args.action][1](args)
 
 
 # ---- entry point ---------------------------------------------------------------------------------

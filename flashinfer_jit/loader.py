@@ -129,6 +129,17 @@ def prebuild_command(spec: KernelSpec, archs: Sequence[str], cache_dir: Path | s
     return " ".join(parts)
 
 
+_NOEXEC_TEXT = "failed to map segment"
+
+
+def _noexec_hint(message: str) -> str:
+    if _NOEXEC_TEXT not in message:
+        return ""
+    return (" The cache is probably on a filesystem mounted noexec (libraries there cannot be mapped "
+            "executable); point FLASHINFER_JIT_CACHE_DIR at a filesystem that allows executing code, or "
+            "remount it without noexec.")
+
+
 class _EntryVanished(Exception):
     """The entry was moved away (cache clear, quarantine by another process) while we loaded it."""
 
@@ -143,11 +154,7 @@ def _open(spec: KernelSpec, key: str, layer: cache.CacheLayer, entry: cache.Entr
     except OSError as exc:
         if not entry.library.exists():
             raise _EntryVanished() from None
-        hint = ""
-        if "failed to map segment" in str(exc):
-            hint = (" The cache is probably on a filesystem mounted noexec; point FLASHINFER_JIT_CACHE_DIR "
-                    "at a filesystem that allows executing code.")
-        raise KernelLoadError(f"cannot load {entry.library}: {exc}.{hint}", entry.library) from None
+        raise KernelLoadError(f"cannot load {entry.library}: {exc}.{_noexec_hint(str(exc))}", entry.library) from None
     layer.touch_last_used(entry)
     return LoadedKernel(spec=spec, key=key, entry=entry, lib=lib)
 
@@ -284,6 +291,12 @@ def _build(spec: KernelSpec, info: KeyInfo, layer: cache.CacheLayer) -> cache.En
             shutil.rmtree(build_dir, ignore_errors=True)
         raise _cache_write_error(layer, spec, _NO_SPACE[exc.errno], exc.errno) from None
     except KernelCompileError as exc:
+        if build_dir is not None and _NOEXEC_TEXT in exc.tail:
+            # The compile worked; torch's own dlopen of the result did not. Publishing it is no use.
+            shutil.rmtree(build_dir, ignore_errors=True)
+            raise KernelLoadError(
+                f"built kernel '{spec.uri}' but cannot load it from {layer.root}: "
+                f"{exc.tail.strip().splitlines()[-1]}.{_noexec_hint(exc.tail)}", layer.root) from None
         if build_dir is None or not any(text in exc.tail for text in _NO_SPACE_TEXT):
             raise
         # The compiler ran out of room: a half-written object is no use for inspection.
@@ -324,6 +337,25 @@ def _build_in(spec: KernelSpec, info: KeyInfo, layer: cache.CacheLayer, build_di
         spec.uri, time.perf_counter() - start, manifest["size"] / 1e6, entry.path,
     )
     return entry
+
+
+def inventory(cache_dir: Path | str | None = None, verify: bool = True) -> list[dict[str, Any]]:
+    """Every entry of every cache layer as plain data (`flashinfer-jit cache list|show`), with
+    `toolchain_differs`: the fields (those a prebuilt binary must match, plus the nvcc version) in
+    which the entry's recorded toolchain differs from this installation's."""
+    fingerprints: dict[str, dict[str, Any] | None] = {}
+
+    def current(arch_tag: str) -> dict[str, Any] | None:
+        if arch_tag not in fingerprints:
+            try:
+                fingerprints[arch_tag] = toolchain.fingerprint(tuple(arch_tag.split("_")))
+            except (ValueError, OSError):
+                fingerprints[arch_tag] = None
+        return fingerprints[arch_tag]
+
+    fields = (*toolchain.RUNTIME_FIELDS, "nvcc")
+    return [cache.entry_report(layer, entry, verify=verify, current=current(entry.arch), fields=fields)
+            for layer in cache.layers(cache_dir) for entry in layer.entries()]
 
 
 def clear_memo() -> None:

@@ -116,18 +116,18 @@ _attention_run_op = define(
 _blocks_per_sm: dict[tuple[int, PrefillSpec, int], int] = {}
 
 
-def _target_ctas(kernel: loader.LoadedKernel, spec: PrefillSpec, device: torch.device, cta_q: int) -> int:
-    """CTAs that fill the GPU: SMs x resident CTAs per SM of this kernel (occupancy query)."""
+def _gpu_slots(kernel: loader.LoadedKernel, spec: PrefillSpec, device: torch.device, cta_q: int) -> tuple[int, int]:
+    """(SMs, SMs x resident CTAs per SM of this kernel) — the occupancy query runs once per variant."""
     key = (device.index or 0, spec, cta_q)
-    total = _blocks_per_sm.get(key)
-    if total is None:
+    slots = _blocks_per_sm.get(key)
+    if slots is None:
         with device_guard(device):
             blocks = kernel.function("blocks_per_sm", [ctypes.c_int])(cta_q)
         if blocks <= 0:
             kernel.check(-blocks or 1, "occupancy query")
-        total = blocks * torch.cuda.get_device_properties(device).multi_processor_count
-        _blocks_per_sm[key] = total
-    return total
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        slots = _blocks_per_sm[key] = (sms, blocks * sms)
+    return slots
 
 
 def _kv_tile(kernel: loader.LoadedKernel) -> int:
@@ -246,7 +246,9 @@ class _BatchAttention:
             cta_q = 64
         else:
             cta_q = 128 if total_q * group > 64 * max(batch, 1) else 64
-        target = _target_ctas(kernel, spec, self._device, cta_q)
+        # Split KV only as far as one CTA per SM: measured on H100 decode, more and shorter chunks
+        # lose more to merging and per-CTA start-up than they gain in parallelism.
+        sms, target = _gpu_slots(kernel, spec, self._device, cta_q)
         if disable_split_kv:
             split_tiles = -1
         elif fixed_split_size is not None:
@@ -255,7 +257,7 @@ class _BatchAttention:
             split_tiles = fixed_split_size // kv_tile
         else:
             split_tiles = 0
-        config = PlanConfig(batch, group, num_kv_heads, cta_q, kv_tile, int(bool(causal)), target,
+        config = PlanConfig(batch, group, num_kv_heads, cta_q, kv_tile, int(bool(causal)), sms,
                             MIN_CHUNK_TILES, split_tiles, 0)
         num_pages = pages[1].numel() if pages is not None else 0
 
