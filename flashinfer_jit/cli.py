@@ -207,8 +207,10 @@ def _progress_line(outcome: prebuild.Outcome, index: int, total: int) -> str:
         return f"{head}cached {where}"
     if outcome.status == prebuild.PLANNED:
         return f"{head}would build {where}"
-    first = (outcome.error or "").strip().splitlines()
-    return f"{head}FAILED {where} after {outcome.seconds:.1f} s" + (f": {first[-1]}" if first else "")
+    lines = (outcome.error or "").strip().splitlines()
+    errors = [l.strip() for l in lines if "error:" in l]  # the compiler's own "file(line): error: ..." 
+    why = errors[0] if errors else (lines[-1] if lines else "")
+    return f"{head}FAILED {where} after {outcome.seconds:.1f} s" + (f": {why}" if why else "")
 
 
 def format_prebuild_summary(report: prebuild.Report) -> str:

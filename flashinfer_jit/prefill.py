@@ -30,7 +30,16 @@ import torch
 
 from . import loader, validate
 from .ops import define, device_guard, stream_of
-from .scheduler import ITEM_INTS, MERGE_INTS, MIN_CHUNK_TILES, PLAN_OK, PlanConfig, run_planner
+from .scheduler import (
+    ITEM_INTS,
+    MERGE_INTS,
+    MIN_CHUNK_TILES,
+    PLAN_OK,
+    PLAN_WORKSPACE,
+    PlanConfig,
+    UploadLayout,
+    plan_and_upload,
+)
 from .spec import PrefillSpec, dtype_name
 
 LOG2E = 1.4426950408889634
@@ -113,26 +122,40 @@ _attention_run_op = define(
     _attention_run_cuda, lambda *args: None,
 )
 
-_blocks_per_sm: dict[tuple[int, PrefillSpec, int], int] = {}
+class _Variant:
+    """One compiled prefill variant and what plan() asks of it, looked up once per process."""
+
+    def __init__(self, spec: PrefillSpec):
+        self.spec = spec
+        self.kernel = loader.load(spec)
+        self.kv_tile: int = self.kernel.function("kv_tile", [])()  # the planner must use the kernel's tile
+        self.run_fn = self.kernel.function("run", _RUN_ARGTYPES)
+        self._slots: dict[tuple[int, int], tuple[int, int]] = {}
+
+    def gpu_slots(self, device: torch.device, cta_q: int) -> tuple[int, int]:
+        """(SMs, SMs x resident CTAs per SM) on `device`; the occupancy query runs once."""
+        key = (device.index or 0, cta_q)
+        slots = self._slots.get(key)
+        if slots is None:
+            with device_guard(device):
+                blocks = self.kernel.function("blocks_per_sm", [ctypes.c_int])(cta_q)
+            if blocks <= 0:
+                self.kernel.check(-blocks or 1, "occupancy query")
+            sms = torch.cuda.get_device_properties(device).multi_processor_count
+            slots = self._slots[key] = (sms, blocks * sms)
+        return slots
 
 
-def _gpu_slots(kernel: loader.LoadedKernel, spec: PrefillSpec, device: torch.device, cta_q: int) -> tuple[int, int]:
-    """(SMs, SMs x resident CTAs per SM of this kernel) — the occupancy query runs once per variant."""
-    key = (device.index or 0, spec, cta_q)
-    slots = _blocks_per_sm.get(key)
-    if slots is None:
-        with device_guard(device):
-            blocks = kernel.function("blocks_per_sm", [ctypes.c_int])(cta_q)
-        if blocks <= 0:
-            kernel.check(-blocks or 1, "occupancy query")
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        slots = _blocks_per_sm[key] = (sms, blocks * sms)
-    return slots
+_variants: dict[tuple[str, int, torch.dtype, bool], _Variant] = {}
 
 
-def _kv_tile(kernel: loader.LoadedKernel) -> int:
-    """Keys per KV tile, as compiled into the library (the planner must use the kernel's value)."""
-    return kernel.function("kv_tile", [])()
+def _variant(layout: str, head_dim: int, dtype: torch.dtype, causal: bool) -> _Variant:
+    key = (layout, head_dim, dtype, causal)
+    variant = _variants.get(key)
+    if variant is None:
+        spec = PrefillSpec(kv_layout=layout, head_dim=head_dim, dtype=dtype_name(dtype), causal=causal)
+        variant = _variants[key] = _Variant(spec)
+    return variant
 
 
 def _index_tensor(name: str, value: object, min_entries: int = 0) -> torch.Tensor:
@@ -182,13 +205,13 @@ class _IntLayout:
         self.counters = self.merges + merge_capacity * MERGE_INTS  # zeroed by every plan
         self.total_ints = self.counters + _align8(merge_capacity * num_kv_heads)
 
+    def as_struct(self, partial_slots: int) -> UploadLayout:
+        return UploadLayout(self.qo, self.kv, self.page_indptr, self.page_indices, self.items, self.merges,
+                            self.counters, self.total_ints, self.item_capacity, self.merge_capacity, partial_slots)
+
 
 def _align8(n: int) -> int:
     return (n + 7) // 8 * 8
-
-
-def _memmove_ints(host: torch.Tensor, offset: int, src: torch.Tensor) -> None:
-    ctypes.memmove(host.data_ptr() + 4 * offset, src.data_ptr(), 4 * src.numel())
 
 
 def _host_int(t: torch.Tensor, index: int) -> int:
@@ -236,10 +259,8 @@ class _BatchAttention:
         total_q = _host_int(qo_host, batch)
         total_kv = _host_int(kv_lens_indptr, batch)
         group = num_qo_heads // num_kv_heads
+        variant = _variant(layout_name, head_dim, q_dtype, bool(causal))
 
-        spec = PrefillSpec(kv_layout=layout_name, head_dim=head_dim, dtype=dtype_name(q_dtype), causal=bool(causal))
-        kernel = loader.load(spec)
-        kv_tile = _kv_tile(kernel)
         if self._graph_limits is not None:
             cta_q = self._graph_limits["cta_q"]
         elif head_dim == 256:
@@ -248,23 +269,32 @@ class _BatchAttention:
             cta_q = 128 if total_q * group > 64 * max(batch, 1) else 64
         # Split KV only as far as one CTA per SM: measured on H100 decode, more and shorter chunks
         # lose more to merging and per-CTA start-up than they gain in parallelism.
-        sms, target = _gpu_slots(kernel, spec, self._device, cta_q)
+        sms, slots_per_gpu = variant.gpu_slots(self._device, cta_q)
         if disable_split_kv:
             split_tiles = -1
         elif fixed_split_size is not None:
-            if fixed_split_size <= 0 or fixed_split_size % kv_tile:
-                raise ValueError(f"fixed_split_size: expected a positive multiple of {kv_tile}, got {fixed_split_size}")
-            split_tiles = fixed_split_size // kv_tile
+            if fixed_split_size <= 0 or fixed_split_size % variant.kv_tile:
+                raise ValueError(f"fixed_split_size: expected a positive multiple of {variant.kv_tile}, "
+                                 f"got {fixed_split_size}")
+            split_tiles = fixed_split_size // variant.kv_tile
         else:
             split_tiles = 0
-        config = PlanConfig(batch, group, num_kv_heads, cta_q, kv_tile, int(bool(causal)), sms,
+        config = PlanConfig(batch, group, num_kv_heads, cta_q, variant.kv_tile, int(bool(causal)), sms,
                             MIN_CHUNK_TILES, split_tiles, 0)
-        num_pages = pages[1].numel() if pages is not None else 0
+        max_page_index = -1
+        num_pages = 0
+        if pages is not None:
+            num_pages = _host_int(pages[0], batch)
+            if num_pages:
+                used = pages[1][:num_pages]
+                lo, max_page_index = int(used.min()), int(used.max())
+                if lo < 0:
+                    raise ValueError(f"paged_kv_indices: page indices must be >= 0, got {lo}")
 
         if self._use_cuda_graph:
             limits = self._graph_limits
             if limits is None:
-                items_cap = math.ceil(total_q * group / 64) + batch + target + 16
+                items_cap = math.ceil(total_q * group / 64) + batch + slots_per_gpu + 16
                 limits = {"batch": batch, "total_q": total_q, "items": items_cap, "merges": items_cap,
                           "cta_q": cta_q, "pages": 2 * num_pages + 64}
             elif batch > limits["batch"] or total_q > limits["total_q"] or num_pages > limits["pages"]:
@@ -275,44 +305,36 @@ class _BatchAttention:
             batch_cap, items_cap, merges_cap, pages_cap = limits["batch"], limits["items"], limits["merges"], limits["pages"]
         else:
             limits = None
-            # Enough for any plan without splits, so the planner usually runs once.
-            # (splitting adds at most target / num_kv_heads chunks: see prefill_plan.h).
-            items_cap = total_q * group // cta_q + batch + target // num_kv_heads + 1
+            # Enough for any plan, so the planner runs once: splitting adds at most sms / num_kv_heads
+            # chunks (prefill_plan.h: only tiles longer than the per-CTA share split).
+            items_cap = total_q * group // cta_q + batch + sms // num_kv_heads + 1
             batch_cap, merges_cap, pages_cap = batch, items_cap, num_pages
 
-        # Plan straight into pinned host memory, growing it when the planner asks for more room.
+        # Partial states: fp32 O [slots, D] then LSE [slots], at offsets fixed by the buffer size (a
+        # captured CUDA graph keeps valid pointers across plans).
+        partial_slots = self._float_workspace.numel() // (4 * (head_dim + 1))
+        stream = stream_of(self._device)
         while True:
             layout = _IntLayout(batch_cap, items_cap, merges_cap, pages_cap if pages is not None else 0, num_kv_heads)
+            upload = layout.as_struct(partial_slots)
             host = self._pinned_buffer(layout.total_ints)
-            status, plan = run_planner(
-                kernel, qo_host, kv_lens_indptr, config,
-                host.data_ptr() + 4 * layout.items, layout.item_capacity,
-                host.data_ptr() + 4 * layout.merges, layout.merge_capacity)
+            device_ints = self._device_buffer(layout.total_ints)
+            status, plan = plan_and_upload(
+                variant.kernel, qo_host, kv_lens_indptr, config, host.data_ptr(), upload,
+                pages[0] if pages is not None else None, pages[1][:num_pages] if pages is not None else None,
+                device_ints.data_ptr(), stream)
             if status == PLAN_OK:
                 break
+            if status == PLAN_WORKSPACE:
+                need = plan.partial_rows * num_kv_heads * (head_dim + 1) * 4
+                raise ValueError(
+                    f"float_workspace_buffer holds {self._float_workspace.numel()} bytes but this plan's split-KV "
+                    f"partial states need {need} bytes; pass a buffer of at least that size (or disable_split_kv=True)")
             if self._use_cuda_graph:
                 raise ValueError(
                     f"this plan needs {plan.num_items} work items / {plan.num_merges} merges but the CUDA-graph "
                     f"buffers were sized for {items_cap} / {merges_cap} by the first plan; create a new wrapper")
             items_cap, merges_cap = max(plan.num_items, 1), max(plan.num_merges, 1)
-
-        slots = self._float_workspace.numel() // (4 * (head_dim + 1))
-        if plan.partial_rows * num_kv_heads > slots:
-            need = plan.partial_rows * num_kv_heads * (head_dim + 1) * 4
-            raise ValueError(
-                f"float_workspace_buffer holds {self._float_workspace.numel()} bytes but this plan's split-KV "
-                f"partial states need {need} bytes; pass a buffer of at least that size (or disable_split_kv=True)")
-
-        counts = (ctypes.c_int32 * 2)(plan.num_items, plan.num_merges)
-        ctypes.memmove(host.data_ptr(), counts, 8)
-        ctypes.memset(host.data_ptr() + 4 * layout.counters, 0, 4 * (layout.total_ints - layout.counters))
-        _memmove_ints(host, layout.qo, qo_host)
-        _memmove_ints(host, layout.kv, kv_lens_indptr)
-        if pages is not None:
-            _memmove_ints(host, layout.page_indptr, pages[0])
-            _memmove_ints(host, layout.page_indices, pages[1])
-        device_ints = self._device_buffer(layout.total_ints)
-        device_ints[: layout.total_ints].copy_(host[: layout.total_ints], non_blocking=True)
         self._mark_pinned_in_use()
         self._graph_limits = limits
 
@@ -321,27 +343,19 @@ class _BatchAttention:
         params.qo_indptr, params.kv_indptr = base + 4 * layout.qo, base + 4 * layout.kv
         params.items, params.merges, params.counts = base + 4 * layout.items, base + 4 * layout.merges, base
         params.merge_counters = base + 4 * layout.counters
-        # Partial states: fp32 O [slots, D] then LSE [slots], at offsets fixed by the buffer size (a
-        # captured CUDA graph keeps valid pointers across plans).
         params.partial_o = self._float_workspace.data_ptr()
-        params.partial_lse = params.partial_o + slots * head_dim * 4
+        params.partial_lse = params.partial_o + partial_slots * head_dim * 4
         params.num_qo_heads, params.num_kv_heads, params.group = num_qo_heads, num_kv_heads, group
         params.scale_log2 = (sm_scale if sm_scale is not None else 1.0 / math.sqrt(head_dim)) * LOG2E
         params.cta_q = cta_q
-        page_size, max_page_index = 0, -1
+        page_size = 0
         if pages is not None:
             page_size = pages[2]
             params.page_size = page_size
             params.page_div_mul, params.page_div_shift = page_divider(page_size)
             params.page_indptr, params.page_indices = base + 4 * layout.page_indptr, base + 4 * layout.page_indices
-            used = pages[1][: int(pages[0][batch])] if batch else pages[1][:0]
-            if used.numel():
-                lo, hi = int(used.min()), int(used.max())
-                if lo < 0:
-                    raise ValueError(f"paged_kv_indices: page indices must be >= 0, got {lo}")
-                max_page_index = hi
         self._state = _PlanState(
-            kernel=kernel, run_fn=kernel.function("run", _RUN_ARGTYPES), params=params,
+            kernel=variant.kernel, run_fn=variant.run_fn, params=params,
             grid_items=items_cap if self._use_cuda_graph else plan.num_items,
             dtype=q_dtype, batch=batch, total_q=total_q, total_kv=total_kv, num_qo_heads=num_qo_heads,
             num_kv_heads=num_kv_heads, head_dim=head_dim, page_size=page_size, max_page_index=max_page_index)

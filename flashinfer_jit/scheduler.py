@@ -27,7 +27,15 @@ class PlanResult(ctypes.Structure):
     _fields_ = [(name, ctypes.c_int64) for name in ("num_items", "num_merges", "partial_rows", "error_index")]
 
 
-PLAN_OK, PLAN_CAPACITY = 0, 1
+class UploadLayout(ctypes.Structure):
+    """Mirror of fij::UploadLayout: int32 offsets of the plan metadata in the workspace."""
+
+    _fields_ = [(name, ctypes.c_int64) for name in (
+        "qo", "kv", "page_indptr", "page_indices", "items", "merges", "counters", "total",
+        "item_capacity", "merge_capacity", "partial_slots")]
+
+
+PLAN_OK, PLAN_CAPACITY, PLAN_WORKSPACE = 0, 1, 7
 _PLAN_ERRORS = {
     2: "qo_indptr[0] must be 0",
     3: "kv_indptr[0] must be 0",
@@ -49,6 +57,38 @@ class Plan:
     partial_rows: int
 
 
+_UPLOAD_ARGTYPES = [ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(PlanConfig), ctypes.c_void_p,
+                    ctypes.POINTER(UploadLayout), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                    ctypes.c_void_p, ctypes.POINTER(PlanResult)]
+
+
+def raise_plan_error(status: int, result: PlanResult, qo_indptr: torch.Tensor, kv_indptr: torch.Tensor) -> None:
+    where = ""
+    if result.error_index >= 0:
+        name = "qo_indptr" if status == 4 else "kv_indptr"
+        values = (qo_indptr if status == 4 else kv_indptr)[result.error_index: result.error_index + 2].tolist()
+        where = f" (at index {result.error_index}: {name}[{result.error_index}:{result.error_index + 2}] = {values})"
+    raise ValueError(_PLAN_ERRORS.get(status, f"planner error {status}") + where)
+
+
+def plan_and_upload(kernel: LoadedKernel, qo_indptr: torch.Tensor, kv_indptr: torch.Tensor, config: PlanConfig,
+                    host_ptr: int, layout: UploadLayout, page_indptr: torch.Tensor | None,
+                    page_indices: torch.Tensor | None, device_ptr: int, stream: int) -> tuple[int, Plan]:
+    """Plan into pinned host memory and start the one host-to-device copy (all in C). Returns
+    (PLAN_OK | PLAN_CAPACITY | PLAN_WORKSPACE, counts); raises on bad indptrs or a failed copy."""
+    result = PlanResult()
+    status = kernel.function("plan_upload", _UPLOAD_ARGTYPES)(
+        qo_indptr.data_ptr(), kv_indptr.data_ptr(), ctypes.byref(config), host_ptr, ctypes.byref(layout),
+        page_indptr.data_ptr() if page_indptr is not None else None,
+        page_indices.data_ptr() if page_indices is not None else None,
+        page_indices.numel() if page_indices is not None else 0, device_ptr, stream, ctypes.byref(result))
+    if status < 0:
+        kernel.check(-status, "plan upload (host-to-device copy)")
+    if status not in (PLAN_OK, PLAN_CAPACITY, PLAN_WORKSPACE):
+        raise_plan_error(status, result, qo_indptr, kv_indptr)
+    return status, Plan(result.num_items, result.num_merges, result.partial_rows)
+
+
 def run_planner(kernel: LoadedKernel, qo_indptr: torch.Tensor, kv_indptr: torch.Tensor, config: PlanConfig,
                 items_ptr: int, item_capacity: int, merges_ptr: int, merge_capacity: int) -> tuple[int, Plan]:
     """Run the C planner on host int32 indptrs. Returns (status, counts); raises on bad indptrs."""
@@ -57,12 +97,7 @@ def run_planner(kernel: LoadedKernel, qo_indptr: torch.Tensor, kv_indptr: torch.
         qo_indptr.data_ptr(), kv_indptr.data_ptr(), ctypes.byref(config),
         items_ptr, item_capacity, merges_ptr, merge_capacity, ctypes.byref(result))
     if status not in (PLAN_OK, PLAN_CAPACITY):
-        where = f" (at index {result.error_index}: " if result.error_index >= 0 else ""
-        if where:
-            name = "qo_indptr" if status == 4 else "kv_indptr"
-            values = (qo_indptr if status == 4 else kv_indptr)[result.error_index: result.error_index + 2].tolist()
-            where += f"{name}[{result.error_index}:{result.error_index + 2}] = {values})"
-        raise ValueError(_PLAN_ERRORS.get(status, f"planner error {status}") + where)
+        raise_plan_error(status, result, qo_indptr, kv_indptr)
     return status, Plan(result.num_items, result.num_merges, result.partial_rows)
 
 

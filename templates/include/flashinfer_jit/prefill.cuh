@@ -479,6 +479,32 @@ __global__ void __launch_bounds__(PrefillShape<HEAD_DIM, CTA_Q, KV_TILE>::kThrea
   }
 }
 
+// plan() in one host call: plan into the pinned host buffer, add counts, indptrs, page table and
+// zeroed merge counters at their layout offsets, and start one host-to-device copy on `stream`.
+// Returns a PlanStatus, or -cudaError_t when the copy could not be started.
+inline int plan_and_upload(const int32_t* qo_indptr, const int32_t* kv_indptr, const PlanConfig& cfg,
+                           int32_t* host, const UploadLayout& layout, const int32_t* page_indptr,
+                           const int32_t* page_indices, int64_t num_page_indices, void* device,
+                           cudaStream_t stream, PlanResult* result) {
+  const int32_t status = plan_prefill(qo_indptr, kv_indptr, cfg, reinterpret_cast<WorkItem*>(host + layout.items),
+                                      layout.item_capacity, reinterpret_cast<MergeEntry*>(host + layout.merges),
+                                      layout.merge_capacity, result);
+  if (status != kPlanOk) return status;
+  if (result->partial_rows * cfg.num_kv_heads > layout.partial_slots) return kPlanWorkspace;
+  host[0] = int32_t(result->num_items);
+  host[1] = int32_t(result->num_merges);
+  memcpy(host + layout.qo, qo_indptr, sizeof(int32_t) * size_t(cfg.batch + 1));
+  memcpy(host + layout.kv, kv_indptr, sizeof(int32_t) * size_t(cfg.batch + 1));
+  if (page_indptr != nullptr) {
+    memcpy(host + layout.page_indptr, page_indptr, sizeof(int32_t) * size_t(cfg.batch + 1));
+    memcpy(host + layout.page_indices, page_indices, sizeof(int32_t) * size_t(num_page_indices));
+  }
+  memset(host + layout.counters, 0, sizeof(int32_t) * size_t(layout.total - layout.counters));
+  const cudaError_t err =
+      cudaMemcpyAsync(device, host, sizeof(int32_t) * size_t(layout.total), cudaMemcpyHostToDevice, stream);
+  return err == cudaSuccess ? 0 : -int(err);
+}
+
 template <typename T, int HEAD_DIM, int CTA_Q, int KV_TILE, bool CAUSAL, bool PAGED>
 inline int launch_prefill(const PrefillParams& p, int grid_items, cudaStream_t stream) {
   using S = PrefillShape<HEAD_DIM, CTA_Q, KV_TILE>;

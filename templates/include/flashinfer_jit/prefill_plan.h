@@ -13,6 +13,8 @@
 #pragma once
 #include <stdint.h>
 
+#include <string.h>
+
 #include <algorithm>
 #include <vector>
 
@@ -64,17 +66,12 @@ enum PlanStatus : int32_t {
   kPlanQoDecreasing = 4,     // qo_indptr[i + 1] < qo_indptr[i]
   kPlanKvDecreasing = 5,     // kv_indptr[i + 1] < kv_indptr[i]
   kPlanBadConfig = 6,
+  kPlanWorkspace = 7,        // split-KV partial states do not fit the float workspace
 };
 
 namespace detail {
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// KV positions [0, limit) that any row of packed rows [rb, re) of a request may see.
-inline int64_t tile_kv_limit(int64_t rb, int64_t re, int64_t q_len, int64_t kv_len, int64_t group, bool causal) {
-  if (!causal) return kv_len;
-  const int64_t last_token = (re - 1) / group;
-  return std::max<int64_t>(0, std::min<int64_t>(kv_len, last_token + (kv_len - q_len) + 1));
-}
 }  // namespace detail
 
 inline int32_t plan_prefill(const int32_t* qo_indptr, const int32_t* kv_indptr, const PlanConfig& cfg,
@@ -82,7 +79,8 @@ inline int32_t plan_prefill(const int32_t* qo_indptr, const int32_t* kv_indptr, 
                             PlanResult* result) {
   using detail::ceil_div;
   *result = PlanResult{0, 0, 0, -1};
-  if (cfg.batch < 0 || cfg.group < 1 || cfg.num_kv_heads < 1 || cfg.cta_q < 1 || cfg.kv_tile < 1 ||
+  const bool pow2_tile = cfg.kv_tile > 0 && (cfg.kv_tile & (cfg.kv_tile - 1)) == 0;
+  if (cfg.batch < 0 || cfg.group < 1 || cfg.num_kv_heads < 1 || cfg.cta_q < 1 || !pow2_tile ||
       cfg.target_ctas < 1 || cfg.min_chunk_tiles < 1)
     return kPlanBadConfig;
   if (qo_indptr[0] != 0) return kPlanQoNotZero;
@@ -92,18 +90,35 @@ inline int32_t plan_prefill(const int32_t* qo_indptr, const int32_t* kv_indptr, 
     if (kv_indptr[i + 1] < kv_indptr[i]) { result->error_index = i; return kPlanKvDecreasing; }
   }
   const bool causal = cfg.causal != 0;
-  const int64_t g = cfg.group, cta_q = cfg.cta_q, kv_tile = cfg.kv_tile;
+  const int32_t g = cfg.group, cta_q = cfg.cta_q;
+  int tile_shift = 0;
+  while ((1 << tile_shift) < cfg.kv_tile) ++tile_shift;
+  // When a tile holds whole tokens (cta_q % group == 0), a tile's last token steps by cta_q / group:
+  // no division per tile (this loop runs for every q tile of the batch).
+  const bool whole_tokens = cta_q % g == 0;
+  const int32_t tile_tokens = cta_q / g;
 
-  // Pass 1: per q tile, the KV tiles it must visit; the total work decides the chunk size.
-  int64_t total_cost = 0, num_tiles = 0, max_tiles = 0;
+  // Pass 1: every q tile's visible KV limit and tile count; the total work decides the chunk size.
+  struct Tile { int32_t request, row_begin, limit, tiles; };
+  std::vector<Tile> tiles;
+  tiles.reserve(static_cast<size_t>(cfg.batch) + static_cast<size_t>(qo_indptr[cfg.batch]) * g / cta_q + 1);
+  int64_t total_cost = 0;
+  int32_t max_tiles = 0;
   for (int32_t r = 0; r < cfg.batch; ++r) {
-    const int64_t q_len = qo_indptr[r + 1] - qo_indptr[r], kv_len = kv_indptr[r + 1] - kv_indptr[r];
-    for (int64_t rb = 0; rb < q_len * g; rb += cta_q) {
-      const int64_t re = std::min(q_len * g, rb + cta_q);
-      const int64_t tiles = ceil_div(detail::tile_kv_limit(rb, re, q_len, kv_len, g, causal), kv_tile);
-      total_cost += tiles + 1;  // +1: loading Q and writing O cost about one KV tile
-      max_tiles = std::max(max_tiles, tiles);
-      ++num_tiles;
+    const int32_t q_len = qo_indptr[r + 1] - qo_indptr[r], kv_len = kv_indptr[r + 1] - kv_indptr[r];
+    const int32_t packed = q_len * g, offset = kv_len - q_len;
+    int32_t tokens_end = tile_tokens;  // whole_tokens: tokens [0, tokens_end) lie in tiles 0..this one
+    for (int32_t rb = 0; rb < packed; rb += cta_q, tokens_end += tile_tokens) {
+      int32_t limit = kv_len;
+      if (causal) {
+        const int32_t re = rb + cta_q < packed ? rb + cta_q : packed;
+        const int32_t last_token = whole_tokens ? std::min(tokens_end, q_len) - 1 : (re - 1) / g;
+        limit = std::max(0, std::min(kv_len, last_token + offset + 1));
+      }
+      const int32_t n = (limit + cfg.kv_tile - 1) >> tile_shift;
+      tiles.push_back(Tile{r, rb, limit, n});
+      total_cost += n + 1;  // +1: loading Q and writing O cost about one KV tile
+      max_tiles = std::max(max_tiles, n);
     }
   }
   int64_t chunk_tiles;
@@ -116,55 +131,63 @@ inline int32_t plan_prefill(const int32_t* qo_indptr, const int32_t* kv_indptr, 
     chunk_tiles = std::max<int64_t>(cfg.min_chunk_tiles, share);
   }
 
-  // Pass 2: emit items (cost-bucketed for a linear-time longest-first order) and merge entries.
-  std::vector<int64_t> bucket_count(static_cast<size_t>(std::min(max_tiles, chunk_tiles) + 2), 0);
-  std::vector<WorkItem> unordered;
-  unordered.reserve(static_cast<size_t>(num_tiles));
-  int64_t partial_rows = 0, num_merges = 0;
-  for (int32_t r = 0; r < cfg.batch; ++r) {
-    const int64_t q_len = qo_indptr[r + 1] - qo_indptr[r], kv_len = kv_indptr[r + 1] - kv_indptr[r];
-    for (int64_t rb = 0; rb < q_len * g; rb += cta_q) {
-      const int64_t re = std::min(q_len * g, rb + cta_q);
-      const int64_t limit = detail::tile_kv_limit(rb, re, q_len, kv_len, g, causal);
-      const int64_t tiles = ceil_div(limit, kv_tile);
-      const int64_t chunks = std::max<int64_t>(1, ceil_div(tiles, chunk_tiles));
-      const int64_t per_chunk = chunks > 1 ? ceil_div(tiles, chunks) : tiles;
-      const int64_t base = chunks > 1 ? partial_rows : -1;
-      for (int64_t c = 0; c < chunks; ++c) {
-        const int64_t kv_begin = c * per_chunk * kv_tile;
-        const int64_t kv_end = std::min(limit, (c + 1) * per_chunk * kv_tile);
-        WorkItem item{r, static_cast<int32_t>(rb), static_cast<int32_t>(kv_begin), static_cast<int32_t>(kv_end),
-                      static_cast<int32_t>(chunks > 1 ? base + c * cta_q : -1),
-                      static_cast<int32_t>(chunks > 1 ? num_merges : -1), static_cast<int32_t>(chunks), 0};
-        unordered.push_back(item);
-        ++bucket_count[static_cast<size_t>(ceil_div(std::max<int64_t>(kv_end - kv_begin, 0), kv_tile))];
-      }
-      if (chunks > 1) {
-        if (num_merges < merge_capacity)
-          merges[num_merges] = MergeEntry{r, static_cast<int32_t>(rb), static_cast<int32_t>(base),
-                                          static_cast<int32_t>(chunks)};
-        ++num_merges;
-        partial_rows += chunks * cta_q;
-      }
+  // Pass 2: count items per cost bucket and merges; check capacity before writing anything.
+  const size_t buckets = static_cast<size_t>(std::min<int64_t>(max_tiles, chunk_tiles)) + 2;
+  std::vector<int64_t> next(buckets, 0);
+  int64_t num_items = 0, num_merges = 0, partial_rows = 0;
+  for (const Tile& t : tiles) {
+    if (t.tiles <= chunk_tiles) {
+      ++next[static_cast<size_t>(t.tiles)];
+      ++num_items;
+      continue;
     }
+    const int64_t chunks = ceil_div(t.tiles, chunk_tiles), per_chunk = ceil_div(t.tiles, chunks);
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t first = c * per_chunk, last = std::min<int64_t>(t.tiles, first + per_chunk);
+      ++next[static_cast<size_t>(std::max<int64_t>(last - first, 0))];
+    }
+    num_items += chunks;
+    ++num_merges;
+    partial_rows += chunks * cta_q;
   }
-  result->num_items = static_cast<int64_t>(unordered.size());
+  result->num_items = num_items;
   result->num_merges = num_merges;
   result->partial_rows = partial_rows;
-  if (result->num_items > item_capacity || num_merges > merge_capacity) return kPlanCapacity;
+  if (num_items > item_capacity || num_merges > merge_capacity) return kPlanCapacity;
 
   // Counting sort, most KV tiles first; ties keep request order (deterministic plans).
-  std::vector<int64_t> next(bucket_count.size(), 0);
   int64_t offset = 0;
-  for (size_t b = bucket_count.size(); b-- > 0;) {
+  for (size_t b = buckets; b-- > 0;) {
+    const int64_t count = next[b];
     next[b] = offset;
-    offset += bucket_count[b];
+    offset += count;
   }
-  for (const WorkItem& item : unordered) {
-    const size_t b = static_cast<size_t>(ceil_div(std::max(item.kv_end - item.kv_begin, 0), kv_tile));
-    items[next[b]++] = item;
+  int32_t merge = 0, partial = 0;
+  for (const Tile& t : tiles) {
+    if (t.tiles <= chunk_tiles) {
+      items[next[static_cast<size_t>(t.tiles)]++] = WorkItem{t.request, t.row_begin, 0, t.limit, -1, -1, 1, 0};
+      continue;
+    }
+    const int32_t chunks = static_cast<int32_t>(ceil_div(t.tiles, chunk_tiles));
+    const int32_t per_chunk = static_cast<int32_t>(ceil_div(t.tiles, chunks));
+    for (int32_t c = 0; c < chunks; ++c) {
+      const int32_t first = c * per_chunk, last = std::min(t.tiles, first + per_chunk);
+      const int32_t kv_begin = first * cfg.kv_tile, kv_end = std::min(t.limit, last * cfg.kv_tile);
+      items[next[static_cast<size_t>(std::max(last - first, 0))]++] =
+          WorkItem{t.request, t.row_begin, kv_begin, kv_end, partial + c * cta_q, merge, chunks, 0};
+    }
+    merges[merge] = MergeEntry{t.request, t.row_begin, partial, chunks};
+    ++merge;
+    partial += chunks * cta_q;
   }
   return kPlanOk;
 }
+
+// Where plan_and_upload puts things in the int32 metadata buffer (offsets in int32 elements).
+struct UploadLayout {
+  int64_t qo, kv, page_indptr, page_indices, items, merges, counters, total;
+  int64_t item_capacity, merge_capacity;
+  int64_t partial_slots;  // (row, KV head) partial states the float workspace holds
+};
 
 }  // namespace fij
