@@ -36,7 +36,9 @@ from .scheduler import (
     MIN_CHUNK_TILES,
     PLAN_OK,
     PLAN_WORKSPACE,
+    PlanCall,
     PlanConfig,
+    PlanResult,
     UploadLayout,
     plan_and_upload,
 )
@@ -238,6 +240,8 @@ class _BatchAttention:
         self._pinned_turn = 0
         self._graph_limits: Optional[dict[str, int]] = None
         self._state: Optional[_PlanState] = None
+        self._params = PrefillParams()
+        self._plan_call = PlanCall(result=ctypes.pointer(PlanResult()))
         self._plan_id = next(_wrapper_ids)
         _wrappers[self._plan_id] = self
 
@@ -313,16 +317,22 @@ class _BatchAttention:
         # Partial states: fp32 O [slots, D] then LSE [slots], at offsets fixed by the buffer size (a
         # captured CUDA graph keeps valid pointers across plans).
         partial_slots = self._float_workspace.numel() // (4 * (head_dim + 1))
-        stream = stream_of(self._device)
+        call = self._plan_call
+        call.qo_indptr, call.kv_indptr, call.config = qo_host.data_ptr(), kv_lens_indptr.data_ptr(), ctypes.pointer(config)
+        call.stream = stream_of(self._device)
+        if pages is not None:
+            call.page_indptr, call.page_indices, call.num_page_indices = pages[0].data_ptr(), pages[1].data_ptr(), num_pages
+        else:
+            call.page_indptr = call.page_indices = None
+            call.num_page_indices = 0
         while True:
             layout = _IntLayout(batch_cap, items_cap, merges_cap, pages_cap if pages is not None else 0, num_kv_heads)
             upload = layout.as_struct(partial_slots)
-            host = self._pinned_buffer(layout.total_ints)
+            call.layout = ctypes.pointer(upload)
+            call.host, call.host_free = self._pinned_buffer(layout.total_ints)
             device_ints = self._device_buffer(layout.total_ints)
-            status, plan = plan_and_upload(
-                variant.kernel, qo_host, kv_lens_indptr, config, host.data_ptr(), upload,
-                pages[0] if pages is not None else None, pages[1][:num_pages] if pages is not None else None,
-                device_ints.data_ptr(), stream)
+            call.device = device_ints.data_ptr()
+            status, plan = plan_and_upload(variant.kernel, call, qo_host, kv_lens_indptr)
             if status == PLAN_OK:
                 break
             if status == PLAN_WORKSPACE:
@@ -335,11 +345,11 @@ class _BatchAttention:
                     f"this plan needs {plan.num_items} work items / {plan.num_merges} merges but the CUDA-graph "
                     f"buffers were sized for {items_cap} / {merges_cap} by the first plan; create a new wrapper")
             items_cap, merges_cap = max(plan.num_items, 1), max(plan.num_merges, 1)
-        self._mark_pinned_in_use()
+        self._pinned_turn ^= 1  # the next plan stages in the other buffer
         self._graph_limits = limits
 
         base = device_ints.data_ptr()
-        params = PrefillParams()
+        params = self._params  # reused: run() reads it only through self._state
         params.qo_indptr, params.kv_indptr = base + 4 * layout.qo, base + 4 * layout.kv
         params.items, params.merges, params.counts = base + 4 * layout.items, base + 4 * layout.merges, base
         params.merge_counters = base + 4 * layout.counters
@@ -392,23 +402,20 @@ class _BatchAttention:
         raise NotImplementedError
 
     # ---- buffers ----------------------------------------------------------------------------
-    def _pinned_buffer(self, ints: int) -> torch.Tensor:
-        """One of two pinned host buffers, alternating, so a plan never overwrites memory that the
-        previous plan's asynchronous copy may still be reading."""
+    def _pinned_buffer(self, ints: int) -> tuple[int, int]:
+        """(address, event) of the staging buffer for this plan. Two pinned buffers alternate; each
+        has a CUDA event the C planner waits on before overwriting it and records after its copy."""
         turn = self._pinned_turn
-        event = self._pinned_events[turn]
-        if event is not None and not event.query():
-            event.synchronize()
         if self._pinned[turn].numel() < ints:
+            event = self._pinned_events[turn]
+            if event is not None:
+                event.synchronize()  # the old buffer may still be read by its copy
             self._pinned[turn] = torch.empty(max(ints, 4096), dtype=torch.int32, pin_memory=True)
-        return self._pinned[turn]
-
-    def _mark_pinned_in_use(self) -> None:
-        event = self._pinned_events[self._pinned_turn]
+        event = self._pinned_events[turn]
         if event is None:
-            event = self._pinned_events[self._pinned_turn] = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(self._device))
-        self._pinned_turn ^= 1
+            event = self._pinned_events[turn] = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self._device))  # creates the CUDA event
+        return self._pinned[turn].data_ptr(), event.cuda_event
 
     def _device_buffer(self, ints: int) -> torch.Tensor:
         buf = self._int_workspace

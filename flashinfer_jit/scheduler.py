@@ -57,9 +57,15 @@ class Plan:
     partial_rows: int
 
 
-_UPLOAD_ARGTYPES = [ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(PlanConfig), ctypes.c_void_p,
-                    ctypes.POINTER(UploadLayout), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
-                    ctypes.c_void_p, ctypes.POINTER(PlanResult)]
+class PlanCall(ctypes.Structure):
+    """Mirror of fij::PlanCall: every argument of plan_and_upload in one struct (one ctypes argument)."""
+
+    _fields_ = [
+        ("qo_indptr", ctypes.c_void_p), ("kv_indptr", ctypes.c_void_p), ("config", ctypes.POINTER(PlanConfig)),
+        ("host", ctypes.c_void_p), ("layout", ctypes.POINTER(UploadLayout)), ("page_indptr", ctypes.c_void_p),
+        ("page_indices", ctypes.c_void_p), ("num_page_indices", ctypes.c_int64), ("device", ctypes.c_void_p),
+        ("stream", ctypes.c_void_p), ("host_free", ctypes.c_void_p), ("result", ctypes.POINTER(PlanResult)),
+    ]
 
 
 def raise_plan_error(status: int, result: PlanResult, qo_indptr: torch.Tensor, kv_indptr: torch.Tensor) -> None:
@@ -71,17 +77,12 @@ def raise_plan_error(status: int, result: PlanResult, qo_indptr: torch.Tensor, k
     raise ValueError(_PLAN_ERRORS.get(status, f"planner error {status}") + where)
 
 
-def plan_and_upload(kernel: LoadedKernel, qo_indptr: torch.Tensor, kv_indptr: torch.Tensor, config: PlanConfig,
-                    host_ptr: int, layout: UploadLayout, page_indptr: torch.Tensor | None,
-                    page_indices: torch.Tensor | None, device_ptr: int, stream: int) -> tuple[int, Plan]:
+def plan_and_upload(kernel: LoadedKernel, call: PlanCall, qo_indptr: torch.Tensor,
+                    kv_indptr: torch.Tensor) -> tuple[int, Plan]:
     """Plan into pinned host memory and start the one host-to-device copy (all in C). Returns
-    (PLAN_OK | PLAN_CAPACITY | PLAN_WORKSPACE, counts); raises on bad indptrs or a failed copy."""
-    result = PlanResult()
-    status = kernel.function("plan_upload", _UPLOAD_ARGTYPES)(
-        qo_indptr.data_ptr(), kv_indptr.data_ptr(), ctypes.byref(config), host_ptr, ctypes.byref(layout),
-        page_indptr.data_ptr() if page_indptr is not None else None,
-        page_indices.data_ptr() if page_indices is not None else None,
-        page_indices.numel() if page_indices is not None else 0, device_ptr, stream, ctypes.byref(result))
+    (PLAN_OK | PLAN_CAPACITY | PLAN_WORKSPACE, counts); raises on bad indptrs or a failed CUDA call."""
+    status = kernel.function("plan_upload", [ctypes.POINTER(PlanCall)])(ctypes.byref(call))
+    result = call.result.contents
     if status < 0:
         kernel.check(-status, "plan upload (host-to-device copy)")
     if status not in (PLAN_OK, PLAN_CAPACITY, PLAN_WORKSPACE):

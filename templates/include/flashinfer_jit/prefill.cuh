@@ -479,29 +479,54 @@ __global__ void __launch_bounds__(PrefillShape<HEAD_DIM, CTA_Q, KV_TILE>::kThrea
   }
 }
 
-// plan() in one host call: plan into the pinned host buffer, add counts, indptrs, page table and
-// zeroed merge counters at their layout offsets, and start one host-to-device copy on `stream`.
-// Returns a PlanStatus, or -cudaError_t when the copy could not be started.
-inline int plan_and_upload(const int32_t* qo_indptr, const int32_t* kv_indptr, const PlanConfig& cfg,
-                           int32_t* host, const UploadLayout& layout, const int32_t* page_indptr,
-                           const int32_t* page_indices, int64_t num_page_indices, void* device,
-                           cudaStream_t stream, PlanResult* result) {
-  const int32_t status = plan_prefill(qo_indptr, kv_indptr, cfg, reinterpret_cast<WorkItem*>(host + layout.items),
-                                      layout.item_capacity, reinterpret_cast<MergeEntry*>(host + layout.merges),
-                                      layout.merge_capacity, result);
+// plan() in one host call (one C-ABI argument, so the Python side pays for one conversion).
+struct PlanCall {
+  const int32_t* qo_indptr;
+  const int32_t* kv_indptr;
+  const PlanConfig* config;
+  int32_t* host;              // pinned staging buffer
+  const UploadLayout* layout;
+  const int32_t* page_indptr;  // paged layouts, else null
+  const int32_t* page_indices;
+  int64_t num_page_indices;
+  void* device;               // int32 metadata buffer on the GPU
+  cudaStream_t stream;
+  cudaEvent_t host_free;      // recorded after the copy from `host`; waited on before reusing it
+  PlanResult* result;
+};
+
+// Plan into the pinned host buffer, add counts, indptrs, page table and zeroed merge counters at
+// their layout offsets, and start one host-to-device copy on the stream. Returns a PlanStatus, or
+// -cudaError_t when a CUDA call failed. Nothing is uploaded unless the plan fits.
+inline int plan_and_upload(const PlanCall& c) {
+  // The previous copy out of this staging buffer must be done before it is overwritten; in steady
+  // state it finished long ago (the caller alternates two buffers), so this rarely waits.
+  if (c.host_free != nullptr && cudaEventQuery(c.host_free) == cudaErrorNotReady) {
+    const cudaError_t err = cudaEventSynchronize(c.host_free);
+    if (err != cudaSuccess) return -int(err);
+  }
+  cudaGetLastError();  // a cudaErrorNotReady from the query is not an error
+  const PlanConfig& cfg = *c.config;
+  const UploadLayout& layout = *c.layout;
+  int32_t* host = c.host;
+  const int32_t status =
+      plan_prefill(c.qo_indptr, c.kv_indptr, cfg, reinterpret_cast<WorkItem*>(host + layout.items),
+                   layout.item_capacity, reinterpret_cast<MergeEntry*>(host + layout.merges), layout.merge_capacity,
+                   c.result);
   if (status != kPlanOk) return status;
-  if (result->partial_rows * cfg.num_kv_heads > layout.partial_slots) return kPlanWorkspace;
-  host[0] = int32_t(result->num_items);
-  host[1] = int32_t(result->num_merges);
-  memcpy(host + layout.qo, qo_indptr, sizeof(int32_t) * size_t(cfg.batch + 1));
-  memcpy(host + layout.kv, kv_indptr, sizeof(int32_t) * size_t(cfg.batch + 1));
-  if (page_indptr != nullptr) {
-    memcpy(host + layout.page_indptr, page_indptr, sizeof(int32_t) * size_t(cfg.batch + 1));
-    memcpy(host + layout.page_indices, page_indices, sizeof(int32_t) * size_t(num_page_indices));
+  if (c.result->partial_rows * cfg.num_kv_heads > layout.partial_slots) return kPlanWorkspace;
+  host[0] = int32_t(c.result->num_items);
+  host[1] = int32_t(c.result->num_merges);
+  memcpy(host + layout.qo, c.qo_indptr, sizeof(int32_t) * size_t(cfg.batch + 1));
+  memcpy(host + layout.kv, c.kv_indptr, sizeof(int32_t) * size_t(cfg.batch + 1));
+  if (c.page_indptr != nullptr) {
+    memcpy(host + layout.page_indptr, c.page_indptr, sizeof(int32_t) * size_t(cfg.batch + 1));
+    memcpy(host + layout.page_indices, c.page_indices, sizeof(int32_t) * size_t(c.num_page_indices));
   }
   memset(host + layout.counters, 0, sizeof(int32_t) * size_t(layout.total - layout.counters));
-  const cudaError_t err =
-      cudaMemcpyAsync(device, host, sizeof(int32_t) * size_t(layout.total), cudaMemcpyHostToDevice, stream);
+  cudaError_t err =
+      cudaMemcpyAsync(c.device, host, sizeof(int32_t) * size_t(layout.total), cudaMemcpyHostToDevice, c.stream);
+  if (err == cudaSuccess && c.host_free != nullptr) err = cudaEventRecord(c.host_free, c.stream);
   return err == cudaSuccess ? 0 : -int(err);
 }
 
