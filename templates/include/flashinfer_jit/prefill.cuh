@@ -505,7 +505,6 @@ inline int plan_and_upload(const PlanCall& c) {
     const cudaError_t err = cudaEventSynchronize(c.host_free);
     if (err != cudaSuccess) return -int(err);
   }
-  cudaGetLastError();  // a cudaErrorNotReady from the query is not an error
   const PlanConfig& cfg = *c.config;
   const UploadLayout& layout = *c.layout;
   int32_t* host = c.host;
