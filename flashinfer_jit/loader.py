@@ -14,7 +14,6 @@ import errno
 import hashlib
 import json
 import logging
-import os
 import shlex
 import shutil
 import threading
@@ -138,6 +137,21 @@ def _noexec_hint(message: str) -> str:
     return (" The cache is probably on a filesystem mounted noexec (libraries there cannot be mapped "
             "executable); point FLASHINFER_JIT_CACHE_DIR at a filesystem that allows executing code, or "
             "remount it without noexec.")
+
+
+def _load_failure(build_output: str) -> str | None:
+    """Why torch could not dlopen the library it just built ("Could not load this library: PATH"
+    hides the reason): dlopen it again here to get the loader's own message."""
+    marker = "Could not load this library: "
+    lines = [l for l in build_output.splitlines() if marker in l]
+    if not lines:
+        return None
+    path = lines[-1].split(marker, 1)[1].strip()
+    try:
+        ctypes.CDLL(path)
+    except OSError as exc:
+        return str(exc)
+    return None
 
 
 class _EntryVanished(Exception):
@@ -291,12 +305,12 @@ def _build(spec: KernelSpec, info: KeyInfo, layer: cache.CacheLayer) -> cache.En
             shutil.rmtree(build_dir, ignore_errors=True)
         raise _cache_write_error(layer, spec, _NO_SPACE[exc.errno], exc.errno) from None
     except KernelCompileError as exc:
-        if build_dir is not None and _NOEXEC_TEXT in exc.tail:
+        why = _load_failure(exc.tail)
+        if build_dir is not None and why is not None and _NOEXEC_TEXT in why:
             # The compile worked; torch's own dlopen of the result did not. Publishing it is no use.
             shutil.rmtree(build_dir, ignore_errors=True)
-            raise KernelLoadError(
-                f"built kernel '{spec.uri}' but cannot load it from {layer.root}: "
-                f"{exc.tail.strip().splitlines()[-1]}.{_noexec_hint(exc.tail)}", layer.root) from None
+            raise KernelLoadError(f"built kernel '{spec.uri}' but cannot load it from {layer.root}: {why}."
+                                  f"{_noexec_hint(why)}", layer.root) from None
         if build_dir is None or not any(text in exc.tail for text in _NO_SPACE_TEXT):
             raise
         # The compiler ran out of room: a half-written object is no use for inspection.

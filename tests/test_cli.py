@@ -57,7 +57,9 @@ def test_config_counts_cache_entries(capsys, fake_nvcc, cache_root, no_gpu):
     loader.load(MergeStateSpec(128, "bf16"))
     code, out, _ = run_cli(capsys, "config", "--json")
     layer = json.loads(out)["cache_layers"][-1]
-    assert layer == {"path": str(cache_root), "writable": True, "exists": True, "entries": 1}
+    assert layer["bytes"] == sum(p.stat().st_size for p in cache_root.rglob("*") if p.is_file())
+    assert {k: v for k, v in layer.items() if k != "bytes"} == {
+        "path": str(cache_root), "writable": True, "exists": True, "entries": 1}
     assert json.loads(out)["nvcc"]["version"].startswith("Cuda compilation tools, release 99.9")
 
 

@@ -3,7 +3,8 @@
 
 torch's ninja file calls it as `nvcc -MD -MF <out>.d <flags...> -c <src.cu> -o <out.o>`. Instead of
 compiling CUDA, it compiles a small C file with `cc -c -fPIC`: one stub (returning 0) per function
-the generated source exports, so the real link step and a ctypes load both work.
+the generated source exports, so the real link step and a ctypes load both work. `<prefix>_kv_tile`
+returns the source's FIJ_KV_TILE, so a caller can check a value that came out of the library.
 
 Behaviour comes from the environment (ninja passes it through):
 
@@ -11,6 +12,8 @@ Behaviour comes from the environment (ninja passes it through):
   FAKE_NVCC_COUNTER         file that gets one line per compile, appended before anything else
   FAKE_NVCC_SLEEP           seconds to sleep before producing output
   FAKE_NVCC_FAIL            print this to stderr and exit 1
+  FAKE_NVCC_FAIL_MATCH      ... but only for sources whose path contains this text (e.g. "hd256")
+  FAKE_NVCC_TIMELINE        file that gets "<pid> start <t>" / "<pid> end <t>" lines (parallelism checks)
   FAKE_NVCC_DIE_MID_WRITE   1: write half of the object file, then SIGKILL itself
 """
 import os
@@ -38,9 +41,20 @@ def _stub_c(source_text: str) -> str:
     # `FIJ_EXPORT int fij_<uri>_merge_two(` and `FIJ_DEFINE_ERROR_STRING(fij_<uri>)`
     names = re.findall(r"FIJ_EXPORT\s+[\w\s\*]*?\b(\w+)\s*\(", source_text)
     names += [f"{p}_error_string" for p in re.findall(r"FIJ_DEFINE_ERROR_STRING\((\w+)\)", source_text)]
+    kv_tile = re.search(r"#define\s+FIJ_KV_TILE\s+(\d+)", source_text)
     lines = ["int fake_nvcc_object(void) { return 42; }"]
-    lines += [f"int {name}(void) {{ return 0; }}" for name in dict.fromkeys(names)]
+    for name in dict.fromkeys(names):
+        value = kv_tile.group(1) if kv_tile and name.endswith("_kv_tile") else "0"
+        lines.append(f"int {name}(void) {{ return {value}; }}")
     return "\n".join(lines) + "\n"
+
+
+def _timeline(event: str) -> None:
+    path = os.environ.get("FAKE_NVCC_TIMELINE")
+    if path:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        os.write(fd, f"{os.getpid()} {event} {time.time():.6f}\n".encode())
+        os.close(fd)
 
 
 def _compile(args: list[str]) -> int:
@@ -53,9 +67,11 @@ def _compile(args: list[str]) -> int:
         fd = os.open(counter, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         os.write(fd, f"{os.getpid()} {os.path.basename(source)}\n".encode())
         os.close(fd)
+    _timeline("start")
     time.sleep(float(os.environ.get("FAKE_NVCC_SLEEP", "0")))
     message = os.environ.get("FAKE_NVCC_FAIL")
-    if message:
+    if message and os.environ.get("FAKE_NVCC_FAIL_MATCH", "") in source:
+        _timeline("end")
         print(f"{source}(1): error: {message}", file=sys.stderr)
         return 1
     with open(source) as f:
@@ -77,6 +93,7 @@ def _compile(args: list[str]) -> int:
     if depfile:
         with open(depfile, "w") as f:
             f.write(f"{out}: {source}\n")
+    _timeline("end")
     return 0
 
 

@@ -5,6 +5,8 @@
 --go-file        wait until PATH exists before loading (start several processes, then release them)
 --forbid-build   make any call into the compiler fail loudly (proves a load needed no compiler)
 --no-default-cuda  forget the built-in CUDA install locations (/usr/local/cuda, ...)
+--hang-in-publish PATH  when publishing a build (manifest written, rename not yet done), create PATH
+                 and sleep: the test SIGKILLs the process there
 """
 import argparse
 import json
@@ -20,9 +22,21 @@ def main() -> int:
     parser.add_argument("--go-file")
     parser.add_argument("--forbid-build", action="store_true")
     parser.add_argument("--no-default-cuda", action="store_true")
+    parser.add_argument("--hang-in-publish")
     args = parser.parse_args()
 
-    from flashinfer_jit import build, codegen, loader, spec, toolchain
+    from flashinfer_jit import build, cache, codegen, loader, spec, toolchain
+
+    if args.hang_in_publish:
+        real_rename = cache.os.rename
+
+        def rename_then_hang(src, dst, *a, **k):
+            if os.path.basename(os.path.dirname(str(src))) == "tmp" and "quarantine" not in str(dst):
+                open(args.hang_in_publish, "w").close()
+                time.sleep(600)
+            return real_rename(src, dst, *a, **k)
+
+        cache.os.rename = rename_then_hang
 
     if args.no_default_cuda:
         toolchain.DEFAULT_CUDA_HOMES = ()

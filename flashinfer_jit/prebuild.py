@@ -1,0 +1,407 @@
+"""Build a matrix of kernel variants ahead of time (`flashinfer-jit prebuild`), in parallel.
+
+The matrix comes from the spec classes themselves (`spec.FAMILIES`, `KernelSpec.supported()`, the
+choices declared on each field), so there is no second list of names to drift: a new field or a new
+head_dim shows up here, in the CLI options and in `loader.prebuild_command` at once.
+
+Filters name spec fields (`head_dim`, `dtype`, `kv_layout` alias `layout`, `causal`, ...). A filter
+applies to the families that have that field and leaves the others alone, so
+`--family prefill,merge --dtype bf16` is every bf16 prefill and merge_state variant.
+
+Family names are the exact ones (`merge_state`, `prefill`, `append_paged`) or these aliases:
+
+    merge    merge_state
+    prefill  prefill (every layout)
+    decode   prefill on a paged layout with causal=false (decode runs the paged prefill kernel)
+    append   append_paged
+
+Targets (`--arch`): a comma separates alternatives (one build each, like every other option); a `+`
+joins archs into one binary. `90a,80` is two builds (sm_90a, sm_80); `80+90a` is one library for
+both, which is what a process seeing an A100 and an H100 at once loads.
+
+Already cached variants are skipped; the rest are built through `loader.ensure_built`, the same
+lock-and-recheck path the runtime takes, so a prebuild and a running job never build one variant
+twice.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import dataclasses
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+from . import cache, loader, toolchain
+from .errors import FlashInferJITError, KernelCompileError
+from .spec import FAMILIES, KernelSpec
+
+# alias -> (family, extra constraints on fields)
+FAMILY_ALIASES: dict[str, tuple[str, dict[str, tuple[Any, ...]]]] = {
+    "merge": ("merge_state", {}),
+    "prefill": ("prefill", {}),
+    "decode": ("prefill", {"kv_layout": ("paged_nhd", "paged_hnd"), "causal": (False,)}),
+    "append": ("append_paged", {}),
+}
+# short option name -> spec field
+OPTION_ALIASES = {"layout": "kv_layout"}
+# keys a --config file may hold besides the matrix options
+CONFIG_KEYS = ("family", "arch", "jobs", "cache_dir", "matrix")
+
+
+# ---- the matrix ----------------------------------------------------------------------------------
+
+def matrix_options() -> dict[str, tuple[Any, ...]]:
+    """Every spec field of every family with the union of its supported values, in declaration order."""
+    options: dict[str, list[Any]] = {}
+    for cls in FAMILIES.values():
+        for f in dataclasses.fields(cls):
+            values = options.setdefault(f.name, [])
+            values.extend(v for v in f.metadata["choices"] if v not in values)
+    return {name: tuple(values) for name, values in options.items()}
+
+
+def family_names() -> list[str]:
+    return [*FAMILIES, *(a for a in FAMILY_ALIASES if a not in FAMILIES)]
+
+
+def _field_name(name: str) -> str:
+    name = name.replace("-", "_")
+    return OPTION_ALIASES.get(name, name)
+
+
+def _as_items(value: Any) -> list[Any]:
+    """'a,b' / ['a', 'b'] / 3 / True -> a list of items (strings are split on commas)."""
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    if isinstance(value, (list, tuple)):
+        out: list[Any] = []
+        for v in value:
+            out.extend(_as_items(v))
+        return out
+    return [value]
+
+
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def parse_values(name: str, value: Any) -> list[Any]:
+    """The values of option `name` (a field, or an alias) as typed spec values, each checked against
+    the supported ones."""
+    field_name = _field_name(name)
+    options = matrix_options()
+    if field_name not in options:
+        raise ValueError(f"unknown option {name!r}; the matrix options are: {', '.join(options)} "
+                         f"(and --layout for kv_layout)")
+    choices = options[field_name]
+    values = []
+    for item in _as_items(value):
+        if isinstance(choices[0], bool):
+            text = str(item).strip().lower()
+            if text not in _TRUE + _FALSE:
+                raise ValueError(f"--{field_name.replace('_', '-')}: {item!r} is not true or false")
+            parsed: Any = text in _TRUE
+        elif isinstance(choices[0], int):
+            try:
+                parsed = int(item)
+            except (TypeError, ValueError):
+                parsed = item
+        else:
+            parsed = str(item)
+        if parsed not in choices:
+            shown = ", ".join(str(c).lower() if isinstance(c, bool) else str(c) for c in choices)
+            raise ValueError(f"--{field_name.replace('_', '-')}: {item!r} is not supported; supported: {shown}")
+        if parsed not in values:
+            values.append(parsed)
+    if not values:
+        raise ValueError(f"--{field_name.replace('_', '-')}: no value given")
+    return values
+
+
+def _families(names: Iterable[str] | None) -> list[tuple[type[KernelSpec], dict[str, tuple[Any, ...]]]]:
+    if names is None:
+        return [(cls, {}) for cls in FAMILIES.values()]
+    selected = []
+    for name in _as_items(list(names)):
+        if name in FAMILIES:
+            selected.append((FAMILIES[name], {}))
+        elif name in FAMILY_ALIASES:
+            family, constraints = FAMILY_ALIASES[name]
+            selected.append((FAMILIES[family], constraints))
+        else:
+            raise ValueError(f"unknown kernel family {name!r}; known: {', '.join(family_names())}")
+    return selected
+
+
+def expand(families: Iterable[str] | None = None, filters: dict[str, Any] | None = None) -> list[KernelSpec]:
+    """The variants of `families` (default: all) whose fields take one of the `filters` values.
+
+    `filters` maps a field name (or alias) to a value or list of values. A filter on a field that
+    none of the selected families has is an error (it would silently select nothing or everything).
+    """
+    selected = _families(families)
+    parsed = {_field_name(k): parse_values(k, v) for k, v in (filters or {}).items() if v is not None}
+    fields_of = {cls: {f.name for f in dataclasses.fields(cls)} for cls, _ in selected}
+    for name in parsed:
+        if not any(name in names for names in fields_of.values()):
+            have = ", ".join(sorted({cls.family for cls, _ in selected}))
+            raise ValueError(f"--{name.replace('_', '-')} does not apply to the selected families ({have})")
+    specs: list[KernelSpec] = []
+    for cls, constraints in selected:
+        for spec in cls.supported():
+            values = spec.to_dict()
+            if any(name in values and values[name] not in allowed for name, allowed in constraints.items()):
+                continue
+            if any(name in values and values[name] not in allowed for name, allowed in parsed.items()):
+                continue
+            if spec not in specs:
+                specs.append(spec)
+    if not specs:
+        raise ValueError("no kernel variant matches these options (for example, decode has no ragged or "
+                         "causal variant)")
+    return specs
+
+
+def parse_archs(value: Any) -> list[tuple[str, ...]]:
+    """'90a,80' -> [('90a',), ('80',)]; '80+90a' -> [('80', '90a')]. Archs are normalized (9.0 -> 90a)."""
+    groups: list[tuple[str, ...]] = []
+    for item in _as_items(value):
+        group = tuple(sorted({toolchain.normalize_arch(a) for a in str(item).split("+") if a.strip()}))
+        if not group:
+            raise ValueError(f"--arch: empty arch in {value!r}")
+        if group not in groups:
+            groups.append(group)
+    if not groups:
+        raise ValueError("--arch: no arch given")
+    return groups
+
+
+# ---- config files --------------------------------------------------------------------------------
+
+def load_config(path: Path | str) -> dict[str, Any]:
+    """Read a --config JSON file: the same options as the command line, as keys (dashes or
+    underscores), with lists or comma-separated strings as values. `"matrix": [{...}, {...}]` gives
+    several sub-matrices whose union is built; top-level options apply to all of them.
+
+        {"family": "prefill", "layout": "ragged", "head_dim": [64, 128], "arch": "90a", "jobs": 8}
+        {"arch": "90a", "matrix": [{"family": "prefill", "layout": "ragged"}, {"family": "decode,append"}]}
+
+    Returns {"matrices": [options...], "arch": ..., "jobs": ..., "cache_dir": ...}.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        raise ValueError(f"--config {path}: cannot read it: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--config {path}: not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path}: expected a JSON object, got {type(data).__name__}")
+    known = set(matrix_options()) | set(OPTION_ALIASES) | set(CONFIG_KEYS)
+
+    def normalized(obj: dict[str, Any], where: str, allow: set[str]) -> dict[str, Any]:
+        out = {}
+        for key, value in obj.items():
+            name = key.replace("-", "_")
+            if name not in allow:
+                raise ValueError(f"--config {path}: unknown key {key!r} in {where}; known: {', '.join(sorted(allow))}")
+            out[_field_name(name) if name in OPTION_ALIASES else name] = value
+        return out
+
+    top = normalized(data, "the top level", known)
+    sub_allowed = known - {"matrix", "jobs", "cache_dir"}
+    matrices = top.pop("matrix", None)
+    shared = {k: v for k, v in top.items() if k not in ("jobs", "cache_dir", "arch")}
+    if matrices is None:
+        matrices = [{}]
+    if not isinstance(matrices, list) or not all(isinstance(m, dict) for m in matrices):
+        raise ValueError(f"--config {path}: \"matrix\" must be a list of objects")
+    return {
+        "matrices": [{**shared, **normalized(m, f'matrix[{i}]', sub_allowed)} for i, m in enumerate(matrices)],
+        "arch": top.get("arch"),
+        "jobs": top.get("jobs"),
+        "cache_dir": top.get("cache_dir"),
+    }
+
+
+def expand_matrices(matrices: Sequence[dict[str, Any]]) -> list[KernelSpec]:
+    """The union (first-seen order) of several option sets, each {"family": ..., field: values, ...}."""
+    specs: list[KernelSpec] = []
+    for options in matrices:
+        options = dict(options)
+        families = options.pop("family", None)
+        options.pop("arch", None)
+        for spec in expand(_as_items(families) if families is not None else None, options):
+            if spec not in specs:
+                specs.append(spec)
+    return specs
+
+
+# ---- building ------------------------------------------------------------------------------------
+
+BUILT, CACHED, FAILED, PLANNED = "built", "cached", "failed", "would build"
+
+
+@dataclass
+class Outcome:
+    """What happened to one (variant, target archs) of the matrix."""
+
+    spec: KernelSpec
+    archs: tuple[str, ...]
+    status: str
+    seconds: float = 0.0
+    entry: Path | None = None
+    disk_bytes: int = 0
+    error: str | None = None
+    log: Path | None = None
+
+    @property
+    def uri(self) -> str:
+        return self.spec.uri
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "uri": self.uri, "spec": self.spec.to_dict(), "archs": list(self.archs), "status": self.status,
+            "seconds": round(self.seconds, 3), "entry": str(self.entry) if self.entry else None,
+            "disk_bytes": self.disk_bytes, "error": self.error, "log": str(self.log) if self.log else None,
+        }
+
+
+@dataclass
+class Report:
+    root: Path
+    jobs: int
+    dry_run: bool
+    outcomes: list[Outcome] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def count(self, status: str) -> int:
+        return sum(1 for o in self.outcomes if o.status == status)
+
+    @property
+    def failed(self) -> list[Outcome]:
+        return [o for o in self.outcomes if o.status == FAILED]
+
+    @property
+    def disk_bytes(self) -> int:
+        """Bytes on disk of this matrix's entries (built now or already cached)."""
+        return sum(o.disk_bytes for o in self.outcomes if o.status in (BUILT, CACHED))
+
+    def to_dict(self) -> dict[str, Any]:
+        present = self.count(BUILT) + self.count(CACHED)
+        return {
+            "cache_dir": str(self.root), "jobs": self.jobs, "dry_run": self.dry_run,
+            "kernels": [o.to_dict() for o in self.outcomes],
+            "summary": {
+                "total": len(self.outcomes), "built": self.count(BUILT), "cached": self.count(CACHED),
+                "failed": self.count(FAILED), "would_build": self.count(PLANNED),
+                "seconds": round(self.seconds, 3), "disk_bytes": self.disk_bytes,
+                "disk_bytes_per_variant": self.disk_bytes // present if present else 0,
+            },
+        }
+
+
+def default_jobs(todo: int, requested: int | None = None) -> int:
+    """Kernels compiled at once: `requested` (else the core count), never more than free memory
+    holds (about 2 GiB per nvcc) nor more than there is to build."""
+    jobs = requested if requested is not None else (os.cpu_count() or 1)
+    if jobs < 1:
+        raise ValueError(f"--jobs: expected a positive integer, got {jobs}")
+    available = toolchain._available_memory()
+    if available is not None:
+        jobs = min(jobs, max(1, available // toolchain.NVCC_JOB_BYTES))
+    return max(1, min(jobs, todo))
+
+
+@contextlib.contextmanager
+def _steady_build_environment(jobs_per_kernel: int) -> Iterator[None]:
+    """Set, once for the whole parallel phase, the variables build.py sets around each compile.
+
+    build.py saves and restores them around every build; from several threads that restore could
+    drop a value while another build still needs it. Set beforehand, every save/restore is a no-op."""
+    updates = {"MAX_JOBS": str(jobs_per_kernel), "CUDA_HOME": str(toolchain.cuda_home())}
+    if os.environ.get("FLASHINFER_JIT_NVCC"):
+        updates["PYTORCH_NVCC"] = os.environ["FLASHINFER_JIT_NVCC"]
+    saved = {k: os.environ.get(k) for k in updates}
+    os.environ.update(updates)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _lookup(spec: KernelSpec, archs: tuple[str, ...], layer: cache.CacheLayer) -> tuple[loader.KeyInfo, cache.Entry | None]:
+    """The key of (spec, archs) and its verified entry in `layer`, if any. Reads only (dry runs too)."""
+    info = loader.compute_key(spec, archs)
+    runtime_key = info.runtime_key if info.fingerprint["nvcc"] is None else None
+    entry = layer.find(toolchain.arch_tag(archs), spec.uri, info.key, runtime_key)
+    if entry is not None and layer.verify(entry) is not None:
+        entry = None  # damaged: the build path quarantines it and builds again
+    return info, entry
+
+
+def run(specs: Sequence[KernelSpec], arch_groups: Sequence[tuple[str, ...]], layer: cache.CacheLayer, *,
+        jobs: int | None = None, dry_run: bool = False,
+        on_progress: Callable[[Outcome, int, int], None] | None = None) -> Report:
+    """Build every (spec, archs) pair missing from the writable `layer`; report each as it finishes.
+
+    `on_progress(outcome, index, total)` is called once per pair: cached ones first, then builds in
+    the order they complete. A failure does not stop the others. Dry runs write nothing."""
+    if not layer.writable:
+        raise ValueError(f"prebuild needs a writable cache directory, not {layer.root}")
+    start = time.perf_counter()
+    if not dry_run:
+        toolchain.require_nvcc()  # no toolkit: say so (and where we looked) before anything else
+    pairs = [(spec, archs) for archs in arch_groups for spec in specs]
+    total = len(pairs)
+    counter = iter(range(1, total + 1))
+    report_lock = threading.Lock()
+    report = Report(root=layer.root, jobs=0, dry_run=dry_run)
+
+    def record(outcome: Outcome) -> None:
+        with report_lock:
+            report.outcomes.append(outcome)
+            index = next(counter)
+            if on_progress is not None:
+                on_progress(outcome, index, total)
+
+    todo: list[tuple[KernelSpec, tuple[str, ...], loader.KeyInfo]] = []
+    for spec, archs in pairs:
+        info, entry = _lookup(spec, archs, layer)
+        if entry is not None:
+            record(Outcome(spec, archs, CACHED, entry=entry.path, disk_bytes=cache.tree_bytes(entry.path)))
+        else:
+            todo.append((spec, archs, info))
+
+    report.jobs = default_jobs(len(todo), jobs) if todo else 0
+    if dry_run:
+        for spec, archs, _ in todo:
+            record(Outcome(spec, archs, PLANNED))
+    elif todo:
+        def build_one(spec: KernelSpec, archs: tuple[str, ...], info: loader.KeyInfo) -> Outcome:
+            t0 = time.perf_counter()
+            try:
+                entry, built = loader.ensure_built(spec, info, layer)
+            except KernelCompileError as exc:
+                return Outcome(spec, archs, FAILED, time.perf_counter() - t0, error=exc.tail, log=exc.log_path)
+            except (FlashInferJITError, OSError) as exc:
+                return Outcome(spec, archs, FAILED, time.perf_counter() - t0, error=str(exc))
+            return Outcome(spec, archs, BUILT if built else CACHED, time.perf_counter() - t0, entry=entry.path,
+                           disk_bytes=cache.tree_bytes(entry.path))
+
+        per_kernel = max(1, (os.cpu_count() or 1) // report.jobs)
+        with _steady_build_environment(per_kernel), \
+                concurrent.futures.ThreadPoolExecutor(report.jobs, thread_name_prefix="prebuild") as pool:
+            futures = [pool.submit(build_one, *item) for item in todo]
+            for future in concurrent.futures.as_completed(futures):
+                record(future.result())
+    report.seconds = time.perf_counter() - start
+    return report

@@ -1,0 +1,350 @@
+"""`flashinfer-jit prebuild`: matrix expansion, filters, aliases, config files, dry runs, parallel
+builds with the fake compiler, failures, and the MissingKernelError command run end to end. The last
+tests build two real variants with nvcc (slow, CPU only)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import requires_nvcc, subprocess_env
+from flashinfer_jit import cache, cli, loader, prebuild, spec, toolchain
+from flashinfer_jit.errors import MissingKernelError
+from flashinfer_jit.spec import AppendPagedSpec, MergeStateSpec, PrefillSpec
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def no_gpu(monkeypatch):
+    monkeypatch.setattr(toolchain.torch.cuda, "is_available", lambda: False)
+
+
+def uris(specs) -> list[str]:
+    return [s.uri for s in specs]
+
+
+# ---- the matrix comes from the spec classes ------------------------------------------------------
+
+def test_whole_matrix_is_every_supported_variant_of_every_family():
+    expected = [s for cls in spec.FAMILIES.values() for s in cls.supported()]
+    assert prebuild.expand() == expected
+    assert len(expected) == len(set(expected))
+
+
+def test_options_are_the_spec_fields_and_their_choices():
+    options = prebuild.matrix_options()
+    for cls in spec.FAMILIES.values():
+        for f in dataclasses.fields(cls):
+            assert set(f.metadata["choices"]) <= set(options[f.name])
+    parser = cli.build_parser()
+    help_text = parser._subparsers._group_actions[0].choices["prebuild"].format_help()
+    for name in options:
+        assert f"--{name.replace('_', '-')}" in help_text
+    assert "--layout" in help_text
+
+
+def test_filters_narrow_each_family_that_has_the_field():
+    specs = prebuild.expand(["prefill"], {"layout": "ragged", "head_dim": "64,128", "dtype": "bf16",
+                                          "causal": "true"})
+    assert uris(specs) == ["prefill_ragged_hd64_bf16_causal", "prefill_ragged_hd128_bf16_causal"]
+
+    mixed = prebuild.expand(["prefill", "merge"], {"dtype": "fp16", "layout": "ragged", "head_dim": 64})
+    assert uris(mixed) == ["prefill_ragged_hd64_fp16_full", "prefill_ragged_hd64_fp16_causal",
+                           "merge_state_hd64_fp16"]  # --layout leaves merge_state alone
+
+
+def test_family_aliases():
+    merge = prebuild.expand(["merge"])
+    assert merge == list(MergeStateSpec.supported()) == prebuild.expand(["merge_state"])
+    assert prebuild.expand(["append"]) == list(AppendPagedSpec.supported())
+    assert prebuild.expand(["prefill"]) == list(PrefillSpec.supported())
+    decode = prebuild.expand(["decode"])
+    assert len(decode) == 2 * len(spec.HEAD_DIMS) * len(spec.DTYPES)
+    assert {s.kv_layout for s in decode} == {"paged_nhd", "paged_hnd"} and {s.causal for s in decode} == {False}
+    # comma lists, duplicates collapse
+    assert prebuild.expand(["merge,merge_state"]) == merge
+
+
+@pytest.mark.parametrize("families, filters, message", [
+    (["attention"], {}, "unknown kernel family 'attention'; known: merge_state, prefill, append_paged, merge"),
+    (["prefill"], {"head_dim": "96"}, "--head-dim: '96' is not supported; supported: 64, 128, 256"),
+    (["prefill"], {"causal": "maybe"}, "--causal: 'maybe' is not true or false"),
+    (["prefill"], {"layout": "paged"}, "--kv-layout: 'paged' is not supported; supported: ragged, paged_nhd, paged_hnd"),
+    (["merge"], {"layout": "ragged"}, "--kv-layout does not apply to the selected families (merge_state)"),
+    (["decode"], {"causal": "true"}, "no kernel variant matches"),
+    (["prefill"], {"page_size": "16"}, "unknown option 'page_size'"),
+])
+def test_bad_options_say_what_is_supported(families, filters, message):
+    with pytest.raises(ValueError) as excinfo:
+        prebuild.expand(families, filters)
+    assert message in str(excinfo.value)
+
+
+def test_arch_lists_and_fat_binaries():
+    assert prebuild.parse_archs("90a,80") == [("90a",), ("80",)]
+    assert prebuild.parse_archs("9.0,sm_80") == [("90a",), ("80",)]
+    assert prebuild.parse_archs("90a+80") == [("80", "90a")]
+    assert prebuild.parse_archs(["80+90a", "90a"]) == [("80", "90a"), ("90a",)]
+    with pytest.raises(ValueError, match="sm_80 or newer"):
+        prebuild.parse_archs("75")
+
+
+def test_config_file_with_sub_matrices(tmp_path):
+    path = tmp_path / "matrix.json"
+    path.write_text(json.dumps({
+        "dtype": "bf16", "arch": "90a", "jobs": 3, "cache-dir": "/somewhere",
+        "matrix": [{"family": "prefill", "layout": "ragged", "head_dim": [128], "causal": True},
+                   {"family": "merge", "head_dim": [64, 128]}],
+    }))
+    config = prebuild.load_config(path)
+    assert config["arch"] == "90a" and config["jobs"] == 3 and config["cache_dir"] == "/somewhere"
+    assert uris(prebuild.expand_matrices(config["matrices"])) == [
+        "prefill_ragged_hd128_bf16_causal", "merge_state_hd64_bf16", "merge_state_hd128_bf16"]
+
+    path.write_text(json.dumps({"family": "merge", "head_dims": [64]}))
+    with pytest.raises(ValueError, match="unknown key 'head_dims' in the top level"):
+        prebuild.load_config(path)
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        prebuild.load_config(path)
+
+
+def test_command_line_overrides_the_config_file(capsys, tmp_path, cache_root, no_gpu):
+    path = tmp_path / "matrix.json"
+    path.write_text(json.dumps({"family": "merge", "dtype": "fp16", "arch": "80"}))
+    code, out, _ = run_cli(capsys, "prebuild", "--config", str(path), "--dtype", "bf16", "--dry-run")
+    assert code == 0
+    assert out.splitlines()[:3] == [
+        "[1/3] would build merge_state_hd64_bf16 (sm_80)",
+        "[2/3] would build merge_state_hd128_bf16 (sm_80)",
+        "[3/3] would build merge_state_hd256_bf16 (sm_80)",
+    ]
+
+
+def test_jobs_are_capped_by_cores_memory_and_work(monkeypatch):
+    monkeypatch.setattr(prebuild.os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(toolchain, "_available_memory", lambda: 5 * toolchain.NVCC_JOB_BYTES + 1)
+    assert prebuild.default_jobs(100) == 5          # memory: 5 nvccs fit
+    assert prebuild.default_jobs(3) == 3            # only 3 to build
+    assert prebuild.default_jobs(100, requested=2) == 2
+    assert prebuild.default_jobs(100, requested=64) == 5
+    monkeypatch.setattr(toolchain, "_available_memory", lambda: None)
+    assert prebuild.default_jobs(100) == 16         # cores
+    with pytest.raises(ValueError, match="--jobs"):
+        prebuild.default_jobs(5, requested=0)
+
+
+# ---- running it (fake compiler) ------------------------------------------------------------------
+
+def test_dry_run_lists_and_writes_nothing(capsys, cache_root, fake_nvcc, no_gpu):
+    code, out, _ = run_cli(capsys, "prebuild", "--family", "decode", "--head-dim", "128", "--dry-run")
+    assert code == 0
+    assert out.splitlines() == [
+        "[1/4] would build prefill_paged_nhd_hd128_fp16_full (sm_90a)",
+        "[2/4] would build prefill_paged_nhd_hd128_bf16_full (sm_90a)",
+        "[3/4] would build prefill_paged_hnd_hd128_fp16_full (sm_90a)",
+        "[4/4] would build prefill_paged_hnd_hd128_bf16_full (sm_90a)",
+        f"dry run: 4 to build, 0 already cached, 4 in all (cache: {cache_root})",
+    ]
+    assert not cache_root.exists()
+    assert fake_nvcc.compiles == 0
+
+
+def test_prebuild_builds_in_parallel_then_skips_everything(capsys, cache_root, fake_nvcc, no_gpu, tmp_path,
+                                                           monkeypatch):
+    timeline = tmp_path / "timeline.txt"
+    monkeypatch.setenv("FAKE_NVCC_TIMELINE", str(timeline))
+    fake_nvcc.behave(sleep=1.0)
+    code, out, _ = run_cli(capsys, "prebuild", "--family", "merge", "--dtype", "bf16", "--arch", "90a,80",
+                           "--jobs", "3")
+    assert code == 0, out
+    lines = out.splitlines()
+    progress = [l for l in lines if l.startswith("[")]
+    assert len(progress) == 6 and [l.split("]")[0] for l in progress] == [f"[{i}/6" for i in range(1, 7)]
+    assert all(" built merge_state_hd" in l and l.endswith("KiB") for l in progress), progress
+    assert {l.split(" (")[1].split(")")[0] for l in progress} == {"sm_90a", "sm_80"}
+    assert "built 6, cached 0, failed 0 of 6 in" in out and "with 3 parallel job(s)" in out
+    assert "disk used:" in out and "for these 6 kernels" in out
+    assert fake_nvcc.compiles == 6
+    assert sorted(p.name for p in cache_root.iterdir() if p.name not in ("locks", "tmp")) == ["80", "90a"]
+
+    # the compiles overlapped: at some moment 3 were running
+    events = sorted((float(t), +1 if what == "start" else -1)
+                    for _, what, t in (line.split() for line in timeline.read_text().splitlines()))
+    running, peak = 0, 0
+    for _, delta in events:
+        running += delta
+        peak = max(peak, running)
+    assert peak == 3
+
+    code, out, _ = run_cli(capsys, "prebuild", "--family", "merge", "--dtype", "bf16", "--arch", "90a,80")
+    assert code == 0
+    assert "built 0, cached 6, failed 0 of 6" in out
+    assert sum(1 for l in out.splitlines() if " cached merge_state_" in l) == 6
+    assert fake_nvcc.compiles == 6  # nothing compiled the second time
+
+
+def test_failures_exit_1_with_the_compiler_tail_and_the_rest_still_builds(capsys, cache_root, fake_nvcc, no_gpu,
+                                                                         monkeypatch):
+    fake_nvcc.behave(fail="identifier 'bogus256' is undefined")
+    monkeypatch.setenv("FAKE_NVCC_FAIL_MATCH", "hd256")
+    code, out, _ = run_cli(capsys, "prebuild", "--family", "merge", "--dtype", "fp16")
+    assert code == 1
+    assert "built 2, cached 0, failed 1 of 3" in out
+    failed = [l for l in out.splitlines() if l.startswith("[") and "FAILED" in l]
+    assert len(failed) == 1 and "merge_state_hd256_fp16" in failed[0]
+    assert failed[0].endswith("error: identifier 'bogus256' is undefined")
+    assert "--- merge_state_hd256_fp16 (sm_90a) failed; full log:" in out
+    assert "error: identifier 'bogus256' is undefined" in out
+    assert [e.uri for e in cache.CacheLayer(cache_root, True).entries()] == [
+        "merge_state_hd128_fp16", "merge_state_hd64_fp16"]
+
+
+def test_json_report(capsys, cache_root, fake_nvcc, no_gpu):
+    code, out, err = run_cli(capsys, "prebuild", "--family", "append", "--head-dim", "64", "--json")
+    assert code == 0
+    report = json.loads(out)
+    assert report["cache_dir"] == str(cache_root)
+    assert report["summary"]["built"] == 2 and report["summary"]["total"] == 2 and report["summary"]["failed"] == 0
+    assert sorted(k["uri"] for k in report["kernels"]) == ["append_paged_hd64_bf16", "append_paged_hd64_fp16"]
+    for kernel in report["kernels"]:
+        assert kernel["status"] == "built" and kernel["archs"] == ["90a"]
+        assert Path(kernel["entry"]).is_dir() and kernel["disk_bytes"] == cache.tree_bytes(Path(kernel["entry"]))
+    assert report["summary"]["disk_bytes"] == sum(k["disk_bytes"] for k in report["kernels"])
+    assert err.count("] built append_paged_hd64_") == 2  # progress on stderr, JSON alone on stdout
+
+
+def test_prebuild_ignores_disable_build_and_uses_cache_dir(capsys, tmp_path, fake_nvcc, no_gpu, monkeypatch):
+    monkeypatch.setenv("FLASHINFER_JIT_DISABLE_BUILD", "1")
+    target = tmp_path / "image-layer"
+    code, out, _ = run_cli(capsys, "prebuild", "--family", "merge", "--head-dim", "64", "--dtype", "bf16",
+                           "--cache-dir", str(target))
+    assert code == 0, out
+    assert [e.uri for e in cache.CacheLayer(target, False).entries()] == ["merge_state_hd64_bf16"]
+
+
+def test_without_a_toolkit_prebuild_says_so(capsys, cache_root, monkeypatch, tmp_path, no_gpu):
+    monkeypatch.setenv("PATH", str(tmp_path / "no-bin"))
+    for name in ("CUDA_HOME", "CUDA_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(toolchain, "DEFAULT_CUDA_HOMES", ())
+    toolchain._resolve_cuda_home.cache_clear()
+    code, _, err = run_cli(capsys, "prebuild", "--family", "merge", "--head-dim", "64")
+    assert code == 1
+    assert "no CUDA toolkit (nvcc) found" in err
+    assert not cache_root.exists()
+    code, out, _ = run_cli(capsys, "prebuild", "--family", "merge", "--head-dim", "64", "--dry-run")
+    assert code == 0 and "would build merge_state_hd64_fp16" in out  # a dry run needs no compiler
+
+
+# ---- the MissingKernelError command fixes the miss -----------------------------------------------
+
+def _run_command(command: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    argv = shlex.split(command)
+    assert argv[0] == "flashinfer-jit"
+    return subprocess.run([sys.executable, "-m", "flashinfer_jit", *argv[1:]], env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.parametrize("kernel, arch_env", [
+    (PrefillSpec("paged_hnd", 128, "bf16", False), None),
+    (MergeStateSpec(64, "fp16"), "80,90a"),   # a fat binary for two archs: --arch 80+90a
+    (AppendPagedSpec(256, "bf16"), "8.0"),
+], ids=["decode", "merge-two-archs", "append-sm80"])
+def test_missing_kernel_error_command_fixes_the_miss(kernel, arch_env, fake_nvcc, cache_root, tmp_path,
+                                                      monkeypatch, no_gpu, capsys):
+    prebuilt = tmp_path / "prebuilt"
+    monkeypatch.setenv("FLASHINFER_JIT_PREBUILT_DIRS", str(prebuilt))
+    monkeypatch.setenv("FLASHINFER_JIT_DISABLE_BUILD", "1")
+    if arch_env:
+        monkeypatch.setenv("FLASHINFER_JIT_ARCH", arch_env)
+    with pytest.raises(MissingKernelError) as excinfo:
+        loader.load(kernel)
+    command = excinfo.value.prebuild_command
+    assert f"Add it with:\n  {command}" in str(excinfo.value)
+    assert command.startswith(f"flashinfer-jit prebuild --family {kernel.family} ")
+    assert fake_nvcc.compiles == 0
+
+    # Run it as printed, in the same environment (building still disabled for the library)
+    proc = _run_command(command, subprocess_env())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "built 1, cached 0, failed 0 of 1" in proc.stdout
+    assert fake_nvcc.compiles == 1
+
+    loader.clear_memo()
+    loaded = loader.load(kernel)  # found now, still without building in this process
+    assert loaded.entry.uri == kernel.uri
+    assert loaded.entry.arch == toolchain.arch_tag(toolchain.target_archs())
+    assert fake_nvcc.compiles == 1
+
+    code = cli.main(shlex.split(command)[1:])  # and running it again is a no-op
+    assert code == 0 and "built 0, cached 1" in capsys.readouterr().out
+
+
+def test_missing_kernel_command_through_the_console_script(fake_nvcc, cache_root, monkeypatch, no_gpu):
+    script = Path(sys.executable).parent / "flashinfer-jit"
+    if not script.exists():
+        pytest.skip(f"{script} is not installed (`make test` installs it with pip install -e)")
+    monkeypatch.setenv("FLASHINFER_JIT_DISABLE_BUILD", "1")
+    kernel = PrefillSpec("ragged", 64, "fp16", True)
+    with pytest.raises(MissingKernelError) as excinfo:
+        loader.load(kernel)
+    argv = shlex.split(excinfo.value.prebuild_command)
+    proc = subprocess.run([str(script), *argv[1:]], env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    loader.clear_memo()
+    assert loader.load(kernel).entry.uri == kernel.uri
+
+
+# ---- real nvcc -----------------------------------------------------------------------------------
+
+@pytest.mark.slow
+@requires_nvcc
+def test_real_prebuild_of_two_variants_then_nothing_then_list_verify(tmp_path, capsys, no_gpu):
+    root = tmp_path / "real-cache"
+    argv = ["prebuild", "--family", "merge", "--dtype", "bf16", "--head-dim", "64,128", "--cache-dir", str(root)]
+    code, out, _ = run_cli(capsys, *argv, "--json")
+    report = json.loads(out)
+    assert code == 0, report
+    assert report["summary"]["built"] == 2 and report["summary"]["failed"] == 0
+    assert all(0 < k["seconds"] < 600 and k["disk_bytes"] < 5_000_000 for k in report["kernels"])
+
+    code, out, _ = run_cli(capsys, *argv)
+    assert code == 0 and "built 0, cached 2, failed 0 of 2" in out
+
+    code, out, _ = run_cli(capsys, "cache", "list", "--json", "--cache-dir", str(root))
+    listed = json.loads(out)
+    assert sorted(r["uri"] for r in listed) == ["merge_state_hd128_bf16", "merge_state_hd64_bf16"]
+    by_entry = {k["entry"]: k for k in report["kernels"]}
+    for r in listed:
+        manifest = json.loads((Path(r["path"]) / cache.MANIFEST).read_text())
+        assert r["path"] in by_entry and r["arch"] == "90a" and r["writable"]
+        assert r["size"] == manifest["size"] == (Path(r["path"]) / r["library"]).stat().st_size
+        assert r["key"] == manifest["key"] and r["verified"] is True and r["toolchain_differs"] == []
+        assert r["toolchain"]["nvcc"] == toolchain.nvcc_version()
+
+    # one flipped byte (through a new file: nothing here has it mapped, but keep the habit)
+    library = Path(listed[0]["path"]) / listed[0]["library"]
+    data = bytearray(library.read_bytes())
+    data[len(data) // 3] ^= 0x01
+    tmp = library.with_name("flipped")
+    tmp.write_bytes(bytes(data))
+    os.replace(tmp, library)
+    code, out, _ = run_cli(capsys, "cache", "verify", "--cache-dir", str(root))
+    assert code == 1
+    assert f"BAD  {listed[0]['path']}" in out and "sha256" in out and "1 ok, 1 bad" in out
+    code, out, _ = run_cli(capsys, "cache", "verify", "--fix", "--cache-dir", str(root))
+    assert code == 0 and "quarantined to" in out
+    code, out, _ = run_cli(capsys, "prebuild", *argv[1:])
+    assert code == 0 and "built 1, cached 1, failed 0 of 2" in out
