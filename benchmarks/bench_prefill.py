@@ -1,5 +1,5 @@
-"""Ragged batched prefill: flashinfer_jit against FlashAttention-2 varlen, FlexAttention (document
-mask) and cuDNN SDPA (padded batches), all in the same process on the same inputs.
+"""Ragged batched prefill: flashinfer_jit (ragged and paged KV) against FlashAttention-2 varlen,
+FlexAttention (document mask) and cuDNN SDPA (padded batches), all in the same process on the same inputs.
 
     PYTHONPATH=. python3 benchmarks/bench_prefill.py [--out DIR] [--workloads a,b] [--impls a,b]
                                                      [--quick] [--deadline SECONDS] [--dry-run]
@@ -13,6 +13,10 @@ float32 reference on sampled rows (first, middle, last and two random rows of ev
 * flashinfer_jit: BatchPrefillWithRaggedKVCacheWrapper, plan() once outside the timing, run() timed
   (into a preallocated out). Also: plan() host time for the chat16 batch from CPU int32 indptrs
   (median of 200 calls, microseconds, no device sync).
+* flashinfer_jit_paged: BatchPrefillWithPagedKVCacheWrapper on the same K/V written into a paged cache
+  (page 16, NHD, pages in shuffled order from torch.randperm, 16 unused pages; built outside the
+  timing), plan() once outside the timing, run() into a preallocated out. The paged/ragged TFLOP/s
+  ratio of every workload is printed at the end and stored as ratio_vs_ragged / paged_vs_ragged.
 * fa2_varlen: torch.ops.aten._flash_attention_forward (PyTorch's FlashAttention-2) with cu_seqlens.
   GQA is tried natively first; if the op rejects it, k/v heads are expanded and the row says so. Its
   causal alignment for q_len < kv_len is checked at startup against the reference (the JSON records
@@ -45,9 +49,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from common import reference  # noqa: E402
 
-IMPLS = ("flashinfer_jit", "fa2_varlen", "cudnn_padded", "flex_docmask")
+IMPLS = ("flashinfer_jit", "flashinfer_jit_paged", "fa2_varlen", "cudnn_padded", "flex_docmask")
 BASELINE = "fa2_varlen"
 WORKSPACE_BYTES = 256 << 20
+PAGE_SIZE = 16  # flashinfer_jit_paged: tokens per page (NHD pages, shuffled)
 
 
 # ---- data ----------------------------------------------------------------------------------------
@@ -130,6 +135,33 @@ def setup_flashinfer_jit(data: Data) -> Prepared:
 
     return Prepared(fn, lambda r: out, ["plan() outside the timing; run() into a preallocated out"],
                     {"first_plan_ms": round(plan_s * 1e3, 3)})
+
+
+def setup_flashinfer_jit_paged(data: Data) -> Prepared:
+    import flashinfer_jit
+
+    wl = data.wl
+    table = reference.make_page_table(wl.kv_lens, PAGE_SIZE, extra_pages=16, seed=1)
+    cache = reference.new_paged_cache(table.num_pages, PAGE_SIZE, wl.num_kv_heads, wl.head_dim, common.DTYPE, "cuda",
+                                      "NHD", fill=0.0)
+    pages, slots = reference.token_page_slots(table.indptr, table.indices, wl.kv_lens, PAGE_SIZE)
+    reference.scatter_to_pages(cache, data.k, data.v, pages, slots, "NHD")
+    del pages, slots
+    workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device="cuda")
+    wrapper = flashinfer_jit.BatchPrefillWithPagedKVCacheWrapper(workspace, kv_layout="NHD")
+    t0 = time.perf_counter()
+    wrapper.plan(data.qo_indptr, table.indptr, table.indices, table.last_page_len, wl.num_qo_heads, wl.num_kv_heads,
+                 wl.head_dim, PAGE_SIZE, causal=wl.causal, q_data_type=common.DTYPE)
+    plan_s = time.perf_counter() - t0
+    out = torch.empty_like(data.q)
+
+    def fn():
+        return wrapper.run(data.q, cache, out=out)
+
+    return Prepared(fn, lambda r: out,
+                    [f"paged KV: page {PAGE_SIZE}, NHD, {table.used_pages} pages in shuffled order (+16 unused), "
+                     f"cache built and plan() outside the timing; run() into a preallocated out"],
+                    {"first_plan_ms": round(plan_s * 1e3, 3), "page_size": PAGE_SIZE})
 
 
 def _fa2_op():
@@ -364,6 +396,7 @@ def setup_flex_docmask(data: Data) -> Prepared:
 
 SETUP = {
     "flashinfer_jit": setup_flashinfer_jit,
+    "flashinfer_jit_paged": setup_flashinfer_jit_paged,
     "fa2_varlen": setup_fa2_varlen,
     "cudnn_padded": setup_cudnn_padded,
     "flex_docmask": setup_flex_docmask,
@@ -416,15 +449,18 @@ def markdown(payload: dict[str, Any]) -> str:
             f"{common.fmt(r['ratio_vs_fa2'], '.2f')} | {common.fmt(r.get('max_abs_vs_ours'), '.3g')} | "
             f"{common.fmt(r.get('max_abs_vs_ref'), '.3g')} | {r['notes'].replace('|', '/')} |")
     plan = payload.get("plan_time")
+    paged = payload.get("paged_vs_ragged") or {}
     lines += ["", f"plan(): {plan}" if plan else "plan(): not measured",
-              f"FA2 causal alignment: {payload.get('fa2_causal_alignment')}", ""]
+              f"FA2 causal alignment: {payload.get('fa2_causal_alignment')}",
+              "paged/ragged TFLOP/s (page 16, NHD, shuffled pages): "
+              + (", ".join(f"{name} {ratio:.3f}" for name, ratio in paged.items()) or "not measured"), ""]
     return "\n".join(lines)
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    print(f"\n{'workload':<30} {'impl':<15} {'ms':>9} {'TFLOP/s':>8} {'vs fa2':>7} {'|d| ours':>9} {'|d| ref':>8}")
+    print(f"\n{'workload':<30} {'impl':<20} {'ms':>9} {'TFLOP/s':>8} {'vs fa2':>7} {'|d| ours':>9} {'|d| ref':>8}")
     for r in rows:
-        print(f"{r['workload']:<30} {r['impl']:<15} {common.fmt(r['ms'], '9.3f'):>9} {common.fmt(r['tflops'], '8.1f'):>8} "
+        print(f"{r['workload']:<30} {r['impl']:<20} {common.fmt(r['ms'], '9.3f'):>9} {common.fmt(r['tflops'], '8.1f'):>8} "
               f"{common.fmt(r['ratio_vs_fa2'], '7.2f'):>7} {common.fmt(r.get('max_abs_vs_ours'), '9.3g'):>9} "
               f"{common.fmt(r.get('max_abs_vs_ref'), '8.3g'):>8}")
     sys.stdout.flush()
@@ -536,7 +572,7 @@ def main(argv=None) -> int:
             if args.deadline is not None and time.perf_counter() - start > args.deadline:
                 row = _row(wl, impl, None, f"skipped: past --deadline {args.deadline:.0f} s")
                 wl_rows.append(row)
-                print(f"  {impl:<15} skipped (deadline)")
+                print(f"  {impl:<20} skipped (deadline)")
                 continue
             prep = result = out = None
             try:
@@ -559,10 +595,10 @@ def main(argv=None) -> int:
                 nonfinite = int((~torch.isfinite(out)).sum())
                 if nonfinite:
                     row["notes"] += f"; {nonfinite} NON-FINITE output values"
-                print(f"  {impl:<15} {ms:9.3f} ms  {row['tflops']:7.1f} TFLOP/s  |d| ref {row['max_abs_vs_ref']:.3g}"
+                print(f"  {impl:<20} {ms:9.3f} ms  {row['tflops']:7.1f} TFLOP/s  |d| ref {row['max_abs_vs_ref']:.3g}"
                       f"  ({row['notes']})")
             except Exception as exc:  # noqa: BLE001 - one failing peer must not stop the run
-                print(f"  {impl:<15} FAILED: {type(exc).__name__}: {str(exc)[:500]}")
+                print(f"  {impl:<20} FAILED: {type(exc).__name__}: {str(exc)[:500]}")
                 traceback.print_exc()
                 first_line = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
                 row = _row(wl, impl, None, f"error: {type(exc).__name__}: {first_line}")
@@ -573,6 +609,10 @@ def main(argv=None) -> int:
         fa2_ms = next((r["ms"] for r in wl_rows if r["impl"] == BASELINE and r["ms"]), None)
         for r in wl_rows:
             r["ratio_vs_fa2"] = (fa2_ms / r["ms"]) if (fa2_ms and r["ms"]) else None
+        ratio = _paged_vs_ragged(wl_rows)
+        if ratio is not None:
+            payload.setdefault("paged_vs_ragged", {})[wl.name] = ratio
+            print(f"  paged/ragged TFLOP/s: {ratio:.3f}")
         payload["rows"].extend(wl_rows)
         del data, ours_out
         torch.cuda.empty_cache()
@@ -581,8 +621,21 @@ def main(argv=None) -> int:
     payload["elapsed_s"] = round(time.perf_counter() - start, 1)
     save()
     print_table(payload["rows"])
+    if payload.get("paged_vs_ragged"):
+        print("\npaged/ragged TFLOP/s (flashinfer_jit_paged / flashinfer_jit, page 16 NHD shuffled): " +
+              ", ".join(f"{name} {ratio:.3f}" for name, ratio in payload["paged_vs_ragged"].items()))
     print(f"\nwrote {out_dir / (stem + '.json')} and .md ({payload['elapsed_s']} s)")
     return 0
+
+
+def _paged_vs_ragged(rows: list[dict[str, Any]]) -> float | None:
+    """flashinfer_jit_paged TFLOP/s / flashinfer_jit TFLOP/s of one workload; stored on the paged row."""
+    ragged = next((r for r in rows if r["impl"] == "flashinfer_jit" and r["tflops"]), None)
+    paged = next((r for r in rows if r["impl"] == "flashinfer_jit_paged" and r["tflops"]), None)
+    if ragged is None or paged is None:
+        return None
+    paged["ratio_vs_ragged"] = paged["tflops"] / ragged["tflops"]
+    return paged["ratio_vs_ragged"]
 
 
 def _row(wl: common.Workload, impl: str, ms: float | None, notes: str) -> dict[str, Any]:

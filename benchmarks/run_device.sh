@@ -1,23 +1,27 @@
 #!/usr/bin/env bash
 # The one command for a GPU device run. From the repo root:
 #
-#   PYTHONPATH=. bash benchmarks/run_device.sh                 # all steps: measure build tests bench
+#   PYTHONPATH=. bash benchmarks/run_device.sh                 # all: measure build tests bench bench_decode
 #   PYTHONPATH=. bash benchmarks/run_device.sh tests bench     # only some steps (in the fixed order)
 #
 # Steps (each under `timeout`; a failing or timed-out step is recorded and the run goes on):
 #   measure  benchmarks/measure_build.py: cold nvcc build and warm load (fresh processes) of
 #            MergeStateSpec(128,bf16) and PrefillSpec(ragged,128,bf16,causal), in the fresh cache
-#   build    benchmarks/measure_build.py --warm-all: every spec the GPU tests need, built in parallel
-#            (ProcessPoolExecutor over PrefillSpec.supported() with kv_layout ragged + every MergeStateSpec)
+#   build    benchmarks/measure_build.py --warm-all over EVERY supported spec of spec.FAMILIES (prefill
+#            ragged / paged_nhd / paged_hnd, merge_state, append_paged: what all GPU tests and benches
+#            load), built in parallel (ProcessPoolExecutor); measure_build's own list is ragged + merge only,
+#            so this step swaps in the full list (inline Python below)
 #   tests    python3 -m pytest -m gpu -q --maxfail=25 tests/   (log: $OUT/gpu_tests.log)
 #            Not -x by default: one early failure (say the torch.compile test of merge_state, which runs
 #            before every prefill test) would hide all later results of a one-shot device run.
 #            PYTEST_FLAGS="-x -q" gives exactly `pytest -m gpu -x -q tests/`.
-#   bench    benchmarks/bench_prefill.py --out $OUT     (<card>-<date>-prefill.json/.md)
+#   bench    benchmarks/bench_prefill.py --out $OUT     (<card>-<date>-prefill.json/.md; ragged + paged rows)
+#   bench_decode  benchmarks/bench_decode.py --out $OUT (<card>-<date>-decode.json/.md)
 #
 # Everything lands in $OUT (at most 8 files): run_device.log (this whole output), gpu_tests.log,
-# <card>-<date>-build.json, <card>-<date>-warm.json, <card>-<date>-prefill.json, <card>-<date>-prefill.md,
-# summary.json (exit code and seconds of every step).
+# <card>-<date>-build.json (the measure step's report, with the build step's --warm-all report merged in
+# under "warm_all"), <card>-<date>-prefill.json/.md, <card>-<date>-decode.json/.md, summary.json (exit
+# code and seconds of every step). Anything beyond 8 files is bundled into extras.tar.gz.
 #
 # Environment knobs:
 #   OUT            output directory (default benchmarks/results/device-<timestamp>)
@@ -27,6 +31,7 @@
 #                  built kernels between calls on a still-warm machine.
 #   PYTEST_FLAGS   replaces the default "-q --maxfail=25" (e.g. "-x -q" to stop at the first failure)
 #   BENCH_ARGS     extra bench_prefill.py arguments (e.g. "--quick" or "--workloads chat16_causal_hd128")
+#   BENCH_DECODE_ARGS  extra bench_decode.py arguments (e.g. "--quick" or "--impls flashinfer_jit,fa2_dense_kv")
 #   BENCH_COMMIT   commit id to record when the checkout has no .git
 #   PYTHON         interpreter (default python3)
 set -u -o pipefail
@@ -36,9 +41,11 @@ REPO=$PWD
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
 BUDGET_S=${BUDGET_S:-540}
-ALL_STEPS=(measure build tests bench)
-declare -A DEFAULT_T=([measure]=150 [build]=240 [tests]=180 [bench]=150)
-declare -A MIN_T=([measure]=60 [build]=60 [tests]=90 [bench]=60)
+ALL_STEPS=(measure build tests bench bench_decode)
+# Defaults add up to more than the budget on purpose: step_timeout() shrinks a step's timeout so every
+# later wanted step keeps its minimum, and fast steps leave their unused time to the later ones.
+declare -A DEFAULT_T=([measure]=120 [build]=180 [tests]=220 [bench]=150 [bench_decode]=100)
+declare -A MIN_T=([measure]=45 [build]=60 [tests]=90 [bench]=60 [bench_decode]=45)
 
 STEPS=("$@")
 [ ${#STEPS[@]} -eq 0 ] && STEPS=("${ALL_STEPS[@]}")
@@ -54,6 +61,50 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 
 want() { local s; for s in "${STEPS[@]}"; do [ "$s" = "$1" ] && return 0; done; return 1; }
+
+# The build step: measure_build.py --warm-all with its spec list replaced by every supported spec of every
+# family. `python -c` (no __main__ file) keeps the spawned pool workers from re-running this code; they
+# unpickle benchmarks.measure_build._warm_one through PYTHONPATH (the repo root).
+read -r -d '' BUILD_ALL_PY <<'PYEOF'
+import os, sys
+from benchmarks import measure_build as mb
+from flashinfer_jit.spec import FAMILIES
+
+def all_specs(families=None):
+    specs = [s for cls in FAMILIES.values() for s in cls.supported()]
+    if families:
+        specs = [s for s in specs if s.family in families]
+    return sorted(specs, key=lambda s: (s.family != "prefill", -s.head_dim, s.uri))  # longest builds first
+
+mb.test_specs = all_specs
+print(f"build: {len(all_specs())} specs (every supported spec of {', '.join(FAMILIES)})", flush=True)
+code = mb.main()
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(code)
+PYEOF
+
+# Merge the build step's <card>-<date>-warm.json into the measure step's <card>-<date>-build.json (key
+# "warm_all"), so $OUT stays within 8 files.
+merge_build_reports() {
+  local warm build
+  warm=$(ls "$OUT"/*-warm.json 2>/dev/null | head -1)
+  [ -n "$warm" ] || return 0
+  build=$(ls "$OUT"/*-build.json 2>/dev/null | head -1)
+  [ -n "$build" ] || build=${warm%-warm.json}-build.json
+  "$PY" - "$build" "$warm" <<'PYEOF' && rm -f "$warm"
+import json, os, sys
+build, warm = sys.argv[1], sys.argv[2]
+report = json.load(open(build)) if os.path.exists(build) else {}
+report["warm_all"] = json.load(open(warm))
+tmp = build + ".tmp"
+with open(tmp, "w") as f:
+    json.dump(report, f, indent=2)
+    f.write("\n")
+os.replace(tmp, build)
+print(f"merged {os.path.basename(warm)} into {os.path.basename(build)} (key warm_all)")
+PYEOF
+}
 
 START=$(date +%s)
 declare -A RC SECS TIMEOUT
@@ -155,7 +206,7 @@ EOF
   fi
   if want build; then
     TIMEOUT[build]=$(step_timeout build)
-    run_step build - "$PY" benchmarks/measure_build.py --warm-all --out "$OUT" \
+    run_step build - "$PY" -c "$BUILD_ALL_PY" --warm-all --out "$OUT" \
       --timeout $((TIMEOUT[build] > 30 ? TIMEOUT[build] - 15 : 15))
   fi
   if want tests; then
@@ -170,13 +221,19 @@ EOF
     run_step bench - "$PY" benchmarks/bench_prefill.py --out "$OUT" \
       --deadline $((TIMEOUT[bench] > 60 ? TIMEOUT[bench] - 30 : 30)) ${BENCH_ARGS:-}
   fi
+  if want bench_decode; then
+    TIMEOUT[bench_decode]=$(step_timeout bench_decode)
+    # shellcheck disable=SC2086
+    run_step bench_decode - "$PY" benchmarks/bench_decode.py --out "$OUT" \
+      --deadline $((TIMEOUT[bench_decode] > 50 ? TIMEOUT[bench_decode] - 25 : 25)) ${BENCH_DECODE_ARGS:-}
+  fi
 
   local total=$(($(date +%s) - START))
   echo
   echo "== summary (${total}s of ${BUDGET_S}s budget)"
   local json="{\"steps\": {" sep="" s
   for s in "${STEPS[@]}"; do
-    printf '   %-8s exit %-8s %5ss (timeout %ss)\n' "$s" "${RC[$s]:-not-run}" "${SECS[$s]:-0}" "${TIMEOUT[$s]:-?}"
+    printf '   %-12s exit %-8s %5ss (timeout %ss)\n' "$s" "${RC[$s]:-not-run}" "${SECS[$s]:-0}" "${TIMEOUT[$s]:-?}"
     json+="$sep\"$s\": {\"exit\": \"${RC[$s]:-not-run}\", \"seconds\": ${SECS[$s]:-0}, \"timeout\": \"${TIMEOUT[$s]:-}\"}"
     sep=", "
   done
@@ -184,8 +241,10 @@ EOF
   json+="\"cache_dir\": \"$FLASHINFER_JIT_CACHE_DIR\", \"finished\": \"$(date -u +%Y-%m-%dT%H:%M:%SZ)\"}"
   echo "$json" > "$OUT/summary.json"
 
-  # At most 8 files come back: bundle any extras (never the two logs or the summary).
+  # At most 8 files come back: merge the two build reports, then bundle any extras (never the two logs
+  # or the summary).
   rm -f "$OUT"/*.tmp
+  merge_build_reports || echo "== could not merge the build reports"
   local count
   count=$(find "$OUT" -type f | wc -l)
   if [ "$count" -gt 8 ]; then

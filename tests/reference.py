@@ -1,7 +1,9 @@
-"""Float32 PyTorch references for attention and attention-state merging, plus ragged-batch helpers.
+"""Float32 PyTorch references for attention and attention-state merging, plus ragged-batch and
+paged-KV-cache helpers.
 
-Used by the GPU tests (tests/test_prefill_gpu.py, tests/test_merge_state_gpu.py) and by
-benchmarks/bench_prefill.py. Plain torch, any device; nothing here imports flashinfer_jit.
+Used by the GPU tests (tests/test_prefill_gpu.py, tests/test_merge_state_gpu.py, tests/test_paged_gpu.py,
+tests/test_decode_gpu.py, tests/test_append_gpu.py) and by benchmarks/bench_prefill.py and
+benchmarks/bench_decode.py. Plain torch, any device; nothing here imports flashinfer_jit.
 
 Conventions (FlashInfer's):
 * LSE is base 2: lse = log2(sum_j exp2(x_j)) with x_j = sm_scale * log2(e) * (q . k_j), which equals
@@ -11,6 +13,11 @@ Conventions (FlashInfer's):
   q_len queries and kv_len keys sees keys j <= kv_len - q_len + i. Rows whose visible set is empty
   (kv_len = 0, or causal with q_len > kv_len for the first q_len - kv_len rows) are empty states.
 * GQA: query head h uses kv head h // (num_qo_heads // num_kv_heads).
+* Paged KV cache (FlashInfer's layout): one tensor [num_pages, 2, page_size, Hkv, D] ("NHD") or
+  [num_pages, 2, Hkv, page_size, D] ("HND") with K at [:, 0] and V at [:, 1]. Request i owns pages
+  indices[indptr[i]:indptr[i + 1]] in that order; its token t lives in page indices[indptr[i] + t // page_size]
+  at slot t % page_size. kv_len = (num_pages_i - 1) * page_size + last_page_len[i]; a request with no
+  pages has last_page_len 0 and kv_len 0.
 """
 from __future__ import annotations
 
@@ -291,6 +298,242 @@ def random_lengths(rng: random.Random, batch_size: int, max_q: int = 48, max_kv:
         q_lens.append(q)
         kv_lens.append(kv)
     return q_lens, kv_lens
+
+
+# ---- paged KV caches -----------------------------------------------------------------------------
+
+def num_pages_for(kv_len: int, page_size: int) -> int:
+    """Pages a request of kv_len tokens occupies."""
+    return -(-int(kv_len) // int(page_size))
+
+
+def last_page_len_for(kv_len: int, page_size: int) -> int:
+    """Tokens in the last page of a request (0 for a request with no tokens, hence no pages)."""
+    if kv_len == 0:
+        return 0
+    return int(kv_len) - (num_pages_for(kv_len, page_size) - 1) * int(page_size)
+
+
+def kv_lens_from_page_table(indptr: torch.Tensor | Sequence[int], last_page_len: torch.Tensor | Sequence[int],
+                            page_size: int) -> list[int]:
+    """KV length of every request from a page table (the inverse of make_page_table)."""
+    ptr = _as_list(indptr)
+    last = _as_list(last_page_len)
+    lens = []
+    for i in range(len(ptr) - 1):
+        n = ptr[i + 1] - ptr[i]
+        lens.append(0 if n == 0 else (n - 1) * page_size + last[i])
+    return lens
+
+
+@dataclass
+class PageTable:
+    indptr: torch.Tensor  # int32 CPU [batch + 1]
+    indices: torch.Tensor  # int32 CPU [>= indptr[-1]]
+    last_page_len: torch.Tensor  # int32 CPU [batch]
+    num_pages: int  # pages in the cache (used + unused)
+    page_size: int
+
+    @property
+    def used_pages(self) -> int:
+        return int(self.indptr[-1])
+
+
+def make_page_table(kv_lens: Sequence[int], page_size: int, *, extra_pages: int = 0, num_pages: int | None = None,
+                    shuffle: bool = True, seed: int = 0, pad_indices: bool = False) -> PageTable:
+    """A page table for `kv_lens`: each request gets ceil(kv_len / page_size) pages.
+
+    The cache holds `num_pages` pages (default: the used pages plus `extra_pages` unused ones). With
+    `shuffle`, pages are drawn in a seeded random order (torch.randperm), so no request's pages are
+    contiguous or ascending. With `pad_indices`, `indices` lists every page of the cache (the used
+    ones first): entries past indptr[-1] are legal and unused (a preallocated indices buffer)."""
+    counts = [num_pages_for(n, page_size) for n in kv_lens]
+    used = sum(counts)
+    total = used + extra_pages if num_pages is None else int(num_pages)
+    assert total >= used, f"{used} pages needed, the cache has {total}"
+    if shuffle:
+        order = torch.randperm(total, generator=torch.Generator().manual_seed(seed))
+    else:
+        order = torch.arange(total)
+    indices = (order if pad_indices else order[:used]).to(torch.int32).contiguous()
+    return PageTable(
+        indptr=make_indptr(counts), indices=indices,
+        last_page_len=torch.tensor([last_page_len_for(n, page_size) for n in kv_lens], dtype=torch.int32),
+        num_pages=total, page_size=int(page_size))
+
+
+def token_page_slots(indptr: torch.Tensor | Sequence[int], indices: torch.Tensor, kv_lens: Sequence[int],
+                     page_size: int, device: torch.device | str | None = None,
+                     first_token: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(page, slot) LongTensors [sum of lengths] of every token in request order (request 0's tokens
+    first). With `first_token`, request i contributes tokens first_token[i] .. kv_lens[i] - 1 only."""
+    ptr = _as_list(indptr)
+    idx = indices.to(device="cpu", dtype=torch.long)
+    pages, slots = [], []
+    for i, n in enumerate(kv_lens):
+        start = 0 if first_token is None else int(first_token[i])
+        t = torch.arange(start, int(n), dtype=torch.long)
+        assert int(n) <= (ptr[i + 1] - ptr[i]) * page_size, f"request {i}: {n} tokens do not fit its pages"
+        pages.append(idx[ptr[i] + t // page_size])
+        slots.append(t % page_size)
+    page = torch.cat(pages) if pages else torch.zeros(0, dtype=torch.long)
+    slot = torch.cat(slots) if slots else torch.zeros(0, dtype=torch.long)
+    return page.to(device), slot.to(device)
+
+
+def cache_kv(cache: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(k, v) 4-D page views of a paged cache given as one [P, 2, ...] tensor or a (k, v) tuple."""
+    if isinstance(cache, torch.Tensor):
+        assert cache.dim() == 5 and cache.shape[1] == 2, f"cache shape {tuple(cache.shape)}"
+        return cache[:, 0], cache[:, 1]
+    k, v = cache
+    return k, v
+
+
+def page_shape(page_size: int, num_kv_heads: int, head_dim: int, kv_layout: str) -> tuple[int, int, int]:
+    if kv_layout == "NHD":
+        return (page_size, num_kv_heads, head_dim)
+    if kv_layout == "HND":
+        return (num_kv_heads, page_size, head_dim)
+    raise ValueError(f"kv_layout {kv_layout!r}")
+
+
+def new_paged_cache(num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                    device: torch.device | str, kv_layout: str, fill: float = float("nan")) -> torch.Tensor:
+    """A [num_pages, 2, *page_shape] cache filled with `fill` (NaN by default: a kernel that reads a
+    slot no request owns, or a page tail past last_page_len, turns its output NaN)."""
+    shape = (num_pages, 2, *page_shape(page_size, num_kv_heads, head_dim, kv_layout))
+    return torch.full(shape, fill, dtype=dtype, device=device)
+
+
+def _slot_view(t: torch.Tensor, pages: torch.Tensor, slots: torch.Tensor, kv_layout: str):
+    """Index expression of tokens (pages[i], slots[i]) in one 4-D page tensor: a [n, H, D] selection."""
+    if kv_layout == "NHD":
+        return (pages, slots)
+    return (pages, slice(None), slots)  # advanced indices around a slice: the token dim goes first
+
+
+def scatter_to_pages(cache: torch.Tensor | tuple[torch.Tensor, torch.Tensor], k: torch.Tensor, v: torch.Tensor,
+                     pages: torch.Tensor, slots: torch.Tensor, kv_layout: str) -> None:
+    """Write tokens k, v [n, Hkv, D] (NHD rows) to (pages[i], slots[i]) of the cache, in place."""
+    kc, vc = cache_kv(cache)
+    where = _slot_view(kc, pages.to(kc.device), slots.to(kc.device), kv_layout)
+    kc[where] = k.to(kc.dtype)
+    vc[where] = v.to(vc.dtype)
+
+
+def gather_from_pages(cache: torch.Tensor | tuple[torch.Tensor, torch.Tensor], pages: torch.Tensor,
+                      slots: torch.Tensor, kv_layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens (pages[i], slots[i]) of the cache as dense NHD rows (k, v) [n, Hkv, D]."""
+    kc, vc = cache_kv(cache)
+    where = _slot_view(kc, pages.to(kc.device), slots.to(kc.device), kv_layout)
+    return kc[where], vc[where]
+
+
+def gather_paged_kv(cache: torch.Tensor | tuple[torch.Tensor, torch.Tensor], indptr: torch.Tensor | Sequence[int],
+                    indices: torch.Tensor, last_page_len: torch.Tensor | Sequence[int], page_size: int,
+                    kv_layout: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dense ragged K, V [total_kv, Hkv, D] (NHD) read from the cache through the page table, and the
+    int32 CPU kv_indptr of the result: the reference's view of a paged batch."""
+    kv_lens = kv_lens_from_page_table(indptr, last_page_len, page_size)
+    pages, slots = token_page_slots(indptr, indices, kv_lens, page_size)
+    k, v = gather_from_pages(cache, pages, slots, kv_layout)
+    return k, v, make_indptr(kv_lens)
+
+
+@dataclass
+class PagedBatch:
+    q_lens: list[int]
+    kv_lens: list[int]
+    q: torch.Tensor  # [total_q, Hq, D]
+    k: torch.Tensor  # the dense K that was written to the cache: ragged NHD [total_kv, Hkv, D]
+    v: torch.Tensor
+    cache: torch.Tensor  # [num_pages, 2, page_size, Hkv, D] (NHD) / [num_pages, 2, Hkv, page_size, D] (HND)
+    qo_indptr: torch.Tensor  # int32 CPU
+    kv_indptr: torch.Tensor  # int32 CPU, cumulative kv lengths (of the dense k/v)
+    table: PageTable
+    kv_layout: str
+    num_qo_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.kv_lens)
+
+    @property
+    def total_q(self) -> int:
+        return sum(self.q_lens)
+
+    @property
+    def total_kv(self) -> int:
+        return sum(self.kv_lens)
+
+    @property
+    def page_size(self) -> int:
+        return self.table.page_size
+
+    @property
+    def num_pages(self) -> int:
+        return self.table.num_pages
+
+    def cache_tuple(self, separate: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cache as a (k, v) tuple: views into the one tensor (equal, non-contiguous strides), or
+        `separate` contiguous copies."""
+        k, v = cache_kv(self.cache)
+        return (k.contiguous(), v.contiguous()) if separate else (k, v)
+
+    def gathered(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense K, V read back from the cache through the page table."""
+        k, v, kv_indptr = gather_paged_kv(self.cache, self.table.indptr, self.table.indices,
+                                          self.table.last_page_len, self.page_size, self.kv_layout)
+        assert torch.equal(kv_indptr, self.kv_indptr), (kv_indptr, self.kv_indptr)
+        return k, v
+
+    def reference(self, causal: bool, sm_scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Float32 reference over K/V gathered from the pages (not the dense k/v that were written)."""
+        k, v = self.gathered()
+        return ragged_attention_ref(self.q, k, v, self.qo_indptr, self.kv_indptr, causal, sm_scale, "NHD")
+
+    def describe(self) -> str:
+        pairs = ", ".join(f"{a}/{b}" for a, b in zip(self.q_lens, self.kv_lens))
+        return (f"batch={self.batch_size} (q/kv: {pairs}) Hq={self.num_qo_heads} Hkv={self.num_kv_heads} "
+                f"D={self.head_dim} {self.q.dtype} {self.kv_layout} page_size={self.page_size} "
+                f"pages={self.table.used_pages}/{self.num_pages}")
+
+
+def make_paged_batch(
+    q_lens: Sequence[int],
+    kv_lens: Sequence[int],
+    num_qo_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    kv_layout: str = "NHD",
+    page_size: int = 16,
+    seed: int = 0,
+    *,
+    extra_pages: int = 5,
+    num_pages: int | None = None,
+    shuffle: bool = True,
+    pad_indices: bool = False,
+    fill: float = float("nan"),
+) -> PagedBatch:
+    """Fresh randn q/k/v (as make_ragged_batch, same seed -> same values) with k/v written into a paged
+    cache whose pages are shuffled (seeded) and which has unused pages; every slot no request owns
+    (unused pages, page tails past last_page_len) holds `fill` (NaN by default)."""
+    dense = make_ragged_batch(q_lens, kv_lens, num_qo_heads, num_kv_heads, head_dim, dtype, device, "NHD", seed)
+    table = make_page_table(kv_lens, page_size, extra_pages=extra_pages, num_pages=num_pages, shuffle=shuffle,
+                            seed=seed + 7919, pad_indices=pad_indices)
+    cache = new_paged_cache(table.num_pages, page_size, num_kv_heads, head_dim, dtype, device, kv_layout, fill)
+    pages, slots = token_page_slots(table.indptr, table.indices, kv_lens, page_size)
+    scatter_to_pages(cache, dense.k, dense.v, pages, slots, kv_layout)
+    return PagedBatch(
+        q_lens=dense.q_lens, kv_lens=dense.kv_lens, q=dense.q, k=dense.k, v=dense.v, cache=cache,
+        qo_indptr=dense.qo_indptr, kv_indptr=dense.kv_indptr, table=table, kv_layout=kv_layout,
+        num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+    )
 
 
 # ---- comparisons ---------------------------------------------------------------------------------
