@@ -446,14 +446,15 @@ class BatchPrefillWithRaggedKVCacheWrapper(_BatchAttention):
         super().__init__(float_workspace_buffer, kv_layout, use_cuda_graph)
 
     def plan(self, qo_indptr: torch.Tensor, kv_indptr: torch.Tensor, num_qo_heads: int, num_kv_heads: int,
-             head_dim: int, causal: bool = False, sm_scale: Optional[float] = None,
+             head_dim: int, *, causal: bool = False, sm_scale: Optional[float] = None,
              q_data_type: Union[str, torch.dtype] = torch.float16,
              kv_data_type: Optional[Union[str, torch.dtype]] = None, head_dim_vo: Optional[int] = None,
              fixed_split_size: Optional[int] = None, disable_split_kv: bool = False, **unsupported: Any) -> None:
         """Plan a batch. qo_indptr, kv_indptr: int32 [batch + 1], on the CPU (no device sync) or CUDA.
 
         fixed_split_size (KV tokens per chunk, a multiple of the KV tile) and disable_split_kv make the
-        split decision independent of the batch (batch-invariant results)."""
+        split decision independent of the batch (batch-invariant results). Options after head_dim are
+        keyword-only (FlashInfer deprecates passing them by position, and its positions differ)."""
         _no_unsupported("plan()", unsupported)
         _check_heads(num_qo_heads, num_kv_heads, head_dim, head_dim_vo)
         qo = _index_tensor("qo_indptr", qo_indptr, 1)
@@ -530,7 +531,7 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchAttention):
 
     def plan(self, qo_indptr: torch.Tensor, paged_kv_indptr: torch.Tensor, paged_kv_indices: torch.Tensor,
              paged_kv_last_page_len: torch.Tensor, num_qo_heads: int, num_kv_heads: int, head_dim: int,
-             page_size: int, causal: bool = False, sm_scale: Optional[float] = None,
+             page_size: int, *, causal: bool = False, sm_scale: Optional[float] = None,
              q_data_type: Union[str, torch.dtype] = torch.float16,
              kv_data_type: Optional[Union[str, torch.dtype]] = None, head_dim_vo: Optional[int] = None,
              fixed_split_size: Optional[int] = None, disable_split_kv: bool = False, **unsupported: Any) -> None:
@@ -626,7 +627,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
         return self._inner.is_cuda_graph_enabled
 
     def plan(self, indptr: torch.Tensor, indices: torch.Tensor, last_page_len: torch.Tensor, num_qo_heads: int,
-             num_kv_heads: int, head_dim: int, page_size: int, sm_scale: Optional[float] = None,
+             num_kv_heads: int, head_dim: int, page_size: int, *, sm_scale: Optional[float] = None,
              q_data_type: Optional[Union[str, torch.dtype]] = None,
              kv_data_type: Optional[Union[str, torch.dtype]] = None, data_type: Optional[Union[str, torch.dtype]] = None,
              fixed_split_size: Optional[int] = None, disable_split_kv: bool = False,
