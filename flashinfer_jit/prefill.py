@@ -175,6 +175,14 @@ def _as_dtype(name: str, value: Union[str, torch.dtype]) -> torch.dtype:
     return value  # type: ignore[return-value]
 
 
+def _check_dtypes(q_data_type: Union[str, torch.dtype], kv_data_type: Optional[Union[str, torch.dtype]]) -> torch.dtype:
+    q_dtype = _as_dtype("q_data_type", q_data_type)
+    kv_dtype = _as_dtype("kv_data_type", kv_data_type) if kv_data_type is not None else q_dtype
+    if kv_dtype != q_dtype:
+        raise TypeError(f"kv_data_type: expected the same dtype as q_data_type ({q_dtype}), got {kv_dtype}")
+    return q_dtype
+
+
 def _check_heads(num_qo_heads: object, num_kv_heads: object, head_dim: int, head_dim_vo: Optional[int]) -> None:
     validate.head_dim("head_dim", head_dim)
     if head_dim_vo not in (None, head_dim):
@@ -226,8 +234,10 @@ class _BatchAttention:
 
     _layouts = ("NHD", "HND")
 
-    def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str, use_cuda_graph: bool):
+    def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str, use_cuda_graph: bool,
+                 max_num_pages: int = 0):
         validate.cuda_tensor("float_workspace_buffer", float_workspace_buffer, dtypes=(torch.uint8,), ndim=1)
+        self._max_num_pages = max_num_pages
         if kv_layout not in self._layouts:
             raise ValueError(f"kv_layout: expected one of {self._layouts}, got {kv_layout!r}")
         self._float_workspace = float_workspace_buffer
@@ -253,12 +263,9 @@ class _BatchAttention:
               num_qo_heads: int, num_kv_heads: int, head_dim: int, causal: bool, sm_scale: Optional[float],
               q_data_type: Union[str, torch.dtype], kv_data_type: Optional[Union[str, torch.dtype]],
               fixed_split_size: Optional[int], disable_split_kv: bool,
-              pages: Optional[tuple[torch.Tensor, torch.Tensor, int]] = None) -> None:
+              pages: Optional[tuple[torch.Tensor, torch.Tensor, int, int]] = None) -> None:
         """Plan from host int32 tensors: qo_indptr and the cumulative KV lengths (+ page table)."""
-        q_dtype = _as_dtype("q_data_type", q_data_type)
-        kv_dtype = _as_dtype("kv_data_type", kv_data_type) if kv_data_type is not None else q_dtype
-        if kv_dtype != q_dtype:
-            raise TypeError(f"kv_data_type: expected the same dtype as q_data_type ({q_dtype}), got {kv_dtype}")
+        q_dtype = _check_dtypes(q_data_type, kv_data_type)
         batch = qo_host.numel() - 1
         total_q = _host_int(qo_host, batch)
         total_kv = _host_int(kv_lens_indptr, batch)
@@ -285,27 +292,25 @@ class _BatchAttention:
             split_tiles = 0
         config = PlanConfig(batch, group, num_kv_heads, cta_q, variant.kv_tile, int(bool(causal)), sms,
                             MIN_CHUNK_TILES, split_tiles, 0)
-        max_page_index = -1
-        num_pages = 0
-        if pages is not None:
-            num_pages = _host_int(pages[0], batch)
-            if num_pages:
-                used = pages[1][:num_pages]
-                lo, max_page_index = int(used.min()), int(used.max())
-                if lo < 0:
-                    raise ValueError(f"paged_kv_indices: page indices must be >= 0, got {lo}")
+        num_pages = _host_int(pages[0], batch) if pages is not None else 0
+        max_page_index = pages[3] if pages is not None else -1
 
         if self._use_cuda_graph:
             limits = self._graph_limits
             if limits is None:
                 items_cap = math.ceil(total_q * group / 64) + batch + slots_per_gpu + 16
+                # Page-table room: the paged_kv_indices_buffer given to the constructor, else the
+                # length of the first plan's indices tensor (pass the whole, padded page table), and
+                # at least twice the pages in use.
+                page_room = max(self._max_num_pages, pages[1].numel() if pages is not None else 0, 2 * num_pages + 64)
                 limits = {"batch": batch, "total_q": total_q, "items": items_cap, "merges": items_cap,
-                          "cta_q": cta_q, "pages": 2 * num_pages + 64}
+                          "cta_q": cta_q, "pages": page_room}
             elif batch > limits["batch"] or total_q > limits["total_q"] or num_pages > limits["pages"]:
                 raise ValueError(
                     f"with use_cuda_graph=True later plans must fit the first: batch {batch} (max {limits['batch']}), "
                     f"total q tokens {total_q} (max {limits['total_q']}), pages {num_pages} (max {limits['pages']}); "
-                    f"create a new wrapper for larger batches")
+                    f"create a new wrapper for larger batches, or give paged_kv_indices_buffer (its length is the "
+                    f"page-table room) to the constructor")
             batch_cap, items_cap, merges_cap, pages_cap = limits["batch"], limits["items"], limits["merges"], limits["pages"]
         else:
             limits = None
@@ -493,27 +498,42 @@ class BatchPrefillWithRaggedKVCacheWrapper(_BatchAttention):
         p.v_stride_n, p.v_stride_h = (v.stride(0), v.stride(1)) if nhd else (v.stride(1), v.stride(0))
 
 
-def _paged_kv_lengths(name_prefix: str, indptr: torch.Tensor, last_page_len: torch.Tensor, page_size: int,
-                      batch: int) -> torch.Tensor:
-    """Cumulative KV lengths [batch + 1] from the page table, checking it on the host."""
-    pages = indptr[1:] - indptr[:-1]
-    if int(indptr[0]) != 0:
-        raise ValueError(f"{name_prefix}indptr[0] must be 0, got {int(indptr[0])}")
-    if batch and bool((pages < 0).any()):
-        i = int(torch.nonzero(pages < 0)[0, 0])
-        raise ValueError(f"{name_prefix}indptr must be non-decreasing (at index {i}: "
-                         f"{name_prefix}indptr[{i}:{i + 2}] = {indptr[i:i + 2].tolist()})")
-    has_pages = pages > 0
-    bad = (has_pages & ((last_page_len < 1) | (last_page_len > page_size))) | (~has_pages & (last_page_len != 0))
-    if batch and bool(bad.any()):
-        i = int(torch.nonzero(bad)[0, 0])
+class _PageTableCheck(ctypes.Structure):
+    """Mirror of fij::PageTableCheck."""
+
+    _fields_ = [("error_index", ctypes.c_int64), ("min_page", ctypes.c_int32), ("max_page", ctypes.c_int32)]
+
+
+_PAGED_LENGTHS_ARGTYPES = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32,
+                           ctypes.c_int32, ctypes.c_void_p, ctypes.POINTER(_PageTableCheck)]
+
+
+def _paged_kv_lengths(variant: "_Variant", indptr: torch.Tensor, last_page_len: torch.Tensor, indices: torch.Tensor,
+                      page_size: int, batch: int) -> tuple[torch.Tensor, int]:
+    """Check a host page table (in C: microseconds even for 100k pages) and return the cumulative KV
+    lengths [batch + 1] and the largest page index in use (-1 for none)."""
+    kv_indptr = torch.empty(batch + 1, dtype=torch.int32)
+    check = _PageTableCheck()
+    status = variant.kernel.function("paged_lengths", _PAGED_LENGTHS_ARGTYPES)(
+        indptr.data_ptr(), last_page_len.data_ptr(), indices.data_ptr(), indices.numel(), batch, page_size,
+        kv_indptr.data_ptr(), ctypes.byref(check))
+    i = check.error_index
+    if status == 1:
+        raise ValueError(f"paged_kv_indptr[0] must be 0, got {int(indptr[0])}")
+    if status == 2:
+        raise ValueError(f"paged_kv_indptr must be non-decreasing (at index {i}: "
+                         f"paged_kv_indptr[{i}:{i + 2}] = {indptr[i:i + 2].tolist()})")
+    if status == 3:
+        pages = int(indptr[i + 1] - indptr[i])
         raise ValueError(
-            f"{name_prefix}last_page_len[{i}] = {int(last_page_len[i])} is invalid: expected 1..{page_size} for a "
-            f"request with pages ({int(pages[i])} here), 0 for a request without pages")
-    lengths = torch.where(has_pages, (pages - 1) * page_size + last_page_len, torch.zeros_like(pages))
-    out = torch.zeros(batch + 1, dtype=torch.int32)
-    torch.cumsum(lengths, 0, out=out[1:])
-    return out
+            f"paged_kv_last_page_len[{i}] = {int(last_page_len[i])} is invalid: expected 1..{page_size} for a "
+            f"request with pages ({pages} here), 0 for a request without pages")
+    if status == 4:
+        raise ValueError(f"paged_kv_indices: expected at least paged_kv_indptr[-1] = {int(indptr[batch])} "
+                         f"entries, got {indices.numel()}")
+    if check.min_page < 0:
+        raise ValueError(f"paged_kv_indices: page indices must be >= 0, got {check.min_page}")
+    return kv_indptr, check.max_page
 
 
 class BatchPrefillWithPagedKVCacheWrapper(_BatchAttention):
@@ -525,9 +545,15 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchAttention):
     """
 
     def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str = "NHD", use_cuda_graph: bool = False,
-                 **unsupported: Any):
+                 qo_indptr_buf: Optional[torch.Tensor] = None, paged_kv_indptr_buf: Optional[torch.Tensor] = None,
+                 paged_kv_indices_buf: Optional[torch.Tensor] = None,
+                 paged_kv_last_page_len_buf: Optional[torch.Tensor] = None, **unsupported: Any):
+        """With use_cuda_graph=True, paged_kv_indices_buf's length sets the page-table room of later
+        plans (FlashInfer's argument; the metadata is kept in the wrapper's own buffers, so the other
+        *_buf arguments are accepted and only their lengths matter)."""
         _no_unsupported("BatchPrefillWithPagedKVCacheWrapper", unsupported)
-        super().__init__(float_workspace_buffer, kv_layout, use_cuda_graph)
+        room = paged_kv_indices_buf.numel() if isinstance(paged_kv_indices_buf, torch.Tensor) else 0
+        super().__init__(float_workspace_buffer, kv_layout, use_cuda_graph, max_num_pages=room)
 
     def plan(self, qo_indptr: torch.Tensor, paged_kv_indptr: torch.Tensor, paged_kv_indices: torch.Tensor,
              paged_kv_last_page_len: torch.Tensor, num_qo_heads: int, num_kv_heads: int, head_dim: int,
@@ -550,13 +576,12 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchAttention):
         last = _index_tensor("paged_kv_last_page_len", paged_kv_last_page_len)
         if last.numel() != batch:
             raise ValueError(f"paged_kv_last_page_len: expected {batch} entries (batch_size), got {last.numel()}")
-        kv_lens = _paged_kv_lengths("paged_kv_", indptr, last, page_size, batch)
-        if int(indptr[batch]) > indices.numel():
-            raise ValueError(f"paged_kv_indices: expected at least paged_kv_indptr[-1] = {int(indptr[batch])} "
-                             f"entries, got {indices.numel()}")
-        self._plan(f"paged_{self._kv_layout.lower()}", qo, kv_lens, num_qo_heads, num_kv_heads, head_dim, causal,
-                   sm_scale, q_data_type, kv_data_type, fixed_split_size, disable_split_kv,
-                   pages=(indptr, indices, page_size))
+        layout_name = f"paged_{self._kv_layout.lower()}"
+        q_dtype = _check_dtypes(q_data_type, kv_data_type)  # before the kernel library is loaded
+        variant = _variant(layout_name, head_dim, q_dtype, bool(causal))
+        kv_lens, max_page = _paged_kv_lengths(variant, indptr, last, indices, page_size, batch)
+        self._plan(layout_name, qo, kv_lens, num_qo_heads, num_kv_heads, head_dim, causal, sm_scale, q_data_type,
+                   kv_data_type, fixed_split_size, disable_split_kv, pages=(indptr, indices, page_size, max_page))
 
     begin_forward = plan
 
@@ -617,9 +642,12 @@ class BatchDecodeWithPagedKVCacheWrapper:
     """
 
     def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str = "NHD", use_cuda_graph: bool = False,
-                 use_tensor_cores: bool = True, **unsupported: Any):
+                 use_tensor_cores: bool = True, paged_kv_indptr_buffer: Optional[torch.Tensor] = None,
+                 paged_kv_indices_buffer: Optional[torch.Tensor] = None,
+                 paged_kv_last_page_len_buffer: Optional[torch.Tensor] = None, **unsupported: Any):
         _no_unsupported("BatchDecodeWithPagedKVCacheWrapper", unsupported)
-        self._inner = BatchPrefillWithPagedKVCacheWrapper(float_workspace_buffer, kv_layout, use_cuda_graph)
+        self._inner = BatchPrefillWithPagedKVCacheWrapper(float_workspace_buffer, kv_layout, use_cuda_graph,
+                                                          paged_kv_indices_buf=paged_kv_indices_buffer)
         self._qo_indptr = torch.arange(0, 1, dtype=torch.int32)
 
     @property

@@ -5,7 +5,8 @@ One table (CASES). Each case builds its inputs for an `Env` and returns the bad 
 * Env("cpu"): tensors are `CudaLooking` (CPU memory that reports device cuda:0). The checks read only
   metadata (dtype, shape, strides, data_ptr), so they run exactly as on a GPU; kernel loads and launches
   are replaced by failures, so a check that lets a bad input through fails the test instead of
-  building. The cases marked cpu=True (everything decided before a kernel library is needed) run here,
+  building. The cases marked cpu=True (everything decided before a kernel library is needed) run here;
+  page-table data checks run in the planner's C code (in the kernel library), so they are GPU cases,
   in CI, without a GPU.
 * Env("gpu"): real CUDA tensors, every case (marked gpu; skipped without CUDA). Cases that need a plan
   (run-time checks, planner and page-table checks, workspace size) exist only here.
@@ -339,17 +340,17 @@ CASES = [
       "use_cuda_graph=True", "batch 4 (max 3)"),
     # -- paged prefill: plan() --
     C("paged/last_page_len 0", paged_plan(paged_kv_last_page_len=i32([0, 0, 7])), ValueError,
-      "paged_kv_last_page_len[0] = 0", "1..16", cpu=True),
+      "paged_kv_last_page_len[0] = 0", "1..16"),
     C("paged/last_page_len > page_size", paged_plan(paged_kv_last_page_len=i32([17, 0, 7])), ValueError,
-      "paged_kv_last_page_len[0] = 17", "1..16", cpu=True),
+      "paged_kv_last_page_len[0] = 17", "1..16"),
     C("paged/last_page_len != 0 without pages", paged_plan(paged_kv_last_page_len=i32([4, 3, 7])), ValueError,
-      "paged_kv_last_page_len[1] = 3", "0 for a request without pages", cpu=True),
+      "paged_kv_last_page_len[1] = 3", "0 for a request without pages"),
     C("paged/last_page_len wrong length", paged_plan(paged_kv_last_page_len=i32([4, 0])), ValueError,
       "paged_kv_last_page_len", "expected 3 entries", cpu=True),
     C("paged/indptr[0] != 0", paged_plan(paged_kv_indptr=i32([1, 2, 2, 3])), ValueError,
-      "paged_kv_indptr[0] must be 0", cpu=True),
+      "paged_kv_indptr[0] must be 0"),
     C("paged/indptr decreasing", paged_plan(paged_kv_indptr=i32([0, 2, 1, 3])), ValueError,
-      "paged_kv_indptr must be non-decreasing", "[2, 1]", cpu=True),
+      "paged_kv_indptr must be non-decreasing", "[2, 1]"),
     C("paged/indptr wrong length", paged_plan(paged_kv_indptr=i32([0, 2, 3])), ValueError,
       "paged_kv_indptr", "expected 4 entries", cpu=True),
     C("paged/indptr int64", paged_plan(paged_kv_indptr=i32(PAGE_INDPTR, torch.int64)), TypeError,
@@ -357,7 +358,7 @@ CASES = [
     C("paged/indices int64", paged_plan(paged_kv_indices=i32(PAGE_INDICES, torch.int64)), TypeError,
       "paged_kv_indices", "torch.int32", cpu=True),
     C("paged/indices shorter than indptr[-1]", paged_plan(paged_kv_indices=i32([3, 0])), ValueError,
-      "paged_kv_indices", "paged_kv_indptr[-1] = 3", cpu=True),
+      "paged_kv_indices", "paged_kv_indptr[-1] = 3"),
     C("paged/page_size 0", paged_plan(page_size=0), ValueError, "page_size", "positive", cpu=True),
     C("paged/head_dim 96", paged_plan(head_dim=96), ValueError, "head_dim=96", cpu=True),
     C("paged/Hq % Hkv != 0", paged_plan(num_kv_heads=3), ValueError, "num_qo_heads (8)", "num_kv_heads (3)",
@@ -397,7 +398,7 @@ CASES = [
     C("decode/indptr int64", decode_plan(indptr=i32(PAGE_INDPTR, torch.int64)), TypeError, "indptr", "torch.int32",
       cpu=True),
     C("decode/last_page_len > page_size", decode_plan(last_page_len=i32([4, 0, 17])), ValueError,
-      "last_page_len[2] = 17", "1..16", cpu=True),
+      "last_page_len[2] = 17", "1..16"),
     C("decode/head_dim 96", decode_plan(head_dim=96), ValueError, "head_dim=96", cpu=True),
     C("decode/Hq % Hkv != 0", decode_plan(num_qo_heads=7), ValueError, "num_qo_heads (7)", cpu=True),
     C("decode/kv_data_type differs from q_data_type", decode_plan(q_data_type=torch.float16, kv_data_type=DT),

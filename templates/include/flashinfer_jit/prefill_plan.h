@@ -183,6 +183,48 @@ inline int32_t plan_prefill(const int32_t* qo_indptr, const int32_t* kv_indptr, 
   return kPlanOk;
 }
 
+// Paged layouts: check a page table on the host and turn it into cumulative KV lengths.
+struct PageTableCheck {
+  int64_t error_index;  // the offending request (statuses 2 and 3)
+  int32_t min_page;     // over the pages in use (indices[0 .. indptr[batch]))
+  int32_t max_page;
+};
+
+enum PageTableStatus : int32_t {
+  kPagesOk = 0,
+  kPagesIndptrNotZero = 1,   // indptr[0] != 0
+  kPagesIndptrDecreasing = 2,
+  kPagesBadLastPageLen = 3,  // not in [1, page_size] for a request with pages, not 0 without
+  kPagesTooFewIndices = 4,   // indices shorter than indptr[batch]
+};
+
+inline int32_t paged_kv_lengths(const int32_t* indptr, const int32_t* last_page_len, const int32_t* indices,
+                                int64_t num_indices, int32_t batch, int32_t page_size, int32_t* kv_indptr,
+                                PageTableCheck* check) {
+  *check = PageTableCheck{-1, 0, -1};
+  if (indptr[0] != 0) return kPagesIndptrNotZero;
+  kv_indptr[0] = 0;
+  for (int32_t i = 0; i < batch; ++i) {
+    const int32_t pages = indptr[i + 1] - indptr[i];
+    if (pages < 0) { check->error_index = i; return kPagesIndptrDecreasing; }
+    const int32_t last = last_page_len[i];
+    if (pages > 0 ? (last < 1 || last > page_size) : last != 0) { check->error_index = i; return kPagesBadLastPageLen; }
+    kv_indptr[i + 1] = kv_indptr[i] + (pages > 0 ? (pages - 1) * page_size + last : 0);
+  }
+  if (indptr[batch] > num_indices) return kPagesTooFewIndices;
+  int32_t lo = 0, hi = -1;
+  if (indptr[batch] > 0) {
+    lo = hi = indices[0];
+    for (int32_t j = 1; j < indptr[batch]; ++j) {
+      lo = std::min(lo, indices[j]);
+      hi = std::max(hi, indices[j]);
+    }
+  }
+  check->min_page = lo;
+  check->max_page = hi;
+  return kPagesOk;
+}
+
 // Where plan_and_upload puts things in the int32 metadata buffer (offsets in int32 elements).
 struct UploadLayout {
   int64_t qo, kv, page_indptr, page_indices, items, merges, counters, total;
