@@ -208,7 +208,7 @@ def _progress_line(outcome: prebuild.Outcome, index: int, total: int) -> str:
     if outcome.status == prebuild.PLANNED:
         return f"{head}would build {where}"
     lines = (outcome.error or "").strip().splitlines()
-    errors = [l.strip() for l in lines if "error:" in l]  # the compiler's own "file(line): error: ..." 
+    errors = [l.strip() for l in lines if "error:" in l]  # the compiler's own "file(line): error: ..."
     why = errors[0] if errors else (lines[-1] if lines else "")
     return f"{head}FAILED {where} after {outcome.seconds:.1f} s" + (f": {why}" if why else "")
 

@@ -213,6 +213,8 @@ def load_config(path: Path | str) -> dict[str, Any]:
         return out
 
     top = normalized(data, "the top level", known)
+    if top.get("jobs") is not None and (not isinstance(top["jobs"], int) or isinstance(top["jobs"], bool)):
+        raise ValueError(f"--config {path}: \"jobs\" must be an integer, got {top['jobs']!r}")
     sub_allowed = known - {"matrix", "jobs", "cache_dir"}
     matrices = top.pop("matrix", None)
     shared = {k: v for k, v in top.items() if k not in ("jobs", "cache_dir", "arch")}

@@ -115,6 +115,9 @@ def test_config_file_with_sub_matrices(tmp_path):
     path.write_text(json.dumps({"family": "merge", "head_dims": [64]}))
     with pytest.raises(ValueError, match="unknown key 'head_dims' in the top level"):
         prebuild.load_config(path)
+    path.write_text(json.dumps({"family": "merge", "jobs": "8"}))
+    with pytest.raises(ValueError, match='"jobs" must be an integer'):
+        prebuild.load_config(path)
     path.write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         prebuild.load_config(path)
