@@ -196,8 +196,14 @@ def setup_flashinfer_jit_graph(data: Data) -> Prepared:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         wrapper.run(q, cache, out=out)
-    return Prepared(graph.replay, lambda r: out, ["run() captured once in a CUDA graph; graph.replay() timed",
-                                                  _plan_shape(wrapper)])
+    def replay():
+        # The wrapper owns the plan metadata the captured kernel reads: keep it alive with the graph
+        # (a freed wrapper's buffers get reused and the replay reads garbage).
+        graph.replay()
+        return wrapper
+
+    return Prepared(replay, lambda r: out, ["run() captured once in a CUDA graph; graph.replay() timed",
+                                            _plan_shape(wrapper)])
 
 
 def _fa2_call(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):

@@ -442,7 +442,9 @@ class BatchPrefillWithRaggedKVCacheWrapper(_BatchAttention):
         use_cuda_graph: make run() capturable: grids and metadata buffers are fixed by the first
             plan(); later plans may change lengths as long as the batch size and the total q tokens
             do not exceed the first plan's. q/k/v/out may then be larger than the planned totals
-            (rows past the plan are ignored and not written).
+            (rows past the plan are ignored and not written). The captured kernels read the plan
+            metadata from this wrapper's buffers: keep the wrapper alive as long as the graph may
+            be replayed.
     """
 
     def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str = "NHD", use_cuda_graph: bool = False,
