@@ -9,6 +9,7 @@ from .errors import (
     BuildLockTimeout,
     CacheIntegrityError,
     CacheSecurityError,
+    CacheWriteError,
     FlashInferJITError,
     KernelCompileError,
     KernelLaunchError,

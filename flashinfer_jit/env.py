@@ -10,7 +10,7 @@
 | FLASHINFER_JIT_NVCC               | the nvcc to build with (else $CUDA_HOME/bin/nvcc, resolved)      |
 | FLASHINFER_JIT_EXTRA_CUDAFLAGS    | extra nvcc flags (shell syntax); part of the cache key           |
 | FLASHINFER_JIT_LOCK_TIMEOUT       | seconds to wait for another process's build (default 900)        |
-| FLASHINFER_JIT_TRUSTED_ROOTS      | cache roots allowed to be group-writable (shared team caches)    |
+| FLASHINFER_JIT_TRUSTED_ROOTS      | shared team caches: skip the owner/mode checks, root may be a symlink |
 | MAX_JOBS                          | parallel compile jobs (default: cores, capped by free memory)    |
 """
 from __future__ import annotations
