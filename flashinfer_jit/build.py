@@ -29,8 +29,18 @@ class BuildResult:
     log: Path
 
 
+def build_environment(jobs: int) -> dict[str, str]:
+    """The variables torch's loader reads during a build: ninja's job count, the resolved CUDA home,
+    and the nvcc to run (FLASHINFER_JIT_NVCC, through torch's PYTORCH_NVCC)."""
+    updates = {"MAX_JOBS": str(jobs), "CUDA_HOME": str(toolchain.cuda_home())}
+    if os.environ.get("FLASHINFER_JIT_NVCC"):
+        updates["PYTORCH_NVCC"] = os.environ["FLASHINFER_JIT_NVCC"]
+    return updates
+
+
 @contextlib.contextmanager
-def _environment(updates: dict[str, str]) -> Iterator[None]:
+def environment(updates: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for the duration of the block, then restore them."""
     saved = {k: os.environ.get(k) for k in updates}
     os.environ.update(updates)
     try:
@@ -72,12 +82,10 @@ def build_library(name: str, sources: dict[str, str], build_dir: Path, archs: tu
         path.write_text(text)
         paths.append(str(path))
     log_path = build_dir / "build.log"
-    env_updates = {"MAX_JOBS": str(toolchain.build_jobs(len(paths))), "CUDA_HOME": str(toolchain.cuda_home())}
-    if os.environ.get("FLASHINFER_JIT_NVCC"):
-        env_updates["PYTORCH_NVCC"] = os.environ["FLASHINFER_JIT_NVCC"]
+    env_updates = build_environment(toolchain.build_jobs(len(paths)))
     start = time.perf_counter()
     try:
-        with _environment(env_updates):
+        with environment(env_updates):
             cpp_extension.load(
                 name=name,
                 sources=paths,

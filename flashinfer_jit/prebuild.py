@@ -26,7 +26,6 @@ twice.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import dataclasses
 import json
 import os
@@ -34,9 +33,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
-from . import cache, loader, toolchain
+from . import build, cache, loader, toolchain
 from .errors import FlashInferJITError, KernelCompileError
 from .spec import FAMILIES, KernelSpec
 
@@ -319,25 +318,12 @@ def default_jobs(todo: int, requested: int | None = None) -> int:
     return max(1, min(jobs, todo))
 
 
-@contextlib.contextmanager
-def _steady_build_environment(jobs_per_kernel: int) -> Iterator[None]:
+def _steady_build_environment(jobs_per_kernel: int):
     """Set, once for the whole parallel phase, the variables build.py sets around each compile.
 
     build.py saves and restores them around every build; from several threads that restore could
     drop a value while another build still needs it. Set beforehand, every save/restore is a no-op."""
-    updates = {"MAX_JOBS": str(jobs_per_kernel), "CUDA_HOME": str(toolchain.cuda_home())}
-    if os.environ.get("FLASHINFER_JIT_NVCC"):
-        updates["PYTORCH_NVCC"] = os.environ["FLASHINFER_JIT_NVCC"]
-    saved = {k: os.environ.get(k) for k in updates}
-    os.environ.update(updates)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    return build.environment(build.build_environment(jobs_per_kernel))
 
 
 def _lookup(spec: KernelSpec, archs: tuple[str, ...], layer: cache.CacheLayer) -> tuple[loader.KeyInfo, cache.Entry | None]:
