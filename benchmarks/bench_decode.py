@@ -206,20 +206,6 @@ def setup_flashinfer_jit_graph(data: Data) -> Prepared:
                                             _plan_shape(wrapper)])
 
 
-def _fa2_call(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
-    """PyTorch's FA2 varlen forward across torch versions (scale= is keyword-only since 2.1)."""
-    op = getattr(torch.ops.aten, "_flash_attention_forward", None)
-    if op is None:
-        raise RuntimeError("torch.ops.aten._flash_attention_forward is missing in this torch")
-    try:
-        res = op(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False, scale=scale)
-    except TypeError:
-        if abs(scale - 1.0 / math.sqrt(q.shape[-1])) > 1e-12:
-            raise
-        res = op(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False)
-    return res[0] if isinstance(res, (tuple, list)) else res
-
-
 def setup_fa2_dense_kv(data: Data) -> Prepared:
     wl = data.wl
     b = data.batch
@@ -229,7 +215,7 @@ def setup_fa2_dense_kv(data: Data) -> Prepared:
              "no page table"]
     k, v = b.k, b.v
     try:
-        _fa2_call(b.q, k, v, cu_q, cu_k, 1, wl.kv_len, False, data.scale)
+        common.fa2_varlen_call(b.q, k, v, cu_q, cu_k, 1, wl.kv_len, False, data.scale)
         torch.cuda.synchronize()
         notes.append(f"GQA native ({wl.num_kv_heads} kv heads)")
     except RuntimeError as exc:
@@ -240,26 +226,9 @@ def setup_fa2_dense_kv(data: Data) -> Prepared:
                      f"(native GQA failed: {str(exc).splitlines()[0][:120]})")
 
     def fn():
-        return _fa2_call(b.q, k, v, cu_q, cu_k, 1, wl.kv_len, False, data.scale)
+        return common.fa2_varlen_call(b.q, k, v, cu_q, cu_k, 1, wl.kv_len, False, data.scale)
 
     return Prepared(fn, lambda r: r, notes)
-
-
-_FLEX_COMPILED = None
-
-
-def _flex():
-    global _FLEX_COMPILED
-    if _FLEX_COMPILED is None:
-        from torch.nn.attention.flex_attention import flex_attention
-
-        cfg = torch._dynamo.config
-        for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",
-                     "accumulated_recompile_limit"):
-            if hasattr(cfg, name):
-                setattr(cfg, name, max(64, getattr(cfg, name)))
-        _FLEX_COMPILED = torch.compile(flex_attention, dynamic=False)
-    return _FLEX_COMPILED
 
 
 def setup_flex_decode(data: Data) -> Prepared:
@@ -268,7 +237,7 @@ def setup_flex_decode(data: Data) -> Prepared:
     q_f = b.q.view(wl.batch_size, 1, wl.num_qo_heads, wl.head_dim).transpose(1, 2).contiguous()
     k_f = b.k.view(wl.batch_size, wl.kv_len, wl.num_kv_heads, wl.head_dim).transpose(1, 2).contiguous()
     v_f = b.v.view(wl.batch_size, wl.kv_len, wl.num_kv_heads, wl.head_dim).transpose(1, 2).contiguous()
-    flex = _flex()
+    flex = common.compiled_flex_attention()
 
     def fn():
         return flex(q_f, k_f, v_f, scale=data.scale, enable_gqa=True)
@@ -432,16 +401,6 @@ def _row(wl: DecodeWorkload, impl: str, ms: float | None, notes: str, copy_gbps:
 
 # ---- main ----------------------------------------------------------------------------------------
 
-def _select(all_names, wanted: str | None, what: str) -> list[str]:
-    if not wanted:
-        return list(all_names)
-    picked = [w.strip() for w in wanted.split(",") if w.strip()]
-    unknown = [w for w in picked if w not in all_names]
-    if unknown:
-        raise SystemExit(f"unknown {what}: {', '.join(unknown)}; choose from: {', '.join(all_names)}")
-    return picked
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(common.REPO / "benchmarks" / "results"),
@@ -459,8 +418,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
-    names = _select([w.name for w in WORKLOADS], args.workloads, "workload")
-    impls = _select(IMPLS, args.impls, "impl")
+    names = common.select([w.name for w in WORKLOADS], args.workloads, "workload")
+    impls = common.select(IMPLS, args.impls, "impl")
     selected = [w for w in WORKLOADS if w.name in names]
     warmup, rep, calls = (5, 20, 20) if args.quick else (25, 100, 200)
 

@@ -164,25 +164,6 @@ def setup_flashinfer_jit_paged(data: Data) -> Prepared:
                     {"first_plan_ms": round(plan_s * 1e3, 3), "page_size": PAGE_SIZE})
 
 
-def _fa2_op():
-    op = getattr(torch.ops.aten, "_flash_attention_forward", None)
-    if op is None:
-        raise RuntimeError("torch.ops.aten._flash_attention_forward is missing in this torch")
-    return op
-
-
-def _fa2_call(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
-    """Call PyTorch's FA2 varlen forward across torch versions (scale= is keyword-only since 2.1)."""
-    op = _fa2_op()
-    try:
-        res = op(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False, scale=scale)
-    except TypeError:
-        if abs(scale - 1.0 / math.sqrt(q.shape[-1])) > 1e-12:
-            raise
-        res = op(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False)  # default scale = 1/sqrt(D)
-    return res[0] if isinstance(res, (tuple, list)) else res
-
-
 def setup_fa2_varlen(data: Data) -> Prepared:
     wl = data.wl
     cu_q = data.qo_indptr.to("cuda")
@@ -191,7 +172,7 @@ def setup_fa2_varlen(data: Data) -> Prepared:
     notes = []
     k, v = data.k, data.v
     try:
-        _fa2_call(data.q, k, v, cu_q, cu_k, max_q, max_k, wl.causal, data.scale)
+        common.fa2_varlen_call(data.q, k, v, cu_q, cu_k, max_q, max_k, wl.causal, data.scale)
         torch.cuda.synchronize()
         notes.append(f"GQA native ({wl.num_kv_heads} kv heads)")
     except RuntimeError as exc:
@@ -204,7 +185,7 @@ def setup_fa2_varlen(data: Data) -> Prepared:
         notes.append(f"causal alignment: {FA2_ALIGNMENT.get('alignment', 'unchecked')}")
 
     def fn():
-        return _fa2_call(data.q, k, v, cu_q, cu_k, max_q, max_k, wl.causal, data.scale)
+        return common.fa2_varlen_call(data.q, k, v, cu_q, cu_k, max_q, max_k, wl.causal, data.scale)
 
     return Prepared(fn, lambda r: r, notes)
 
@@ -221,7 +202,7 @@ def check_fa2_alignment() -> dict[str, Any]:
     v = torch.randn((sum(kv_lens), h, d), generator=gen, device="cuda", dtype=common.DTYPE)
     qo, kv = reference.make_indptr(q_lens), reference.make_indptr(kv_lens)
     scale = 1.0 / math.sqrt(d)
-    out = _fa2_call(q, k, v, qo.to("cuda"), kv.to("cuda"), max(q_lens), max(kv_lens), True, scale)
+    out = common.fa2_varlen_call(q, k, v, qo.to("cuda"), kv.to("cuda"), max(q_lens), max(kv_lens), True, scale)
     bottom_right, _ = reference.ragged_attention_ref(q, k, v, qo, kv, True, scale)
     top_left = torch.empty_like(bottom_right)
     qo_l, kv_l = qo.tolist(), kv.tolist()
@@ -316,23 +297,6 @@ def setup_cudnn_padded(data: Data) -> Prepared:
     return Prepared(fn, lambda r: _unpad(r, wl.q_lens), notes)
 
 
-_FLEX_COMPILED = None
-
-
-def _flex():
-    global _FLEX_COMPILED
-    if _FLEX_COMPILED is None:
-        from torch.nn.attention.flex_attention import flex_attention
-
-        cfg = torch._dynamo.config
-        for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",
-                     "accumulated_recompile_limit"):
-            if hasattr(cfg, name):
-                setattr(cfg, name, max(64, getattr(cfg, name)))
-        _FLEX_COMPILED = torch.compile(flex_attention, dynamic=False)
-    return _FLEX_COMPILED
-
-
 def setup_flex_docmask(data: Data) -> Prepared:
     from torch.nn.attention.flex_attention import create_block_mask
 
@@ -379,7 +343,7 @@ def setup_flex_docmask(data: Data) -> Prepared:
         mask_how = "compiled (eager ran out of memory)"
     torch.cuda.synchronize()
     mask_ms = (time.perf_counter() - t0) * 1e3
-    flex = _flex()
+    flex = common.compiled_flex_attention()
 
     def fn():
         return flex(q_f, k_f, v_f, block_mask=block_mask, scale=data.scale, enable_gqa=True)
@@ -468,16 +432,6 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 
 # ---- main ----------------------------------------------------------------------------------------
 
-def _select(all_names, wanted: str | None, what: str) -> list[str]:
-    if not wanted:
-        return list(all_names)
-    picked = [w.strip() for w in wanted.split(",") if w.strip()]
-    unknown = [w for w in picked if w not in all_names]
-    if unknown:
-        raise SystemExit(f"unknown {what}: {', '.join(unknown)}; choose from: {', '.join(all_names)}")
-    return picked
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(common.REPO / "benchmarks" / "results"),
@@ -497,8 +451,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
     all_wl = common.workloads()
-    names = _select([w.name for w in all_wl], args.workloads, "workload")
-    impls = _select(IMPLS, args.impls, "impl")
+    names = common.select([w.name for w in all_wl], args.workloads, "workload")
+    impls = common.select(IMPLS, args.impls, "impl")
     selected = [w for w in all_wl if w.name in names]
     warmup, rep, plan_calls = (5, 20, 20) if args.quick else (25, 100, 200)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import re
 import statistics
@@ -221,3 +222,48 @@ def fmt(value: Any, spec: str) -> str:
     if value is None:
         return "-"
     return format(value, spec)
+
+
+# ---- helpers shared by the benchmarks --------------------------------------------------------------
+
+def fa2_varlen_call(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
+    """PyTorch's FA2 varlen forward across torch versions (scale= is keyword-only since 2.1)."""
+    op = getattr(torch.ops.aten, "_flash_attention_forward", None)
+    if op is None:
+        raise RuntimeError("torch.ops.aten._flash_attention_forward is missing in this torch")
+    try:
+        res = op(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False, scale=scale)
+    except TypeError:
+        if abs(scale - 1.0 / math.sqrt(q.shape[-1])) > 1e-12:
+            raise
+        res = op(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False)  # default scale = 1/sqrt(D)
+    return res[0] if isinstance(res, (tuple, list)) else res
+
+
+_FLEX_COMPILED = None
+
+
+def compiled_flex_attention():
+    """torch.compile(flex_attention), compiled once per process, with room for the shapes we run."""
+    global _FLEX_COMPILED
+    if _FLEX_COMPILED is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        cfg = torch._dynamo.config
+        for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",
+                     "accumulated_recompile_limit"):
+            if hasattr(cfg, name):
+                setattr(cfg, name, max(64, getattr(cfg, name)))
+        _FLEX_COMPILED = torch.compile(flex_attention, dynamic=False)
+    return _FLEX_COMPILED
+
+
+def select(all_names, wanted: "str | None", what: str) -> list:
+    """The comma-separated subset `wanted` of `all_names` (all of them when empty)."""
+    if not wanted:
+        return list(all_names)
+    picked = [w.strip() for w in wanted.split(",") if w.strip()]
+    unknown = [w for w in picked if w not in all_names]
+    if unknown:
+        raise SystemExit(f"unknown {what}: {', '.join(unknown)}; choose from: {', '.join(all_names)}")
+    return picked
