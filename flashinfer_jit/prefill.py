@@ -298,7 +298,12 @@ class _BatchAttention:
         if self._use_cuda_graph:
             limits = self._graph_limits
             if limits is None:
-                items_cap = math.ceil(total_q * group / 64) + batch + slots_per_gpu + 16
+                # q tiles of any later plan within these limits (64-row tiles at worst), plus split
+                # chunks: automatic splitting adds at most sms / num_kv_heads of them (prefill_plan.h);
+                # a fixed split size can add more, so it gets room for a full GPU of extra chunks.
+                # Every slot is a CTA the captured grid launches (surplus ones exit at once).
+                extra_chunks = slots_per_gpu if split_tiles > 0 else sms // num_kv_heads + 1
+                items_cap = math.ceil(total_q * group / 64) + batch + extra_chunks + 16
                 # Page-table room: the paged_kv_indices_buffer given to the constructor, else the
                 # length of the first plan's indices tensor (pass the whole, padded page table), and
                 # at least twice the pages in use.
