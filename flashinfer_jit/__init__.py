@@ -1,9 +1,6 @@
 """flashinfer-jit: FlashInfer's attention API, with kernels generated, compiled and cached on demand."""
 import logging as _logging
 
-from .version import __version__
-
-_logging.getLogger("flashinfer_jit").addHandler(_logging.NullHandler())
 from .cascade import merge_state, merge_state_in_place, merge_states
 from .errors import (
     BuildLockTimeout,
@@ -24,3 +21,30 @@ from .prefill import (
     BatchPrefillWithRaggedKVCacheWrapper,
     single_prefill_with_kv_cache,
 )
+from .version import __version__
+
+# Library logging: silent unless the application configures logging (builds log at INFO).
+_logging.getLogger("flashinfer_jit").addHandler(_logging.NullHandler())
+
+__all__ = [
+    "BatchDecodeWithPagedKVCacheWrapper",
+    "BatchPrefillWithPagedKVCacheWrapper",
+    "BatchPrefillWithRaggedKVCacheWrapper",
+    "BuildLockTimeout",
+    "CacheIntegrityError",
+    "CacheSecurityError",
+    "CacheWriteError",
+    "FlashInferJITError",
+    "KernelCompileError",
+    "KernelLaunchError",
+    "KernelLoadError",
+    "MissingKernelError",
+    "ToolchainNotFoundError",
+    "__version__",
+    "append_paged_kv_cache",
+    "get_batch_indices_positions",
+    "merge_state",
+    "merge_state_in_place",
+    "merge_states",
+    "single_prefill_with_kv_cache",
+]
