@@ -71,14 +71,6 @@ def vector_rows(name: str, t: torch.Tensor) -> None:
         _fail(name, f"16-byte aligned rows (data_ptr and strides multiples of {16 // elem} elements)", t)
 
 
-def same_device(pairs: Sequence[tuple[str, torch.Tensor]]) -> torch.device:
-    device = pairs[0][1].device
-    for name, t in pairs[1:]:
-        if t.device != device:
-            raise ValueError(f"{name}: expected a tensor on {device} (like {pairs[0][0]}), got {describe(t)}")
-    return device
-
-
 def aligned_pointers(op: str, *tensors: "torch.Tensor | None") -> None:
     """Run-time guard inside the ops (also reached from torch.compile'd code): 16-byte aligned data."""
     bits = 0
