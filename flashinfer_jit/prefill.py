@@ -66,6 +66,7 @@ class PrefillParams(ctypes.Structure):
         ("page_indptr", ctypes.c_void_p), ("page_indices", ctypes.c_void_p), ("stride_page", ctypes.c_int64),
         ("page_div_mul", ctypes.c_uint32), ("page_div_shift", ctypes.c_int32),
         ("merge_counters", ctypes.c_void_p),
+        ("page_row_shift", ctypes.c_int32), ("page_row_mask", ctypes.c_int32),  # set by the C launcher
     ]
 
 
@@ -200,6 +201,15 @@ def _no_unsupported(what: str, unsupported: dict[str, Any]) -> None:
         raise TypeError(f"{what}: unsupported arguments {sorted(unsupported)}: flashinfer-jit does not implement them")
 
 
+def _choose_cta_q(options: tuple[int, ...], packed_rows: int, batch: int) -> int:
+    """Packed q rows per CTA: the smallest tile the library has that holds the average request's
+    rows (query tokens x group), so decode-like batches do not pay for 64-row MMAs on 4 rows; the
+    largest tile past that."""
+    per_request = packed_rows / max(batch, 1)
+    fitting = [cta_q for cta_q in options if cta_q >= per_request]
+    return min(fitting) if fitting else max(options)
+
+
 class _IntLayout:
     """Offsets (in int32) of the plan metadata in the int workspace."""
 
@@ -274,10 +284,8 @@ class _BatchAttention:
 
         if self._graph_limits is not None:
             cta_q = self._graph_limits["cta_q"]
-        elif head_dim == 256:
-            cta_q = 64
         else:
-            cta_q = 128 if total_q * group > 64 * max(batch, 1) else 64
+            cta_q = _choose_cta_q(variant.spec.cta_q_options, total_q * group, batch)
         # Split KV only as far as one CTA per SM: measured on H100 decode, more and shorter chunks
         # lose more to merging and per-CTA start-up than they gain in parallelism.
         sms, slots_per_gpu = variant.gpu_slots(self._device, cta_q)
@@ -298,12 +306,12 @@ class _BatchAttention:
         if self._use_cuda_graph:
             limits = self._graph_limits
             if limits is None:
-                # q tiles of any later plan within these limits (64-row tiles at worst), plus split
+                # q tiles of any later plan within these limits (at this cta_q), plus split
                 # chunks: automatic splitting adds at most sms / num_kv_heads of them (prefill_plan.h);
                 # a fixed split size can add more, so it gets room for a full GPU of extra chunks.
                 # Every slot is a CTA the captured grid launches (surplus ones exit at once).
                 extra_chunks = slots_per_gpu if split_tiles > 0 else sms // num_kv_heads + 1
-                items_cap = math.ceil(total_q * group / 64) + batch + extra_chunks + 16
+                items_cap = math.ceil(total_q * group / cta_q) + batch + extra_chunks + 16
                 # Page-table room: the paged_kv_indices_buffer given to the constructor, else the
                 # length of the first plan's indices tensor (pass the whole, padded page table), and
                 # at least twice the pages in use.

@@ -116,7 +116,8 @@ class PrefillSpec(KernelSpec):
     @property
     def cta_q_options(self) -> tuple[int, ...]:
         """Packed q rows per CTA the library contains; plan() picks one per batch."""
-        return (64,) if self.head_dim == 256 else (128, 64)
+        # 16: decode-sized tiles (a few packed rows per request), four warps split the keys.
+        return (64,) if self.head_dim == 256 else (128, 64, 16)
 
     def template_context(self) -> dict[str, Any]:
         ctx = super().template_context()

@@ -157,6 +157,29 @@ def test_ragged_matches_reference(case) -> None:
         check_run(wrapper, batch2, causal, what + " [second run, same plan]", allocate=False)
 
 
+# Decode-sized tiles: a few query tokens per request (speculative decoding, chunked decode). The
+# planner picks 16-row tiles when a request's packed rows (q_len x group) fit, and four warps split
+# each KV tile's keys; their states merge in the epilogue, and split-KV chunks merge on top of that.
+SMALL_Q_LENS = ((1, 1), (2, 17), (1, 1000), (3, 63), (0, 9), (4, 129), (1, 0), (2, 2), (1, 64), (4, 4))
+SMALL_CASES = [(hd, dt, causal, g, lay) for hd, dt, causal, g, lay in MAIN_CASES if hd != 256 and (dt == torch.bfloat16
+               or lay == "NHD")]
+
+
+@pytest.mark.parametrize("split", ["auto", "fixed64"])
+@pytest.mark.parametrize("case", SMALL_CASES, ids=[_case_id(c) for c in SMALL_CASES])
+def test_decode_sized_tiles(case, split: str) -> None:
+    head_dim, dtype, causal, group, layout = case
+    # q lengths scaled so q_len x group stays within 16 rows (group 8: 1-2 tokens).
+    lens = tuple((min(q, 16 // group), kv) for q, kv in SMALL_Q_LENS)
+    batch = make_batch(lens, group, head_dim, dtype, layout, seed=7000 + SMALL_CASES.index(case))
+    wrapper = new_wrapper(layout)
+    kwargs = {"fixed_split_size": 64} if split == "fixed64" else {}
+    wrapper.plan(batch.qo_indptr, batch.kv_indptr, batch.num_qo_heads, batch.num_kv_heads, head_dim, causal=causal,
+                 q_data_type=dtype, **kwargs)
+    assert wrapper._state.params.cta_q == 16, "the planner should pick 16-row tiles for this batch"
+    check_run(wrapper, batch, causal, f"{_case_id(case)} split={split} {batch.describe()}")
+
+
 @pytest.mark.parametrize("sm_scale", [0.02, 0.3])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)

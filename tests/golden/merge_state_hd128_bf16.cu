@@ -11,11 +11,10 @@ FIJ_EXPORT int fij_merge_state_hd128_bf16_merge_two(
     void* v_out, int64_t vo_n, int64_t vo_h, float* s_out, int64_t so_n, int64_t so_h,
     const bool* mask, int64_t num_rows, int num_heads, cudaStream_t stream) {
   if (num_rows == 0) return 0;
-  fij::merge_two_kernel<kHeadDim, DType><<<fij::merge_grid<kHeadDim>(num_rows, num_heads), fij::kMergeThreads, 0, stream>>>(
-      static_cast<const DType*>(v_a), va_n, va_h, s_a, sa_n, sa_h,
-      static_cast<const DType*>(v_b), vb_n, vb_h, s_b, sb_n, sb_h,
-      static_cast<DType*>(v_out), vo_n, vo_h, s_out, so_n, so_h, mask, num_rows, num_heads);
-  return fij::last_error();
+  return fij::launch(fij::merge_two_kernel<kHeadDim, DType>, fij::merge_grid<kHeadDim>(num_rows, num_heads),
+                     dim3(fij::kMergeThreads), 0, stream, static_cast<const DType*>(v_a), va_n, va_h, s_a, sa_n, sa_h,
+                     static_cast<const DType*>(v_b), vb_n, vb_h, s_b, sb_n, sb_h,
+                     static_cast<DType*>(v_out), vo_n, vo_h, s_out, so_n, so_h, mask, num_rows, num_heads);
 }
 
 FIJ_EXPORT int fij_merge_state_hd128_bf16_merge_many(
@@ -23,10 +22,9 @@ FIJ_EXPORT int fij_merge_state_hd128_bf16_merge_many(
     void* v_out, int64_t vo_n, int64_t vo_h, float* s_out, int64_t so_n, int64_t so_h,
     int64_t num_rows, int num_states, int num_heads, cudaStream_t stream) {
   if (num_rows == 0) return 0;
-  fij::merge_many_kernel<kHeadDim, DType><<<fij::merge_grid<kHeadDim>(num_rows, num_heads), fij::kMergeThreads, 0, stream>>>(
-      static_cast<const DType*>(v), v_n, v_k, v_h, s, s_n, s_k, s_h,
-      static_cast<DType*>(v_out), vo_n, vo_h, s_out, so_n, so_h, num_rows, num_states, num_heads);
-  return fij::last_error();
+  return fij::launch(fij::merge_many_kernel<kHeadDim, DType>, fij::merge_grid<kHeadDim>(num_rows, num_heads),
+                     dim3(fij::kMergeThreads), 0, stream, static_cast<const DType*>(v), v_n, v_k, v_h, s, s_n, s_k,
+                     s_h, static_cast<DType*>(v_out), vo_n, vo_h, s_out, so_n, so_h, num_rows, num_states, num_heads);
 }
 
 FIJ_DEFINE_ERROR_STRING(fij_merge_state_hd128_bf16)

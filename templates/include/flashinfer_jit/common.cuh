@@ -5,6 +5,9 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
+#ifdef FIJ_DEBUG_LAUNCH
+#include <stdio.h>
+#endif
 
 #define FIJ_EXPORT extern "C" __attribute__((visibility("default")))
 
@@ -60,8 +63,26 @@ __device__ __forceinline__ void store8(T* ptr, const float (&in)[8]) {
 
 __device__ __forceinline__ float neg_inf() { return -__int_as_float(0x7f800000); }
 
-// Launch helper: returns the launch error (or a previous sticky error) as an int.
-inline int last_error() { return static_cast<int>(cudaGetLastError()); }
+// Launch `kernel` and return this launch's status (or a sticky context error) as an int.
+// cudaLaunchKernelEx reports the launch itself; `<<<>>>` + cudaGetLastError would also report
+// whatever error another library left in the thread's last-error slot (the CUDA runtime is shared
+// with torch), as if this launch had failed. A failure reported here is consumed from the slot.
+template <typename... Expected, typename... Actual>
+inline int launch(void (*kernel)(Expected...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                  Actual&&... args) {
+#ifdef FIJ_DEBUG_LAUNCH
+  const cudaError_t stale = cudaPeekAtLastError();
+  if (stale != cudaSuccess) fprintf(stderr, "flashinfer-jit launch: stale error %d in the last-error slot\n", int(stale));
+#endif
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  const cudaError_t err = cudaLaunchKernelEx(&config, kernel, static_cast<Actual&&>(args)...);
+  if (err != cudaSuccess) (void)cudaGetLastError();
+  return static_cast<int>(err);
+}
 
 }  // namespace fij
 

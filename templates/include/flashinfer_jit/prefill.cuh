@@ -24,6 +24,41 @@
 
 namespace fij {
 
+#ifdef FIJ_TRACE
+// Diagnostics only (FLASHINFER_JIT_EXTRA_CUDAFLAGS=-DFIJ_TRACE, a separate cache entry): every CTA
+// records {global-timer start, main loop end, merge start (0: none), end, SM id, work item or -1}
+// into the buffer given to <prefix>_set_trace, 8 x uint64 per CTA, so a script can see placement,
+// skew and the tail.
+__device__ unsigned long long* g_trace = nullptr;
+struct TraceScope {
+  unsigned long long start, loop_end = 0, merge_begin = 0;
+  long long item = -1;
+  __device__ __forceinline__ static unsigned long long now() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+  }
+  __device__ __forceinline__ TraceScope() : start(now()) {}
+  __device__ __forceinline__ ~TraceScope() {
+    if (threadIdx.x != 0 || g_trace == nullptr) return;
+    unsigned sm;
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+    unsigned long long* slot = g_trace + 8 * uint64_t(blockIdx.x);
+    slot[0] = start;
+    slot[1] = loop_end;
+    slot[2] = merge_begin;
+    slot[3] = now();
+    slot[4] = sm;
+    slot[5] = static_cast<unsigned long long>(item);
+  }
+};
+#define FIJ_TRACE_SCOPE(item_expr) ::fij::TraceScope fij_trace_scope; fij_trace_scope.item = (item_expr)
+#define FIJ_TRACE_MARK(field) fij_trace_scope.field = ::fij::TraceScope::now()
+#else
+#define FIJ_TRACE_SCOPE(item_expr) (void)0
+#define FIJ_TRACE_MARK(field) (void)0
+#endif
+
 struct PrefillParams {
   const void* q;
   const void* k;
@@ -55,28 +90,42 @@ struct PrefillParams {
   uint32_t page_div_mul;    // pos / page_size == (umulhi(pos, mul) + pos) >> shift
   int32_t page_div_shift;
   int32_t* merge_counters;  // [merges, Hkv], zero between runs: chunks of a split tile that finished
+  // Set by launch_prefill for the aligned-pages kernel: row d of a tile lies (d >> page_row_shift)
+  // pages after the tile's first, at (d & page_row_mask) past the tile's in-page position.
+  int32_t page_row_shift;
+  int32_t page_row_mask;
 };
 
 template <int HEAD_DIM, int CTA_Q, int KV_TILE>
 struct PrefillShape {
-  static constexpr int kMmaQ = (HEAD_DIM == 256 || CTA_Q == 64) ? 1 : 2;  // m16 tiles per warp
-  static constexpr int kWarps = CTA_Q / (16 * kMmaQ);
+  static constexpr int kMmaQ = (HEAD_DIM == 256 || CTA_Q <= 64) ? 1 : 2;  // m16 tiles per warp
+  static constexpr int kWarpsQ = CTA_Q / (16 * kMmaQ);  // warps along the q rows
+  // Decode-sized tiles (16 packed rows): four warps split each KV tile's keys instead of the rows,
+  // so a tile costs a quarter of the MMAs of a 64-row tile; their states merge in the epilogue.
+  static constexpr int kWarpsKV = CTA_Q == 16 ? 4 : 1;
+  static constexpr int kWarps = kWarpsQ * kWarpsKV;
   static constexpr int kThreads = kWarps * 32;
-  static constexpr int kChunks = HEAD_DIM / 8;   // 16-byte chunks per row
-  static constexpr int kNtS = KV_TILE / 8;       // n8 tiles of S
-  static constexpr int kNtO = HEAD_DIM / 8;      // n8 tiles of O
-  static constexpr int kKsQK = HEAD_DIM / 16;    // k16 steps of Q K^T
-  static constexpr int kKsPV = KV_TILE / 16;     // k16 steps of P V
+  static constexpr int kKeysPerWarp = KV_TILE / kWarpsKV;
+  static constexpr int kChunks = HEAD_DIM / 8;      // 16-byte chunks per row
+  static constexpr int kNtS = kKeysPerWarp / 8;     // n8 tiles of a warp's S
+  static constexpr int kNtO = HEAD_DIM / 8;         // n8 tiles of O
+  static constexpr int kKsQK = HEAD_DIM / 16;       // k16 steps of Q K^T
+  static constexpr int kKsPV = kKeysPerWarp / 16;   // k16 steps of P V
   // Q, then kStages stages of (K, V): tiles j+1 .. j+kStages-1 stream in while tile j is computed,
   // one barrier a tile. Three stages where two CTAs per SM still fit (the small-q / decode tiles:
   // more bytes in flight), else two.
   static constexpr int kStages =
-      FIJ_KV_STAGES > 0 ? FIJ_KV_STAGES : ((CTA_Q == 64 && HEAD_DIM <= 128) ? 3 : 2);
+      FIJ_KV_STAGES > 0 ? FIJ_KV_STAGES : ((CTA_Q <= 64 && HEAD_DIM <= 128) ? 3 : 2);
   static_assert(kStages >= 2, "the pipeline needs at least two K/V stages");
+  // Epilogue of a KV-split tile: each warp's unnormalised O rows (fp32, rows padded by 8 floats
+  // against bank conflicts), then its row maxima and sums; overlays the K/V stages.
+  static constexpr int kMergeRowFloats = HEAD_DIM + 8;
+  static constexpr int kMergeBytes = kWarpsKV > 1 ? kWarpsKV * CTA_Q * (kMergeRowFloats + 2) * 4 : 0;
   template <typename T>
   static constexpr int smem_bytes() { return (CTA_Q + 2 * kStages * KV_TILE) * HEAD_DIM * int(sizeof(T)); }
-  static_assert(kWarps >= 1 && kWarps * 16 * kMmaQ == CTA_Q, "bad CTA_Q");
-  static_assert(KV_TILE % 16 == 0, "bad KV_TILE");
+  static_assert(kWarpsQ >= 1 && kWarpsQ * 16 * kMmaQ == CTA_Q, "bad CTA_Q");
+  static_assert(kKeysPerWarp % 16 == 0, "each warp needs whole k16 steps of keys");
+  static_assert(kMergeBytes <= 2 * kStages * KV_TILE * HEAD_DIM * 2, "merge buffer must fit in the K/V stages");
 };
 
 // Streams K or V tiles of ROWS rows of one KV head into shared memory. Each thread copies one fixed
@@ -119,7 +168,12 @@ struct KVTileLoader {
 // Paged K/V: the same copy pattern, each row's address looked up through the page table. The
 // page-table reads for the next tile are issued one tile ahead (fetch), so their latency hides
 // behind a tile of compute instead of stalling the copy issue.
-template <typename T, int HEAD_DIM, int ROWS, int THREADS>
+//
+// ALIGNED (chosen at launch): the page size divides the KV tile (a power of two) or is a multiple
+// of it, so a tile starts page-aligned or lies inside one page: a row's page slot and in-page
+// position are the tile's plus a shift and a mask of its row number (no division per row) and the
+// in-page offset fits 32 bits. Other page sizes divide per row.
+template <typename T, int HEAD_DIM, int ROWS, int THREADS, bool ALIGNED>
 struct PagedKVTileLoader {
   static constexpr int kChunks = HEAD_DIM / 8;
   static constexpr int R = THREADS / kChunks;
@@ -145,24 +199,34 @@ struct PagedKVTileLoader {
 
   // Read the page table for rows [pos0, pos0 + ROWS) (those below `remaining`).
   __device__ __forceinline__ void fetch(int pos0, int remaining, const PrefillParams& p) {
+    const int tile_slot = ALIGNED ? int(page_slot(uint32_t(pos0), p)) : 0;
 #pragma unroll
     for (int it = 0; it < kIters; ++it) {
       const int row = r0 + it * R;
-      next_page[it] = row < remaining ? pages[page_slot(uint32_t(pos0 + row), p)] : 0;
+      const int slot = ALIGNED ? tile_slot + (row >> p.page_row_shift) : int(page_slot(uint32_t(pos0 + row), p));
+      next_page[it] = row < remaining ? pages[slot] : 0;
     }
   }
 
   // Copy K and V rows [pos0, pos0 + ROWS) (fetched before); rows >= `remaining` are zero-filled.
   __device__ __forceinline__ void load_kv(uint32_t k_tile, uint32_t v_tile, const T* k_base, const T* v_base,
                                           int pos0, int remaining, const PrefillParams& p) {
+    // ALIGNED: the tile's position inside its page (0 unless the page is longer than the tile).
+    const int tile_pos = ALIGNED ? pos0 - int(page_slot(uint32_t(pos0), p)) * p.page_size : 0;
 #pragma unroll
     for (int it = 0; it < kIters; ++it) {
       const int row = r0 + it * R;
       const bool valid = row < remaining;
-      const uint32_t pos = uint32_t(pos0 + row);
-      const int in_page = int(pos - page_slot(pos, p) * uint32_t(p.page_size));
-      const int64_t offset =
-          valid ? int64_t(next_page[it]) * p.stride_page + int64_t(in_page) * p.k_stride_n + head_chunk : 0;
+      int64_t offset;
+      if constexpr (ALIGNED) {
+        const int in_page = int(head_chunk) + (tile_pos + (row & p.page_row_mask)) * int(p.k_stride_n);
+        offset = int64_t(next_page[it]) * int(p.stride_page) + in_page;
+      } else {
+        const uint32_t pos = uint32_t(pos0 + row);
+        const int in_page = int(pos - page_slot(pos, p) * uint32_t(p.page_size));
+        offset = int64_t(next_page[it]) * p.stride_page + int64_t(in_page) * p.k_stride_n + head_chunk;
+      }
+      offset = valid ? offset : 0;
       const uint32_t dst = (smem_off + it * R * HEAD_DIM * int(sizeof(T))) ^ (((it * R) & 7) << 4);
       cp_async_16(k_tile + dst, k_base + offset, valid);
       cp_async_16(v_tile + dst, v_base + offset, valid);
@@ -170,51 +234,66 @@ struct PagedKVTileLoader {
   }
 };
 
-// Merge the partial states of one split q tile for KV head hk (run by the tile's last chunk).
-// Partial rows were written by other CTAs: read them through L2 (ld.cg), after the caller's fence.
+// Merge the partial states of a split q tile (packed rows [0, rows) of `item`'s tile, KV head hk);
+// run by the tile's last chunk to finish. Partial rows were written by other CTAs: read through L2
+// (ld.cg) after the caller's fence. Everything it needs is in the item or already in registers, and
+// the LSE and O loads of up to 16 chunks are in flight together (online rescaling), so the merge
+// is a round trip or two: it sits on the kernel's critical path at the end of a decode step.
 template <typename T, int HEAD_DIM, int THREADS>
-__device__ __forceinline__ void merge_tile(const PrefillParams& p, const MergeEntry& e, int hk) {
-  constexpr int kSlice = HEAD_DIM / 8;
-  constexpr int kRowsPerPass = THREADS / kSlice;
-  const int64_t q_start = p.qo_indptr[e.request];
-  const int q_len = p.qo_indptr[e.request + 1] - int(q_start);
-  const int rows = min(p.cta_q, q_len * p.group - e.row_begin);
-  const int lane = threadIdx.x % kSlice;
-  for (int r = threadIdx.x / kSlice; r < rows; r += kRowsPerPass) {
-    // Loads of different chunks are independent (unrolled) so their latencies overlap; an empty
-    // chunk has LSE -inf and O = 0, so it adds nothing.
-    const float* lse_row = (p.partial_lse) + int64_t(e.partial_base + r) * p.num_kv_heads + hk;
-    const int64_t lse_step = int64_t(p.cta_q) * p.num_kv_heads;
-    float m = neg_inf();
-#pragma unroll 8
-    for (int c = 0; c < e.num_chunks; ++c) m = fmaxf(m, __ldcg(lse_row + c * lse_step));
-    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    float lse = neg_inf();
-    if (m != neg_inf()) {
-      float denom = 0.f;
-      const float* o_row = p.partial_o + (int64_t(e.partial_base + r) * p.num_kv_heads + hk) * HEAD_DIM + lane * 8;
-#pragma unroll 8
-      for (int c = 0; c < e.num_chunks; ++c) {
-        const float w = exp2f(__ldcg(lse_row + c * lse_step) - m);
-        const float4* src = reinterpret_cast<const float4*>(o_row + c * lse_step * HEAD_DIM);
-        const float4 x0 = __ldcg(src), x1 = __ldcg(src + 1);
-        denom += w;
-        acc[0] += w * x0.x; acc[1] += w * x0.y; acc[2] += w * x0.z; acc[3] += w * x0.w;
-        acc[4] += w * x1.x; acc[5] += w * x1.y; acc[6] += w * x1.z; acc[7] += w * x1.w;
-      }
-      const float inv = 1.f / denom;
+__device__ __forceinline__ void merge_tile(const PrefillParams& p, const WorkItem& item, int rows, int64_t q_start,
+                                           int hk) {
+  constexpr int kLanes = HEAD_DIM / 4;  // threads per row, 4 floats each
+  constexpr int kRowsPerPass = THREADS / kLanes;
+  constexpr int kBatch = 16;
+  static_assert(kRowsPerPass >= 1 && THREADS % kLanes == 0, "uneven merge split");
+  const int lane = threadIdx.x % kLanes;
+  const int64_t chunk_step = int64_t(p.cta_q) * p.num_kv_heads;  // partial (row, head) slots between chunks
+  for (int r = threadIdx.x / kLanes; r < rows; r += kRowsPerPass) {
+    const int64_t slot0 = int64_t(item.partial_base + r) * p.num_kv_heads + hk;
+    float m = neg_inf(), denom = 0.f;
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int c0 = 0; c0 < item.num_chunks; c0 += kBatch) {
+      float lse[kBatch];
+      float4 o[kBatch];
 #pragma unroll
-      for (int i = 0; i < 8; ++i) acc[i] *= inv;
-      lse = m + log2f(denom);
+      for (int i = 0; i < kBatch; ++i) {
+        const bool present = c0 + i < item.num_chunks;
+        const int64_t slot = slot0 + (c0 + i) * chunk_step;
+        lse[i] = present ? __ldcg(p.partial_lse + slot) : neg_inf();
+        o[i] = present ? __ldcg(reinterpret_cast<const float4*>(p.partial_o + slot * HEAD_DIM) + lane)
+                       : make_float4(0.f, 0.f, 0.f, 0.f);
+      }
+      float m_new = m;
+#pragma unroll
+      for (int i = 0; i < kBatch; ++i) m_new = fmaxf(m_new, lse[i]);
+      if (m_new == neg_inf()) continue;  // only empty chunks so far (LSE -inf, O = 0)
+      const float rescale = exp2f(m - m_new);
+      denom *= rescale;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) acc[j] *= rescale;
+#pragma unroll
+      for (int i = 0; i < kBatch; ++i) {
+        const float w = exp2f(lse[i] - m_new);
+        denom += w;
+        acc[0] += w * o[i].x;
+        acc[1] += w * o[i].y;
+        acc[2] += w * o[i].z;
+        acc[3] += w * o[i].w;
+      }
+      m = m_new;
     }
-    const int packed = e.row_begin + r;
+    const float inv = denom > 0.f ? 1.f / denom : 0.f;
+    const int packed = item.row_begin + r;
     const int token = packed / p.group, head = hk * p.group + packed % p.group;
-    store8(static_cast<T*>(p.o) + (q_start + token) * p.o_stride_n + int64_t(head) * p.o_stride_h + lane * 8, acc);
-    if (p.lse != nullptr && lane == 0) p.lse[(q_start + token) * p.num_qo_heads + head] = lse;
+    T* dst = static_cast<T*>(p.o) + (q_start + token) * p.o_stride_n + int64_t(head) * p.o_stride_h + lane * 4;
+    *reinterpret_cast<uint2*>(dst) = make_uint2(Converter<T>::from_float2(acc[0] * inv, acc[1] * inv),
+                                                Converter<T>::from_float2(acc[2] * inv, acc[3] * inv));
+    if (p.lse != nullptr && lane == 0)
+      p.lse[(q_start + token) * p.num_qo_heads + head] = denom > 0.f ? m + log2f(denom) : neg_inf();
   }
 }
 
-template <typename T, int HEAD_DIM, int CTA_Q, int KV_TILE, bool CAUSAL, bool PAGED>
+template <typename T, int HEAD_DIM, int CTA_Q, int KV_TILE, bool CAUSAL, bool PAGED, bool ALIGNED_PAGES>
 __global__ void __launch_bounds__(PrefillShape<HEAD_DIM, CTA_Q, KV_TILE>::kThreads, 2)
     prefill_kernel(const __grid_constant__ PrefillParams p) {
   using S = PrefillShape<HEAD_DIM, CTA_Q, KV_TILE>;
@@ -228,6 +307,7 @@ __global__ void __launch_bounds__(PrefillShape<HEAD_DIM, CTA_Q, KV_TILE>::kThrea
 
   const int item_index = blockIdx.x / p.num_kv_heads;
   const int hk = blockIdx.x % p.num_kv_heads;
+  FIJ_TRACE_SCOPE(item_index < p.counts[0] ? item_index : -1);
   if (item_index >= p.counts[0]) return;
   const WorkItem item = p.items[item_index];
   const int group = p.group;
@@ -267,7 +347,7 @@ __global__ void __launch_bounds__(PrefillShape<HEAD_DIM, CTA_Q, KV_TILE>::kThrea
   // K/V tile loads: load_tile(stage, first row) — ragged rows are contiguous per KV head (pointer
   // stepping), paged rows go through the page table (read one tile ahead).
   using Ragged = KVTileLoader<T, HEAD_DIM, KV_TILE, S::kThreads>;
-  using Paged = PagedKVTileLoader<T, HEAD_DIM, KV_TILE, S::kThreads>;
+  using Paged = PagedKVTileLoader<T, HEAD_DIM, KV_TILE, S::kThreads, ALIGNED_PAGES>;
   Ragged k_loader(k_base, PAGED ? 0 : kv_start + kv_lo, hk, p.k_stride_n, p.k_stride_h);
   Ragged v_loader(v_base, PAGED ? 0 : kv_start + kv_lo, hk, p.v_stride_n, p.v_stride_h);
   Paged paged(PAGED ? p.page_indices + p.page_indptr[item.request] : nullptr, hk, p.k_stride_h);
@@ -303,15 +383,18 @@ __global__ void __launch_bounds__(PrefillShape<HEAD_DIM, CTA_Q, KV_TILE>::kThrea
     row_sum[mi][0] = row_sum[mi][1] = 0.f;
   }
   const float scale = p.scale_log2;
-  const int warp_row0 = warp * 16 * MQ;
+  const int warp_q = warp % S::kWarpsQ, warp_kv = warp / S::kWarpsQ;
+  const int warp_row0 = warp_q * 16 * MQ;
+  const int warp_key0 = warp_kv * S::kKeysPerWarp;  // this warp's keys within a KV tile
   // ldmatrix addresses. Row r, chunk c lives at byte r * kRowBytes + ((c ^ (r % 8)) << 4); every
   // row a lane addresses has r % 8 == lane % 8 and chunk 2 * step + bit, so the step enters as
   // `addr ^ (step << 5)` (no carry into the row bits: tile bases are kRowBytes * 8 aligned).
   constexpr int kRowBytes = HEAD_DIM * int(sizeof(T));
   const uint32_t swz = lane & 7;
   const uint32_t q_frag = smem_addr(sQ) + (warp_row0 + lane % 16) * kRowBytes + (((lane / 16) ^ swz) << 4);
-  const uint32_t k_frag = smem_addr(sK) + ((lane / 16) * 8 + lane % 8) * kRowBytes + ((((lane / 8) & 1) ^ swz) << 4);
-  const uint32_t v_frag = smem_addr(sV) + (lane % 16) * kRowBytes + (((lane / 16) ^ swz) << 4);
+  const uint32_t k_frag =
+      smem_addr(sK) + (warp_key0 + (lane / 16) * 8 + lane % 8) * kRowBytes + ((((lane / 8) & 1) ^ swz) << 4);
+  const uint32_t v_frag = smem_addr(sV) + (warp_key0 + lane % 16) * kRowBytes + (((lane / 16) ^ swz) << 4);
 
   int stage = 0;
   for (int pos0 = kv_lo; pos0 < kv_hi; pos0 += KV_TILE, stage = stage + 1 == S::kStages ? 0 : stage + 1) {
@@ -366,7 +449,7 @@ __global__ void __launch_bounds__(PrefillShape<HEAD_DIM, CTA_Q, KV_TILE>::kThrea
           for (int nt = 0; nt < S::kNtS; ++nt)
 #pragma unroll
             for (int e = 0; e < 2; ++e)
-              if (pos0 + nt * 8 + 2 * lane_t + e > limit) s[mi][nt][2 * h + e] = neg_inf();
+              if (pos0 + warp_key0 + nt * 8 + 2 * lane_t + e > limit) s[mi][nt][2 * h + e] = neg_inf();
         }
     }
 
@@ -428,38 +511,122 @@ __global__ void __launch_bounds__(PrefillShape<HEAD_DIM, CTA_Q, KV_TILE>::kThrea
     }
   }
   cp_async_wait<0>();  // an empty KV range still issued the Q/K/V group
+  FIJ_TRACE_MARK(loop_end);
 
   // Epilogue: normalise, write O (or the partial state of a split chunk) and the LSE.
   const bool split = item.partial >= 0;
+  if constexpr (S::kWarpsKV == 1) {
 #pragma unroll
-  for (int mi = 0; mi < MQ; ++mi)
+    for (int mi = 0; mi < MQ; ++mi)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float sum = row_sum[mi][h];
+        sum += __shfl_xor_sync(0xffffffff, sum, 1);
+        sum += __shfl_xor_sync(0xffffffff, sum, 2);
+        const float inv = sum > 0.f ? 1.f / sum : 0.f;
+        const float lse = sum > 0.f ? row_max[mi][h] * scale + log2f(sum) : neg_inf();
+        const int r = warp_row0 + mi * 16 + lane_g + 8 * h;
+        if (r >= rows) continue;
+        const int packed = item.row_begin + r;
+        const int token = packed / group, head = hk * group + packed % group;
+        if (split) {
+          const int64_t prow = int64_t(item.partial + r) * p.num_kv_heads + hk;
+          float* dst = p.partial_o + prow * HEAD_DIM + 2 * lane_t;
+#pragma unroll
+          for (int nt = 0; nt < S::kNtO; ++nt)
+            *reinterpret_cast<float2*>(dst + nt * 8) =
+                make_float2(o_acc[mi][nt][2 * h] * inv, o_acc[mi][nt][2 * h + 1] * inv);
+          if (lane_t == 0) p.partial_lse[prow] = lse;
+        } else {
+          T* dst = static_cast<T*>(p.o) + (q_start + token) * p.o_stride_n + int64_t(head) * p.o_stride_h + 2 * lane_t;
+#pragma unroll
+          for (int nt = 0; nt < S::kNtO; ++nt)
+            *reinterpret_cast<uint32_t*>(dst + nt * 8) =
+                Converter<T>::from_float2(o_acc[mi][nt][2 * h] * inv, o_acc[mi][nt][2 * h + 1] * inv);
+          if (p.lse != nullptr && lane_t == 0) p.lse[(q_start + token) * p.num_qo_heads + head] = lse;
+        }
+      }
+  } else {
+    // The KV warps hold states of the same rows over different keys: each stores its unnormalised
+    // O, scaled row maximum and row sum in shared memory (over the K/V stages, free after this
+    // barrier), then every thread merges one segment of one row across the warps.
+    static_assert(MQ == 1, "KV-split warps hold one m16 tile each");
+    __syncthreads();
+    float* sO = reinterpret_cast<float*>(sK);
+    float* sM = sO + S::kWarpsKV * CTA_Q * S::kMergeRowFloats;
+    float* sL = sM + S::kWarpsKV * CTA_Q;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      float sum = row_sum[mi][h];
+      float sum = row_sum[0][h];
       sum += __shfl_xor_sync(0xffffffff, sum, 1);
       sum += __shfl_xor_sync(0xffffffff, sum, 2);
-      const float inv = sum > 0.f ? 1.f / sum : 0.f;
-      const float lse = sum > 0.f ? row_max[mi][h] * scale + log2f(sum) : neg_inf();
-      const int r = warp_row0 + mi * 16 + lane_g + 8 * h;
-      if (r >= rows) continue;
+      const int slot = warp_kv * CTA_Q + warp_row0 + lane_g + 8 * h;
+      float* dst = sO + slot * S::kMergeRowFloats + 2 * lane_t;
+#pragma unroll
+      for (int nt = 0; nt < S::kNtO; ++nt)
+        *reinterpret_cast<float2*>(dst + nt * 8) = make_float2(o_acc[0][nt][2 * h], o_acc[0][nt][2 * h + 1]);
+      if (lane_t == 0) {
+        sM[slot] = row_max[0][h] == neg_inf() ? neg_inf() : row_max[0][h] * scale;
+        sL[slot] = sum;
+      }
+    }
+    __syncthreads();
+    constexpr int kSegs = S::kThreads / CTA_Q;        // threads per row
+    constexpr int kSegFloats = HEAD_DIM / kSegs;
+    static_assert(kSegs * CTA_Q == S::kThreads && kSegFloats % 8 == 0, "uneven merge split");
+    const int r = tid / kSegs, seg = tid % kSegs;
+    float m = neg_inf();
+#pragma unroll
+    for (int w = 0; w < S::kWarpsKV; ++w) m = fmaxf(m, sM[w * CTA_Q + r]);
+    float weight[S::kWarpsKV];
+    float denom = 0.f;
+#pragma unroll
+    for (int w = 0; w < S::kWarpsKV; ++w) {
+      weight[w] = m == neg_inf() ? 0.f : exp2f(sM[w * CTA_Q + r] - m);
+      denom += weight[w] * sL[w * CTA_Q + r];
+    }
+    const float inv = denom > 0.f ? 1.f / denom : 0.f;
+    const float lse = denom > 0.f ? m + log2f(denom) : neg_inf();
+    float acc[kSegFloats];
+#pragma unroll
+    for (int i = 0; i < kSegFloats; ++i) acc[i] = 0.f;
+#pragma unroll
+    for (int w = 0; w < S::kWarpsKV; ++w) {
+      const float4* src = reinterpret_cast<const float4*>(sO + (w * CTA_Q + r) * S::kMergeRowFloats + seg * kSegFloats);
+#pragma unroll
+      for (int i = 0; i < kSegFloats / 4; ++i) {
+        const float4 x = src[i];
+        acc[4 * i] += weight[w] * x.x;
+        acc[4 * i + 1] += weight[w] * x.y;
+        acc[4 * i + 2] += weight[w] * x.z;
+        acc[4 * i + 3] += weight[w] * x.w;
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kSegFloats; ++i) acc[i] *= inv;
+    if (r < rows) {
       const int packed = item.row_begin + r;
       const int token = packed / group, head = hk * group + packed % group;
       if (split) {
         const int64_t prow = int64_t(item.partial + r) * p.num_kv_heads + hk;
-        float* dst = p.partial_o + prow * HEAD_DIM + 2 * lane_t;
+        float4* dst = reinterpret_cast<float4*>(p.partial_o + prow * HEAD_DIM + seg * kSegFloats);
 #pragma unroll
-        for (int nt = 0; nt < S::kNtO; ++nt)
-          *reinterpret_cast<float2*>(dst + nt * 8) = make_float2(o_acc[mi][nt][2 * h] * inv, o_acc[mi][nt][2 * h + 1] * inv);
-        if (lane_t == 0) p.partial_lse[prow] = lse;
+        for (int i = 0; i < kSegFloats / 4; ++i)
+          dst[i] = make_float4(acc[4 * i], acc[4 * i + 1], acc[4 * i + 2], acc[4 * i + 3]);
+        if (seg == 0) p.partial_lse[prow] = lse;
       } else {
-        T* dst = static_cast<T*>(p.o) + (q_start + token) * p.o_stride_n + int64_t(head) * p.o_stride_h + 2 * lane_t;
+        T* dst = static_cast<T*>(p.o) + (q_start + token) * p.o_stride_n + int64_t(head) * p.o_stride_h + seg * kSegFloats;
 #pragma unroll
-        for (int nt = 0; nt < S::kNtO; ++nt)
-          *reinterpret_cast<uint32_t*>(dst + nt * 8) =
-              Converter<T>::from_float2(o_acc[mi][nt][2 * h] * inv, o_acc[mi][nt][2 * h + 1] * inv);
-        if (p.lse != nullptr && lane_t == 0) p.lse[(q_start + token) * p.num_qo_heads + head] = lse;
+        for (int i = 0; i < kSegFloats / 8; ++i) {
+          float eight[8];
+#pragma unroll
+          for (int j = 0; j < 8; ++j) eight[j] = acc[8 * i + j];
+          store8(dst + 8 * i, eight);
+        }
+        if (p.lse != nullptr && seg == 0) p.lse[(q_start + token) * p.num_qo_heads + head] = lse;
       }
     }
+  }
 
   // Split tile: the last chunk to finish (device-wide counter) merges the tile's partial states.
   if (split) {
@@ -472,8 +639,9 @@ __global__ void __launch_bounds__(PrefillShape<HEAD_DIM, CTA_Q, KV_TILE>::kThrea
     }
     __syncthreads();
     if (*last_flag) {
+      FIJ_TRACE_MARK(merge_begin);
       __threadfence();
-      merge_tile<T, HEAD_DIM, S::kThreads>(p, p.merges[item.merge], hk);
+      merge_tile<T, HEAD_DIM, S::kThreads>(p, item, rows, q_start, hk);
       if (tid == 0) p.merge_counters[item.merge * p.num_kv_heads + hk] = 0;  // ready for the next run
     }
   }
@@ -529,11 +697,21 @@ inline int plan_and_upload(const PlanCall& c) {
   return err == cudaSuccess ? 0 : -int(err);
 }
 
-template <typename T, int HEAD_DIM, int CTA_Q, int KV_TILE, bool CAUSAL, bool PAGED>
-inline int launch_prefill(const PrefillParams& p, int grid_items, cudaStream_t stream) {
+// Paged layouts: can the aligned-pages kernel run this page size and these strides?
+template <int KV_TILE>
+inline bool aligned_pages(const PrefillParams& p) {
+  const int ps = p.page_size;
+  const bool divides = ps > 0 && KV_TILE % ps == 0 && (ps & (ps - 1)) == 0;
+  const bool multiple = ps > 0 && ps % KV_TILE == 0;
+  return (divides || multiple) && p.stride_page <= INT32_MAX && p.k_stride_n >= 0 && p.k_stride_h >= 0 &&
+         int64_t(ps) * p.k_stride_n + p.k_stride_h * int64_t(p.num_kv_heads) <= INT32_MAX;
+}
+
+template <typename T, int HEAD_DIM, int CTA_Q, int KV_TILE, bool CAUSAL, bool PAGED, bool ALIGNED_PAGES>
+inline int launch_kernel(const PrefillParams& p, int grid_items, cudaStream_t stream) {
   using S = PrefillShape<HEAD_DIM, CTA_Q, KV_TILE>;
   constexpr int smem = S::template smem_bytes<T>();
-  auto kernel = prefill_kernel<T, HEAD_DIM, CTA_Q, KV_TILE, CAUSAL, PAGED>;
+  auto kernel = prefill_kernel<T, HEAD_DIM, CTA_Q, KV_TILE, CAUSAL, PAGED, ALIGNED_PAGES>;
   static bool attribute_set[64] = {};  // per device ordinal
   int device = 0;
   cudaGetDevice(&device);
@@ -543,17 +721,30 @@ inline int launch_prefill(const PrefillParams& p, int grid_items, cudaStream_t s
     attribute_set[device] = true;
   }
   if (grid_items > 0) {
-    kernel<<<dim3(unsigned(grid_items) * unsigned(p.num_kv_heads)), S::kThreads, smem, stream>>>(p);
-    return last_error();
+    return launch(kernel, dim3(unsigned(grid_items) * unsigned(p.num_kv_heads)), dim3(S::kThreads), smem, stream, p);
   }
   return 0;
+}
+
+template <typename T, int HEAD_DIM, int CTA_Q, int KV_TILE, bool CAUSAL, bool PAGED>
+inline int launch_prefill(const PrefillParams& params, int grid_items, cudaStream_t stream) {
+  if constexpr (PAGED) {
+    if (aligned_pages<KV_TILE>(params)) {
+      PrefillParams p = params;
+      const bool divides = KV_TILE % p.page_size == 0;
+      p.page_row_shift = divides ? __builtin_ctz(unsigned(p.page_size)) : 30;  // rows < KV_TILE <= page: 0
+      p.page_row_mask = divides ? p.page_size - 1 : -1;
+      return launch_kernel<T, HEAD_DIM, CTA_Q, KV_TILE, CAUSAL, true, true>(p, grid_items, stream);
+    }
+  }
+  return launch_kernel<T, HEAD_DIM, CTA_Q, KV_TILE, CAUSAL, PAGED, false>(params, grid_items, stream);
 }
 
 template <typename T, int HEAD_DIM, int CTA_Q, int KV_TILE, bool CAUSAL, bool PAGED>
 inline int blocks_per_sm() {
   using S = PrefillShape<HEAD_DIM, CTA_Q, KV_TILE>;
   constexpr int smem = S::template smem_bytes<T>();
-  auto kernel = prefill_kernel<T, HEAD_DIM, CTA_Q, KV_TILE, CAUSAL, PAGED>;
+  auto kernel = prefill_kernel<T, HEAD_DIM, CTA_Q, KV_TILE, CAUSAL, PAGED, PAGED>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return -int(err);
   int blocks = 0;

@@ -28,7 +28,7 @@ struct WorkItem {
   int32_t partial;    // -1: write the output; else first partial row of this chunk
   int32_t merge;      // split chunks: index of the tile's MergeEntry
   int32_t num_chunks; // split chunks: chunks of the tile (the last one to finish merges them)
-  int32_t pad;
+  int32_t partial_base;  // split chunks: the tile's first partial row (chunk c's is partial_base + c * cta_q)
 };
 
 struct MergeEntry {
@@ -174,7 +174,7 @@ inline int32_t plan_prefill(const int32_t* qo_indptr, const int32_t* kv_indptr, 
       const int32_t first = c * per_chunk, last = std::min(t.tiles, first + per_chunk);
       const int32_t kv_begin = first * cfg.kv_tile, kv_end = std::min(t.limit, last * cfg.kv_tile);
       items[next[static_cast<size_t>(std::max(last - first, 0))]++] =
-          WorkItem{t.request, t.row_begin, kv_begin, kv_end, partial + c * cta_q, merge, chunks, 0};
+          WorkItem{t.request, t.row_begin, kv_begin, kv_end, partial + c * cta_q, merge, chunks, partial};
     }
     merges[merge] = MergeEntry{t.request, t.row_begin, partial, chunks};
     ++merge;
