@@ -27,8 +27,13 @@ BASE_NVCC_FLAGS = (
     "--expt-relaxed-constexpr",
     "-lineinfo",
     "-Xptxas=-warn-spills",
+    # Every kernel library defines the same template instantiations (paged NHD and HND share all of
+    # them); with default visibility, GCC makes their function-local statics STB_GNU_UNIQUE and the
+    # dynamic linker merges them across libraries even under RTLD_LOCAL, so one library's "shared
+    # memory attribute set" flag skipped another's. Only the FIJ_EXPORT entry points are exported.
+    "-Xcompiler=-fvisibility=hidden",
 )
-BASE_CXX_FLAGS = ("-O3", "-std=c++17")
+BASE_CXX_FLAGS = ("-O3", "-std=c++17", "-fvisibility=hidden")
 DEFAULT_ARCH = "90a"
 # Where a CUDA toolkit is looked for when neither CUDA_HOME nor PATH names one.
 DEFAULT_CUDA_HOMES = ("/usr/local/cuda", "/opt/cuda")

@@ -10,7 +10,7 @@ import torch
 
 from conftest import REAL_NVCC, requires_nvcc, run_loader, subprocess_env
 from flashinfer_jit import cache, loader, toolchain
-from flashinfer_jit.spec import MergeStateSpec
+from flashinfer_jit.spec import MergeStateSpec, PrefillSpec
 
 pytestmark = [pytest.mark.slow, requires_nvcc]
 
@@ -59,6 +59,30 @@ def test_library_exports_the_launchers(built):
     lib = ctypes.CDLL(str(built["library"]))
     for name in ("merge_two", "merge_many", "error_string"):
         assert hasattr(lib, f"fij_{SPEC.uri}_{name}")
+
+
+def test_library_exports_only_its_entry_points(tmp_path, monkeypatch):
+    """Kernel libraries share template instantiations (paged NHD and HND variants have identical
+    ones). Exported, GCC makes their function-local statics STB_GNU_UNIQUE ('u') and the dynamic
+    linker merges them across libraries even under RTLD_LOCAL: one library's "shared-memory limit
+    already raised" flag then skipped another's, and its launch failed with 'invalid argument'.
+    Built with hidden visibility, a library exports its fij_<uri>_* functions and nothing else."""
+    import shutil
+    import subprocess
+    nm = shutil.which("nm")
+    assert nm, "nm (binutils, installed with the host compiler) is needed to read the symbol table"
+    monkeypatch.setenv("FLASHINFER_JIT_CACHE_DIR", str(tmp_path / "cache"))
+    spec = PrefillSpec(kv_layout="paged_hnd", head_dim=64, dtype="bf16", causal=False)
+    try:
+        library = loader.load(spec).entry.library
+    finally:
+        loader.clear_memo()
+    listing = subprocess.run([nm, "-D", "--defined-only", str(library)], check=True, capture_output=True,
+                             text=True).stdout.splitlines()
+    symbols = [line.split() for line in listing if line.strip()]
+    assert any(s[-1] == f"fij_{spec.uri}_run" for s in symbols), f"no fij_{spec.uri}_run in {symbols}"
+    unexpected = [s for s in symbols if s[1] == "u" or not s[-1].startswith(f"fij_{spec.uri}_")]
+    assert not unexpected, f"symbols exported beyond the fij_{spec.uri}_* entry points: {unexpected[:10]}"
 
 
 def test_warm_load_in_the_same_process_does_not_compile(built, monkeypatch):
