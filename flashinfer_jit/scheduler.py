@@ -13,7 +13,7 @@ import torch
 
 from .loader import LoadedKernel
 
-ITEM_INTS = 8   # sizeof(WorkItem) / 4
+ITEM_INTS = 16  # sizeof(WorkItem) / 4
 MERGE_INTS = 4  # sizeof(MergeEntry) / 4
 
 
@@ -104,7 +104,7 @@ def run_planner(kernel: LoadedKernel, qo_indptr: torch.Tensor, kv_indptr: torch.
 
 def plan_to_tensors(kernel: LoadedKernel, qo_indptr: torch.Tensor, kv_indptr: torch.Tensor,
                     config: PlanConfig) -> tuple[torch.Tensor, torch.Tensor, Plan]:
-    """Plan into fresh CPU tensors: items [n, 8] and merges [m, 4] int32 (tests and inspection)."""
+    """Plan into fresh CPU tensors: items [n, 16] and merges [m, 4] int32 (tests and inspection)."""
     capacity = 1024
     while True:
         items = torch.empty((capacity, ITEM_INTS), dtype=torch.int32)

@@ -49,6 +49,13 @@ def check_work_list(items: torch.Tensor, merges: torch.Tensor, plan: scheduler.P
     # Longest first: the GPU dispatches blocks in index order.
     costs = [math.ceil(max(ke - kb, 0) / kv_tile) for _, _, kb, ke, *_ in rows]
     assert costs == sorted(costs, reverse=True)
+    q_starts, kv_starts = [0], [0]
+    for q, k in zip(q_lens, kv_lens):
+        q_starts.append(q_starts[-1] + q)
+        kv_starts.append(kv_starts[-1] + k)
+    for row in rows:  # each item carries its request's offsets and lengths (the kernel reads no indptr)
+        r = row[0]
+        assert row[8:12] == [q_starts[r], q_lens[r], kv_starts[r], kv_lens[r]], row
     tiles: dict[tuple[int, int], list[list[int]]] = {}
     for row in rows:
         tiles.setdefault((row[0], row[1]), []).append(row)
@@ -70,6 +77,7 @@ def check_work_list(items: torch.Tensor, merges: torch.Tensor, plan: scheduler.P
             continue
         base = min(c[4] for c in chunks)
         assert sorted(c[4] for c in chunks) == [base + i * cta_q for i in range(len(chunks))]
+        assert all(c[7] == base for c in chunks)  # partial_base: where the merging chunk finds the others
         assert all(c[6] == len(chunks) for c in chunks) and len({c[5] for c in chunks}) == 1
         assert (r, rb, base, len(chunks)) in merge_rows
         new = set(range(base, base + len(chunks) * cta_q))

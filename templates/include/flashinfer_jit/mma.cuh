@@ -9,6 +9,16 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
+// 16-byte read-only global load the compiler may not move: volatile asm stays where it is written,
+// so a load placed before a branch is issued before it (its latency overlaps the branch's load).
+__device__ __forceinline__ uint4 ld_nc_v4_early(const void* ptr) {
+  uint4 v;
+  asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(ptr));
+  return v;
+}
+
 // Copy 16 bytes global -> shared asynchronously; when !valid the destination is zero-filled and
 // nothing is read (src must still be a mapped address; callers pass the tensor base).
 __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {

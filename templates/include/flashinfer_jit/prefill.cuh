@@ -69,6 +69,8 @@ struct PrefillParams {
   int64_t k_stride_n, k_stride_h;
   int64_t v_stride_n, v_stride_h;
   int64_t o_stride_n, o_stride_h;
+  // Device copies of the plan's indptrs (and page_indptr below): the kernel takes offsets from its
+  // WorkItem; these stay in the uploaded plan for inspection and debugging tools.
   const int32_t* qo_indptr;
   const int32_t* kv_indptr;
   const WorkItem* items;
@@ -82,7 +84,7 @@ struct PrefillParams {
   float scale_log2;       // sm_scale * log2(e)
   int32_t cta_q;
   int32_t page_size;        // paged layouts: tokens per page
-  // Paged layouts: request r's pages are page_indices[page_indptr[r] .. page_indptr[r + 1]); token t
+  // Paged layouts: request r's pages are page_indices[page_indptr[r] ..) (WorkItem::page_start); token t
   // of a page starts at page * stride_page + t * {k,v}_stride_n (K and V share the strides).
   const int32_t* page_indptr;
   const int32_t* page_indices;
@@ -307,14 +309,21 @@ __global__ void __launch_bounds__(PrefillShape<HEAD_DIM, CTA_Q, KV_TILE>::kThrea
 
   const int item_index = blockIdx.x / p.num_kv_heads;
   const int hk = blockIdx.x % p.num_kv_heads;
-  FIJ_TRACE_SCOPE(item_index < p.counts[0] ? item_index : -1);
-  if (item_index >= p.counts[0]) return;
-  const WorkItem item = p.items[item_index];
+  // The item is read before the count is checked so both loads are in flight at once (the items
+  // buffer holds every CTA of the grid's slot, also under CUDA graphs where the grid is a capacity).
+  WorkItem item;
+  static_assert(sizeof(WorkItem) == 4 * sizeof(uint4), "WorkItem is read as four 16-byte pieces");
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+    reinterpret_cast<uint4*>(&item)[i] = ld_nc_v4_early(reinterpret_cast<const uint4*>(p.items + item_index) + i);
+  const int num_items = p.counts[0];
+  FIJ_TRACE_SCOPE(item_index < num_items ? item_index : -1);
+  if (item_index >= num_items) return;
   const int group = p.group;
-  const int64_t q_start = p.qo_indptr[item.request];
-  const int q_len = p.qo_indptr[item.request + 1] - int(q_start);
-  const int64_t kv_start = p.kv_indptr[item.request];
-  const int kv_len = p.kv_indptr[item.request + 1] - int(kv_start);
+  const int64_t q_start = item.q_start;
+  const int q_len = item.q_len;
+  const int64_t kv_start = item.kv_start;
+  const int kv_len = item.kv_len;
   const int rows = min(CTA_Q, q_len * group - item.row_begin);
   const int causal_offset = kv_len - q_len;
 
@@ -350,7 +359,7 @@ __global__ void __launch_bounds__(PrefillShape<HEAD_DIM, CTA_Q, KV_TILE>::kThrea
   using Paged = PagedKVTileLoader<T, HEAD_DIM, KV_TILE, S::kThreads, ALIGNED_PAGES>;
   Ragged k_loader(k_base, PAGED ? 0 : kv_start + kv_lo, hk, p.k_stride_n, p.k_stride_h);
   Ragged v_loader(v_base, PAGED ? 0 : kv_start + kv_lo, hk, p.v_stride_n, p.v_stride_h);
-  Paged paged(PAGED ? p.page_indices + p.page_indptr[item.request] : nullptr, hk, p.k_stride_h);
+  Paged paged(PAGED ? p.page_indices + item.page_start : nullptr, hk, p.k_stride_h);
   const uint32_t sK_addr = smem_addr(sK), sV_addr = smem_addr(sV);
   constexpr uint32_t kStageBytes = KV_TILE * HEAD_DIM * int(sizeof(T));
   auto load_tile = [&](int stage_index, int pos0) {
@@ -689,6 +698,10 @@ inline int plan_and_upload(const PlanCall& c) {
   if (c.page_indptr != nullptr) {
     memcpy(host + layout.page_indptr, c.page_indptr, sizeof(int32_t) * size_t(cfg.batch + 1));
     memcpy(host + layout.page_indices, c.page_indices, sizeof(int32_t) * size_t(c.num_page_indices));
+  }
+  if (c.page_indptr != nullptr) {
+    WorkItem* items = reinterpret_cast<WorkItem*>(host + layout.items);
+    for (int64_t i = 0; i < c.result->num_items; ++i) items[i].page_start = c.page_indptr[items[i].request];
   }
   memset(host + layout.counters, 0, sizeof(int32_t) * size_t(layout.total - layout.counters));
   cudaError_t err =

@@ -20,7 +20,9 @@
 
 namespace fij {
 
-struct WorkItem {
+// 64 bytes: the kernel loads it in four 16-byte pieces and finds everything about its request in
+// it (no dependent loads of the indptr arrays before the first K/V copy can be issued).
+struct alignas(16) WorkItem {
   int32_t request;
   int32_t row_begin;  // first packed q row of the tile
   int32_t kv_begin;   // KV range [kv_begin, kv_end) within the request, multiple of the KV tile
@@ -29,7 +31,14 @@ struct WorkItem {
   int32_t merge;      // split chunks: index of the tile's MergeEntry
   int32_t num_chunks; // split chunks: chunks of the tile (the last one to finish merges them)
   int32_t partial_base;  // split chunks: the tile's first partial row (chunk c's is partial_base + c * cta_q)
+  int32_t q_start;       // the request's qo_indptr entry and query length
+  int32_t q_len;
+  int32_t kv_start;      // ragged: the request's kv_indptr entry; kv_len: its KV length
+  int32_t kv_len;
+  int32_t page_start;    // paged: the request's first entry of the page table (set by plan_and_upload)
+  int32_t reserved[3];
 };
+static_assert(sizeof(WorkItem) == 64, "WorkItem is mirrored as 16 int32 by the Python side");
 
 struct MergeEntry {
   int32_t request;
@@ -72,12 +81,22 @@ enum PlanStatus : int32_t {
 namespace detail {
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+inline WorkItem with_request(WorkItem item, const int32_t* qo_indptr, const int32_t* kv_indptr) {
+  const int32_t r = item.request;
+  item.q_start = qo_indptr[r];
+  item.q_len = qo_indptr[r + 1] - qo_indptr[r];
+  item.kv_start = kv_indptr[r];
+  item.kv_len = kv_indptr[r + 1] - kv_indptr[r];
+  return item;
+}
+
 }  // namespace detail
 
 inline int32_t plan_prefill(const int32_t* qo_indptr, const int32_t* kv_indptr, const PlanConfig& cfg,
                             WorkItem* items, int64_t item_capacity, MergeEntry* merges, int64_t merge_capacity,
                             PlanResult* result) {
   using detail::ceil_div;
+  using detail::with_request;
   *result = PlanResult{0, 0, 0, -1};
   const bool pow2_tile = cfg.kv_tile > 0 && (cfg.kv_tile & (cfg.kv_tile - 1)) == 0;
   if (cfg.batch < 0 || cfg.group < 1 || cfg.num_kv_heads < 1 || cfg.cta_q < 1 || !pow2_tile ||
@@ -165,7 +184,8 @@ inline int32_t plan_prefill(const int32_t* qo_indptr, const int32_t* kv_indptr, 
   int32_t merge = 0, partial = 0;
   for (const Tile& t : tiles) {
     if (t.tiles <= chunk_tiles) {
-      items[next[static_cast<size_t>(t.tiles)]++] = WorkItem{t.request, t.row_begin, 0, t.limit, -1, -1, 1, 0};
+      items[next[static_cast<size_t>(t.tiles)]++] = with_request(
+          WorkItem{t.request, t.row_begin, 0, t.limit, -1, -1, 1, 0}, qo_indptr, kv_indptr);
       continue;
     }
     const int32_t chunks = static_cast<int32_t>(ceil_div(t.tiles, chunk_tiles));
@@ -173,8 +193,9 @@ inline int32_t plan_prefill(const int32_t* qo_indptr, const int32_t* kv_indptr, 
     for (int32_t c = 0; c < chunks; ++c) {
       const int32_t first = c * per_chunk, last = std::min(t.tiles, first + per_chunk);
       const int32_t kv_begin = first * cfg.kv_tile, kv_end = std::min(t.limit, last * cfg.kv_tile);
-      items[next[static_cast<size_t>(std::max(last - first, 0))]++] =
-          WorkItem{t.request, t.row_begin, kv_begin, kv_end, partial + c * cta_q, merge, chunks, partial};
+      items[next[static_cast<size_t>(std::max(last - first, 0))]++] = with_request(
+          WorkItem{t.request, t.row_begin, kv_begin, kv_end, partial + c * cta_q, merge, chunks, partial}, qo_indptr,
+          kv_indptr);
     }
     merges[merge] = MergeEntry{t.request, t.row_begin, partial, chunks};
     ++merge;
