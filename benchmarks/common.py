@@ -176,7 +176,10 @@ def today() -> str:
 
 
 def git_commit() -> str:
-    """`git rev-parse --short HEAD`, else $BENCH_COMMIT (a checkout copied without .git), else 'unknown'."""
+    """$BENCH_COMMIT when set (the device machine's copy of the checkout can carry stale .git metadata:
+    run_device.sh and device calls pass the commit in), else `git rev-parse --short HEAD`, else 'unknown'."""
+    if os.environ.get("BENCH_COMMIT"):
+        return os.environ["BENCH_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
                              timeout=10)
@@ -184,7 +187,7 @@ def git_commit() -> str:
             return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         pass
-    return os.environ.get("BENCH_COMMIT") or "unknown"
+    return "unknown"
 
 
 def environment() -> dict[str, Any]:
