@@ -197,7 +197,7 @@ def _boundary_lens(page_size: int):
             (2 * p, p), (9, 100), (1, 1))
 
 
-SWEEP_PAGE_SIZES = (1, 5, 7, 16, 64)
+SWEEP_PAGE_SIZES = (1, 5, 7, 16, 32, 48, 64, 128)  # aligned (divides or multiple of the KV tile) and generic paths
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
