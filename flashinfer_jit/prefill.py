@@ -650,9 +650,10 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchAttention):
 class BatchDecodeWithPagedKVCacheWrapper:
     """Batch decode (one query token per request) over a paged KV cache.
 
-    Runs the tensor-core attention kernel with the query heads of a KV head packed into one tile;
-    plan() splits long KV ranges across CTAs (flash-decoding) when the batch cannot fill the GPU and
-    merges the parts by LSE. `use_tensor_cores` is accepted for FlashInfer compatibility: the
+    Runs the tensor-core attention kernel with the query heads of a KV head packed into one 16-row
+    tile whose four warps split each KV tile's keys; plan() splits long KV ranges across CTAs
+    (flash-decoding) when the batch cannot fill the GPU, and the last chunk of a tile to finish
+    merges the parts by LSE inside the same launch. `use_tensor_cores` is accepted for FlashInfer compatibility: the
     tensor-core path is always used.
     """
 
