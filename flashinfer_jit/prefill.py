@@ -452,9 +452,11 @@ class BatchPrefillWithRaggedKVCacheWrapper(_BatchAttention):
         float_workspace_buffer: uint8 CUDA tensor for split-KV partial states. 128 MB covers large
             batches; plan() says how many bytes a plan needs when it is short.
         kv_layout: "NHD" (k, v: [total_kv, Hkv, D]) or "HND" (k, v: [Hkv, total_kv, D]).
-        use_cuda_graph: make run() capturable: grids and metadata buffers are fixed by the first
-            plan(); later plans may change lengths as long as the batch size and the total q tokens
-            do not exceed the first plan's. q/k/v/out may then be larger than the planned totals
+        use_cuda_graph: make run() capturable: grids, metadata buffers and the q tile size are
+            fixed by the first plan() (plan the shape the graph will replay: a decode-like first
+            plan picks 16-row tiles, correct but slow for long prompts later); later plans may
+            change lengths as long as the batch size and the total q tokens do not exceed the
+            first plan's. q/k/v/out may then be larger than the planned totals
             (rows past the plan are ignored and not written). The captured kernels read the plan
             metadata from this wrapper's buffers: keep the wrapper alive as long as the graph may
             be replayed.
