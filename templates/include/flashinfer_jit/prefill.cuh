@@ -74,7 +74,7 @@ struct PrefillParams {
   const int32_t* qo_indptr;
   const int32_t* kv_indptr;
   const WorkItem* items;
-  const MergeEntry* merges;
+  const MergeEntry* merges;  // uploaded with the plan; the merging chunk reads its own WorkItem instead
   const int32_t* counts;  // [num_items, num_merges], on the device (fixed grids under CUDA graphs)
   float* partial_o;       // [partial_rows, Hkv, D] fp32
   float* partial_lse;     // [partial_rows, Hkv]
