@@ -58,12 +58,12 @@ class PrefillParams(ctypes.Structure):
         ("k_stride_n", ctypes.c_int64), ("k_stride_h", ctypes.c_int64),
         ("v_stride_n", ctypes.c_int64), ("v_stride_h", ctypes.c_int64),
         ("o_stride_n", ctypes.c_int64), ("o_stride_h", ctypes.c_int64),
-        ("qo_indptr", ctypes.c_void_p), ("kv_indptr", ctypes.c_void_p), ("items", ctypes.c_void_p),
+        ("items", ctypes.c_void_p),
         ("merges", ctypes.c_void_p), ("counts", ctypes.c_void_p),
         ("partial_o", ctypes.c_void_p), ("partial_lse", ctypes.c_void_p),
         ("num_qo_heads", ctypes.c_int32), ("num_kv_heads", ctypes.c_int32), ("group", ctypes.c_int32),
         ("scale_log2", ctypes.c_float), ("cta_q", ctypes.c_int32), ("page_size", ctypes.c_int32),
-        ("page_indptr", ctypes.c_void_p), ("page_indices", ctypes.c_void_p), ("stride_page", ctypes.c_int64),
+        ("page_indices", ctypes.c_void_p), ("stride_page", ctypes.c_int64),
         ("page_div_mul", ctypes.c_uint32), ("page_div_shift", ctypes.c_int32),
         ("merge_counters", ctypes.c_void_p),
         ("page_row_shift", ctypes.c_int32), ("page_row_mask", ctypes.c_int32),  # set by the C launcher
@@ -211,23 +211,24 @@ def _choose_cta_q(options: tuple[int, ...], packed_rows: int, batch: int) -> int
 
 
 class _IntLayout:
-    """Offsets (in int32) of the plan metadata in the int workspace."""
+    """Offsets (in int32) of the plan metadata in the int workspace. Work items start 64-byte
+    aligned (the kernel reads each in four 16-byte loads)."""
 
-    def __init__(self, batch_capacity: int, item_capacity: int, merge_capacity: int, page_capacity: int,
-                 num_kv_heads: int):
+    def __init__(self, item_capacity: int, merge_capacity: int, page_capacity: int, num_kv_heads: int):
         self.item_capacity, self.merge_capacity = item_capacity, merge_capacity
-        self.qo = _COUNTS_INTS
-        self.kv = self.qo + _align8(batch_capacity + 1)
-        self.page_indptr = self.kv + _align8(batch_capacity + 1)
-        self.page_indices = self.page_indptr + (_align8(batch_capacity + 1) if page_capacity else 0)
-        self.items = self.page_indices + _align8(page_capacity)
+        self.page_indices = _align16(_COUNTS_INTS)
+        self.items = self.page_indices + _align16(page_capacity)
         self.merges = self.items + item_capacity * ITEM_INTS
         self.counters = self.merges + merge_capacity * MERGE_INTS  # zeroed by every plan
         self.total_ints = self.counters + _align8(merge_capacity * num_kv_heads)
 
     def as_struct(self, partial_slots: int) -> UploadLayout:
-        return UploadLayout(self.qo, self.kv, self.page_indptr, self.page_indices, self.items, self.merges,
-                            self.counters, self.total_ints, self.item_capacity, self.merge_capacity, partial_slots)
+        return UploadLayout(self.page_indices, self.items, self.merges, self.counters, self.total_ints,
+                            self.item_capacity, self.merge_capacity, partial_slots)
+
+
+def _align16(n: int) -> int:
+    return (n + 15) // 16 * 16
 
 
 def _align8(n: int) -> int:
@@ -324,13 +325,13 @@ class _BatchAttention:
                     f"total q tokens {total_q} (max {limits['total_q']}), pages {num_pages} (max {limits['pages']}); "
                     f"create a new wrapper for larger batches, or give paged_kv_indices_buffer (its length is the "
                     f"page-table room) to the constructor")
-            batch_cap, items_cap, merges_cap, pages_cap = limits["batch"], limits["items"], limits["merges"], limits["pages"]
+            items_cap, merges_cap, pages_cap = limits["items"], limits["merges"], limits["pages"]
         else:
             limits = None
             # Enough for any plan, so the planner runs once: splitting adds at most sms / num_kv_heads
             # chunks (prefill_plan.h: only tiles longer than the per-CTA share split).
             items_cap = total_q * group // cta_q + batch + sms // num_kv_heads + 1
-            batch_cap, merges_cap, pages_cap = batch, items_cap, num_pages
+            merges_cap, pages_cap = items_cap, num_pages
 
         # Partial states: fp32 O [slots, D] then LSE [slots], at offsets fixed by the buffer size (a
         # captured CUDA graph keeps valid pointers across plans).
@@ -344,7 +345,7 @@ class _BatchAttention:
             call.page_indptr = call.page_indices = None
             call.num_page_indices = 0
         while True:
-            layout = _IntLayout(batch_cap, items_cap, merges_cap, pages_cap if pages is not None else 0, num_kv_heads)
+            layout = _IntLayout(items_cap, merges_cap, pages_cap if pages is not None else 0, num_kv_heads)
             upload = layout.as_struct(partial_slots)
             call.layout = ctypes.pointer(upload)
             call.host, call.host_free = self._pinned_buffer(layout.total_ints)
@@ -368,7 +369,6 @@ class _BatchAttention:
 
         base = device_ints.data_ptr()
         params = self._params  # reused: run() reads it only through self._state
-        params.qo_indptr, params.kv_indptr = base + 4 * layout.qo, base + 4 * layout.kv
         params.items, params.merges, params.counts = base + 4 * layout.items, base + 4 * layout.merges, base
         params.merge_counters = base + 4 * layout.counters
         params.partial_o = self._float_workspace.data_ptr()
@@ -381,7 +381,7 @@ class _BatchAttention:
             page_size = pages[2]
             params.page_size = page_size
             params.page_div_mul, params.page_div_shift = page_divider(page_size)
-            params.page_indptr, params.page_indices = base + 4 * layout.page_indptr, base + 4 * layout.page_indices
+            params.page_indices = base + 4 * layout.page_indices
         self._state = _PlanState(
             kernel=variant.kernel, run_fn=variant.run_fn, params=params,
             grid_items=items_cap if self._use_cuda_graph else plan.num_items,

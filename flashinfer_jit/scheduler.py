@@ -31,7 +31,7 @@ class UploadLayout(ctypes.Structure):
     """Mirror of fij::UploadLayout: int32 offsets of the plan metadata in the workspace."""
 
     _fields_ = [(name, ctypes.c_int64) for name in (
-        "qo", "kv", "page_indptr", "page_indices", "items", "merges", "counters", "total",
+        "page_indices", "items", "merges", "counters", "total",
         "item_capacity", "merge_capacity", "partial_slots")]
 
 

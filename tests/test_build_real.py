@@ -85,6 +85,23 @@ def test_library_exports_only_its_entry_points(tmp_path, monkeypatch):
     assert not unexpected, f"symbols exported beyond the fij_{spec.uri}_* entry points: {unexpected[:10]}"
 
 
+def test_prefill_structs_match_their_ctypes_mirrors(tmp_path, monkeypatch):
+    """The C structs plan() and run() pass by pointer have the sizes of their ctypes mirrors (a
+    field added or removed on one side only would shift every later field)."""
+    import ctypes
+    from flashinfer_jit import prefill, scheduler
+    monkeypatch.setenv("FLASHINFER_JIT_CACHE_DIR", str(tmp_path / "cache"))
+    try:
+        kernel = loader.load(PrefillSpec(kv_layout="ragged", head_dim=64, dtype="fp16", causal=False))
+        struct_bytes = kernel.function("struct_bytes", [ctypes.c_int])
+        mirrors = [prefill.PrefillParams, scheduler.UploadLayout, scheduler.PlanCall, scheduler.PlanConfig]
+        for which, mirror in enumerate(mirrors):
+            assert struct_bytes(which) == ctypes.sizeof(mirror), f"{mirror.__name__}: C {struct_bytes(which)} bytes"
+        assert struct_bytes(4) == 4 * scheduler.ITEM_INTS
+    finally:
+        loader.clear_memo()
+
+
 def test_warm_load_in_the_same_process_does_not_compile(built, monkeypatch):
     monkeypatch.setenv("FLASHINFER_JIT_CACHE_DIR", str(built["root"]))
     builds = loader.build_count

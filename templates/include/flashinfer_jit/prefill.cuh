@@ -69,11 +69,7 @@ struct PrefillParams {
   int64_t k_stride_n, k_stride_h;
   int64_t v_stride_n, v_stride_h;
   int64_t o_stride_n, o_stride_h;
-  // Device copies of the plan's indptrs (and page_indptr below): the kernel takes offsets from its
-  // WorkItem; these stay in the uploaded plan for inspection and debugging tools.
-  const int32_t* qo_indptr;
-  const int32_t* kv_indptr;
-  const WorkItem* items;
+  const WorkItem* items;  // each carries its request's offsets and lengths (no indptr on the device)
   const MergeEntry* merges;  // uploaded with the plan; the merging chunk reads its own WorkItem instead
   const int32_t* counts;  // [num_items, num_merges], on the device (fixed grids under CUDA graphs)
   float* partial_o;       // [partial_rows, Hkv, D] fp32
@@ -84,9 +80,8 @@ struct PrefillParams {
   float scale_log2;       // sm_scale * log2(e)
   int32_t cta_q;
   int32_t page_size;        // paged layouts: tokens per page
-  // Paged layouts: request r's pages are page_indices[page_indptr[r] ..) (WorkItem::page_start); token t
-  // of a page starts at page * stride_page + t * {k,v}_stride_n (K and V share the strides).
-  const int32_t* page_indptr;
+  // Paged layouts: a request's pages are page_indices[WorkItem::page_start ..); token t of a page
+  // starts at page * stride_page + t * {k,v}_stride_n (K and V share the strides).
   const int32_t* page_indices;
   int64_t stride_page;
   uint32_t page_div_mul;    // pos / page_size == (umulhi(pos, mul) + pos) >> shift
@@ -672,8 +667,8 @@ struct PlanCall {
   PlanResult* result;
 };
 
-// Plan into the pinned host buffer, add counts, indptrs, page table and zeroed merge counters at
-// their layout offsets, and start one host-to-device copy on the stream. Returns a PlanStatus, or
+// Plan into the pinned host buffer, add counts, the page table and zeroed merge counters at their
+// layout offsets, and start one host-to-device copy on the stream. Returns a PlanStatus, or
 // -cudaError_t when a CUDA call failed. Nothing is uploaded unless the plan fits.
 inline int plan_and_upload(const PlanCall& c) {
   // The previous copy out of this staging buffer must be done before it is overwritten; in steady
@@ -693,13 +688,8 @@ inline int plan_and_upload(const PlanCall& c) {
   if (c.result->partial_rows * cfg.num_kv_heads > layout.partial_slots) return kPlanWorkspace;
   host[0] = int32_t(c.result->num_items);
   host[1] = int32_t(c.result->num_merges);
-  memcpy(host + layout.qo, c.qo_indptr, sizeof(int32_t) * size_t(cfg.batch + 1));
-  memcpy(host + layout.kv, c.kv_indptr, sizeof(int32_t) * size_t(cfg.batch + 1));
   if (c.page_indptr != nullptr) {
-    memcpy(host + layout.page_indptr, c.page_indptr, sizeof(int32_t) * size_t(cfg.batch + 1));
     memcpy(host + layout.page_indices, c.page_indices, sizeof(int32_t) * size_t(c.num_page_indices));
-  }
-  if (c.page_indptr != nullptr) {
     WorkItem* items = reinterpret_cast<WorkItem*>(host + layout.items);
     for (int64_t i = 0; i < c.result->num_items; ++i) items[i].page_start = c.page_indptr[items[i].request];
   }

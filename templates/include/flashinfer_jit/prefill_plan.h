@@ -248,7 +248,7 @@ inline int32_t paged_kv_lengths(const int32_t* indptr, const int32_t* last_page_
 
 // Where plan_and_upload puts things in the int32 metadata buffer (offsets in int32 elements).
 struct UploadLayout {
-  int64_t qo, kv, page_indptr, page_indices, items, merges, counters, total;
+  int64_t page_indices, items, merges, counters, total;
   int64_t item_capacity, merge_capacity;
   int64_t partial_slots;  // (row, KV head) partial states the float workspace holds
 };
