@@ -11,7 +11,7 @@
 // Rows that see no key produce O = 0 and LSE = -inf.
 #pragma once
 #include "flashinfer_jit/mma.cuh"
-#include "flashinfer_jit/prefill_plan.h"
+#include "flashinfer_jit/prefill_params.h"
 
 // Tuning switches (experiments pass them through FLASHINFER_JIT_EXTRA_CUDAFLAGS, which is part of
 // the cache key): K/V pipeline depth (0: by shape) and skipping the O rescale when no row maximum moved.
@@ -59,39 +59,6 @@ struct TraceScope {
 #define FIJ_TRACE_MARK(field) (void)0
 #endif
 
-struct PrefillParams {
-  const void* q;
-  const void* k;
-  const void* v;
-  void* o;
-  float* lse;  // [total_q, Hq] or nullptr
-  int64_t q_stride_n, q_stride_h;
-  int64_t k_stride_n, k_stride_h;
-  int64_t v_stride_n, v_stride_h;
-  int64_t o_stride_n, o_stride_h;
-  const WorkItem* items;  // each carries its request's offsets and lengths (no indptr on the device)
-  const MergeEntry* merges;  // uploaded with the plan; the merging chunk reads its own WorkItem instead
-  const int32_t* counts;  // [num_items, num_merges], on the device (fixed grids under CUDA graphs)
-  float* partial_o;       // [partial_rows, Hkv, D] fp32
-  float* partial_lse;     // [partial_rows, Hkv]
-  int32_t num_qo_heads;
-  int32_t num_kv_heads;
-  int32_t group;
-  float scale_log2;       // sm_scale * log2(e)
-  int32_t cta_q;
-  int32_t page_size;        // paged layouts: tokens per page
-  // Paged layouts: a request's pages are page_indices[WorkItem::page_start ..); token t of a page
-  // starts at page * stride_page + t * {k,v}_stride_n (K and V share the strides).
-  const int32_t* page_indices;
-  int64_t stride_page;
-  uint32_t page_div_mul;    // pos / page_size == (umulhi(pos, mul) + pos) >> shift
-  int32_t page_div_shift;
-  int32_t* merge_counters;  // [merges, Hkv], zero between runs: chunks of a split tile that finished
-  // Set by launch_prefill for the aligned-pages kernel: row d of a tile lies (d >> page_row_shift)
-  // pages after the tile's first, at (d & page_row_mask) past the tile's in-page position.
-  int32_t page_row_shift;
-  int32_t page_row_mask;
-};
 
 template <int HEAD_DIM, int CTA_Q, int KV_TILE>
 struct PrefillShape {
@@ -649,55 +616,6 @@ __global__ void __launch_bounds__(PrefillShape<HEAD_DIM, CTA_Q, KV_TILE>::kThrea
       if (tid == 0) p.merge_counters[item.merge * p.num_kv_heads + hk] = 0;  // ready for the next run
     }
   }
-}
-
-// plan() in one host call (one C-ABI argument, so the Python side pays for one conversion).
-struct PlanCall {
-  const int32_t* qo_indptr;
-  const int32_t* kv_indptr;
-  const PlanConfig* config;
-  int32_t* host;              // pinned staging buffer
-  const UploadLayout* layout;
-  const int32_t* page_indptr;  // paged layouts, else null
-  const int32_t* page_indices;
-  int64_t num_page_indices;
-  void* device;               // int32 metadata buffer on the GPU
-  cudaStream_t stream;
-  cudaEvent_t host_free;      // recorded after the copy from `host`; waited on before reusing it
-  PlanResult* result;
-};
-
-// Plan into the pinned host buffer, add counts, the page table and zeroed merge counters at their
-// layout offsets, and start one host-to-device copy on the stream. Returns a PlanStatus, or
-// -cudaError_t when a CUDA call failed. Nothing is uploaded unless the plan fits.
-inline int plan_and_upload(const PlanCall& c) {
-  // The previous copy out of this staging buffer must be done before it is overwritten; in steady
-  // state it finished long ago (the caller alternates two buffers), so this rarely waits.
-  if (c.host_free != nullptr && cudaEventQuery(c.host_free) == cudaErrorNotReady) {
-    const cudaError_t err = cudaEventSynchronize(c.host_free);
-    if (err != cudaSuccess) return -int(err);
-  }
-  const PlanConfig& cfg = *c.config;
-  const UploadLayout& layout = *c.layout;
-  int32_t* host = c.host;
-  const int32_t status =
-      plan_prefill(c.qo_indptr, c.kv_indptr, cfg, reinterpret_cast<WorkItem*>(host + layout.items),
-                   layout.item_capacity, reinterpret_cast<MergeEntry*>(host + layout.merges), layout.merge_capacity,
-                   c.result);
-  if (status != kPlanOk) return status;
-  if (c.result->partial_rows * cfg.num_kv_heads > layout.partial_slots) return kPlanWorkspace;
-  host[0] = int32_t(c.result->num_items);
-  host[1] = int32_t(c.result->num_merges);
-  if (c.page_indptr != nullptr) {
-    memcpy(host + layout.page_indices, c.page_indices, sizeof(int32_t) * size_t(c.num_page_indices));
-    WorkItem* items = reinterpret_cast<WorkItem*>(host + layout.items);
-    for (int64_t i = 0; i < c.result->num_items; ++i) items[i].page_start = c.page_indptr[items[i].request];
-  }
-  memset(host + layout.counters, 0, sizeof(int32_t) * size_t(layout.total - layout.counters));
-  cudaError_t err =
-      cudaMemcpyAsync(c.device, host, sizeof(int32_t) * size_t(layout.total), cudaMemcpyHostToDevice, c.stream);
-  if (err == cudaSuccess && c.host_free != nullptr) err = cudaEventRecord(c.host_free, c.stream);
-  return err == cudaSuccess ? 0 : -int(err);
 }
 
 // Paged layouts: can the aligned-pages kernel run this page size and these strides?

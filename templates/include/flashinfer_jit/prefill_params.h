@@ -1,0 +1,45 @@
+// Run-time parameters of one batch-prefill launch, filled by the Python side (a ctypes mirror:
+// flashinfer_jit's ABI mirrors, checked field by field at compile time) and passed by value
+// (__grid_constant__). Host and device.
+#pragma once
+#include <stdint.h>
+
+#include "flashinfer_jit/prefill_plan.h"
+
+namespace fij {
+
+struct PrefillParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  void* o;
+  float* lse;  // [total_q, Hq] or nullptr
+  int64_t q_stride_n, q_stride_h;
+  int64_t k_stride_n, k_stride_h;
+  int64_t v_stride_n, v_stride_h;
+  int64_t o_stride_n, o_stride_h;
+  const WorkItem* items;  // each carries its request's offsets and lengths (no indptr on the device)
+  const MergeEntry* merges;  // uploaded with the plan; the merging chunk reads its own WorkItem instead
+  const int32_t* counts;  // [num_items, num_merges], on the device (fixed grids under CUDA graphs)
+  float* partial_o;       // [partial_rows, Hkv, D] fp32
+  float* partial_lse;     // [partial_rows, Hkv]
+  int32_t num_qo_heads;
+  int32_t num_kv_heads;
+  int32_t group;
+  float scale_log2;       // sm_scale * log2(e)
+  int32_t cta_q;
+  int32_t page_size;        // paged layouts: tokens per page
+  // Paged layouts: a request's pages are page_indices[WorkItem::page_start ..); token t of a page
+  // starts at page * stride_page + t * {k,v}_stride_n (K and V share the strides).
+  const int32_t* page_indices;
+  int64_t stride_page;
+  uint32_t page_div_mul;    // pos / page_size == (umulhi(pos, mul) + pos) >> shift
+  int32_t page_div_shift;
+  int32_t* merge_counters;  // [merges, Hkv], zero between runs: chunks of a split tile that finished
+  // Set by launch_prefill for the aligned-pages kernel: row d of a tile lies (d >> page_row_shift)
+  // pages after the tile's first, at (d & page_row_mask) past the tile's in-page position.
+  int32_t page_row_shift;
+  int32_t page_row_mask;
+};
+
+}  // namespace fij
