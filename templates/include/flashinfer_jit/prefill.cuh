@@ -12,6 +12,7 @@
 #pragma once
 #include "flashinfer_jit/mma.cuh"
 #include "flashinfer_jit/prefill_params.h"
+#include "flashinfer_jit/variant.cuh"
 
 // Tuning switches (experiments pass them through FLASHINFER_JIT_EXTRA_CUDAFLAGS, which is part of
 // the cache key): K/V pipeline depth (0: by shape) and skipping the O rescale when no row maximum moved.
@@ -257,11 +258,12 @@ __device__ __forceinline__ void merge_tile(const PrefillParams& p, const WorkIte
   }
 }
 
-template <typename T, int HEAD_DIM, int CTA_Q, int KV_TILE, bool CAUSAL, bool PAGED, bool ALIGNED_PAGES>
+template <typename T, int HEAD_DIM, int CTA_Q, int KV_TILE, typename Variant, bool PAGED, bool ALIGNED_PAGES>
 __global__ void __launch_bounds__(PrefillShape<HEAD_DIM, CTA_Q, KV_TILE>::kThreads, 2)
     prefill_kernel(const __grid_constant__ PrefillParams p) {
   using S = PrefillShape<HEAD_DIM, CTA_Q, KV_TILE>;
   using Tile = SwizzledTile<HEAD_DIM>;
+  constexpr bool CAUSAL = Variant::kCausal;
   constexpr int MQ = S::kMmaQ;
   extern __shared__ __align__(128) uint8_t smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
@@ -628,11 +630,11 @@ inline bool aligned_pages(const PrefillParams& p) {
          int64_t(ps) * p.k_stride_n + p.k_stride_h * int64_t(p.num_kv_heads) <= INT32_MAX;
 }
 
-template <typename T, int HEAD_DIM, int CTA_Q, int KV_TILE, bool CAUSAL, bool PAGED, bool ALIGNED_PAGES>
+template <typename T, int HEAD_DIM, int CTA_Q, int KV_TILE, typename Variant, bool PAGED, bool ALIGNED_PAGES>
 inline int launch_kernel(const PrefillParams& p, int grid_items, cudaStream_t stream) {
   using S = PrefillShape<HEAD_DIM, CTA_Q, KV_TILE>;
   constexpr int smem = S::template smem_bytes<T>();
-  auto kernel = prefill_kernel<T, HEAD_DIM, CTA_Q, KV_TILE, CAUSAL, PAGED, ALIGNED_PAGES>;
+  auto kernel = prefill_kernel<T, HEAD_DIM, CTA_Q, KV_TILE, Variant, PAGED, ALIGNED_PAGES>;
   static bool attribute_set[64] = {};  // per device ordinal
   int device = 0;
   cudaGetDevice(&device);
@@ -647,7 +649,7 @@ inline int launch_kernel(const PrefillParams& p, int grid_items, cudaStream_t st
   return 0;
 }
 
-template <typename T, int HEAD_DIM, int CTA_Q, int KV_TILE, bool CAUSAL, bool PAGED>
+template <typename T, int HEAD_DIM, int CTA_Q, int KV_TILE, typename Variant, bool PAGED>
 inline int launch_prefill(const PrefillParams& params, int grid_items, cudaStream_t stream) {
   if constexpr (PAGED) {
     if (aligned_pages<KV_TILE>(params)) {
@@ -655,17 +657,17 @@ inline int launch_prefill(const PrefillParams& params, int grid_items, cudaStrea
       const bool divides = KV_TILE % p.page_size == 0;
       p.page_row_shift = divides ? __builtin_ctz(unsigned(p.page_size)) : 30;  // rows < KV_TILE <= page: 0
       p.page_row_mask = divides ? p.page_size - 1 : -1;
-      return launch_kernel<T, HEAD_DIM, CTA_Q, KV_TILE, CAUSAL, true, true>(p, grid_items, stream);
+      return launch_kernel<T, HEAD_DIM, CTA_Q, KV_TILE, Variant, true, true>(p, grid_items, stream);
     }
   }
-  return launch_kernel<T, HEAD_DIM, CTA_Q, KV_TILE, CAUSAL, PAGED, false>(params, grid_items, stream);
+  return launch_kernel<T, HEAD_DIM, CTA_Q, KV_TILE, Variant, PAGED, false>(params, grid_items, stream);
 }
 
-template <typename T, int HEAD_DIM, int CTA_Q, int KV_TILE, bool CAUSAL, bool PAGED>
+template <typename T, int HEAD_DIM, int CTA_Q, int KV_TILE, typename Variant, bool PAGED>
 inline int blocks_per_sm() {
   using S = PrefillShape<HEAD_DIM, CTA_Q, KV_TILE>;
   constexpr int smem = S::template smem_bytes<T>();
-  auto kernel = prefill_kernel<T, HEAD_DIM, CTA_Q, KV_TILE, CAUSAL, PAGED, PAGED>;
+  auto kernel = prefill_kernel<T, HEAD_DIM, CTA_Q, KV_TILE, Variant, PAGED, PAGED>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return -int(err);
   int blocks = 0;
