@@ -5,15 +5,12 @@ reports the compiler's output on failure.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
-from . import toolchain
+from . import env, toolchain
 from .codegen import include_dir
 from .errors import KernelCompileError
 
@@ -33,31 +30,22 @@ def build_environment(jobs: int) -> dict[str, str]:
     """The variables torch's loader reads during a build: ninja's job count, the resolved CUDA home,
     and the nvcc to run (FLASHINFER_JIT_NVCC, through torch's PYTORCH_NVCC)."""
     updates = {"MAX_JOBS": str(jobs), "CUDA_HOME": str(toolchain.cuda_home())}
-    if os.environ.get("FLASHINFER_JIT_NVCC"):
-        updates["PYTORCH_NVCC"] = os.environ["FLASHINFER_JIT_NVCC"]
+    nvcc = env.nvcc_override()
+    if nvcc:
+        updates["PYTORCH_NVCC"] = nvcc
     return updates
 
 
-@contextlib.contextmanager
-def environment(updates: dict[str, str]) -> Iterator[None]:
-    """Set environment variables for the duration of the block, then restore them."""
-    saved = {k: os.environ.get(k) for k in updates}
-    os.environ.update(updates)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+# Set-then-restore now lives in env.py with every other environment access; this name remains for
+# prebuild._steady_build_environment until it calls env.overridden itself.
+environment = env.overridden
 
 
 def _cpp_extension():
     """Import torch's loader with CUDA_HOME already resolved: at import it guesses from the nvcc on
     PATH, which is wrong when that nvcc is a wrapper script (the link then fails)."""
     home = str(toolchain.cuda_home())
-    os.environ.setdefault("CUDA_HOME", home)
+    env.set_default("CUDA_HOME", home)
     # torch warns "No CUDA runtime is found" at import on GPU-less build machines: expected here.
     torch_logger = logging.getLogger("torch.utils.cpp_extension")
     level = torch_logger.level
@@ -85,7 +73,7 @@ def build_library(name: str, sources: dict[str, str], build_dir: Path, archs: tu
     env_updates = build_environment(toolchain.build_jobs(len(paths)))
     start = time.perf_counter()
     try:
-        with environment(env_updates):
+        with env.overridden(env_updates):
             cpp_extension.load(
                 name=name,
                 sources=paths,

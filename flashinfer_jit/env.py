@@ -1,4 +1,6 @@
-"""Every environment variable the package reads, in one place, read lazily (tests change them).
+"""Every environment variable the package reads or sets, in one place, read lazily (tests change them).
+
+No other module touches os.environ (tests/test_env.py checks this).
 
 | variable                          | meaning                                                          |
 |-----------------------------------|------------------------------------------------------------------|
@@ -12,12 +14,21 @@
 | FLASHINFER_JIT_LOCK_TIMEOUT       | seconds to wait for another process's build (default 900)        |
 | FLASHINFER_JIT_TRUSTED_ROOTS      | shared team caches: skip the owner/mode checks, root may be a symlink |
 | MAX_JOBS                          | parallel compile jobs (default: cores, capped by free memory)    |
+| CUDA_HOME, else CUDA_PATH         | the CUDA toolkit root, when FLASHINFER_JIT_NVCC is unset         |
+| PATH                              | searched for nvcc when neither of those names a toolkit          |
+| CXX                               | the host compiler whose version is in the fingerprint (default c++) |
+
+Set for torch's cpp_extension around a build (`overridden`, then restored): MAX_JOBS, CUDA_HOME and
+PYTORCH_NVCC (from FLASHINFER_JIT_NVCC); CUDA_HOME is also given a default (`set_default`) before
+torch.utils.cpp_extension is first imported, since it reads CUDA_HOME at import.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 from pathlib import Path
+from typing import Iterator, Mapping
 
 
 def _get(name: str) -> str | None:
@@ -94,3 +105,39 @@ def max_jobs() -> int | None:
     if jobs < 1:
         raise ValueError(f"MAX_JOBS={raw!r}: expected a positive integer")
     return jobs
+
+
+def cuda_home() -> str | None:
+    """CUDA_HOME, else CUDA_PATH (unset or empty: None)."""
+    return _get("CUDA_HOME") or _get("CUDA_PATH")
+
+
+def search_path() -> str | None:
+    """PATH as it is (nvcc is looked up on it)."""
+    return os.environ.get("PATH")
+
+
+def host_cxx() -> str:
+    """The host C++ compiler torch's build uses: CXX, else c++."""
+    return os.environ.get("CXX", "c++")
+
+
+def set_default(name: str, value: str) -> None:
+    """Set `name` to `value` unless it is already set (os.environ.setdefault)."""
+    os.environ.setdefault(name, value)
+
+
+@contextlib.contextmanager
+def overridden(updates: Mapping[str, str]) -> Iterator[None]:
+    """Set environment variables for the duration of the block, then restore them (an unset one is
+    unset again)."""
+    saved = {k: os.environ.get(k) for k in updates}
+    os.environ.update(updates)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

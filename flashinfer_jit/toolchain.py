@@ -103,11 +103,7 @@ def _resolve_cuda_home(cuda_home_env: str | None, nvcc_env: str | None, path_env
 
 def cuda_home() -> Path:
     """The CUDA toolkit root, resolved through wrapper scripts and symlinks."""
-    return _resolve_cuda_home(
-        os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"),
-        env.nvcc_override(),
-        os.environ.get("PATH"),
-    )
+    return _resolve_cuda_home(env.cuda_home(), env.nvcc_override(), env.search_path())
 
 
 def nvcc_path() -> Path:
@@ -156,7 +152,7 @@ def _cxx_version(cxx: str) -> str:
 
 
 def host_compiler_version() -> str:
-    return _cxx_version(os.environ.get("CXX", "c++"))
+    return _cxx_version(env.host_cxx())
 
 
 def normalize_arch(arch: str) -> str:
