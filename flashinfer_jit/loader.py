@@ -4,7 +4,8 @@ A warm cache loads the .so directly (no ninja, no nvcc run). Builds are deduplic
 threads (a lock per spec) and across processes (an flock per entry, re-checked after acquiring).
 
 `ensure_built` is the same lookup-then-build without loading; `flashinfer-jit prebuild`
-(prebuild.py) calls it for every variant of a matrix.
+(prebuild.py) calls it for every variant of a matrix, after `lookup` (read-only: no quarantine, no
+writes) has skipped the variants already cached.
 """
 from __future__ import annotations
 
@@ -194,15 +195,30 @@ def _explain_mismatch(spec: KernelSpec, info: KeyInfo, layer: cache.CacheLayer, 
         return
 
 
-def _find_verified(spec: KernelSpec, info: KeyInfo, layer: cache.CacheLayer) -> cache.Entry | None:
-    tag = toolchain.arch_tag(info.archs)
+def _find_entry(spec: KernelSpec, info: KeyInfo, layer: cache.CacheLayer) -> cache.Entry | None:
+    """The entry `layer` holds for (spec, key), unverified."""
     # Without a compiler the key has no nvcc version to match: accept the same sources built for the
     # same runtime. A read-only layer was prebuilt elsewhere: the runtime match is what counts there.
     runtime_key = info.runtime_key if (info.fingerprint["nvcc"] is None or not layer.writable) else None
-    entry = layer.find(tag, spec.uri, info.key, runtime_key)
+    return layer.find(toolchain.arch_tag(info.archs), spec.uri, info.key, runtime_key)
+
+
+def lookup(spec: KernelSpec, info: KeyInfo, layer: cache.CacheLayer) -> cache.Entry | None:
+    """The verified entry of `spec` in `layer`, or None. Reads only: a damaged entry is a miss and
+    stays where it is (no quarantine), nothing is logged, locked or written (prebuild dry runs)."""
+    entry = _find_entry(spec, info, layer)
+    if entry is None or layer.verify(entry) is not None:
+        return None
+    return entry
+
+
+def _find_verified(spec: KernelSpec, info: KeyInfo, layer: cache.CacheLayer) -> cache.Entry | None:
+    """`lookup`, acting on what it finds: a damaged entry of a writable layer is quarantined; in a
+    read-only layer a miss is explained (once per layer) and a damaged entry is logged and skipped."""
+    entry = _find_entry(spec, info, layer)
     if entry is None:
         if not layer.writable:
-            _explain_mismatch(spec, info, layer, tag)
+            _explain_mismatch(spec, info, layer, toolchain.arch_tag(info.archs))
         return None
     problem = layer.verify(entry)
     if problem is None:

@@ -312,10 +312,7 @@ def default_jobs(todo: int, requested: int | None = None) -> int:
     jobs = requested if requested is not None else (os.cpu_count() or 1)
     if jobs < 1:
         raise ValueError(f"--jobs: expected a positive integer, got {jobs}")
-    available = toolchain._available_memory()
-    if available is not None:
-        jobs = min(jobs, max(1, available // toolchain.NVCC_JOB_BYTES))
-    return max(1, min(jobs, todo))
+    return max(1, min(toolchain.memory_capped_jobs(jobs), todo))
 
 
 def _steady_build_environment(jobs_per_kernel: int):
@@ -327,13 +324,10 @@ def _steady_build_environment(jobs_per_kernel: int):
 
 
 def _lookup(spec: KernelSpec, archs: tuple[str, ...], layer: cache.CacheLayer) -> tuple[loader.KeyInfo, cache.Entry | None]:
-    """The key of (spec, archs) and its verified entry in `layer`, if any. Reads only (dry runs too)."""
+    """The key of (spec, archs) and its verified entry in `layer`, if any. Reads only (dry runs too):
+    a damaged entry is a miss here; the build path quarantines it and builds again."""
     info = loader.compute_key(spec, archs)
-    runtime_key = info.runtime_key if info.fingerprint["nvcc"] is None else None
-    entry = layer.find(toolchain.arch_tag(archs), spec.uri, info.key, runtime_key)
-    if entry is not None and layer.verify(entry) is not None:
-        entry = None  # damaged: the build path quarantines it and builds again
-    return info, entry
+    return info, loader.lookup(spec, info, layer)
 
 
 def run(specs: Sequence[KernelSpec], arch_groups: Sequence[tuple[str, ...]], layer: cache.CacheLayer, *,

@@ -207,11 +207,16 @@ def build_jobs(num_sources: int) -> int:
     explicit = env.max_jobs()
     if explicit:
         return explicit
-    jobs = max(1, min(os.cpu_count() or 1, num_sources))
+    return memory_capped_jobs(min(os.cpu_count() or 1, num_sources))
+
+
+def memory_capped_jobs(jobs: int) -> int:
+    """`jobs` parallel nvccs, fewer if that many (NVCC_JOB_BYTES each) do not fit in free memory;
+    at least 1. Free memory unknown (no /proc/meminfo): `jobs` as given."""
     available = _available_memory()
     if available is not None:
-        jobs = max(1, min(jobs, available // NVCC_JOB_BYTES))
-    return jobs
+        jobs = min(jobs, available // NVCC_JOB_BYTES)
+    return max(1, jobs)
 
 
 def _available_memory() -> int | None:
