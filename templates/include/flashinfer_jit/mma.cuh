@@ -68,15 +68,4 @@ __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const ui
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// Shared-memory tile of rows of HEAD_DIM 16-bit elements, 16-byte chunks XOR-swizzled by row % 8:
-// the 8 rows an ldmatrix reads (same logical chunk) land in 8 different bank groups.
-template <int HEAD_DIM>
-struct SwizzledTile {
-  static_assert(HEAD_DIM % 64 == 0, "the swizzle needs at least 8 chunks per row");
-  static constexpr int kChunks = HEAD_DIM / 8;
-  __device__ __forceinline__ static int offset(int row, int chunk) {
-    return row * HEAD_DIM + ((chunk ^ (row & 7)) << 3);
-  }
-};
-
 }  // namespace fij

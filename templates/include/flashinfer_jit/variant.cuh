@@ -72,6 +72,8 @@ struct StandardAttention {
 #if defined(__CUDACC__)
   __device__ __forceinline__ float transform_logits(float qk, int32_t, int32_t, int32_t) const { return qk; }
   __device__ __forceinline__ bool mask(int32_t, int32_t, int32_t) const { return true; }
+  // Dims [dim0, dim0 + 8) and [dim0 + D/2, dim0 + D/2 + 8) of query (token, head), in place.
+  __device__ __forceinline__ void transform_query(float (&)[8], float (&)[8], int32_t, int32_t, int32_t) const {}
 #endif
 };
 

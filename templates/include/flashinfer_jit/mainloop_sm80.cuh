@@ -1,0 +1,421 @@
+// Mainloop of the FA2-class (sm80+) prefill kernel: one work item's q tile against its KV range.
+//
+//   - Q tile [CTA_Q packed rows, D] and kStages stages of K/V tiles [KV_TILE, D] in XOR-swizzled
+//     shared memory (swizzle.cuh), loaded with cp.async: tiles j+1 .. j+kStages-1 stream in while
+//     tile j is computed, one barrier a tile; paged K/V rows go through the page table, read a tile
+//     ahead;
+//   - each warp owns 16 * kMmaQ rows (decode-sized 16-row tiles: four warps split each tile's keys);
+//     S = Q K^T and O += P V with mma.sync m16n8k16 fed by ldmatrix (V through ldmatrix.trans), P
+//     kept in registers as the A operand of the second GEMM;
+//   - the variant (variant.cuh) decides the visible keys, the mask and any logits/query transform;
+//     masks are applied only to tiles that can need them (the KV tail, tiles crossing the range of
+//     keys every row sees);
+//   - fp32 online softmax in base 2 (softmax.cuh).
+#pragma once
+#include "flashinfer_jit/gqa.cuh"
+#include "flashinfer_jit/mma.cuh"
+#include "flashinfer_jit/prefill_params.h"
+#include "flashinfer_jit/softmax.cuh"
+#include "flashinfer_jit/swizzle.cuh"
+#include "flashinfer_jit/tile_scheduler.cuh"
+#include "flashinfer_jit/variant.cuh"
+
+// Tuning switches (experiments pass them through FLASHINFER_JIT_EXTRA_CUDAFLAGS, which is part of
+// the cache key): K/V pipeline depth (0: by shape) and skipping the O rescale when no row maximum moved.
+#ifndef FIJ_KV_STAGES
+#define FIJ_KV_STAGES 0
+#endif
+#ifndef FIJ_LAZY_RESCALE  // 1 on, 0 off, -1: on for head_dim >= 128 (at 64 the vote costs more than it saves)
+#define FIJ_LAZY_RESCALE -1
+#endif
+
+namespace fij {
+
+template <int HEAD_DIM, int CTA_Q, int KV_TILE>
+struct PrefillShape {
+  static constexpr int kMmaQ = (HEAD_DIM == 256 || CTA_Q <= 64) ? 1 : 2;  // m16 tiles per warp
+  static constexpr int kWarpsQ = CTA_Q / (16 * kMmaQ);  // warps along the q rows
+  // Decode-sized tiles (16 packed rows): four warps split each KV tile's keys instead of the rows,
+  // so a tile costs a quarter of the MMAs of a 64-row tile; their states merge in the epilogue.
+  static constexpr int kWarpsKV = CTA_Q == 16 ? 4 : 1;
+  static constexpr int kWarps = kWarpsQ * kWarpsKV;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kKeysPerWarp = KV_TILE / kWarpsKV;
+  static constexpr int kChunks = HEAD_DIM / 8;      // 16-byte chunks per row
+  static constexpr int kNtS = kKeysPerWarp / 8;     // n8 tiles of a warp's S
+  static constexpr int kNtO = HEAD_DIM / 8;         // n8 tiles of O
+  static constexpr int kKsQK = HEAD_DIM / 16;       // k16 steps of Q K^T
+  static constexpr int kKsPV = kKeysPerWarp / 16;   // k16 steps of P V
+  // Q, then kStages stages of (K, V): tiles j+1 .. j+kStages-1 stream in while tile j is computed,
+  // one barrier a tile. Three stages where two CTAs per SM still fit (the small-q / decode tiles:
+  // more bytes in flight), else two.
+  static constexpr int kStages =
+      FIJ_KV_STAGES > 0 ? FIJ_KV_STAGES : ((CTA_Q <= 64 && HEAD_DIM <= 128) ? 3 : 2);
+  static_assert(kStages >= 2, "the pipeline needs at least two K/V stages");
+  static constexpr bool kLazyRescale = FIJ_LAZY_RESCALE < 0 ? HEAD_DIM >= 128 : FIJ_LAZY_RESCALE != 0;
+  // Epilogue of a KV-split tile: each warp's unnormalised O rows (fp32, rows padded by 8 floats
+  // against bank conflicts), then its row maxima and sums; overlays the K/V stages.
+  static constexpr int kMergeRowFloats = HEAD_DIM + 8;
+  static constexpr int kMergeBytes = kWarpsKV > 1 ? kWarpsKV * CTA_Q * (kMergeRowFloats + 2) * 4 : 0;
+  template <typename T>
+  static constexpr int smem_bytes() { return (CTA_Q + 2 * kStages * KV_TILE) * HEAD_DIM * int(sizeof(T)); }
+  static_assert(kWarpsQ >= 1 && kWarpsQ * 16 * kMmaQ == CTA_Q, "bad CTA_Q");
+  static_assert(kKeysPerWarp % 16 == 0, "each warp needs whole k16 steps of keys");
+  static_assert(kMergeBytes <= 2 * kStages * KV_TILE * HEAD_DIM * 2, "merge buffer must fit in the K/V stages");
+};
+
+// Where a thread's mma fragments sit: its warp's rows and keys, and its lane within the quad.
+template <typename S>
+struct FragmentCoords {
+  int warp_kv;    // which key slice of the tile (KV-split warps), else 0
+  int warp_row0;  // first tile row of the warp
+  int warp_key0;  // first key of the warp within a KV tile
+  int lane_g;     // lane / 4: row within an 8-row half of an m16 tile
+  int lane_t;     // lane % 4: column pair within an n8 tile
+
+  __device__ __forceinline__ static FragmentCoords of(int tid) {
+    const int warp = tid / 32, lane = tid % 32;
+    const int warp_q = warp % S::kWarpsQ;
+    FragmentCoords c;
+    c.warp_kv = warp / S::kWarpsQ;
+    c.warp_row0 = warp_q * 16 * S::kMmaQ;
+    c.warp_key0 = c.warp_kv * S::kKeysPerWarp;
+    c.lane_g = lane / 4;
+    c.lane_t = lane % 4;
+    return c;
+  }
+  // Tile row of fragment row (mi, h).
+  __device__ __forceinline__ int row(int mi, int h) const { return warp_row0 + mi * 16 + lane_g + 8 * h; }
+};
+
+// Streams K or V tiles of ROWS rows of one KV head into shared memory. Each thread copies one fixed
+// 16-byte column chunk of rows r0, r0 + R, ... (R = THREADS / chunks per row) through a pointer that
+// advances by one tile per load, so a tile costs a few instructions per 16-byte copy.
+template <typename T, int HEAD_DIM, int ROWS, int THREADS>
+struct KVTileLoader {
+  using Tile = SwizzledTile<HEAD_DIM>;
+  static constexpr int kChunks = HEAD_DIM / 8;
+  static constexpr int R = THREADS / kChunks;
+  static_assert((ROWS * kChunks) % THREADS == 0 && THREADS % kChunks == 0 && ROWS % R == 0, "uneven tile split");
+  static_assert(R % 8 == 0 || R == 4, "swizzle stepping assumes R is 4 or a multiple of 8");
+  const T* ptr;      // this thread's chunk of row (first row of the next tile + r0)
+  int64_t row_step;  // R rows, in elements
+  uint32_t smem_off; // byte offset of (r0, chunk) in a tile
+  int r0;
+
+  __device__ __forceinline__ KVTileLoader(const T* base, int64_t first_row, int head, int64_t stride_n,
+                                          int64_t stride_h) {
+    const int chunk = threadIdx.x % kChunks;
+    r0 = threadIdx.x / kChunks;
+    ptr = base + (first_row + r0) * stride_n + int64_t(head) * stride_h + chunk * 8;
+    row_step = R * stride_n;
+    smem_off = Tile::byte_offset(r0, chunk);
+  }
+
+  // Load the next tile (rows with index >= `remaining` are zero-filled) and advance.
+  __device__ __forceinline__ void load(uint32_t smem_tile, int remaining, const T* fallback) {
+#pragma unroll
+    for (int it = 0; it < ROWS / R; ++it) {
+      // Row r0 + it * R: its swizzle differs from r0's by XOR with (it * R) % 8 (0 or 4 here).
+      const uint32_t dst = Tile::xor_chunks(smem_tile + smem_off + it * R * Tile::kRowBytes, (it * R) & 7);
+      const bool valid = r0 + it * R < remaining;
+      cp_async_16(dst, valid ? ptr + it * row_step : fallback, valid);
+    }
+    ptr += (ROWS / R) * row_step;
+  }
+};
+
+// Paged K/V: the same copy pattern, each row's address looked up through the page table. The
+// page-table reads for the next tile are issued one tile ahead (fetch), so their latency hides
+// behind a tile of compute instead of stalling the copy issue.
+//
+// ALIGNED (chosen at launch): the page size divides the KV tile (a power of two) or is a multiple
+// of it, so a tile starts page-aligned or lies inside one page: a row's page slot and in-page
+// position are the tile's plus a shift and a mask of its row number (no division per row) and the
+// in-page offset fits 32 bits. Other page sizes divide per row.
+template <typename T, int HEAD_DIM, int ROWS, int THREADS, bool ALIGNED>
+struct PagedKVTileLoader {
+  using Tile = SwizzledTile<HEAD_DIM>;
+  static constexpr int kChunks = HEAD_DIM / 8;
+  static constexpr int R = THREADS / kChunks;
+  static constexpr int kIters = ROWS / R;
+  static_assert((ROWS * kChunks) % THREADS == 0 && THREADS % kChunks == 0 && ROWS % R == 0, "uneven tile split");
+  const int32_t* pages;  // this request's page indices
+  int64_t head_chunk;    // head * stride_h + chunk * 8
+  uint32_t smem_off;
+  int r0;
+  int next_page[kIters];  // pages of this thread's rows of the tile that load_kv copies next
+
+  __device__ __forceinline__ PagedKVTileLoader(const int32_t* request_pages, int head, int64_t stride_h) {
+    const int chunk = threadIdx.x % kChunks;
+    r0 = threadIdx.x / kChunks;
+    pages = request_pages;
+    head_chunk = int64_t(head) * stride_h + chunk * 8;
+    smem_off = Tile::byte_offset(r0, chunk);
+  }
+
+  __device__ __forceinline__ static uint32_t page_slot(uint32_t pos, const PrefillParams& p) {
+    return (__umulhi(pos, p.page_div_mul) + pos) >> p.page_div_shift;
+  }
+
+  // Read the page table for rows [pos0, pos0 + ROWS) (those below `remaining`).
+  __device__ __forceinline__ void fetch(int pos0, int remaining, const PrefillParams& p) {
+    const int tile_slot = ALIGNED ? int(page_slot(uint32_t(pos0), p)) : 0;
+#pragma unroll
+    for (int it = 0; it < kIters; ++it) {
+      const int row = r0 + it * R;
+      const int slot = ALIGNED ? tile_slot + (row >> p.page_row_shift) : int(page_slot(uint32_t(pos0 + row), p));
+      next_page[it] = row < remaining ? pages[slot] : 0;
+    }
+  }
+
+  // Copy K and V rows [pos0, pos0 + ROWS) (fetched before); rows >= `remaining` are zero-filled.
+  __device__ __forceinline__ void load_kv(uint32_t k_tile, uint32_t v_tile, const T* k_base, const T* v_base,
+                                          int pos0, int remaining, const PrefillParams& p) {
+    // ALIGNED: the tile's position inside its page (0 unless the page is longer than the tile).
+    const int tile_pos = ALIGNED ? pos0 - int(page_slot(uint32_t(pos0), p)) * p.page_size : 0;
+#pragma unroll
+    for (int it = 0; it < kIters; ++it) {
+      const int row = r0 + it * R;
+      const bool valid = row < remaining;
+      int64_t offset;
+      if constexpr (ALIGNED) {
+        const int in_page = int(head_chunk) + (tile_pos + (row & p.page_row_mask)) * int(p.k_stride_n);
+        offset = int64_t(next_page[it]) * int(p.stride_page) + in_page;
+      } else {
+        const uint32_t pos = uint32_t(pos0 + row);
+        const int in_page = int(pos - page_slot(pos, p) * uint32_t(p.page_size));
+        offset = int64_t(next_page[it]) * p.stride_page + int64_t(in_page) * p.k_stride_n + head_chunk;
+      }
+      offset = valid ? offset : 0;
+      const uint32_t dst = Tile::xor_chunks(smem_off + it * R * Tile::kRowBytes, (it * R) & 7);
+      cp_async_16(k_tile + dst, k_base + offset, valid);
+      cp_async_16(v_tile + dst, v_base + offset, valid);
+    }
+  }
+};
+
+template <typename T, int HEAD_DIM, int CTA_Q, int KV_TILE, typename Variant, bool PAGED, bool ALIGNED_PAGES>
+struct MainloopSm80 {
+  using S = PrefillShape<HEAD_DIM, CTA_Q, KV_TILE>;
+  using Tile = SwizzledTile<HEAD_DIM>;
+  using Coords = FragmentCoords<S>;
+  static constexpr int MQ = S::kMmaQ;
+  using Softmax = OnlineSoftmax<T, MQ, S::kNtS, S::kNtO, S::kLazyRescale>;
+  static constexpr int kStage = KV_TILE * HEAD_DIM;  // elements of one K (or V) stage
+  static constexpr uint32_t kStageBytes = kStage * int(sizeof(T));
+
+  // What the mainloop leaves for the epilogue: unnormalised O and the softmax statistics.
+  struct State {
+    float o[MQ][S::kNtO][4];
+    Softmax softmax;
+  };
+
+  // Shared memory: Q, then kStages K tiles, then kStages V tiles.
+  __device__ __forceinline__ static T* q_smem(uint8_t* smem) { return reinterpret_cast<T*>(smem); }
+  __device__ __forceinline__ static T* k_smem(uint8_t* smem) { return q_smem(smem) + CTA_Q * HEAD_DIM; }
+  __device__ __forceinline__ static T* v_smem(uint8_t* smem) { return k_smem(smem) + S::kStages * kStage; }
+
+  // Q tile (packed rows -> (token, head)); rows past the tile's end are zero.
+  __device__ __forceinline__ static void load_q(const PrefillParams& p, const WorkTile& w, int hk, T* sQ) {
+    static_assert((CTA_Q * Tile::kChunks) % S::kThreads == 0, "Q tile chunks must split evenly");
+    const T* q_base = static_cast<const T*>(p.q);
+#pragma unroll
+    for (int it = 0; it < CTA_Q * Tile::kChunks / S::kThreads; ++it) {
+      const int i = threadIdx.x + it * S::kThreads;
+      const int row = i / Tile::kChunks, chunk = i % Tile::kChunks;
+      const bool valid = row < w.rows;
+      const PackedRow pr = unpack_row(w.row_begin + row, p.group, hk);
+      const T* src =
+          valid ? q_base + (w.q_start + pr.token) * p.q_stride_n + int64_t(pr.head) * p.q_stride_h + chunk * 8 : q_base;
+      cp_async_16(smem_addr(sQ + Tile::offset(row, chunk)), src, valid);
+    }
+  }
+
+  // Query transform of the variant (RoPE-like), in shared memory once Q has landed: each thread
+  // takes 8 dims of the first half of a row and the same 8 of the second half (rotate-half pairs).
+  __device__ __forceinline__ static void transform_q(const PrefillParams& p, const Variant& variant,
+                                                     const WorkTile& w, int hk, T* sQ) {
+    constexpr int kHalf = Tile::kChunks / 2;
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+    for (int i = threadIdx.x; i < CTA_Q * kHalf; i += S::kThreads) {
+      const int row = i / kHalf, chunk = i % kHalf;
+      if (row >= w.rows) continue;
+      const PackedRow pr = unpack_row(w.row_begin + row, p.group, hk);
+      T* lo_ptr = sQ + Tile::offset(row, chunk);
+      T* hi_ptr = sQ + Tile::offset(row, chunk + kHalf);
+      float lo[8], hi[8];
+      load8(lo_ptr, lo);
+      load8(hi_ptr, hi);
+      variant.transform_query(lo, hi, pr.token, pr.head, chunk * 8);
+      store8(lo_ptr, lo);
+      store8(hi_ptr, hi);
+    }
+    __syncthreads();
+  }
+
+  __device__ __forceinline__ static void run(const PrefillParams& p, const Variant& variant, const WorkTile& w,
+                                             int hk, uint8_t* smem, State& st) {
+    T* sQ = q_smem(smem);
+    const T* k_base = static_cast<const T*>(p.k);
+    const T* v_base = static_cast<const T*>(p.v);
+    load_q(p, w, hk, sQ);
+    if constexpr (Variant::kTransformsQuery) transform_q(p, variant, w, hk, sQ);
+
+    const int kv_lo = w.kv.begin, kv_hi = w.kv.end;
+    // K/V tile loads: load_tile(stage, first row) — ragged rows are contiguous per KV head (pointer
+    // stepping), paged rows go through the page table (read one tile ahead).
+    using Ragged = KVTileLoader<T, HEAD_DIM, KV_TILE, S::kThreads>;
+    using Paged = PagedKVTileLoader<T, HEAD_DIM, KV_TILE, S::kThreads, ALIGNED_PAGES>;
+    Ragged k_loader(k_base, PAGED ? 0 : w.kv_start + kv_lo, hk, p.k_stride_n, p.k_stride_h);
+    Ragged v_loader(v_base, PAGED ? 0 : w.kv_start + kv_lo, hk, p.v_stride_n, p.v_stride_h);
+    Paged paged(PAGED ? p.page_indices + w.page_start : nullptr, hk, p.k_stride_h);
+    const uint32_t sK_addr = smem_addr(k_smem(smem)), sV_addr = smem_addr(v_smem(smem));
+    auto load_tile = [&](int stage_index, int pos0) {
+      if constexpr (PAGED) {
+        paged.load_kv(sK_addr + stage_index * kStageBytes, sV_addr + stage_index * kStageBytes, k_base, v_base,
+                      pos0, kv_hi - pos0, p);
+        paged.fetch(pos0 + KV_TILE, kv_hi - pos0 - KV_TILE, p);
+      } else {
+        k_loader.load(sK_addr + stage_index * kStageBytes, kv_hi - pos0, k_base);
+        v_loader.load(sV_addr + stage_index * kStageBytes, kv_hi - pos0, v_base);
+      }
+    };
+    if constexpr (PAGED) paged.fetch(kv_lo, kv_hi - kv_lo, p);
+    // Prologue: tiles 0 .. kStages-2, one commit group each (the first also holds Q).
+#pragma unroll
+    for (int t = 0; t < S::kStages - 1; ++t) {
+      if (kv_lo + t * KV_TILE < kv_hi) load_tile(t, kv_lo + t * KV_TILE);
+      cp_async_commit();
+    }
+
+#pragma unroll
+    for (int mi = 0; mi < MQ; ++mi)
+#pragma unroll
+      for (int nt = 0; nt < S::kNtO; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) st.o[mi][nt][e] = 0.f;
+    st.softmax.init();
+    const float scale = variant.softmax_scale_log2();
+    const Coords c = Coords::of(threadIdx.x);
+    const int lane = threadIdx.x % 32;
+    // ldmatrix addresses: every row a lane addresses has row % 8 == lane % 8 (warp rows and keys
+    // start at multiples of 8), so k16 steps (two chunks) enter as Tile::xor_chunks(addr, 2 * step).
+    const uint32_t q_frag = smem_addr(sQ) + Tile::byte_offset(c.warp_row0 + lane % 16, lane / 16);
+    const uint32_t k_frag = sK_addr + Tile::byte_offset(c.warp_key0 + (lane / 16) * 8 + lane % 8, (lane / 8) & 1);
+    const uint32_t v_frag = sV_addr + Tile::byte_offset(c.warp_key0 + lane % 16, lane / 16);
+    constexpr int kRowBytes = Tile::kRowBytes;
+
+    int stage = 0;
+    for (int pos0 = kv_lo; pos0 < kv_hi; pos0 += KV_TILE, stage = stage + 1 == S::kStages ? 0 : stage + 1) {
+      // One barrier per tile: after it, tile j (commit group j) is visible to every thread, and every
+      // warp is done with tile j-1, whose stage now receives tile j + kStages - 1.
+      cp_async_wait<S::kStages - 2>();
+      __syncthreads();
+      {
+        const int next = pos0 + (S::kStages - 1) * KV_TILE;
+        const int next_stage = stage == 0 ? S::kStages - 1 : stage - 1;
+        if (next < kv_hi) load_tile(next_stage, next);
+        cp_async_commit();  // possibly empty: keeps one group per tile for the wait count above
+      }
+      const uint32_t stage_bytes = stage * kStageBytes;
+
+      float s[MQ][S::kNtS][4];
+#pragma unroll
+      for (int mi = 0; mi < MQ; ++mi)
+#pragma unroll
+        for (int nt = 0; nt < S::kNtS; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[mi][nt][e] = 0.f;
+#pragma unroll
+      for (int ks = 0; ks < S::kKsQK; ++ks) {
+        uint32_t a[MQ][4];
+#pragma unroll
+        for (int mi = 0; mi < MQ; ++mi) ldmatrix_x4(a[mi], Tile::xor_chunks(q_frag, 2 * ks) + mi * 16 * kRowBytes);
+#pragma unroll
+        for (int nb = 0; nb < S::kNtS / 2; ++nb) {
+          uint32_t b[4];
+          ldmatrix_x4(b, Tile::xor_chunks(k_frag + stage_bytes, 2 * ks) + nb * 16 * kRowBytes);
+#pragma unroll
+          for (int mi = 0; mi < MQ; ++mi) {
+            mma_16816<T>(s[mi][2 * nb], a[mi], b[0], b[1]);
+            mma_16816<T>(s[mi][2 * nb + 1], a[mi], b[2], b[3]);
+          }
+        }
+      }
+
+      score_and_mask(p, variant, w, hk, c, pos0, s);
+      uint32_t p_frag[MQ][S::kNtS][2];
+      st.softmax.update(s, p_frag, st.o, scale);
+
+#pragma unroll
+      for (int ks = 0; ks < S::kKsPV; ++ks) {
+        uint32_t a[MQ][4];
+#pragma unroll
+        for (int mi = 0; mi < MQ; ++mi) {
+          a[mi][0] = p_frag[mi][2 * ks][0];
+          a[mi][1] = p_frag[mi][2 * ks][1];
+          a[mi][2] = p_frag[mi][2 * ks + 1][0];
+          a[mi][3] = p_frag[mi][2 * ks + 1][1];
+        }
+#pragma unroll
+        for (int dn = 0; dn < S::kNtO / 2; ++dn) {
+          uint32_t b[4];
+          ldmatrix_x4_trans(b, Tile::xor_chunks(v_frag + stage_bytes, 2 * dn) + ks * 16 * kRowBytes);
+#pragma unroll
+          for (int mi = 0; mi < MQ; ++mi) {
+            mma_16816<T>(st.o[mi][2 * dn], a[mi], b[0], b[1]);
+            mma_16816<T>(st.o[mi][2 * dn + 1], a[mi], b[2], b[3]);
+          }
+        }
+      }
+    }
+    cp_async_wait<0>();  // an empty KV range still issued the Q/K/V group
+  }
+
+  // The variant's logits transform, then its mask: keys outside the row's kv_range (and the KV
+  // chunk) or refused by variant.mask get -inf. Only tiles that can hold such keys are masked.
+  __device__ __forceinline__ static void score_and_mask(const PrefillParams& p, const Variant& variant,
+                                                        const WorkTile& w, int hk, const Coords& c, int pos0,
+                                                        float (&s)[MQ][S::kNtS][4]) {
+    if constexpr (Variant::kTransformsLogits) {
+#pragma unroll
+      for (int mi = 0; mi < MQ; ++mi)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const PackedRow pr = unpack_row(w.row_begin + c.row(mi, h), p.group, hk);
+#pragma unroll
+          for (int nt = 0; nt < S::kNtS; ++nt)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const int key = pos0 + c.warp_key0 + nt * 8 + 2 * c.lane_t + e;
+              s[mi][nt][2 * h + e] = variant.transform_logits(s[mi][nt][2 * h + e], pr.token, key, pr.head);
+            }
+        }
+    }
+    const bool edge = pos0 + KV_TILE > w.unmasked.end || (Variant::kBoundedBelow && pos0 < w.unmasked.begin);
+    if (edge || Variant::kMasksLogits) {
+#pragma unroll
+      for (int mi = 0; mi < MQ; ++mi)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const PackedRow pr = unpack_row(w.row_begin + c.row(mi, h), p.group, hk);
+          const KvRange visible = Variant::kv_range(pr.token, w.q_len, w.kv_len);
+          const int end = min(w.kv.end, visible.end);
+#pragma unroll
+          for (int nt = 0; nt < S::kNtS; ++nt)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const int key = pos0 + c.warp_key0 + nt * 8 + 2 * c.lane_t + e;
+              const bool hidden = key >= end || (Variant::kBoundedBelow && key < visible.begin) ||
+                                  (Variant::kMasksLogits && !variant.mask(pr.token, key, pr.head));
+              if (hidden) s[mi][nt][2 * h + e] = neg_inf();
+            }
+        }
+    }
+  }
+};
+
+}  // namespace fij

@@ -1,0 +1,79 @@
+// Online softmax over the S fragments of mma.sync m16n8k16 (sm80-class mainloops).
+//
+// A thread holds, per m16 tile mi, two rows (h = 0: lane / 4, h = 1: lane / 4 + 8); a row is spread
+// over the 4 lanes of a quad. Each KV tile's scores x are turned into P = exp2(x * scale - M * scale),
+// M the running row maximum, and the output accumulators are rescaled when M moves.
+//
+// `scale` multiplies the softmax input inside exp2 and must be positive, so the maximum of x * scale
+// is M * scale with M the maximum of x: the running maximum is kept over the same values that are
+// exponentiated. For plain attention x is the raw logit and scale = sm_scale * log2(e) (one FFMA per
+// element); a variant that transforms logits (soft-cap, ALiBi, ...) passes transformed scores and
+// scale = log2(e) (variant.cuh), so its maximum is over the transformed scores, not the raw ones.
+#pragma once
+#include "flashinfer_jit/common.cuh"
+
+namespace fij {
+
+template <typename T, int MQ, int NT_S, int NT_O, bool LAZY_RESCALE>
+struct OnlineSoftmax {
+  float row_max[MQ][2];  // running maximum of the softmax inputs (not multiplied by scale)
+  float row_sum[MQ][2];  // this thread's part of the row sum (quad-reduced by total_sum)
+
+  __device__ __forceinline__ void init() {
+#pragma unroll
+    for (int mi = 0; mi < MQ; ++mi) {
+      row_max[mi][0] = row_max[mi][1] = neg_inf();
+      row_sum[mi][0] = row_sum[mi][1] = 0.f;
+    }
+  }
+
+  // One KV tile: scores s -> P packed to 16-bit pairs (the A operand of P V: half the registers of
+  // S), and the O rows whose maximum moved rescaled. A row that has seen no key keeps max -inf;
+  // exp2 of -inf is 0. With LAZY_RESCALE the rescale is skipped when no row of the warp moved.
+  __device__ __forceinline__ void update(const float (&s)[MQ][NT_S][4], uint32_t (&p)[MQ][NT_S][2],
+                                         float (&o)[MQ][NT_O][4], float scale) {
+#pragma unroll
+    for (int mi = 0; mi < MQ; ++mi)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float mx = row_max[mi][h];
+#pragma unroll
+        for (int nt = 0; nt < NT_S; ++nt) mx = fmaxf(mx, fmaxf(s[mi][nt][2 * h], s[mi][nt][2 * h + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+        const float base = mx == neg_inf() ? 0.f : mx * scale;
+        const float correction = exp2f(row_max[mi][h] * scale - base);
+        row_max[mi][h] = mx;
+        float sum = row_sum[mi][h] * correction;
+#pragma unroll
+        for (int nt = 0; nt < NT_S; ++nt) {
+          const float p0 = exp2f(fmaf(s[mi][nt][2 * h], scale, -base));
+          const float p1 = exp2f(fmaf(s[mi][nt][2 * h + 1], scale, -base));
+          p[mi][nt][h] = Converter<T>::from_float2(p0, p1);
+          sum += p0 + p1;
+        }
+        row_sum[mi][h] = sum;
+        if (!LAZY_RESCALE || __any_sync(0xffffffff, correction != 1.f)) {
+#pragma unroll
+          for (int nt = 0; nt < NT_O; ++nt) {
+            o[mi][nt][2 * h] *= correction;
+            o[mi][nt][2 * h + 1] *= correction;
+          }
+        }
+      }
+  }
+
+  // The whole row's sum (over the quad).
+  __device__ __forceinline__ float total_sum(int mi, int h) const {
+    float sum = row_sum[mi][h];
+    sum += __shfl_xor_sync(0xffffffff, sum, 1);
+    sum += __shfl_xor_sync(0xffffffff, sum, 2);
+    return sum;
+  }
+  // The row maximum in exp2 units (what the state merge and the LSE use); -inf for an empty row.
+  __device__ __forceinline__ float scaled_max(int mi, int h, float scale) const {
+    return row_max[mi][h] == neg_inf() ? neg_inf() : row_max[mi][h] * scale;
+  }
+};
+
+}  // namespace fij

@@ -1,0 +1,91 @@
+// Work distribution of the FA2-class prefill kernel, and the split-KV handoff.
+//
+// The grid has one CTA per (work item, KV head), items in plan order (longest first: the GPU
+// dispatches blocks in index order, so the heavy ones start early). Under CUDA graphs the grid is a
+// capacity; CTAs past the plan's item count exit at once.
+//
+// A q tile split across KV chunks is finished by the chunk that completes last: each chunk writes
+// its partial state, fences, and bumps the tile's device counter; the one that sees the count reach
+// num_chunks - 1 merges (epilogue.cuh) and resets the counter for the next run.
+#pragma once
+#include "flashinfer_jit/mma.cuh"
+#include "flashinfer_jit/prefill_params.h"
+#include "flashinfer_jit/variant.cuh"
+
+namespace fij {
+
+struct TileScheduler {
+  int item_index;
+  int kv_head;
+  int num_items;
+
+  // This CTA's work item. The item is read before the count is checked so both loads are in flight
+  // at once (the items buffer holds every CTA of the grid, also under CUDA graphs).
+  __device__ __forceinline__ static TileScheduler fetch(const PrefillParams& p, WorkItem& item) {
+    TileScheduler s;
+    s.item_index = blockIdx.x / p.num_kv_heads;
+    s.kv_head = blockIdx.x % p.num_kv_heads;
+    static_assert(sizeof(WorkItem) == 4 * sizeof(uint4), "WorkItem is read as four 16-byte pieces");
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      reinterpret_cast<uint4*>(&item)[i] =
+          ld_nc_v4_early(reinterpret_cast<const uint4*>(p.items + s.item_index) + i);
+    s.num_items = p.counts[0];
+    return s;
+  }
+  __device__ __forceinline__ bool active() const { return item_index < num_items; }
+};
+
+// What one work item covers, derived once from its WorkItem and the variant: the rows of its q
+// tile and the keys its CTA visits.
+struct WorkTile {
+  int row_begin;  // first packed row of the tile
+  int rows;       // packed rows in the tile (<= CTA_Q)
+  int64_t q_start, kv_start;  // the request's first q token and (ragged) first KV row
+  int q_len, kv_len;
+  int page_start;  // paged: the request's first page-table entry
+  KvRange kv;        // keys visited: the item's KV chunk within the keys some row of the tile sees
+  KvRange unmasked;  // within kv, the keys every row sees: KV tiles inside need no mask
+
+  template <typename Variant, int CTA_Q>
+  __device__ __forceinline__ static WorkTile of(const WorkItem& item, int group) {
+    WorkTile w;
+    w.row_begin = item.row_begin;
+    w.q_start = item.q_start;
+    w.q_len = item.q_len;
+    w.kv_start = item.kv_start;
+    w.kv_len = item.kv_len;
+    w.page_start = item.page_start;
+    w.rows = min(CTA_Q, item.q_len * group - item.row_begin);
+    const int first_token = item.row_begin / group;
+    const int last_token = (item.row_begin + max(w.rows, 1) - 1) / group;
+    const KvRange some = kv_range_union<Variant>(first_token, last_token, item.q_len, item.kv_len);
+    const KvRange all = kv_range_common<Variant>(first_token, last_token, item.q_len, item.kv_len);
+    w.kv = KvRange{item.kv_begin, min(item.kv_end, some.end)};
+    w.unmasked = KvRange{all.begin, min(w.kv.end, all.end)};
+    return w;
+  }
+};
+
+// Split chunks only: after this chunk's partial rows are written, is it the tile's last to finish?
+// Every thread gets the answer (through `flag`, one int of shared memory no longer in use). The
+// winner must call release_split_tile after merging.
+__device__ __forceinline__ bool last_chunk_to_finish(const PrefillParams& p, const WorkItem& item, int hk,
+                                                     int* flag) {
+  __threadfence();  // this CTA's partial rows are visible before the counter says so
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const int done = atomicAdd(p.merge_counters + item.merge * p.num_kv_heads + hk, 1);
+    *flag = done == item.num_chunks - 1;
+  }
+  __syncthreads();
+  const bool last = *flag != 0;
+  if (last) __threadfence();  // the other chunks' rows, fenced before their increments, are read next
+  return last;
+}
+
+__device__ __forceinline__ void release_split_tile(const PrefillParams& p, const WorkItem& item, int hk) {
+  if (threadIdx.x == 0) p.merge_counters[item.merge * p.num_kv_heads + hk] = 0;  // ready for the next run
+}
+
+}  // namespace fij
