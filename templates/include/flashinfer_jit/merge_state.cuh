@@ -1,12 +1,12 @@
 // Merging partial attention states by their log-sum-exp (base 2, as FlashInfer).
 //
 // A state is (v, s): v the softmax-normalised output over a subset of keys, s = log2(sum exp2(x)) of
-// that subset's scaled logits. Merging states a and b:
-//   m = max(s_a, s_b);  w_a = exp2(s_a - m);  w_b = exp2(s_b - m)
-//   v = (w_a v_a + w_b v_b) / (w_a + w_b);      s = m + log2(w_a + w_b)
-// A state with s = -inf is empty (no keys). Merging only empty states gives v = 0, s = -inf.
+// that subset's scaled logits. The merge itself is StateMerger's (state_merge.cuh), shared with the
+// attention kernels' split-KV merges. A state with s = -inf is empty (no keys). Merging only empty
+// states gives v = 0, s = -inf.
 #pragma once
 #include "flashinfer_jit/common.cuh"
+#include "flashinfer_jit/state_merge.cuh"
 
 namespace fij {
 
@@ -45,20 +45,15 @@ __global__ void __launch_bounds__(kMergeThreads) merge_two_kernel(
   }
   __syncwarp();
   if (!merge) return;
-  const float m = fmaxf(sa, sb);
+  const float ms[2] = {sa, sb}, ls[2] = {1.f, 1.f};  // normalised states
+  float vs[2][8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) vs[0][i] = a[i], vs[1][i] = b[i];
+  StateMerger<8> merged;
+  merged.add(ms, ls, vs);
   float out[8];
-  float s;
-  if (m == neg_inf()) {
-#pragma unroll
-    for (int i = 0; i < 8; ++i) out[i] = 0.f;
-    s = neg_inf();
-  } else {
-    const float wa = exp2f(sa - m), wb = exp2f(sb - m);
-    const float inv = 1.f / (wa + wb);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) out[i] = (wa * a[i] + wb * b[i]) * inv;
-    s = m + log2f(wa + wb);
-  }
+  merged.normalized(out);
+  const float s = merged.lse();
   store8(v_out + n * vo_n + h * vo_h + lane * 8, out);
   if (lane == 0) s_out[n * so_n + h * so_h] = s;
 }
@@ -76,27 +71,18 @@ __global__ void __launch_bounds__(kMergeThreads) merge_many_kernel(
   const int64_t n = pair / num_heads;
   const int h = int(pair % num_heads);
   const float* s_row = s + n * s_n + h * s_h;
-  float m = neg_inf();
-  for (int k = 0; k < num_states; ++k) m = fmaxf(m, s_row[k * s_k]);
-  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-  float s_merged = neg_inf();
-  if (m != neg_inf()) {
-    float denom = 0.f;
-    const T* v_row = v + n * v_n + h * v_h + lane * 8;
-    for (int k = 0; k < num_states; ++k) {
-      const float w = exp2f(s_row[k * s_k] - m);
-      if (w == 0.f) continue;  // empty state: its v may be garbage
-      float x[8];
-      load8(v_row + k * v_k, x);
-      denom += w;
-#pragma unroll
-      for (int i = 0; i < 8; ++i) acc[i] += w * x[i];
-    }
-    const float inv = 1.f / denom;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) acc[i] *= inv;
-    s_merged = m + log2f(denom);
+  const T* v_row = v + n * v_n + h * v_h + lane * 8;
+  StateMerger<8> merged;
+  for (int k = 0; k < num_states; ++k) {
+    const float sk[1] = {s_row[k * s_k]}, one[1] = {1.f};
+    if (sk[0] == neg_inf()) continue;  // empty state: its v may be garbage, never read it
+    float x[1][8];
+    load8(v_row + k * v_k, x[0]);
+    merged.add(sk, one, x);
   }
+  float acc[8];
+  merged.normalized(acc);
+  const float s_merged = merged.lse();
   store8(v_out + n * vo_n + h * vo_h + lane * 8, acc);
   if (lane == 0) s_out[n * so_n + h * so_h] = s_merged;
 }

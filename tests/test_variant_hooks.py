@@ -1,0 +1,60 @@
+"""The prefill kernel's variant hooks compile into real kernels (CPU only: nvcc, no GPU).
+
+The standard variants use none of the hooks, so nothing else instantiates them. A test variant here
+turns every one on: a sliding-window kv_range (begin > 0), a logits transform (soft-cap, so the
+softmax runs on transformed scores with scale log2(e)), an extra mask and a query transform. It is
+instantiated for the 64-row ragged kernel and the 16-row paged (KV-split warps) kernel and compiled
+to sm_90a machine code. Running such variants against a reference is the attention-variants
+issue's job; this test keeps the hook interface honest until then.
+"""
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from conftest import requires_nvcc
+from flashinfer_jit import codegen, toolchain
+
+pytestmark = [pytest.mark.slow, requires_nvcc]
+
+SOURCE = r"""
+#include "flashinfer_jit/prefill.cuh"
+
+struct WindowSoftCapVariant {
+  static constexpr bool kCausal = true;
+  static constexpr bool kBoundedBelow = true;
+  static constexpr bool kTransformsLogits = true;
+  static constexpr bool kMasksLogits = true;
+  static constexpr bool kTransformsQuery = true;
+  float cap;
+  template <typename Params>
+  __host__ __device__ explicit WindowSoftCapVariant(const Params&) : cap(30.f) {}
+  static __host__ __device__ fij::KvRange kv_range(int token, int q_len, int kv_len) {
+    fij::KvRange r = fij::StandardAttention<true>::kv_range(token, q_len, kv_len);
+    r.begin = r.end > 128 ? r.end - 128 : 0;
+    return r;
+  }
+  __host__ __device__ float softmax_scale_log2() const { return 1.4426950408889634f; }
+  __device__ float transform_logits(float qk, int, int, int) const { return cap * tanhf(qk / cap); }
+  __device__ bool mask(int q, int kv, int) const { return ((q + kv) & 1) == 0; }
+  __device__ void transform_query(float (&lo)[8], float (&hi)[8], int, int, int) const {
+    for (int i = 0; i < 8; ++i) lo[i] *= 0.5f, hi[i] *= 0.5f;
+  }
+};
+
+template int fij::launch_prefill<__nv_bfloat16, 128, 64, 64, WindowSoftCapVariant, false>(
+    const fij::PrefillParams&, int, cudaStream_t);
+template int fij::launch_prefill<half, 64, 16, 64, WindowSoftCapVariant, true>(
+    const fij::PrefillParams&, int, cudaStream_t);
+"""
+
+
+def test_every_variant_hook_compiles(tmp_path):
+    source = tmp_path / "variant_hooks.cu"
+    source.write_text(SOURCE)
+    cmd = [str(toolchain.nvcc_path()), *toolchain.nvcc_flags(("90a",)), "-I", str(codegen.include_dir()),
+           "-cubin", "-o", str(tmp_path / "variant_hooks.cubin"), str(source)]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode == 0, f"nvcc failed on the hook variant:\n{result.stderr[-4000:]}"
+    assert (tmp_path / "variant_hooks.cubin").stat().st_size > 10_000
