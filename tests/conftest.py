@@ -2,7 +2,12 @@
 
 * Every test runs with its own empty cache root and without any FLASHINFER_JIT_* setting from the
   caller's shell, and with the toolchain memos cleared, so tests cannot see each other's state.
-* `gpu` tests are skipped, with the reason, when torch sees no CUDA device.
+* Except `gpu` tests: they load kernels from the caller's cache (FLASHINFER_JIT_CACHE_DIR, warmed by
+  benchmarks/run_device.sh) with the caller's environment, as they are, instead of rebuilding every
+  kernel with nvcc into a fresh cache per test.
+* `gpu` tests are skipped, with the reason, when torch sees no CUDA device (a module marks itself
+  with `pytestmark = pytest.mark.gpu`; no skipif of its own is needed).
+* tests/ is on sys.path, so test modules import `reference` and `conftest` (DEVICE, NAN) directly.
 * `fake_nvcc` puts a stand-in compiler (tests/fakes/fake_nvcc.py) in front of the build: it makes
   real (tiny) object files quickly and can be told to sleep, fail or die mid-write.
 * `--update-golden` rewrites tests/golden/* from the current templates instead of comparing.
@@ -27,7 +32,14 @@ import torch  # noqa: E402
 from flashinfer_jit import loader, toolchain  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-FAKES = Path(__file__).resolve().parent / "fakes"
+TESTS = Path(__file__).resolve().parent
+FAKES = TESTS / "fakes"
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))
+
+# Shared by the GPU test modules.
+DEVICE = torch.device("cuda")
+NAN = float("nan")
 
 # Settings that change keys, layers or build behaviour; tests start from none of them.
 _ISOLATED_VARS = (
@@ -68,8 +80,13 @@ def clear_toolchain_memos() -> None:
 
 
 @pytest.fixture(autouse=True)
-def isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    """A private cache root per test; os.environ restored afterwards (a build sets CUDA_HOME)."""
+def isolated(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path | None:
+    """A private cache root per test; os.environ restored afterwards (a build sets CUDA_HOME).
+
+    Tests marked `gpu` get none of this (None): they use the caller's cache and environment."""
+    if request.node.get_closest_marker("gpu") is not None:
+        yield None
+        return
     saved = dict(os.environ)
     for name in _ISOLATED_VARS:
         monkeypatch.delenv(name, raising=False)

@@ -21,24 +21,17 @@ Run: python -m pytest -m gpu -q tests/test_append_gpu.py   (skipped, with the re
 from __future__ import annotations
 
 import itertools
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import reference as ref  # noqa: E402
+import flashinfer_jit
 
-import flashinfer_jit  # noqa: E402
+import reference as ref
+from conftest import DEVICE, NAN
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: torch.cuda.is_available() is False"),
-]
+pytestmark = pytest.mark.gpu
 
-DEVICE = torch.device("cuda")
-NAN = float("nan")
 LAYOUTS = ("NHD", "HND")
 NUM_KV_HEADS = 2
 WORKSPACE_BYTES = 128 << 20
@@ -46,14 +39,6 @@ WORKSPACE_BYTES = 128 << 20
 # (old_len, new_len) per request: a fresh request (prefill through append), decode steps (+1), appends
 # that cross page boundaries, a request that appends nothing and one with no tokens at all.
 APPEND_LENS = ((0, 5), (17, 1), (16, 16), (100, 37), (5, 0), (0, 0), (63, 1), (1, 64), (250, 3))
-
-
-@pytest.fixture(autouse=True)
-def isolated():
-    """Overrides tests/conftest.py's `isolated` for this module: GPU tests load kernels from the real
-    cache (FLASHINFER_JIT_CACHE_DIR of the caller, warmed by benchmarks/run_device.sh) instead of a
-    fresh empty cache per test, which would rebuild every kernel with nvcc."""
-    yield None
 
 
 def _name(dtype: torch.dtype) -> str:

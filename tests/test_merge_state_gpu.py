@@ -9,36 +9,20 @@ Run: python -m pytest -m gpu -q tests/test_merge_state_gpu.py   (skipped, with t
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import reference as ref  # noqa: E402
+import flashinfer_jit
 
-import flashinfer_jit  # noqa: E402
+import reference as ref
+from conftest import DEVICE, NAN
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: torch.cuda.is_available() is False"),
-]
+pytestmark = pytest.mark.gpu
 
-DEVICE = torch.device("cuda")
-NAN = float("nan")
 NEG_INF = float("-inf")
 HEAD_DIMS = (64, 128, 256)
 DTYPES = (torch.float16, torch.bfloat16)
 NUM_HEADS = 5  # odd on purpose: (row, head) pairs do not fill blocks evenly
-
-
-@pytest.fixture(autouse=True)
-def isolated():
-    """Overrides tests/conftest.py's `isolated` for this module: GPU tests load kernels from the real
-    cache (FLASHINFER_JIT_CACHE_DIR of the caller, warmed by benchmarks/run_device.sh) instead of a
-    fresh empty cache per test, which would rebuild every kernel with nvcc."""
-    yield None
 
 
 def _name(dtype: torch.dtype) -> str:

@@ -24,24 +24,17 @@ Run: python -m pytest -m gpu -q tests/test_paged_gpu.py   (skipped, with the rea
 from __future__ import annotations
 
 import itertools
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import reference as ref  # noqa: E402
+import flashinfer_jit
 
-import flashinfer_jit  # noqa: E402
+import reference as ref
+from conftest import DEVICE, NAN
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: torch.cuda.is_available() is False"),
-]
+pytestmark = pytest.mark.gpu
 
-DEVICE = torch.device("cuda")
-NAN = float("nan")
 HEAD_DIMS = (64, 128, 256)
 DTYPES = (torch.float16, torch.bfloat16)
 LAYOUTS = ("NHD", "HND")
@@ -56,14 +49,6 @@ PAGED_LENS = (
     (1, 1), (15, 15), (129, 1000), (17, 17), (0, 17), (63, 63), (5, 0), (129, 129),
     (15, 129), (300, 300), (1, 1000), (63, 15), (17, 63), (0, 0), (7, 65),
 )
-
-
-@pytest.fixture(autouse=True)
-def isolated():
-    """Overrides tests/conftest.py's `isolated` for this module: GPU tests load kernels from the real
-    cache (FLASHINFER_JIT_CACHE_DIR of the caller, warmed by benchmarks/run_device.sh) instead of a
-    fresh empty cache per test, which would rebuild every kernel with nvcc."""
-    yield None
 
 
 # ---- helpers -------------------------------------------------------------------------------------
