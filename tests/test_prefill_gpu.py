@@ -8,7 +8,9 @@ What is pinned down (FlashInfer semantics):
 * outputs poisoned with NaN before the run: preallocated out=/lse= filled with NaN, and the allocating
   path (NaN-filled blocks freed into the caching allocator just before); LSE (base 2) checked;
 * a batch of 0 requests gives empty outputs; q_len 0 writes nothing; kv_len 0 gives out 0, LSE -inf;
-* CUDA-graph replay equals eager, including after a re-plan with other lengths;
+* CUDA-graph replay equals eager, including after a re-plan with other lengths; a later plan with more
+  requests or q tokens than the first is refused (ValueError) and the wrapper still replays correctly;
+* wrapper.run under torch.compile(fullgraph=True) equals eager;
 * 200 seeded random ragged batches (small sizes, mixed settings);
 * plan() from CPU int32 indptrs and run() perform no device synchronization.
 
@@ -418,9 +420,10 @@ def test_cuda_graph_replay_equals_eager(case) -> None:
 
 @pytest.mark.parametrize("case", GRAPH_CASES[:2], ids=[_graph_case_id(c) for c in GRAPH_CASES[:2]])
 def test_cuda_graph_replan_with_larger_totals(case) -> None:
-    """After capture, a plan whose totals exceed the first plan's (but fit the captured buffers, with a
-    smaller batch) must either replay correctly or be refused by plan() with a ValueError, leaving the
-    previous plan usable (FlashInfer refuses it). Accepting it and replaying wrong results is the bug."""
+    """With use_cuda_graph=True the first plan fixes the capacity: a later plan() whose total q tokens
+    (here with a smaller batch, within the captured buffers) or whose batch exceeds the first plan's
+    raises ValueError ("later plans must fit the first", as FlashInfer refuses it), and a plan that
+    fits still replays correctly afterwards."""
     rig = GraphRig(*case)
     first = rig.batch(GRAPH_LENS_1, seed=4)
     rig.load(first)
@@ -429,15 +432,15 @@ def test_cuda_graph_replan_with_larger_totals(case) -> None:
     bigger = rig.batch(GRAPH_LENS_3, seed=5)
     assert bigger.total_q > first.total_q and bigger.total_kv > first.total_kv
     assert bigger.batch_size <= first.batch_size
-    try:
+    with pytest.raises(ValueError, match="later plans must fit the first"):
         plan(rig.wrapper, bigger, rig.causal)
-    except ValueError as exc:
-        again = rig.batch(GRAPH_LENS_1, seed=6)
-        rig.load(again)
-        rig.replay_and_check(again, f"{_graph_case_id(case)} after a refused larger plan")
-        pytest.xfail(f"plan() refuses totals above the first plan's under CUDA graphs: {exc}")
-    rig.load(bigger)
-    rig.replay_and_check(bigger, f"{_graph_case_id(case)} re-plan with larger totals")
+    more_requests = rig.batch(((1, 1),) * (first.batch_size + 1), seed=7)
+    assert more_requests.total_q <= first.total_q and more_requests.total_kv <= first.total_kv
+    with pytest.raises(ValueError, match="later plans must fit the first"):
+        plan(rig.wrapper, more_requests, rig.causal)
+    again = rig.batch(GRAPH_LENS_1, seed=6)
+    rig.load(again)
+    rig.replay_and_check(again, f"{_graph_case_id(case)} after refused larger plans")
 
 
 # ---- less common paths ---------------------------------------------------------------------------
@@ -453,9 +456,8 @@ def test_single_prefill_empty_kv(causal: bool) -> None:
         ref.check_attention(out, ref_out, torch.bfloat16, f"single_prefill kv_len 0 {layout}", lse, ref_lse)
 
 
-@pytest.mark.xfail(strict=False, reason="wrapper.run inside torch.compile(fullgraph=True) needs run() to be "
-                   "traceable (a custom op taking the plan as tensors); not promised yet")
 def test_wrapper_run_under_torch_compile() -> None:
+    """wrapper.run inside torch.compile(fullgraph=True), planned outside: the same result as eager."""
     batch = make_batch(((17, 17), (1, 100), (129, 129), (40, 90)), 4, 128, torch.bfloat16, "NHD", seed=21)
     wrapper = new_wrapper("NHD")
     plan(wrapper, batch, True)  # plan outside the compiled region
