@@ -1,5 +1,7 @@
-# make demo : build or load the merge_state kernels and (with a GPU) check them
-# make test : the test suite (CPU; GPU tests skip themselves), with a throwaway kernel cache
+# make demo : build or load the merge_state and ragged batch prefill kernels, show where they are
+#             cached and how long that took, then (with a GPU) check them against a float32 reference
+# make test : the test suite (on CPU; GPU tests are skipped, with the reason, without a GPU), with a
+#             throwaway kernel cache
 #
 # Both create .venv on first use and install the package into it (editable, with test extras) once;
 # the stamp file is refreshed when pyproject.toml changes.

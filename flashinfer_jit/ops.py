@@ -19,7 +19,6 @@ _library = torch.library.Library(NAMESPACE, "DEF")
 PTR = ctypes.c_void_p
 I64 = ctypes.c_int64
 I32 = ctypes.c_int
-F32 = ctypes.c_float
 
 
 class Op:
