@@ -19,18 +19,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_decode as bd  # noqa: E402
 import common  # noqa: E402
 
-from flashinfer_jit import loader, prefill  # noqa: E402
+from flashinfer_jit import batch_attention, kernels, loader  # noqa: E402
 
 QUICK = "--quick" in sys.argv
 REPS = 30 if QUICK else 100
-ORIG_CHOOSE = prefill._choose_cta_q
+ORIG_CHOOSE = batch_attention._choose_cta_q
 
 
 def set_flags(flags: str, cta_q):
     os.environ["FLASHINFER_JIT_EXTRA_CUDAFLAGS"] = flags
     loader.clear_memo()
-    prefill._variants.clear()
-    prefill._choose_cta_q = ORIG_CHOOSE if cta_q is None else (lambda options, rows, batch: cta_q)
+    kernels._variants.clear()
+    batch_attention._choose_cta_q = ORIG_CHOOSE if cta_q is None else (lambda options, rows, batch: cta_q)
 
 
 def read_bw(copy_clean):

@@ -14,9 +14,9 @@ from .errors import (
     MissingKernelError,
     ToolchainNotFoundError,
 )
+from .decode import BatchDecodeWithPagedKVCacheWrapper
 from .page import append_paged_kv_cache, get_batch_indices_positions
 from .prefill import (
-    BatchDecodeWithPagedKVCacheWrapper,
     BatchPrefillWithPagedKVCacheWrapper,
     BatchPrefillWithRaggedKVCacheWrapper,
     single_prefill_with_kv_cache,

@@ -13,23 +13,9 @@ from typing import Union
 import torch
 
 from . import loader, validate
+from .abi import AppendParams
 from .ops import define, device_guard, stream_of
 from .spec import AppendPagedSpec, dtype_name
-
-
-class AppendParams(ctypes.Structure):
-    """Mirror of fij::AppendParams (templates/include/flashinfer_jit/page.cuh)."""
-
-    _fields_ = [
-        ("key", ctypes.c_void_p), ("value", ctypes.c_void_p),
-        ("key_stride_n", ctypes.c_int64), ("key_stride_h", ctypes.c_int64),
-        ("value_stride_n", ctypes.c_int64), ("value_stride_h", ctypes.c_int64),
-        ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p),
-        ("stride_page", ctypes.c_int64), ("stride_n", ctypes.c_int64), ("stride_h", ctypes.c_int64),
-        ("batch_indices", ctypes.c_void_p), ("positions", ctypes.c_void_p), ("kv_indices", ctypes.c_void_p),
-        ("kv_indptr", ctypes.c_void_p), ("nnz", ctypes.c_int64), ("num_kv_heads", ctypes.c_int32),
-        ("page_size", ctypes.c_int32), ("num_pages", ctypes.c_int32), ("batch", ctypes.c_int32),
-    ]
 
 
 def _append_cuda(append_key: torch.Tensor, append_value: torch.Tensor, batch_indices: torch.Tensor,

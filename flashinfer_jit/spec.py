@@ -14,6 +14,8 @@ from typing import Any, ClassVar, Iterator
 
 import torch
 
+from . import abi
+
 # dtype name in specs/URIs -> (torch dtype, CUDA C++ type)
 DTYPES: dict[str, tuple[torch.dtype, str]] = {
     "fp16": (torch.float16, "half"),
@@ -123,6 +125,7 @@ class PrefillSpec(KernelSpec):
         ctx = super().template_context()
         ctx["kv_tile"] = self.kv_tile
         ctx["cta_q_options"] = list(self.cta_q_options)
+        ctx["abi_structs"] = abi.layout_checks(*abi.PREFILL_STRUCTS)  # compile-time ABI checks
         return ctx
 
 
@@ -135,6 +138,11 @@ class AppendPagedSpec(KernelSpec):
 
     head_dim: int = _uri_field("hd{}", HEAD_DIMS)
     dtype: str = _uri_field("{}", tuple(DTYPES))
+
+    def template_context(self) -> dict[str, Any]:
+        ctx = super().template_context()
+        ctx["abi_structs"] = abi.layout_checks(*abi.PAGE_STRUCTS)
+        return ctx
 
 
 FAMILIES: dict[str, type[KernelSpec]] = {cls.family: cls for cls in (MergeStateSpec, PrefillSpec, AppendPagedSpec)}

@@ -2,6 +2,7 @@
 have no compiler at all. Slow (seconds of nvcc), CPU only; the numeric check at the end needs a GPU."""
 from __future__ import annotations
 
+import ctypes
 import datetime
 import json
 
@@ -55,7 +56,6 @@ def test_manifest_describes_the_build(built):
 
 
 def test_library_exports_the_launchers(built):
-    import ctypes
     lib = ctypes.CDLL(str(built["library"]))
     for name in ("merge_two", "merge_many", "error_string"):
         assert hasattr(lib, f"fij_{SPEC.uri}_{name}")
@@ -85,21 +85,49 @@ def test_library_exports_only_its_entry_points(tmp_path, monkeypatch):
     assert not unexpected, f"symbols exported beyond the fij_{spec.uri}_* entry points: {unexpected[:10]}"
 
 
-def test_prefill_structs_match_their_ctypes_mirrors(tmp_path, monkeypatch):
-    """The C structs plan() and run() pass by pointer have the sizes of their ctypes mirrors (a
-    field added or removed on one side only would shift every later field)."""
-    import ctypes
-    from flashinfer_jit import prefill, scheduler
+def _mirror(name: str, fields: list) -> type:
+    return type(name, (ctypes.Structure,), {"_fields_": fields})
+
+
+def _swapped(mirror: type, a: str, b: str) -> type:
+    fields = list(mirror._fields_)
+    i, j = (next(n for n, f in enumerate(fields) if f[0] == name) for name in (a, b))
+    fields[i], fields[j] = fields[j], fields[i]
+    return _mirror(mirror.__name__, fields)
+
+
+@pytest.mark.parametrize("struct, wrong, message", [
+    # two pointer fields swapped: same sizes, every other field in place
+    ("PrefillParams", lambda m: _swapped(m, "k", "v"),
+     'static assertion failed with "fij::PrefillParams::v: offset is not 8'),
+    # the last field missing: it sat in what the mirror sees as tail padding (the size still matches)
+    ("PrefillParams", lambda m: _mirror(m.__name__, m._fields_[:-1]),
+     'static assertion failed with "fij::PrefillParams: the number of fields differs from its ctypes mirror (29'),
+    # a field retyped to another of the same size
+    ("PlanConfig", lambda m: _mirror(m.__name__, [(n, ctypes.c_float if n == "cta_q" else t) for n, t in m._fields_]),
+     'static assertion failed with "fij::PlanConfig::cta_q: not float'),
+    # a field renamed in the mirror (offsetof names every field)
+    ("PageTableCheck", lambda m: _mirror(m.__name__, [("first_bad" if n == "error_index" else n, t)
+                                                      for n, t in m._fields_]),
+     'class "fij::PageTableCheck" has no member "first_bad"'),
+], ids=["swapped", "missing-last", "retyped", "renamed"])
+def test_a_ctypes_mirror_that_differs_from_its_c_struct_fails_the_build(struct, wrong, message, tmp_path,
+                                                                         monkeypatch):
+    """The ctypes mirrors (flashinfer_jit/abi.py) are rendered into static_asserts of every field's
+    offset, size and type and of the struct's size and field count: a mirror that drifts from its C
+    struct is a compile error naming the field, not shifted fields at run time."""
+    from flashinfer_jit import abi
+    from flashinfer_jit.errors import KernelCompileError
     monkeypatch.setenv("FLASHINFER_JIT_CACHE_DIR", str(tmp_path / "cache"))
+    mirrors = tuple(wrong(m) if m.__name__ == struct else m for m in abi.PREFILL_STRUCTS)
+    monkeypatch.setattr(abi, "PREFILL_STRUCTS", mirrors)
     try:
-        kernel = loader.load(PrefillSpec(kv_layout="ragged", head_dim=64, dtype="fp16", causal=False))
-        struct_bytes = kernel.function("struct_bytes", [ctypes.c_int])
-        mirrors = [prefill.PrefillParams, scheduler.UploadLayout, scheduler.PlanCall, scheduler.PlanConfig]
-        for which, mirror in enumerate(mirrors):
-            assert struct_bytes(which) == ctypes.sizeof(mirror), f"{mirror.__name__}: C {struct_bytes(which)} bytes"
-        assert struct_bytes(4) == 4 * scheduler.ITEM_INTS
+        with pytest.raises(KernelCompileError) as info:
+            loader.load(PrefillSpec(kv_layout="ragged", head_dim=64, dtype="fp16", causal=False))
     finally:
         loader.clear_memo()
+    log = info.value.log_path.read_text()
+    assert message in log, log[-3000:]
 
 
 def test_warm_load_in_the_same_process_does_not_compile(built, monkeypatch):

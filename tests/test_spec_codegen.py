@@ -1,6 +1,7 @@
 """Specs name kernel variants; codegen turns them into source text. Both are pure and CPU-only."""
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import re
 import shutil
@@ -9,7 +10,7 @@ from pathlib import Path
 import jinja2
 import pytest
 
-from flashinfer_jit import codegen, spec
+from flashinfer_jit import abi, codegen, spec
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 
@@ -101,6 +102,50 @@ def test_merge_state_source_has_the_spec_baked_in():
     assert "using DType = half;" in text
     assert "constexpr int kHeadDim = 64;" in text
     assert "fij_merge_state_hd64_fp16_merge_two(" in text
+
+
+@pytest.mark.parametrize("kernel, mirrors", [
+    (spec.PrefillSpec("paged_nhd", 128, "bf16", True), abi.PREFILL_STRUCTS),
+    (spec.AppendPagedSpec(64, "fp16"), abi.PAGE_STRUCTS),
+], ids=["prefill", "append_paged"])
+def test_sources_check_every_ctypes_mirror_field_at_compile_time(kernel, mirrors):
+    """Each library's source asserts, for every struct it shares with Python, the size, the field
+    count and every field's offset, size and type of the ctypes mirror (a drift fails the build:
+    tests/test_build_real.py compiles one)."""
+    (text,) = codegen.render(kernel).values()
+    assert '#include "flashinfer_jit/abi_check.h"' in text
+    for mirror in mirrors:
+        name = f"fij::{mirror.__name__}"
+        assert f"static_assert(sizeof({name}) == {ctypes.sizeof(mirror)}," in text
+        slots = sum(getattr(t, "_length_", 1) for _, t in mirror._fields_)
+        assert f"static_assert(fij::abi::field_slots<{name}, {slots}>()," in text
+        for field_name, _ in mirror._fields_:
+            f = getattr(mirror, field_name)
+            assert f"static_assert(offsetof({name}, {field_name}) == {f.offset}," in text
+            assert f"static_assert(sizeof({name}::{field_name}) == {f.size}," in text
+            assert f"decltype({name}::{field_name});" in text
+
+
+def test_abi_type_checks():
+    checks = {f["name"]: f for s in abi.layout_checks(abi.PlanCall, abi.WorkItem, abi.PrefillParams) for f in s["fields"]}
+    assert checks["qo_indptr"]["check"] == "std::is_pointer<T>::value"
+    assert checks["config"]["check"] == ("std::is_pointer<T>::value && std::is_same<std::remove_cv_t<"
+                                         "std::remove_pointer_t<T>>, fij::PlanConfig>::value")
+    assert checks["num_page_indices"]["check"] == "std::is_same<T, int64_t>::value"
+    assert checks["reserved"]["check"] == "std::is_same<T, int32_t[3]>::value"
+    assert checks["scale_log2"]["check"] == "std::is_same<T, float>::value"
+    assert checks["page_div_mul"]["check"] == "std::is_same<T, uint32_t>::value"
+    assert abi.ITEM_INTS == 16 and abi.MERGE_INTS == 4
+    assert "merges" not in dict(abi.PrefillParams._fields_)  # the kernel finds everything in its WorkItem
+
+
+def test_prefill_source_bakes_in_the_spec():
+    text = codegen.render(spec.PrefillSpec("ragged", 256, "fp16", True))["prefill.cu"]
+    assert "#define FIJ_KV_TILE 32" in text
+    assert "using Variant = fij::StandardAttention<kCausal>;" in text
+    assert "fij::plan_prefill<Variant>(" in text and "fij::plan_and_upload<Variant>(" in text
+    assert "launch_prefill<DType, kHeadDim, 64, kKvTile, Variant, kPaged>" in text
+    assert "launch_prefill<DType, kHeadDim, 128," not in text  # head_dim 256: 64-row tiles only
 
 
 def test_golden_merge_state_hd128_bf16(request):

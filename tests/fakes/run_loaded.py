@@ -3,8 +3,8 @@ then call its host functions in a loop until told to stop, checking every result
 
     python run_loaded.py <kv_layout> <head_dim> <dtype> <causal> --ready PATH --stop PATH [--plan]
 
-`<prefix>_kv_tile` is called every iteration (the fake compiler's stub returns the compiled
-FIJ_KV_TILE, so it is a value read from the mapped library). With --plan, the real C planner
+`<prefix>_kv_tile` is called every iteration (the fake compiler's stub returns the source's kKvTile,
+so it is a value read from the mapped library). With --plan, the real C planner
 (`<prefix>_plan`, needs a library built by nvcc) plans a fixed batch each iteration and the work
 list must equal the first one. Prints one JSON line: iterations, mismatches, library.
 A crash (SIGBUS/SIGSEGV from a library changed under us) shows as a negative exit status.
@@ -30,7 +30,8 @@ def main() -> int:
 
     import torch
 
-    from flashinfer_jit import loader, scheduler
+    from flashinfer_jit import loader, planner
+    from flashinfer_jit.abi import PlanConfig
     from flashinfer_jit.spec import PrefillSpec
 
     spec = PrefillSpec(args.kv_layout, args.head_dim, args.dtype, args.causal == "true")
@@ -40,9 +41,9 @@ def main() -> int:
     def plan():
         qo = torch.tensor([0, 33, 44, 300, 301], dtype=torch.int32)
         kv = torch.tensor([0, 128, 300, 1000, 1800], dtype=torch.int32)
-        config = scheduler.PlanConfig(4, 4, 2, 64, kv_tile_fn(), int(spec.causal), 132,
-                                      scheduler.MIN_CHUNK_TILES, 0, 0)
-        items, merges, counts = scheduler.plan_to_tensors(kernel, qo, kv, config)
+        config = PlanConfig(batch=4, group=4, num_kv_heads=2, cta_q=64, kv_tile=kv_tile_fn(), target_ctas=132,
+                            min_chunk_tiles=planner.MIN_CHUNK_TILES, split_tiles=0)
+        items, merges, counts = planner.plan_to_tensors(kernel, qo, kv, config)
         return items.tolist(), merges.tolist(), (counts.num_items, counts.num_merges, counts.partial_rows)
 
     first_tile = kv_tile_fn()

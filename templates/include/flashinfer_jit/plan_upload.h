@@ -10,6 +10,7 @@
 namespace fij {
 
 // plan() in one host call (one C-ABI argument, so the Python side pays for one conversion).
+// Mirrored by ctypes (flashinfer_jit/abi.py), checked field by field in the generated source.
 struct PlanCall {
   const int32_t* qo_indptr;
   const int32_t* kv_indptr;
@@ -25,10 +26,12 @@ struct PlanCall {
   PlanResult* result;
 };
 
-// Plan into the pinned host buffer, add counts, the page table and zeroed merge counters at their
-// layout offsets, and start one host-to-device copy on the stream. Returns a PlanStatus, or
-// -cudaError_t when a CUDA call failed. Nothing is uploaded unless the plan fits.
-inline int plan_and_upload(const PlanCall& c) {
+// Plan (with the variant's kv ranges) into the pinned host buffer, add counts, the page table and
+// zeroed merge counters at their layout offsets, and start one host-to-device copy on the stream.
+// Returns a PlanStatus, or -cudaError_t when a CUDA call failed. Nothing is uploaded unless the plan
+// fits. MergeEntry records are not produced: the kernel finds everything in its WorkItem.
+template <typename Variant>
+int plan_and_upload(const PlanCall& c) {
   // The previous copy out of this staging buffer must be done before it is overwritten; in steady
   // state it finished long ago (the caller alternates two buffers), so this rarely waits.
   if (c.host_free != nullptr && cudaEventQuery(c.host_free) == cudaErrorNotReady) {
@@ -38,10 +41,9 @@ inline int plan_and_upload(const PlanCall& c) {
   const PlanConfig& cfg = *c.config;
   const UploadLayout& layout = *c.layout;
   int32_t* host = c.host;
-  const int32_t status =
-      plan_prefill(c.qo_indptr, c.kv_indptr, cfg, reinterpret_cast<WorkItem*>(host + layout.items),
-                   layout.item_capacity, reinterpret_cast<MergeEntry*>(host + layout.merges), layout.merge_capacity,
-                   c.result);
+  const int32_t status = plan_prefill<Variant>(c.qo_indptr, c.kv_indptr, cfg,
+                                               reinterpret_cast<WorkItem*>(host + layout.items), layout.item_capacity,
+                                               nullptr, layout.merge_capacity, c.result);
   if (status != kPlanOk) return status;
   if (c.result->partial_rows * cfg.num_kv_heads > layout.partial_slots) return kPlanWorkspace;
   host[0] = int32_t(c.result->num_items);

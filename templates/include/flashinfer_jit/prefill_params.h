@@ -19,7 +19,6 @@ struct PrefillParams {
   int64_t v_stride_n, v_stride_h;
   int64_t o_stride_n, o_stride_h;
   const WorkItem* items;  // each carries its request's offsets and lengths (no indptr on the device)
-  const MergeEntry* merges;  // uploaded with the plan; the merging chunk reads its own WorkItem instead
   const int32_t* counts;  // [num_items, num_merges], on the device (fixed grids under CUDA graphs)
   float* partial_o;       // [partial_rows, Hkv, D] fp32
   float* partial_lse;     // [partial_rows, Hkv]

@@ -1,5 +1,7 @@
 // Host-side planner of batch prefill: turns (qo_indptr, kv_indptr) into the work list the kernel
 // runs. Plain C++ (no CUDA, no torch): it runs on the CPU in microseconds from host indptr arrays.
+// It is templated on the attention variant (variant.cuh), whose kv_range is the one definition of
+// the keys a query sees: the planner's tile ranges, the kernel's tile skipping and its mask agree.
 //
 // A work item is one (request, packed q tile, KV chunk); the kernel runs it for every KV head.
 // "Packed" rows put the G = Hq / Hkv query heads of one KV head next to each other
@@ -18,14 +20,19 @@
 #include <algorithm>
 #include <vector>
 
+#include "flashinfer_jit/variant.cuh"
+
 namespace fij {
+
+// The structs below are mirrored by ctypes on the Python side (flashinfer_jit/abi.py); the generated
+// sources check every field against the mirror at compile time.
 
 // 64 bytes: the kernel loads it in four 16-byte pieces and finds everything about its request in
 // it (no dependent loads of the indptr arrays before the first K/V copy can be issued).
 struct alignas(16) WorkItem {
   int32_t request;
   int32_t row_begin;  // first packed q row of the tile
-  int32_t kv_begin;   // KV range [kv_begin, kv_end) within the request, multiple of the KV tile
+  int32_t kv_begin;   // KV range [kv_begin, kv_end) within the request; kv_begin a multiple of the KV tile
   int32_t kv_end;
   int32_t partial;    // -1: write the output; else first partial row of this chunk
   int32_t merge;      // split chunks: index of the tile's MergeEntry
@@ -40,6 +47,7 @@ struct alignas(16) WorkItem {
 };
 static_assert(sizeof(WorkItem) == 64, "WorkItem is mirrored as 16 int32 by the Python side");
 
+// A split tile's chunks, for host plans (tests, inspection); the kernel finds all of it in its WorkItem.
 struct MergeEntry {
   int32_t request;
   int32_t row_begin;
@@ -53,11 +61,9 @@ struct PlanConfig {
   int32_t num_kv_heads;
   int32_t cta_q;            // packed q rows per tile
   int32_t kv_tile;          // keys per KV tile
-  int32_t causal;
   int32_t target_ctas;      // CTAs that fill the GPU (SMs x resident CTAs per SM)
   int32_t min_chunk_tiles;  // a split chunk spans at least this many KV tiles
   int32_t split_tiles;      // 0: choose; -1: never split; > 0: chunk size in KV tiles
-  int32_t reserved;
 };
 
 struct PlanResult {
@@ -69,7 +75,7 @@ struct PlanResult {
 
 enum PlanStatus : int32_t {
   kPlanOk = 0,
-  kPlanCapacity = 1,         // items or merges do not fit; PlanResult holds the counts needed
+  kPlanCapacity = 1,         // items or merges (merge counters) do not fit; PlanResult holds the counts needed
   kPlanQoNotZero = 2,        // qo_indptr[0] != 0
   kPlanKvNotZero = 3,        // kv_indptr[0] != 0
   kPlanQoDecreasing = 4,     // qo_indptr[i + 1] < qo_indptr[i]
@@ -92,9 +98,12 @@ inline WorkItem with_request(WorkItem item, const int32_t* qo_indptr, const int3
 
 }  // namespace detail
 
-inline int32_t plan_prefill(const int32_t* qo_indptr, const int32_t* kv_indptr, const PlanConfig& cfg,
-                            WorkItem* items, int64_t item_capacity, MergeEntry* merges, int64_t merge_capacity,
-                            PlanResult* result) {
+// Plans into `items` (and `merges`, unless null: the kernel does not read them). The keys a q tile
+// may see are the union of its tokens' Variant::kv_range, [begin, end), with begin rounded down to
+// the KV tile (the kernel masks the keys before a token's own begin).
+template <typename Variant>
+int32_t plan_prefill(const int32_t* qo_indptr, const int32_t* kv_indptr, const PlanConfig& cfg, WorkItem* items,
+                     int64_t item_capacity, MergeEntry* merges, int64_t merge_capacity, PlanResult* result) {
   using detail::ceil_div;
   using detail::with_request;
   *result = PlanResult{0, 0, 0, -1};
@@ -108,34 +117,35 @@ inline int32_t plan_prefill(const int32_t* qo_indptr, const int32_t* kv_indptr, 
     if (qo_indptr[i + 1] < qo_indptr[i]) { result->error_index = i; return kPlanQoDecreasing; }
     if (kv_indptr[i + 1] < kv_indptr[i]) { result->error_index = i; return kPlanKvDecreasing; }
   }
-  const bool causal = cfg.causal != 0;
   const int32_t g = cfg.group, cta_q = cfg.cta_q;
   int tile_shift = 0;
   while ((1 << tile_shift) < cfg.kv_tile) ++tile_shift;
-  // When a tile holds whole tokens (cta_q % group == 0), a tile's last token steps by cta_q / group:
-  // no division per tile (this loop runs for every q tile of the batch).
+  // When a tile holds whole tokens (cta_q % group == 0), its first and last tokens step by
+  // cta_q / group: no division per tile (this loop runs for every q tile of the batch).
   const bool whole_tokens = cta_q % g == 0;
   const int32_t tile_tokens = cta_q / g;
 
-  // Pass 1: every q tile's visible KV limit and tile count; the total work decides the chunk size.
-  struct Tile { int32_t request, row_begin, limit, tiles; };
+  // Pass 1: every q tile's KV range and tile count; the total work decides the chunk size.
+  struct Tile { int32_t request, row_begin, kv_begin, kv_end, tiles; };
   std::vector<Tile> tiles;
   tiles.reserve(static_cast<size_t>(cfg.batch) + static_cast<size_t>(qo_indptr[cfg.batch]) * g / cta_q + 1);
   int64_t total_cost = 0;
   int32_t max_tiles = 0;
   for (int32_t r = 0; r < cfg.batch; ++r) {
     const int32_t q_len = qo_indptr[r + 1] - qo_indptr[r], kv_len = kv_indptr[r + 1] - kv_indptr[r];
-    const int32_t packed = q_len * g, offset = kv_len - q_len;
-    int32_t tokens_end = tile_tokens;  // whole_tokens: tokens [0, tokens_end) lie in tiles 0..this one
-    for (int32_t rb = 0; rb < packed; rb += cta_q, tokens_end += tile_tokens) {
-      int32_t limit = kv_len;
-      if (causal) {
-        const int32_t re = rb + cta_q < packed ? rb + cta_q : packed;
-        const int32_t last_token = whole_tokens ? std::min(tokens_end, q_len) - 1 : (re - 1) / g;
-        limit = std::max(0, std::min(kv_len, last_token + offset + 1));
-      }
-      const int32_t n = (limit + cfg.kv_tile - 1) >> tile_shift;
-      tiles.push_back(Tile{r, rb, limit, n});
+    const int32_t packed = q_len * g;
+    int32_t tokens_begin = 0;  // whole_tokens: the tile's tokens are [tokens_begin, tokens_begin + tile_tokens)
+    for (int32_t rb = 0; rb < packed; rb += cta_q, tokens_begin += tile_tokens) {
+      const int32_t re = rb + cta_q < packed ? rb + cta_q : packed;
+      const int32_t first_token = whole_tokens ? tokens_begin : rb / g;
+      const int32_t last_token = whole_tokens ? std::min(tokens_begin + tile_tokens, q_len) - 1 : (re - 1) / g;
+      const KvRange range = kv_range_union<Variant>(first_token, last_token, q_len, kv_len);
+      const int32_t end = clamp_to(range.end, 0, kv_len), begin = clamp_to(range.begin, 0, end);
+      // [begin rounded down to the KV tile, end); an empty range is [0, 0): one item writing O = 0, LSE = -inf.
+      const int32_t kv_begin = begin < end ? (begin >> tile_shift) << tile_shift : 0;
+      const int32_t kv_end = begin < end ? end : 0;
+      const int32_t n = ((kv_end + cfg.kv_tile - 1) >> tile_shift) - (kv_begin >> tile_shift);
+      tiles.push_back(Tile{r, rb, kv_begin, kv_end, n});
       total_cost += n + 1;  // +1: loading Q and writing O cost about one KV tile
       max_tiles = std::max(max_tiles, n);
     }
@@ -172,6 +182,7 @@ inline int32_t plan_prefill(const int32_t* qo_indptr, const int32_t* kv_indptr, 
   result->num_items = num_items;
   result->num_merges = num_merges;
   result->partial_rows = partial_rows;
+  // Merges are counted against merge_capacity even when not written: it sizes the merge counters.
   if (num_items > item_capacity || num_merges > merge_capacity) return kPlanCapacity;
 
   // Counting sort, most KV tiles first; ties keep request order (deterministic plans).
@@ -185,19 +196,20 @@ inline int32_t plan_prefill(const int32_t* qo_indptr, const int32_t* kv_indptr, 
   for (const Tile& t : tiles) {
     if (t.tiles <= chunk_tiles) {
       items[next[static_cast<size_t>(t.tiles)]++] = with_request(
-          WorkItem{t.request, t.row_begin, 0, t.limit, -1, -1, 1, 0}, qo_indptr, kv_indptr);
+          WorkItem{t.request, t.row_begin, t.kv_begin, t.kv_end, -1, -1, 1, 0}, qo_indptr, kv_indptr);
       continue;
     }
     const int32_t chunks = static_cast<int32_t>(ceil_div(t.tiles, chunk_tiles));
     const int32_t per_chunk = static_cast<int32_t>(ceil_div(t.tiles, chunks));
     for (int32_t c = 0; c < chunks; ++c) {
       const int32_t first = c * per_chunk, last = std::min(t.tiles, first + per_chunk);
-      const int32_t kv_begin = first * cfg.kv_tile, kv_end = std::min(t.limit, last * cfg.kv_tile);
+      const int32_t kv_begin = t.kv_begin + first * cfg.kv_tile;
+      const int32_t kv_end = std::min(t.kv_end, t.kv_begin + last * cfg.kv_tile);
       items[next[static_cast<size_t>(std::max(last - first, 0))]++] = with_request(
           WorkItem{t.request, t.row_begin, kv_begin, kv_end, partial + c * cta_q, merge, chunks, partial}, qo_indptr,
           kv_indptr);
     }
-    merges[merge] = MergeEntry{t.request, t.row_begin, partial, chunks};
+    if (merges != nullptr) merges[merge] = MergeEntry{t.request, t.row_begin, partial, chunks};
     ++merge;
     partial += chunks * cta_q;
   }
@@ -246,9 +258,11 @@ inline int32_t paged_kv_lengths(const int32_t* indptr, const int32_t* last_page_
   return kPagesOk;
 }
 
-// Where plan_and_upload puts things in the int32 metadata buffer (offsets in int32 elements).
+// Where plan_and_upload puts things in the int32 metadata buffer (offsets in int32 elements):
+// counts [num_items, num_merges] at 0, then the page table, the work items and the merge counters
+// ([merge_capacity, Hkv], zeroed by every plan) up to `total`.
 struct UploadLayout {
-  int64_t page_indices, items, merges, counters, total;
+  int64_t page_indices, items, counters, total;
   int64_t item_capacity, merge_capacity;
   int64_t partial_slots;  // (row, KV head) partial states the float workspace holds
 };

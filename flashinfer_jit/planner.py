@@ -1,8 +1,9 @@
-"""The prefill work-list planner, called on the CPU through the kernel library's C planner.
+"""The host C planner of a prefill kernel library, called through ctypes.
 
-`templates/include/flashinfer_jit/prefill_plan.h` holds the algorithm (C++, microseconds from host
-indptr arrays, no device sync); this module mirrors its structs and turns its status codes into
-clear Python errors.
+`templates/include/flashinfer_jit/prefill_plan.h` holds the algorithms (C++, microseconds from host
+arrays, no device sync): the work-list planner (templated on the library's attention variant) and
+the page-table check; `plan_upload.h` plans and uploads in one call. This module binds them and turns
+their status codes into clear Python errors. The structs are in `abi.py`.
 """
 from __future__ import annotations
 
@@ -11,29 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .abi import ITEM_INTS, MERGE_INTS, PageTableCheck, PlanCall, PlanConfig, PlanResult
 from .loader import LoadedKernel
-
-ITEM_INTS = 16  # sizeof(WorkItem) / 4
-MERGE_INTS = 4  # sizeof(MergeEntry) / 4
-
-
-class PlanConfig(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_int32) for name in (
-        "batch", "group", "num_kv_heads", "cta_q", "kv_tile", "causal", "target_ctas",
-        "min_chunk_tiles", "split_tiles", "reserved")]
-
-
-class PlanResult(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_int64) for name in ("num_items", "num_merges", "partial_rows", "error_index")]
-
-
-class UploadLayout(ctypes.Structure):
-    """Mirror of fij::UploadLayout: int32 offsets of the plan metadata in the workspace."""
-
-    _fields_ = [(name, ctypes.c_int64) for name in (
-        "page_indices", "items", "merges", "counters", "total",
-        "item_capacity", "merge_capacity", "partial_slots")]
-
 
 PLAN_OK, PLAN_CAPACITY, PLAN_WORKSPACE = 0, 1, 7
 _PLAN_ERRORS = {
@@ -45,6 +25,8 @@ _PLAN_ERRORS = {
 }
 _PLAN_ARGTYPES = [ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(PlanConfig), ctypes.c_void_p, ctypes.c_int64,
                   ctypes.c_void_p, ctypes.c_int64, ctypes.POINTER(PlanResult)]
+_PAGED_LENGTHS_ARGTYPES = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32,
+                           ctypes.c_int32, ctypes.c_void_p, ctypes.POINTER(PageTableCheck)]
 
 # A split KV chunk spans at least this many KV tiles: shorter chunks cost more in merging than they gain.
 MIN_CHUNK_TILES = 4
@@ -55,17 +37,6 @@ class Plan:
     num_items: int
     num_merges: int
     partial_rows: int
-
-
-class PlanCall(ctypes.Structure):
-    """Mirror of fij::PlanCall: every argument of plan_and_upload in one struct (one ctypes argument)."""
-
-    _fields_ = [
-        ("qo_indptr", ctypes.c_void_p), ("kv_indptr", ctypes.c_void_p), ("config", ctypes.POINTER(PlanConfig)),
-        ("host", ctypes.c_void_p), ("layout", ctypes.POINTER(UploadLayout)), ("page_indptr", ctypes.c_void_p),
-        ("page_indices", ctypes.c_void_p), ("num_page_indices", ctypes.c_int64), ("device", ctypes.c_void_p),
-        ("stream", ctypes.c_void_p), ("host_free", ctypes.c_void_p), ("result", ctypes.POINTER(PlanResult)),
-    ]
 
 
 def raise_plan_error(status: int, result: PlanResult, qo_indptr: torch.Tensor, kv_indptr: torch.Tensor) -> None:
@@ -114,3 +85,31 @@ def plan_to_tensors(kernel: LoadedKernel, qo_indptr: torch.Tensor, kv_indptr: to
         if status == PLAN_OK:
             return items[: plan.num_items].clone(), merges[: plan.num_merges].clone(), plan
         capacity = max(plan.num_items, plan.num_merges) + 1
+
+
+def paged_kv_lengths(kernel: LoadedKernel, indptr: torch.Tensor, last_page_len: torch.Tensor, indices: torch.Tensor,
+                     page_size: int, batch: int) -> tuple[torch.Tensor, int]:
+    """Check a host page table (in C: microseconds even for 100k pages) and return the cumulative KV
+    lengths [batch + 1] and the largest page index in use (-1 for none)."""
+    kv_indptr = torch.empty(batch + 1, dtype=torch.int32)
+    check = PageTableCheck()
+    status = kernel.function("paged_lengths", _PAGED_LENGTHS_ARGTYPES)(
+        indptr.data_ptr(), last_page_len.data_ptr(), indices.data_ptr(), indices.numel(), batch, page_size,
+        kv_indptr.data_ptr(), ctypes.byref(check))
+    i = check.error_index
+    if status == 1:
+        raise ValueError(f"paged_kv_indptr[0] must be 0, got {int(indptr[0])}")
+    if status == 2:
+        raise ValueError(f"paged_kv_indptr must be non-decreasing (at index {i}: "
+                         f"paged_kv_indptr[{i}:{i + 2}] = {indptr[i:i + 2].tolist()})")
+    if status == 3:
+        pages = int(indptr[i + 1] - indptr[i])
+        raise ValueError(
+            f"paged_kv_last_page_len[{i}] = {int(last_page_len[i])} is invalid: expected 1..{page_size} for a "
+            f"request with pages ({pages} here), 0 for a request without pages")
+    if status == 4:
+        raise ValueError(f"paged_kv_indices: expected at least paged_kv_indptr[-1] = {int(indptr[batch])} "
+                         f"entries, got {indices.numel()}")
+    if check.min_page < 0:
+        raise ValueError(f"paged_kv_indices: page indices must be >= 0, got {check.min_page}")
+    return kv_indptr, check.max_page

@@ -1,0 +1,286 @@
+"""Plan/run machinery shared by the batch attention wrappers (prefill.py, decode.py).
+
+plan() does all the work that does not depend on the tensors of a run: it checks the batch, picks
+the kernel (kernels.py) and the q tile size, sizes the metadata (workspace.py), runs the C planner
+and uploads its work list (planner.py), and fills the kernel's parameters (abi.PrefillParams).
+run() only checks the tensors against the plan, sets their pointers and strides, and launches
+through one torch op (`attention_run`), so it can be captured in a CUDA graph.
+"""
+from __future__ import annotations
+
+import ctypes
+import itertools
+import math
+import weakref
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import torch
+
+from . import loader, validate
+from .abi import PlanCall, PlanConfig, PlanResult, PrefillParams
+from .kernels import PrefillKernel, prefill_kernel
+from .ops import define, device_guard, stream_of
+from .planner import MIN_CHUNK_TILES, PLAN_OK, PLAN_WORKSPACE, plan_and_upload
+from .workspace import IntLayout, Workspace
+
+LOG2E = 1.4426950408889634
+
+
+def page_divider(page_size: int) -> tuple[int, int]:
+    """(mul, shift) with n // page_size == (umulhi(n, mul) + n) >> shift for 0 <= n < 2**31."""
+    shift = (page_size - 1).bit_length()
+    return ((1 << 32) * ((1 << shift) - page_size)) // page_size + 1, shift
+
+
+@dataclass
+class _PlanState:
+    """Everything run() needs, computed once by plan()."""
+
+    kernel: loader.LoadedKernel
+    run_fn: Any
+    params: PrefillParams
+    grid_items: int
+    dtype: torch.dtype
+    batch: int
+    total_q: int
+    total_kv: int
+    num_qo_heads: int
+    num_kv_heads: int
+    head_dim: int
+    page_size: int = 0
+    max_page_index: int = -1
+
+
+_wrappers: "weakref.WeakValueDictionary[int, _BatchAttention]" = weakref.WeakValueDictionary()
+_wrapper_ids = itertools.count(1)
+
+
+def _attention_run_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                        lse: Optional[torch.Tensor], plan_id: int) -> None:
+    owner = _wrappers.get(plan_id)
+    if owner is None or owner._state is None:
+        raise RuntimeError(f"attention plan {plan_id} no longer exists; call plan() again")
+    state = owner._state
+    validate.aligned_pointers("attention run", q, k, v, o)
+    p = state.params
+    p.q, p.o = q.data_ptr(), o.data_ptr()
+    p.lse = lse.data_ptr() if lse is not None else None
+    p.q_stride_n, p.q_stride_h = q.stride(0), q.stride(1)
+    p.o_stride_n, p.o_stride_h = o.stride(0), o.stride(1)
+    owner._set_kv(p, k, v)
+    with device_guard(q.device):
+        code = state.run_fn(ctypes.byref(p), state.grid_items, stream_of(q.device))
+    state.kernel.check(code, "batch attention")
+
+
+_attention_run_op = define(
+    "attention_run(Tensor q, Tensor k, Tensor v, Tensor(a!) o, Tensor(b!)? lse, int plan_id) -> ()",
+    _attention_run_cuda, lambda *args: None,
+)
+
+
+# ---- argument checks shared by the wrappers ------------------------------------------------------
+
+def index_tensor(name: str, value: object, min_entries: int = 0) -> torch.Tensor:
+    t = validate.tensor(name, value, dtypes=(torch.int32,), ndim=1)
+    if t.numel() < min_entries:
+        raise ValueError(f"{name}: expected at least {min_entries} entries, got shape {tuple(t.shape)}")
+    return t if t.device.type == "cpu" and t.is_contiguous() else t.to("cpu").contiguous()
+
+
+def _as_dtype(name: str, value: Union[str, torch.dtype]) -> torch.dtype:
+    if isinstance(value, str):
+        value = getattr(torch, value, None)  # type: ignore[assignment]
+    if value not in validate.ATTENTION_DTYPES:
+        raise TypeError(f"{name}: expected torch.float16 or torch.bfloat16, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def check_dtypes(q_data_type: Union[str, torch.dtype], kv_data_type: Optional[Union[str, torch.dtype]]) -> torch.dtype:
+    q_dtype = _as_dtype("q_data_type", q_data_type)
+    kv_dtype = _as_dtype("kv_data_type", kv_data_type) if kv_data_type is not None else q_dtype
+    if kv_dtype != q_dtype:
+        raise TypeError(f"kv_data_type: expected the same dtype as q_data_type ({q_dtype}), got {kv_dtype}")
+    return q_dtype
+
+
+def check_heads(num_qo_heads: object, num_kv_heads: object, head_dim: int, head_dim_vo: Optional[int]) -> None:
+    validate.head_dim("head_dim", head_dim)
+    if head_dim_vo not in (None, head_dim):
+        raise ValueError(f"head_dim_vo: expected None or {head_dim} (equal q/k and v head dims), got {head_dim_vo}")
+    for name, value in (("num_qo_heads", num_qo_heads), ("num_kv_heads", num_kv_heads)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    if num_qo_heads % num_kv_heads:  # type: ignore[operator]
+        raise ValueError(f"num_qo_heads ({num_qo_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+
+
+def no_unsupported(what: str, unsupported: dict[str, Any]) -> None:
+    # FlashInfer options we do not implement are refused rather than silently ignored.
+    if unsupported:
+        raise TypeError(f"{what}: unsupported arguments {sorted(unsupported)}: flashinfer-jit does not implement them")
+
+
+def _choose_cta_q(options: tuple[int, ...], packed_rows: int, batch: int) -> int:
+    """Packed q rows per CTA: the smallest tile the library has that holds the average request's
+    rows (query tokens x group), so decode-like batches do not pay for 64-row MMAs on 4 rows; the
+    largest tile past that."""
+    per_request = packed_rows / max(batch, 1)
+    fitting = [cta_q for cta_q in options if cta_q >= per_request]
+    return min(fitting) if fitting else max(options)
+
+
+def _host_int(t: torch.Tensor, index: int) -> int:
+    """t[index] of a contiguous CPU int32 tensor, without building a tensor (plan() hot path)."""
+    return ctypes.c_int32.from_address(t.data_ptr() + 4 * index).value
+
+
+class _BatchAttention:
+    """Plan/run machinery shared by the ragged, paged and decode wrappers."""
+
+    _layouts = ("NHD", "HND")
+
+    def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str, use_cuda_graph: bool,
+                 max_num_pages: int = 0):
+        validate.cuda_tensor("float_workspace_buffer", float_workspace_buffer, dtypes=(torch.uint8,), ndim=1)
+        if kv_layout not in self._layouts:
+            raise ValueError(f"kv_layout: expected one of {self._layouts}, got {kv_layout!r}")
+        self._workspace = Workspace(float_workspace_buffer, bool(use_cuda_graph), max_num_pages)
+        self._device = float_workspace_buffer.device
+        self._kv_layout = kv_layout
+        self._use_cuda_graph = bool(use_cuda_graph)
+        self._state: Optional[_PlanState] = None
+        self._params = PrefillParams()
+        self._plan_call = PlanCall(result=ctypes.pointer(PlanResult()))
+        self._plan_id = next(_wrapper_ids)
+        _wrappers[self._plan_id] = self
+
+    @property
+    def is_cuda_graph_enabled(self) -> bool:
+        return self._use_cuda_graph
+
+    def _kernel(self, layout: str, head_dim: int, dtype: torch.dtype, causal: bool) -> PrefillKernel:
+        """The kernel for layout "ragged" | "paged_nhd" | "paged_hnd"."""
+        return prefill_kernel(layout, head_dim, dtype, bool(causal))
+
+    def _plan(self, layout: str, qo_host: torch.Tensor, kv_lens_indptr: torch.Tensor,
+              num_qo_heads: int, num_kv_heads: int, head_dim: int, causal: bool, sm_scale: Optional[float],
+              q_data_type: Union[str, torch.dtype], kv_data_type: Optional[Union[str, torch.dtype]],
+              fixed_split_size: Optional[int], disable_split_kv: bool,
+              pages: Optional[tuple[torch.Tensor, torch.Tensor, int, int]] = None) -> None:
+        """Plan from host int32 tensors: qo_indptr and the cumulative KV lengths (+ page table)."""
+        q_dtype = check_dtypes(q_data_type, kv_data_type)
+        batch = qo_host.numel() - 1
+        total_q = _host_int(qo_host, batch)
+        total_kv = _host_int(kv_lens_indptr, batch)
+        group = num_qo_heads // num_kv_heads
+        variant = self._kernel(layout, head_dim, q_dtype, causal)
+        workspace = self._workspace
+
+        cta_q = workspace.fixed_cta_q
+        if cta_q is None:
+            cta_q = _choose_cta_q(variant.spec.cta_q_options, total_q * group, batch)
+        # Split KV only as far as one CTA per SM: measured on H100 decode, more and shorter chunks
+        # lose more to merging and per-CTA start-up than they gain in parallelism.
+        sms, slots_per_gpu = variant.gpu_slots(self._device, cta_q)
+        if disable_split_kv:
+            split_tiles = -1
+        elif fixed_split_size is not None:
+            if fixed_split_size <= 0 or fixed_split_size % variant.kv_tile:
+                raise ValueError(f"fixed_split_size: expected a positive multiple of {variant.kv_tile}, "
+                                 f"got {fixed_split_size}")
+            split_tiles = fixed_split_size // variant.kv_tile
+        else:
+            split_tiles = 0
+        config = PlanConfig(batch=batch, group=group, num_kv_heads=num_kv_heads, cta_q=cta_q, kv_tile=variant.kv_tile,
+                            target_ctas=sms, min_chunk_tiles=MIN_CHUNK_TILES, split_tiles=split_tiles)
+        num_pages = _host_int(pages[0], batch) if pages is not None else 0
+        max_page_index = pages[3] if pages is not None else -1
+        items_cap, merges_cap, pages_cap, limits = workspace.capacities(
+            batch=batch, total_q=total_q, group=group, cta_q=cta_q, num_kv_heads=num_kv_heads, sms=sms,
+            slots_per_gpu=slots_per_gpu, fixed_split=split_tiles > 0, num_pages=num_pages,
+            page_table_len=pages[1].numel() if pages is not None else 0)
+
+        partial_slots = workspace.partial_slots(head_dim)
+        call = self._plan_call
+        call.qo_indptr, call.kv_indptr, call.config = qo_host.data_ptr(), kv_lens_indptr.data_ptr(), ctypes.pointer(config)
+        call.stream = stream_of(self._device)
+        if pages is not None:
+            call.page_indptr, call.page_indices, call.num_page_indices = pages[0].data_ptr(), pages[1].data_ptr(), num_pages
+        else:
+            call.page_indptr = call.page_indices = None
+            call.num_page_indices = 0
+        while True:
+            int_layout = IntLayout(items_cap, merges_cap, pages_cap if pages is not None else 0, num_kv_heads)
+            upload = int_layout.as_struct(partial_slots)
+            call.layout = ctypes.pointer(upload)
+            call.host, call.host_free = workspace.pinned_buffer(int_layout.total_ints)
+            device_ints = workspace.device_buffer(int_layout.total_ints)
+            call.device = device_ints.data_ptr()
+            status, plan = plan_and_upload(variant.kernel, call, qo_host, kv_lens_indptr)
+            if status == PLAN_OK:
+                break
+            if status == PLAN_WORKSPACE:
+                need = plan.partial_rows * num_kv_heads * (head_dim + 1) * 4
+                raise ValueError(
+                    f"float_workspace_buffer holds {workspace.float_buffer.numel()} bytes but this plan's split-KV "
+                    f"partial states need {need} bytes; pass a buffer of at least that size (or disable_split_kv=True)")
+            if self._use_cuda_graph:
+                raise ValueError(
+                    f"this plan needs {plan.num_items} work items / {plan.num_merges} merges but the CUDA-graph "
+                    f"buffers were sized for {items_cap} / {merges_cap} by the first plan; create a new wrapper")
+            items_cap, merges_cap = max(plan.num_items, 1), max(plan.num_merges, 1)
+        workspace.committed(limits)
+
+        base = device_ints.data_ptr()
+        params = self._params  # reused: run() reads it only through self._state
+        params.items, params.counts = base + 4 * int_layout.items, base
+        params.merge_counters = base + 4 * int_layout.counters
+        params.partial_o = workspace.float_buffer.data_ptr()
+        params.partial_lse = params.partial_o + partial_slots * head_dim * 4
+        params.num_qo_heads, params.num_kv_heads, params.group = num_qo_heads, num_kv_heads, group
+        params.scale_log2 = (sm_scale if sm_scale is not None else 1.0 / math.sqrt(head_dim)) * LOG2E
+        params.cta_q = cta_q
+        page_size = 0
+        if pages is not None:
+            page_size = pages[2]
+            params.page_size = page_size
+            params.page_div_mul, params.page_div_shift = page_divider(page_size)
+            params.page_indices = base + 4 * int_layout.page_indices
+        self._state = _PlanState(
+            kernel=variant.kernel, run_fn=variant.run_fn, params=params,
+            grid_items=items_cap if self._use_cuda_graph else plan.num_items,
+            dtype=q_dtype, batch=batch, total_q=total_q, total_kv=total_kv, num_qo_heads=num_qo_heads,
+            num_kv_heads=num_kv_heads, head_dim=head_dim, page_size=page_size, max_page_index=max_page_index)
+
+    def _prepare_q_out(self, q: torch.Tensor, out: Optional[torch.Tensor], lse: Optional[torch.Tensor],
+                       return_lse: bool) -> tuple[_PlanState, torch.Tensor, Optional[torch.Tensor]]:
+        s = self._state
+        if s is None:
+            raise RuntimeError("run() called before plan()")
+        rows = None if self._use_cuda_graph else s.total_q
+        validate.cuda_tensor("q", q, dtypes=(s.dtype,), shape=(rows, s.num_qo_heads, s.head_dim), device=self._device)
+        if q.shape[0] < s.total_q:
+            raise ValueError(f"q: expected at least {s.total_q} tokens (the planned total), got {q.shape[0]}")
+        validate.vector_rows("q", q)
+        if out is None:
+            out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        else:
+            validate.tensor("out", out, dtypes=(s.dtype,), shape=tuple(q.shape), device=self._device)
+            validate.vector_rows("out", out)
+        if lse is None and return_lse:
+            lse = torch.empty((q.shape[0], s.num_qo_heads), dtype=torch.float32, device=q.device)
+        elif lse is not None:
+            validate.tensor("lse", lse, dtypes=(torch.float32,), shape=(q.shape[0], s.num_qo_heads), device=self._device)
+            if not lse.is_contiguous():
+                raise ValueError(f"lse: expected a contiguous tensor, got strides {lse.stride()}")
+        return s, out, lse
+
+    def _launch(self, s: _PlanState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                lse: Optional[torch.Tensor]) -> None:
+        if s.total_q > 0 and s.grid_items > 0:
+            _attention_run_op(q, k, v, out, lse, self._plan_id)
+
+    def _set_kv(self, p: PrefillParams, k: torch.Tensor, v: torch.Tensor) -> None:
+        raise NotImplementedError
