@@ -19,7 +19,7 @@ import torch
 
 from . import loader, validate
 from .abi import PlanCall, PlanConfig, PlanResult, PrefillParams
-from .kernels import PrefillKernel, prefill_kernel
+from .kernels import PrefillKernel, prefill_kernel, select_backend
 from .ops import define, device_guard, stream_of
 from .planner import MIN_CHUNK_TILES, PLAN_OK, PLAN_WORKSPACE, plan_and_upload
 from .workspace import IntLayout, Workspace
@@ -150,6 +150,7 @@ class _BatchAttention:
         self._device = float_workspace_buffer.device
         self._kv_layout = kv_layout
         self._use_cuda_graph = bool(use_cuda_graph)
+        self._backend = select_backend("auto")
         self._state: Optional[_PlanState] = None
         self._params = PrefillParams()
         self._plan_call = PlanCall(result=ctypes.pointer(PlanResult()))
@@ -161,8 +162,8 @@ class _BatchAttention:
         return self._use_cuda_graph
 
     def _kernel(self, layout: str, head_dim: int, dtype: torch.dtype, causal: bool) -> PrefillKernel:
-        """The kernel for layout "ragged" | "paged_nhd" | "paged_hnd"."""
-        return prefill_kernel(layout, head_dim, dtype, bool(causal))
+        """The kernel for layout "ragged" | "paged" (NHD and HND share it: the layout is only strides)."""
+        return prefill_kernel(self._backend, layout, head_dim, dtype, bool(causal))
 
     def _plan(self, layout: str, qo_host: torch.Tensor, kv_lens_indptr: torch.Tensor,
               num_qo_heads: int, num_kv_heads: int, head_dim: int, causal: bool, sm_scale: Optional[float],

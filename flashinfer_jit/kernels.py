@@ -2,7 +2,7 @@
 
 A `PrefillKernel` is one loaded library (one `PrefillSpec`) with what the planner needs from it:
 the KV tile it was compiled with, its launcher, and its occupancy per q tile size (queried once per
-device).
+device). `select_backend` maps a wrapper's `backend` choice to the spec's backend.
 """
 from __future__ import annotations
 
@@ -13,9 +13,19 @@ import torch
 from . import loader
 from .abi import PrefillParams
 from .ops import device_guard
-from .spec import PrefillSpec, dtype_name
+from .spec import BACKENDS, PrefillSpec, dtype_name
 
 _RUN_ARGTYPES = [ctypes.POINTER(PrefillParams), ctypes.c_int, ctypes.c_void_p]
+
+
+def select_backend(requested: str = "auto") -> str:
+    """The PrefillSpec backend for `requested`: "auto" picks one (today the only one, "fa2", the
+    mma.sync kernel for sm_80 and newer), else a backend by name."""
+    if requested == "auto":
+        return BACKENDS[0]
+    if requested not in BACKENDS:
+        raise ValueError(f"backend: expected 'auto' or one of {', '.join(map(repr, BACKENDS))}, got {requested!r}")
+    return requested
 
 
 class PrefillKernel:
@@ -42,14 +52,15 @@ class PrefillKernel:
         return slots
 
 
-_variants: dict[tuple[str, int, torch.dtype, bool], PrefillKernel] = {}
+_variants: dict[tuple[str, str, int, torch.dtype, bool], PrefillKernel] = {}
 
 
-def prefill_kernel(layout: str, head_dim: int, dtype: torch.dtype, causal: bool) -> PrefillKernel:
-    """The kernel of (layout, head_dim, dtype, causal), loaded on first use."""
-    key = (layout, head_dim, dtype, causal)
+def prefill_kernel(backend: str, layout: str, head_dim: int, dtype: torch.dtype, causal: bool) -> PrefillKernel:
+    """The kernel of (backend, layout "ragged" | "paged", head_dim, dtype, causal), loaded on first use."""
+    key = (backend, layout, head_dim, dtype, causal)
     variant = _variants.get(key)
     if variant is None:
-        spec = PrefillSpec(kv_layout=layout, head_dim=head_dim, dtype=dtype_name(dtype), causal=causal)
+        spec = PrefillSpec(kv_layout=layout, head_dim=head_dim, dtype=dtype_name(dtype), causal=causal,
+                           backend=backend)
         variant = _variants[key] = PrefillKernel(spec)
     return variant

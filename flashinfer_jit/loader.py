@@ -28,7 +28,7 @@ from .codegen import headers_digest, render
 from .errors import (
     CacheIntegrityError, CacheWriteError, KernelCompileError, KernelLaunchError, KernelLoadError, MissingKernelError,
 )
-from .spec import KernelSpec
+from .spec import KernelSpec, matrix_fields
 
 logger = logging.getLogger("flashinfer_jit")
 
@@ -117,10 +117,12 @@ def load(spec: KernelSpec) -> LoadedKernel:
 
 def prebuild_command(spec: KernelSpec, archs: Sequence[str], cache_dir: Path | str | None = None) -> str:
     """The `flashinfer-jit prebuild` command line that builds exactly `spec` for `archs` (one binary
-    for all of them: archs joined by '+') into `cache_dir`. prebuild.py parses this syntax."""
-    fields = spec.to_dict()
-    parts = ["flashinfer-jit prebuild", f"--family {fields.pop('family')}"]
-    for name, value in fields.items():
+    for all of them: archs joined by '+') into `cache_dir`. prebuild.py parses this syntax. It names
+    the matrix fields; derived ones (tile shapes) are at their defaults in the prebuild matrix, as in
+    every spec the wrappers load."""
+    parts = ["flashinfer-jit prebuild", f"--family {spec.family}"]
+    for f in matrix_fields(type(spec)):
+        name, value = f.name, getattr(spec, f.name)
         flag = name.replace("_", "-")
         parts.append(f"--{flag} {str(value).lower() if isinstance(value, bool) else value}")
     parts.append(f"--arch {'+'.join(archs)}")

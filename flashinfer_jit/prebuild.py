@@ -6,13 +6,15 @@ head_dim shows up here, in the CLI options and in `loader.prebuild_command` at o
 
 Filters name spec fields (`head_dim`, `dtype`, `kv_layout` alias `layout`, `causal`, ...). A filter
 applies to the families that have that field and leaves the others alone, so
-`--family prefill,merge --dtype bf16` is every bf16 prefill and merge_state variant.
+`--family prefill,merge --dtype bf16` is every bf16 prefill and merge_state variant. Values may be
+a field's aliases (`--kv-layout paged_nhd` and `paged_hnd` are `paged`: one kernel for both page
+layouts). Derived fields (tile shapes) are not options: the matrix has their defaults.
 
 Family names are the exact ones (`merge_state`, `prefill`, `append_paged`) or these aliases:
 
     merge    merge_state
     prefill  prefill (every layout)
-    decode   prefill on a paged layout with causal=false (decode runs the paged prefill kernel)
+    decode   prefill on the paged layout with causal=false (decode runs the paged prefill kernel)
     append   append_paged
 
 Targets (`--arch`): a comma separates alternatives (one build each, like every other option); a `+`
@@ -26,7 +28,6 @@ twice.
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 import json
 import os
 import threading
@@ -37,13 +38,13 @@ from typing import Any, Callable, Iterable, Sequence
 
 from . import build, cache, loader, toolchain
 from .errors import FlashInferJITError, KernelCompileError
-from .spec import FAMILIES, KernelSpec
+from .spec import FAMILIES, KernelSpec, matrix_fields
 
 # alias -> (family, extra constraints on fields)
 FAMILY_ALIASES: dict[str, tuple[str, dict[str, tuple[Any, ...]]]] = {
     "merge": ("merge_state", {}),
     "prefill": ("prefill", {}),
-    "decode": ("prefill", {"kv_layout": ("paged_nhd", "paged_hnd"), "causal": (False,)}),
+    "decode": ("prefill", {"kv_layout": ("paged",), "causal": (False,)}),
     "append": ("append_paged", {}),
 }
 # short option name -> spec field
@@ -55,13 +56,23 @@ CONFIG_KEYS = ("family", "arch", "jobs", "cache_dir", "matrix")
 # ---- the matrix ----------------------------------------------------------------------------------
 
 def matrix_options() -> dict[str, tuple[Any, ...]]:
-    """Every spec field of every family with the union of its supported values, in declaration order."""
+    """Every matrix field of every family with the union of its supported values, in declaration order."""
     options: dict[str, list[Any]] = {}
     for cls in FAMILIES.values():
-        for f in dataclasses.fields(cls):
+        for f in matrix_fields(cls):
             values = options.setdefault(f.name, [])
             values.extend(v for v in f.metadata["choices"] if v not in values)
     return {name: tuple(values) for name, values in options.items()}
+
+
+def value_aliases(field_name: str) -> dict[Any, Any]:
+    """Other spellings a field accepts for its values (e.g. kv_layout paged_nhd -> paged)."""
+    aliases: dict[Any, Any] = {}
+    for cls in FAMILIES.values():
+        for f in matrix_fields(cls):
+            if f.name == field_name:
+                aliases.update(f.metadata["aliases"])
+    return aliases
 
 
 def family_names() -> list[str]:
@@ -97,6 +108,7 @@ def parse_values(name: str, value: Any) -> list[Any]:
         raise ValueError(f"unknown option {name!r}; the matrix options are: {', '.join(options)} "
                          f"(and --layout for kv_layout)")
     choices = options[field_name]
+    aliases = value_aliases(field_name)
     values = []
     for item in _as_items(value):
         if isinstance(choices[0], bool):
@@ -110,9 +122,11 @@ def parse_values(name: str, value: Any) -> list[Any]:
             except (TypeError, ValueError):
                 parsed = item
         else:
-            parsed = str(item)
+            parsed = aliases.get(str(item), str(item))
         if parsed not in choices:
             shown = ", ".join(str(c).lower() if isinstance(c, bool) else str(c) for c in choices)
+            if aliases:
+                shown += f" (or {', '.join(map(str, aliases))})"
             raise ValueError(f"--{field_name.replace('_', '-')}: {item!r} is not supported; supported: {shown}")
         if parsed not in values:
             values.append(parsed)
@@ -144,7 +158,7 @@ def expand(families: Iterable[str] | None = None, filters: dict[str, Any] | None
     """
     selected = _families(families)
     parsed = {_field_name(k): parse_values(k, v) for k, v in (filters or {}).items() if v is not None}
-    fields_of = {cls: {f.name for f in dataclasses.fields(cls)} for cls, _ in selected}
+    fields_of = {cls: {f.name for f in matrix_fields(cls)} for cls, _ in selected}
     for name in parsed:
         if not any(name in names for names in fields_of.values()):
             have = ", ".join(sorted({cls.family for cls, _ in selected}))

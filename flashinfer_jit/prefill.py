@@ -140,11 +140,10 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchAttention):
         last = index_tensor("paged_kv_last_page_len", paged_kv_last_page_len)
         if last.numel() != batch:
             raise ValueError(f"paged_kv_last_page_len: expected {batch} entries (batch_size), got {last.numel()}")
-        layout = f"paged_{self._kv_layout.lower()}"
         q_dtype = check_dtypes(q_data_type, kv_data_type)  # before the kernel library is loaded
-        kernel = self._kernel(layout, head_dim, q_dtype, causal)
+        kernel = self._kernel("paged", head_dim, q_dtype, causal)  # NHD and HND: one kernel, other strides
         kv_lens, max_page = paged_kv_lengths(kernel.kernel, indptr, last, indices, page_size, batch)
-        self._plan(layout, qo, kv_lens, num_qo_heads, num_kv_heads, head_dim, causal, sm_scale, q_data_type,
+        self._plan("paged", qo, kv_lens, num_qo_heads, num_kv_heads, head_dim, causal, sm_scale, q_data_type,
                    kv_data_type, fixed_split_size, disable_split_kv, pages=(indptr, indices, page_size, max_page))
 
     begin_forward = plan

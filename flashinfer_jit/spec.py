@@ -4,13 +4,21 @@ One frozen dataclass per kernel family names a variant. Its URI (readable, file-
 from the fields, never hand-written; the cache key (see `loader.py`) hashes the rendered sources, so any
 field that changes the binary changes the key. `supported()` enumerates every valid variant of a
 family: the runtime, the tests and `flashinfer-jit prebuild` all use that one list.
+
+Two kinds of fields:
+  - matrix fields (`_uri_field`): a choice among supported values; `supported()` and the prebuild
+    matrix range over them. A field may accept aliases, normalized on construction (a prefill
+    kv_layout of "paged_nhd" or "paged_hnd" is "paged": the page layout is a run-time stride).
+  - derived fields (`_derived_field`, tile shapes): default to a value derived from the other fields
+    (given None), may be set to another supported value, and are in the URI and the key like any
+    field; `supported()` yields the derived defaults only.
 """
 from __future__ import annotations
 
 import dataclasses
 import itertools
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 
@@ -22,7 +30,12 @@ DTYPES: dict[str, tuple[torch.dtype, str]] = {
     "bf16": (torch.bfloat16, "__nv_bfloat16"),
 }
 HEAD_DIMS = (64, 128, 256)
-KV_LAYOUTS = ("ragged", "paged_nhd", "paged_hnd")
+KV_LAYOUTS = ("ragged", "paged")
+# The page layouts users name (wrappers' NHD/HND, prebuild options, config files): one kernel.
+KV_LAYOUT_ALIASES = {"paged_nhd": "paged", "paged_hnd": "paged"}
+BACKENDS = ("fa2",)  # fa2: the mma.sync kernel (sm_80 and newer)
+KV_TILES = (16, 32, 64, 128)
+CTA_Q_TILES = (16, 32, 64, 128)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -32,9 +45,22 @@ def dtype_name(dtype: torch.dtype) -> str:
     raise TypeError(f"unsupported dtype {dtype}; supported: torch.float16, torch.bfloat16")
 
 
-def _uri_field(fmt: str, choices: tuple) -> Any:
-    """A spec field: `fmt` renders it in the URI, `choices` are the supported values."""
-    return field(metadata={"uri": fmt, "choices": choices})
+def _uri_field(fmt: str, choices: tuple, *, default: Any = dataclasses.MISSING,
+               aliases: dict[Any, Any] | None = None) -> Any:
+    """A matrix field: `fmt` renders it in the URI, `choices` are the supported values, `aliases`
+    other spellings accepted for them."""
+    return field(default=default, metadata={"uri": fmt, "choices": choices, "aliases": aliases or {}})
+
+
+def _derived_field(fmt: str, choices: tuple, derive: Callable[[Any], Any], *, several: bool = False) -> Any:
+    """A field whose default (None) is `derive(spec)`. With `several`, the value is a non-empty tuple
+    of distinct `choices`, kept in descending order (rendered joined by 'x' in the URI), else one of them."""
+    return field(default=None, metadata={"uri": fmt, "choices": choices, "derive": derive, "several": several})
+
+
+def matrix_fields(cls: type["KernelSpec"]) -> list[dataclasses.Field]:
+    """The fields `supported()` and the prebuild matrix range over (not the derived ones)."""
+    return [f for f in dataclasses.fields(cls) if "derive" not in f.metadata]
 
 
 @dataclass(frozen=True)
@@ -45,14 +71,36 @@ class KernelSpec:
     templates: ClassVar[tuple[str, ...]]  # template file names (in templates/), rendered in order
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
+        for f in matrix_fields(type(self)):
             value = getattr(self, f.name)
-            choices = f.metadata["choices"]
-            if value not in choices:
-                raise ValueError(
-                    f"{type(self).__name__}.{f.name}={value!r} is not supported; "
-                    f"supported values: {', '.join(map(str, choices))}"
-                )
+            value = f.metadata["aliases"].get(value, value) if isinstance(value, (str, int)) else value
+            self._check(f, value, value)
+            object.__setattr__(self, f.name, value)
+        for f in dataclasses.fields(self):
+            if "derive" not in f.metadata:
+                continue
+            value = getattr(self, f.name)
+            if value is None:
+                value = f.metadata["derive"](self)
+            if f.metadata["several"]:
+                values = tuple(value) if isinstance(value, (list, tuple)) else (value,)
+                if not values or len(set(values)) != len(values):
+                    raise ValueError(f"{type(self).__name__}.{f.name}={value!r} is not supported; expected a "
+                                     f"non-empty tuple of distinct values among {', '.join(map(str, f.metadata['choices']))}")
+                for item in values:
+                    self._check(f, item, value)
+                value = tuple(sorted(values, reverse=True))  # one spelling (and URI) per set
+            else:
+                self._check(f, value, value)
+            object.__setattr__(self, f.name, value)
+
+    def _check(self, f: dataclasses.Field, value: Any, shown: Any) -> None:
+        choices = f.metadata["choices"]
+        if value not in choices or isinstance(value, bool) != isinstance(choices[0], bool):
+            raise ValueError(
+                f"{type(self).__name__}.{f.name}={shown!r} is not supported; "
+                f"supported values: {', '.join(map(str, choices))}"
+            )
 
     @property
     def uri(self) -> str:
@@ -63,16 +111,20 @@ class KernelSpec:
             if isinstance(value, bool):
                 yes, no = fmt.split("|")
                 parts.append(yes if value else no)
+            elif isinstance(value, tuple):
+                parts.append(fmt.format("x".join(map(str, value))))
             else:
                 parts.append(fmt.format(value))
         return "_".join(p for p in parts if p)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"family": self.family, **dataclasses.asdict(self)}
+        """Every field (tuples as lists: the dict is JSON, in manifests and keys)."""
+        return {"family": self.family,
+                **{name: list(v) if isinstance(v, tuple) else v for name, v in dataclasses.asdict(self).items()}}
 
     def template_context(self) -> dict[str, Any]:
         """Values the templates may use. StrictUndefined turns a typo into an error."""
-        ctx = dataclasses.asdict(self)
+        ctx = {name: list(v) if isinstance(v, tuple) else v for name, v in dataclasses.asdict(self).items()}
         ctx["uri"] = self.uri
         ctx["symbol_prefix"] = "fij_" + self.uri
         if "dtype" in ctx:
@@ -81,9 +133,10 @@ class KernelSpec:
 
     @classmethod
     def supported(cls) -> Iterator["KernelSpec"]:
-        fields = dataclasses.fields(cls)
+        """Every combination of the matrix fields' choices, derived fields at their defaults."""
+        fields = matrix_fields(cls)
         for values in itertools.product(*(f.metadata["choices"] for f in fields)):
-            yield cls(*values)
+            yield cls(**{f.name: v for f, v in zip(fields, values)})
 
 
 @dataclass(frozen=True)
@@ -97,34 +150,38 @@ class MergeStateSpec(KernelSpec):
     dtype: str = _uri_field("{}", tuple(DTYPES))
 
 
+def default_kv_tile(spec: "PrefillSpec") -> int:
+    # Two K/V stages must fit beside Q twice per SM (2 CTAs/SM): 32 keys at head_dim 256.
+    return 32 if spec.head_dim == 256 else 64
+
+
+def default_cta_q_options(spec: "PrefillSpec") -> tuple[int, ...]:
+    # 16: decode-sized tiles (a few packed rows per request), four warps split the keys.
+    return (64,) if spec.head_dim == 256 else (128, 64, 16)
+
+
 @dataclass(frozen=True)
 class PrefillSpec(KernelSpec):
-    """Batch prefill attention (q, k, v, out all of `dtype`), one KV storage layout."""
+    """Batch prefill attention (q, k, v, out all of `dtype`), one KV storage kind ("ragged", or
+    "paged" for both page layouts: NHD and HND differ only in run-time strides).
+
+    Tile shapes follow from head_dim (registers, shared memory) unless given: `kv_tile` keys per KV
+    tile, and `cta_q_options`, the packed q rows per CTA the library contains (plan() picks one per
+    batch)."""
 
     family: ClassVar[str] = "prefill"
     templates: ClassVar[tuple[str, ...]] = ("prefill.cu.jinja",)
 
-    kv_layout: str = _uri_field("{}", KV_LAYOUTS)
+    kv_layout: str = _uri_field("{}", KV_LAYOUTS, aliases=KV_LAYOUT_ALIASES)
     head_dim: int = _uri_field("hd{}", HEAD_DIMS)
     dtype: str = _uri_field("{}", tuple(DTYPES))
     causal: bool = _uri_field("causal|full", (False, True))
-
-    # Tile shapes are derived, not spec fields: they follow from head_dim (registers, shared memory).
-    @property
-    def kv_tile(self) -> int:
-        # Two K/V stages must fit beside Q twice per SM (2 CTAs/SM): 32 keys at head_dim 256.
-        return 32 if self.head_dim == 256 else 64
-
-    @property
-    def cta_q_options(self) -> tuple[int, ...]:
-        """Packed q rows per CTA the library contains; plan() picks one per batch."""
-        # 16: decode-sized tiles (a few packed rows per request), four warps split the keys.
-        return (64,) if self.head_dim == 256 else (128, 64, 16)
+    backend: str = _uri_field("{}", BACKENDS, default="fa2")
+    kv_tile: int = _derived_field("kv{}", KV_TILES, default_kv_tile)
+    cta_q_options: tuple[int, ...] = _derived_field("q{}", CTA_Q_TILES, default_cta_q_options, several=True)
 
     def template_context(self) -> dict[str, Any]:
         ctx = super().template_context()
-        ctx["kv_tile"] = self.kv_tile
-        ctx["cta_q_options"] = list(self.cta_q_options)
         ctx["abi_structs"] = abi.layout_checks(*abi.PREFILL_STRUCTS)  # compile-time ABI checks
         return ctx
 

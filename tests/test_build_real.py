@@ -72,7 +72,7 @@ def test_library_exports_only_its_entry_points(tmp_path, monkeypatch):
     nm = shutil.which("nm")
     assert nm, "nm (binutils, installed with the host compiler) is needed to read the symbol table"
     monkeypatch.setenv("FLASHINFER_JIT_CACHE_DIR", str(tmp_path / "cache"))
-    spec = PrefillSpec(kv_layout="paged_hnd", head_dim=64, dtype="bf16", causal=False)
+    spec = PrefillSpec(kv_layout="paged", head_dim=64, dtype="bf16", causal=False)
     try:
         library = loader.load(spec).entry.library
     finally:

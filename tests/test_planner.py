@@ -36,7 +36,7 @@ def kernels(tmp_path_factory: pytest.TempPathFactory):
     patch.setenv("FLASHINFER_JIT_CACHE_DIR", str(tmp_path_factory.mktemp("planner-cache")))
     try:
         causal = loader.load(spec.PrefillSpec("ragged", 128, "bf16", True))
-        full = loader.load(spec.PrefillSpec("paged_nhd", 128, "bf16", False))
+        full = loader.load(spec.PrefillSpec("paged", 128, "bf16", False))
     finally:
         patch.undo()
     return causal, full

@@ -4,6 +4,7 @@ tests build two real variants with nvcc (slow, CPU only)."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import shlex
@@ -30,6 +31,9 @@ def no_gpu(monkeypatch):
     monkeypatch.setattr(toolchain.torch.cuda, "is_available", lambda: False)
 
 
+TILES = "_fa2_kv64_q128x64x16"  # backend and default tiles in a prefill URI (head_dim 64 and 128)
+
+
 def uris(specs) -> list[str]:
     return [s.uri for s in specs]
 
@@ -45,8 +49,10 @@ def test_whole_matrix_is_every_supported_variant_of_every_family():
 def test_options_are_the_spec_fields_and_their_choices():
     options = prebuild.matrix_options()
     for cls in spec.FAMILIES.values():
-        for f in dataclasses.fields(cls):
+        for f in spec.matrix_fields(cls):
             assert set(f.metadata["choices"]) <= set(options[f.name])
+    derived = {f.name for cls in spec.FAMILIES.values() for f in dataclasses.fields(cls)} - set(options)
+    assert derived == {"kv_tile", "cta_q_options"}  # tile shapes: their defaults, not matrix options
     parser = cli.build_parser()
     help_text = parser._subparsers._group_actions[0].choices["prebuild"].format_help()
     for name in options:
@@ -57,11 +63,31 @@ def test_options_are_the_spec_fields_and_their_choices():
 def test_filters_narrow_each_family_that_has_the_field():
     specs = prebuild.expand(["prefill"], {"layout": "ragged", "head_dim": "64,128", "dtype": "bf16",
                                           "causal": "true"})
-    assert uris(specs) == ["prefill_ragged_hd64_bf16_causal", "prefill_ragged_hd128_bf16_causal"]
+    assert uris(specs) == [f"prefill_ragged_hd64_bf16_causal{TILES}", f"prefill_ragged_hd128_bf16_causal{TILES}"]
 
     mixed = prebuild.expand(["prefill", "merge"], {"dtype": "fp16", "layout": "ragged", "head_dim": 64})
-    assert uris(mixed) == ["prefill_ragged_hd64_fp16_full", "prefill_ragged_hd64_fp16_causal",
+    assert uris(mixed) == [f"prefill_ragged_hd64_fp16_full{TILES}", f"prefill_ragged_hd64_fp16_causal{TILES}",
                            "merge_state_hd64_fp16"]  # --layout leaves merge_state alone
+
+
+def test_paged_layouts_share_one_variant_and_the_matrix_still_covers_every_wrapper_combination():
+    """paged_nhd and paged_hnd render the same kernel (the page layout is a run-time stride), so the
+    matrix has one paged variant where it had two: prefill 36 -> 24, all families 48 -> 36. Every
+    (layout, head_dim, dtype, causal) a wrapper can ask for, under either spelling, is still in it."""
+    everything = prebuild.expand()
+    assert len(prebuild.expand(["prefill"])) == 24 and len(everything) == 36
+    assert len(set(everything)) == len(everything)
+    for layout, head_dim, dtype, causal in itertools.product(("ragged", "paged_nhd", "paged_hnd"), spec.HEAD_DIMS,
+                                                             spec.DTYPES, (False, True)):
+        wanted = PrefillSpec(layout, head_dim, dtype, causal)
+        assert wanted in everything, wanted
+        assert prebuild.expand(["prefill"], {"layout": layout, "head_dim": head_dim, "dtype": dtype,
+                                             "causal": causal}) == [wanted]
+    assert PrefillSpec("paged_nhd", 128, "bf16", False) == PrefillSpec("paged_hnd", 128, "bf16", False)
+    assert PrefillSpec("paged_hnd", 128, "bf16", False).uri == f"prefill_paged_hd128_bf16_full{TILES}"
+    config = {"family": "decode", "layout": ["paged_nhd", "paged_hnd"], "head_dim": 64}
+    assert uris(prebuild.expand_matrices([config])) == [f"prefill_paged_hd64_fp16_full{TILES}",
+                                                        f"prefill_paged_hd64_bf16_full{TILES}"]
 
 
 def test_family_aliases():
@@ -70,8 +96,8 @@ def test_family_aliases():
     assert prebuild.expand(["append"]) == list(AppendPagedSpec.supported())
     assert prebuild.expand(["prefill"]) == list(PrefillSpec.supported())
     decode = prebuild.expand(["decode"])
-    assert len(decode) == 2 * len(spec.HEAD_DIMS) * len(spec.DTYPES)
-    assert {s.kv_layout for s in decode} == {"paged_nhd", "paged_hnd"} and {s.causal for s in decode} == {False}
+    assert len(decode) == len(spec.HEAD_DIMS) * len(spec.DTYPES)  # one kernel for NHD and HND
+    assert {s.kv_layout for s in decode} == {"paged"} and {s.causal for s in decode} == {False}
     # comma lists, duplicates collapse
     assert prebuild.expand(["merge,merge_state"]) == merge
 
@@ -80,7 +106,8 @@ def test_family_aliases():
     (["attention"], {}, "unknown kernel family 'attention'; known: merge_state, prefill, append_paged, merge"),
     (["prefill"], {"head_dim": "96"}, "--head-dim: '96' is not supported; supported: 64, 128, 256"),
     (["prefill"], {"causal": "maybe"}, "--causal: 'maybe' is not true or false"),
-    (["prefill"], {"layout": "paged"}, "--kv-layout: 'paged' is not supported; supported: ragged, paged_nhd, paged_hnd"),
+    (["prefill"], {"layout": "paged_xyz"},
+     "--kv-layout: 'paged_xyz' is not supported; supported: ragged, paged (or paged_nhd, paged_hnd)"),
     (["merge"], {"layout": "ragged"}, "--kv-layout does not apply to the selected families (merge_state)"),
     (["decode"], {"causal": "true"}, "no kernel variant matches"),
     (["prefill"], {"page_size": "16"}, "unknown option 'page_size'"),
@@ -110,7 +137,7 @@ def test_config_file_with_sub_matrices(tmp_path):
     config = prebuild.load_config(path)
     assert config["arch"] == "90a" and config["jobs"] == 3 and config["cache_dir"] == "/somewhere"
     assert uris(prebuild.expand_matrices(config["matrices"])) == [
-        "prefill_ragged_hd128_bf16_causal", "merge_state_hd64_bf16", "merge_state_hd128_bf16"]
+        f"prefill_ragged_hd128_bf16_causal{TILES}", "merge_state_hd64_bf16", "merge_state_hd128_bf16"]
 
     path.write_text(json.dumps({"family": "merge", "head_dims": [64]}))
     with pytest.raises(ValueError, match="unknown key 'head_dims' in the top level"):
@@ -154,11 +181,9 @@ def test_dry_run_lists_and_writes_nothing(capsys, cache_root, fake_nvcc, no_gpu)
     code, out, _ = run_cli(capsys, "prebuild", "--family", "decode", "--head-dim", "128", "--dry-run")
     assert code == 0
     assert out.splitlines() == [
-        "[1/4] would build prefill_paged_nhd_hd128_fp16_full (sm_90a)",
-        "[2/4] would build prefill_paged_nhd_hd128_bf16_full (sm_90a)",
-        "[3/4] would build prefill_paged_hnd_hd128_fp16_full (sm_90a)",
-        "[4/4] would build prefill_paged_hnd_hd128_bf16_full (sm_90a)",
-        f"dry run: 4 to build, 0 already cached, 4 in all (cache: {cache_root})",
+        f"[1/2] would build prefill_paged_hd128_fp16_full{TILES} (sm_90a)",
+        f"[2/2] would build prefill_paged_hd128_bf16_full{TILES} (sm_90a)",
+        f"dry run: 2 to build, 0 already cached, 2 in all (cache: {cache_root})",
     ]
     assert not cache_root.exists()
     assert fake_nvcc.compiles == 0

@@ -35,7 +35,7 @@ def test_uris_are_unique_and_file_name_safe(cls):
     uris = [s.uri for s in cls.supported()]
     assert len(uris) == len(set(uris))
     n = 1
-    for f in dataclasses.fields(cls):
+    for f in spec.matrix_fields(cls):
         n *= len(f.metadata["choices"])
     assert len(uris) == n
     for uri in uris:
@@ -46,6 +46,35 @@ def test_uris_are_unique_and_file_name_safe(cls):
 def test_spec_round_trips_through_a_dict(cls):
     for s in cls.supported():
         assert spec.spec_from_dict(s.to_dict()) == s
+
+
+def test_prefill_backend_and_tiles_are_fields_in_the_uri():
+    s = spec.PrefillSpec("ragged", 128, "bf16", True)
+    assert (s.backend, s.kv_tile, s.cta_q_options) == ("fa2", 64, (128, 64, 16))  # derived from head_dim
+    assert s.uri == "prefill_ragged_hd128_bf16_causal_fa2_kv64_q128x64x16"
+    wide = spec.PrefillSpec("paged", 256, "fp16", False)
+    assert (wide.kv_tile, wide.cta_q_options) == (32, (64,))
+    assert wide.uri == "prefill_paged_hd256_fp16_full_fa2_kv32_q64"
+    tuned = spec.PrefillSpec("ragged", 128, "bf16", True, kv_tile=32, cta_q_options=[16, 64])
+    assert tuned.cta_q_options == (64, 16) and tuned.uri == "prefill_ragged_hd128_bf16_causal_fa2_kv32_q64x16"
+    assert tuned != s and spec.spec_from_dict(tuned.to_dict()) == tuned
+    assert tuned.to_dict()["cta_q_options"] == [64, 16]  # JSON-friendly (manifests, keys)
+    assert {x.kv_tile for x in spec.PrefillSpec.supported()} == {32, 64}  # supported(): the defaults only
+    with pytest.raises(ValueError, match=r"PrefillSpec.kv_tile=48 is not supported; supported values: 16, 32, 64, 128"):
+        spec.PrefillSpec("ragged", 128, "bf16", True, kv_tile=48)
+    with pytest.raises(ValueError, match=r"cta_q_options=\(\) is not supported"):
+        spec.PrefillSpec("ragged", 128, "bf16", True, cta_q_options=())
+    with pytest.raises(ValueError, match=r"backend='fa3' is not supported; supported values: fa2"):
+        spec.PrefillSpec("ragged", 128, "bf16", True, backend="fa3")
+
+
+def test_paged_layouts_are_one_spec():
+    """NHD and HND pages differ only in run-time strides: one kernel, one cache entry."""
+    nhd, hnd = (spec.PrefillSpec(layout, 64, "fp16", False) for layout in ("paged_nhd", "paged_hnd"))
+    assert nhd == hnd == spec.PrefillSpec("paged", 64, "fp16", False)
+    assert nhd.kv_layout == "paged" and nhd.uri == "prefill_paged_hd64_fp16_full_fa2_kv64_q128x64x16"
+    assert spec.spec_from_dict({"family": "prefill", "kv_layout": "paged_hnd", "head_dim": 64, "dtype": "fp16",
+                                "causal": False}) == nhd  # manifests written before the merge still read
 
 
 def test_unsupported_values_are_rejected_with_the_choices():
@@ -105,7 +134,7 @@ def test_merge_state_source_has_the_spec_baked_in():
 
 
 @pytest.mark.parametrize("kernel, mirrors", [
-    (spec.PrefillSpec("paged_nhd", 128, "bf16", True), abi.PREFILL_STRUCTS),
+    (spec.PrefillSpec("paged", 128, "bf16", True), abi.PREFILL_STRUCTS),
     (spec.AppendPagedSpec(64, "fp16"), abi.PAGE_STRUCTS),
 ], ids=["prefill", "append_paged"])
 def test_sources_check_every_ctypes_mirror_field_at_compile_time(kernel, mirrors):
@@ -141,7 +170,7 @@ def test_abi_type_checks():
 
 def test_prefill_source_bakes_in_the_spec():
     text = codegen.render(spec.PrefillSpec("ragged", 256, "fp16", True))["prefill.cu"]
-    assert "#define FIJ_KV_TILE 32" in text
+    assert "constexpr int kKvTile = 32;" in text and "FIJ_KV_TILE" not in text
     assert "using Variant = fij::StandardAttention<kCausal>;" in text
     assert "fij::plan_prefill<Variant>(" in text and "fij::plan_and_upload<Variant>(" in text
     assert "launch_prefill<DType, kHeadDim, 64, kKvTile, Variant, kPaged>" in text

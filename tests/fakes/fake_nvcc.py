@@ -4,7 +4,8 @@
 torch's ninja file calls it as `nvcc -MD -MF <out>.d <flags...> -c <src.cu> -o <out.o>`. Instead of
 compiling CUDA, it compiles a small C file with `cc -c -fPIC`: one stub (returning 0) per function
 the generated source exports, so the real link step and a ctypes load both work. `<prefix>_kv_tile`
-returns the source's FIJ_KV_TILE, so a caller can check a value that came out of the library.
+returns the source's `constexpr int kKvTile = N;` (the spec's kv_tile), so a caller can check a value
+that came out of the library.
 
 Behaviour comes from the environment (ninja passes it through):
 
@@ -41,7 +42,7 @@ def _stub_c(source_text: str) -> str:
     # `FIJ_EXPORT int fij_<uri>_merge_two(` and `FIJ_DEFINE_ERROR_STRING(fij_<uri>)`
     names = re.findall(r"FIJ_EXPORT\s+[\w\s\*]*?\b(\w+)\s*\(", source_text)
     names += [f"{p}_error_string" for p in re.findall(r"FIJ_DEFINE_ERROR_STRING\((\w+)\)", source_text)]
-    kv_tile = re.search(r"#define\s+FIJ_KV_TILE\s+(\d+)", source_text)
+    kv_tile = re.search(r"constexpr\s+int\s+kKvTile\s*=\s*(\d+)\s*;", source_text)
     lines = ["int fake_nvcc_object(void) { return 42; }"]
     for name in dict.fromkeys(names):
         value = kv_tile.group(1) if kv_tile and name.endswith("_kv_tile") else "0"
