@@ -8,7 +8,7 @@
 #   measure  benchmarks/measure_build.py: cold nvcc build and warm load (fresh processes) of
 #            MergeStateSpec(128,bf16) and PrefillSpec(ragged,128,bf16,causal), in the fresh cache
 #   build    benchmarks/measure_build.py --warm-all over EVERY supported spec of spec.FAMILIES (prefill
-#            ragged / paged_nhd / paged_hnd, merge_state, append_paged: what all GPU tests and benches
+#            ragged / paged (NHD and HND share one kernel), merge_state, append_paged: what all GPU tests and benches
 #            load), built in parallel (ProcessPoolExecutor); measure_build's own list is ragged + merge only,
 #            so this step swaps in the full list (inline Python below)
 #   tests    python3 -m pytest -m gpu -q --maxfail=25 tests/   (log: $OUT/gpu_tests.log)
