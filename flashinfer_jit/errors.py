@@ -106,3 +106,15 @@ def describe(value: Any) -> str:
     if hasattr(value, "dtype") and hasattr(value, "shape"):
         return f"Tensor(dtype={value.dtype}, shape={tuple(value.shape)}, device={value.device})"
     return repr(value)
+
+
+class NotSupportedError(FlashInferJITError, ValueError):
+    """A FlashInfer parameter was given a value for a feature flashinfer-jit does not have (yet).
+
+    Raised before any kernel launch, never instead of a result: `parameter` and `value` name what was
+    asked for, `supported` what works today."""
+
+    def __init__(self, parameter: str, value: Any, supported: str, where: str = ""):
+        self.parameter, self.value, self.supported = parameter, value, supported
+        prefix = f"{where}: " if where else ""
+        super().__init__(f"{prefix}{parameter}={value!r} is not supported by flashinfer-jit; supported: {supported}")

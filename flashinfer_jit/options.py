@@ -1,0 +1,87 @@
+"""FlashInfer's optional parameters: which values mean "feature off", and the one error for the rest.
+
+FlashInfer callers (its tests, vLLM, SGLang) pass many options whose value switches a feature off:
+`pos_encoding_mode="NONE"`, `window_left=-1`, `logits_soft_cap=0.0` or None, scales of 1.0, ... Those
+work here. A value that asks for a feature flashinfer-jit does not implement raises
+`NotSupportedError` naming the parameter, the value and what is supported, before any kernel
+launch; it is never ignored when it would change the result. Options that do not change the result
+(`non_blocking`, `enable_pdl`, ...) are accepted with any value.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Union
+
+import torch
+
+from .errors import NotSupportedError
+
+
+def off_value(where: str, name: str, value: Any, *off: Any, supported: Optional[str] = None) -> None:
+    """Accept `value` if it equals one of `off` (None always counts as off), else NotSupportedError."""
+    if value is None or any(_same(value, o) for o in off):
+        return
+    raise NotSupportedError(name, value, supported or " or ".join(repr(o) for o in (None, *off)), where)
+
+
+def _same(value: Any, off: Any) -> bool:
+    if isinstance(off, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value) == off
+    if isinstance(value, torch.Tensor):  # a one-element scale tensor (vLLM passes k_scale this way)
+        return value.numel() == 1 and not value.is_cuda and float(value) == off
+    return type(value) is type(off) and value == off
+
+
+def pos_encoding_mode(where: str, value: Any) -> None:
+    if value is None or (isinstance(value, str) and value.upper() == "NONE") or value == 0:
+        return
+    raise NotSupportedError("pos_encoding_mode", value, "'NONE' (fused RoPE and ALiBi are not implemented yet)",
+                            where)
+
+
+def window_left(where: str, value: Any) -> None:
+    off_value(where, "window_left", value, -1, supported="-1 or None (sliding-window attention is not implemented yet)")
+
+
+def logits_soft_cap(where: str, value: Any) -> None:
+    if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0):
+        return  # FlashInfer: a cap <= 0 (0.0 is vLLM's default) means no cap
+    raise NotSupportedError("logits_soft_cap", value, "None or 0.0 (logits soft-capping is not implemented yet)", where)
+
+
+def scale(where: str, name: str, value: Any) -> None:
+    """q_scale / k_scale / v_scale / o_scale / scale_q ...: None or 1.0 (a Python number or a one-element
+    tensor). CUDA tensors are not read (that would synchronize): they are refused with the reason."""
+    if isinstance(value, torch.Tensor) and value.is_cuda:
+        raise NotSupportedError(name, f"a CUDA tensor of shape {tuple(value.shape)}",
+                                "None or 1.0 (scales are used with fp8 KV caches, not implemented yet)", where)
+    off_value(where, name, value, 1.0, supported="None or 1.0 (scales are used with fp8 KV caches, not implemented yet)")
+
+
+def dtype_like(where: str, name: str, value: Optional[Union[str, torch.dtype]], expected: torch.dtype) -> None:
+    """o_data_type and the like: None or the same dtype as `expected`."""
+    if value is None:
+        return
+    resolved = getattr(torch, value, None) if isinstance(value, str) else value
+    if resolved != expected:
+        raise NotSupportedError(name, value, f"None or {expected} (the output dtype equals the query dtype)", where)
+
+
+def no_custom_mask(where: str, **masks: Any) -> None:
+    for name, value in masks.items():
+        if value is not None:
+            raise NotSupportedError(name, f"a tensor of shape {tuple(getattr(value, 'shape', ()))}",
+                                    "None (custom masks are not implemented yet)", where)
+
+
+def flag_off(where: str, name: str, value: Any, reason: str) -> None:
+    """A boolean feature switch that must be off: False or None."""
+    if value is None or value is False or value == 0:
+        return
+    raise NotSupportedError(name, value, f"False ({reason})", where)
+
+
+def finite_or_none(name: str, value: Optional[float]) -> Optional[float]:
+    if value is not None and (not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0):
+        raise ValueError(f"{name}: expected a positive finite number or None, got {value!r}")
+    return value
