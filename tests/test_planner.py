@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import torch
 
+import planner_tools
 from conftest import requires_nvcc
 from flashinfer_jit import codegen, loader, planner, spec
 from flashinfer_jit.abi import ITEM_INTS, MERGE_INTS, PlanConfig
@@ -124,7 +125,7 @@ def test_random_batches_are_covered_exactly_once(kernels, seed: int) -> None:
     target = rng.choice([1, 8, 132, 264])  # small targets force split-KV
     cfg = config(batch, group, rng.randint(1, 8), cta_q, 64, target, planner.MIN_CHUNK_TILES, split)
     kernel = kernels[0] if causal else kernels[1]
-    items, merges, plan = planner.plan_to_tensors(kernel, indptr(q_lens), indptr(kv_lens), cfg)
+    items, merges, plan = planner_tools.plan_to_tensors(kernel, indptr(q_lens), indptr(kv_lens), cfg)
     check_work_list(items, merges, plan, q_lens, kv_lens, group, cta_q, 64, causal)
 
 
@@ -183,20 +184,20 @@ def test_a_variant_whose_range_begins_later_plans_from_its_begin(window_planner,
     q_lens = [rng.choice([1, 5, 63, rng.randint(1, 600)]) for _ in range(batch)]
     kv_lens = [q + rng.choice([0, 1, 300, rng.randint(0, 3000)]) for q in q_lens]
     cfg = config(batch, group, 2, cta_q, 64, rng.choice([1, 132]), planner.MIN_CHUNK_TILES, rng.choice([0, -1, 1]))
-    items, merges, plan = planner.plan_to_tensors(window_planner, indptr(q_lens), indptr(kv_lens), cfg)
+    items, merges, plan = planner_tools.plan_to_tensors(window_planner, indptr(q_lens), indptr(kv_lens), cfg)
     check_work_list(items, merges, plan, q_lens, kv_lens, group, cta_q, 64, True, window=100)
 
 
 def test_a_window_tile_starts_at_its_begin_rounded_down_to_the_kv_tile(window_planner) -> None:
     cfg = config(1, 1, 1, 16, 64, 132, planner.MIN_CHUNK_TILES, -1)
-    items, _, _ = planner.plan_to_tensors(window_planner, indptr([1]), indptr([1000]), cfg)
+    items, _, _ = planner_tools.plan_to_tensors(window_planner, indptr([1]), indptr([1000]), cfg)
     assert [row[2:4] for row in items.tolist()] == [[896, 1000]]  # keys [900, 1000): tiles from 896
 
 
 def test_long_request_on_an_idle_gpu_is_split_and_merged(kernels) -> None:
     _, full = kernels
     cfg = config(1, 4, 8, 64, 64, 132, planner.MIN_CHUNK_TILES, 0)
-    items, merges, plan = planner.plan_to_tensors(full, indptr([1]), indptr([32768]), cfg)
+    items, merges, plan = planner_tools.plan_to_tensors(full, indptr([1]), indptr([32768]), cfg)
     assert plan.num_items > 1 and plan.num_merges == 1  # flash-decoding: one q tile, many KV chunks
     check_work_list(items, merges, plan, [1], [32768], 4, 64, 64, False)
 
@@ -206,7 +207,7 @@ def test_capacity_is_reported_before_anything_is_written(kernels) -> None:
     cfg = config(3, 1, 1, 64, 64, 132, 4, -1)
     items = torch.full((2, ITEM_INTS), -7, dtype=torch.int32)
     merges = torch.empty((1, MERGE_INTS), dtype=torch.int32)
-    status, plan = planner.run_planner(full, indptr([100, 100, 100]), indptr([5, 5, 5]), cfg,
+    status, plan = planner_tools.run_planner(full, indptr([100, 100, 100]), indptr([5, 5, 5]), cfg,
                                        items.data_ptr(), 2, merges.data_ptr(), 1)
     assert status == planner.PLAN_CAPACITY and plan.num_items == 6
     assert bool((items == -7).all())
@@ -222,7 +223,7 @@ def test_bad_indptrs_are_refused_on_the_host(kernels, qo, kv, message) -> None:
     causal, _ = kernels
     cfg = config(len(qo) - 1, 1, 1, 64, 64, 132, 4, 0)
     with pytest.raises(ValueError) as info:
-        planner.plan_to_tensors(causal, torch.tensor(qo, dtype=torch.int32), torch.tensor(kv, dtype=torch.int32), cfg)
+        planner_tools.plan_to_tensors(causal, torch.tensor(qo, dtype=torch.int32), torch.tensor(kv, dtype=torch.int32), cfg)
     assert message in str(info.value)
 
 

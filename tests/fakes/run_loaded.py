@@ -30,6 +30,8 @@ def main() -> int:
 
     import torch
 
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    import planner_tools
     from flashinfer_jit import loader, planner
     from flashinfer_jit.abi import PlanConfig
     from flashinfer_jit.spec import PrefillSpec
@@ -43,7 +45,7 @@ def main() -> int:
         kv = torch.tensor([0, 128, 300, 1000, 1800], dtype=torch.int32)
         config = PlanConfig(batch=4, group=4, num_kv_heads=2, cta_q=64, kv_tile=kv_tile_fn(), target_ctas=132,
                             min_chunk_tiles=planner.MIN_CHUNK_TILES, split_tiles=0)
-        items, merges, counts = planner.plan_to_tensors(kernel, qo, kv, config)
+        items, merges, counts = planner_tools.plan_to_tensors(kernel, qo, kv, config)
         return items.tolist(), merges.tolist(), (counts.num_items, counts.num_merges, counts.partial_rows)
 
     first_tile = kv_tile_fn()
