@@ -81,6 +81,74 @@ def flag_off(where: str, name: str, value: Any, reason: str) -> None:
     raise NotSupportedError(name, value, f"False ({reason})", where)
 
 
+FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+                   if hasattr(torch, n))
+
+
+def quantized_dtype(where: str, name: str, value: Any) -> None:
+    """q_data_type / kv_data_type / data_type: an fp8 dtype (or uint8, FlashInfer's packed NVFP4 KV) asks for a
+    quantized KV cache, which is a missing feature (NotSupportedError). Other dtypes are left to the dtype checks."""
+    resolved = getattr(torch, value, None) if isinstance(value, str) else value
+    if resolved in FP8_DTYPES or resolved is torch.uint8:
+        raise NotSupportedError(name, value, "torch.float16 or torch.bfloat16 (fp8 and NVFP4 KV caches are not "
+                                "implemented yet)", where)
+
+
+_check_pos_encoding_mode, _check_window_left, _check_logits_soft_cap = pos_encoding_mode, window_left, logits_soft_cap
+
+
+def standard_attention(where: str, *, pos_encoding_mode: Any = "NONE", use_fp16_qk_reduction: Any = False,
+                       window_left: Any = -1, logits_soft_cap: Any = None) -> None:
+    """The options that select FlashInfer's attention variant must all be off: no RoPE / ALiBi, fp32 QK
+    accumulation, no sliding window, no logits soft-cap."""
+    _check_pos_encoding_mode(where, pos_encoding_mode)
+    flag_off(where, "use_fp16_qk_reduction", use_fp16_qk_reduction,
+             "fp16 QK reduction is not implemented; QK products are accumulated in fp32")
+    _check_window_left(where, window_left)
+    _check_logits_soft_cap(where, logits_soft_cap)
+
+
+def no_tensor(where: str, name: str, value: Any, feature: str) -> None:
+    """An optional input whose presence switches a feature on (prefix_len_ptr, sinks, kv_cache_sf, ...): None."""
+    if value is not None:
+        shown = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else value
+        raise NotSupportedError(name, shown, f"None ({feature} is not implemented yet)", where)
+
+
+def no_extra_args(where: str, args: tuple) -> None:
+    """run(*args): FlashInfer passes them to custom JIT attention variants, which flashinfer-jit does not build."""
+    if args:
+        raise NotSupportedError("*args", f"{len(args)} extra positional argument(s)",
+                                "none (they feed FlashInfer's custom JIT attention variants, not implemented)", where)
+
+
+def no_jit_variant(where: str, jit_args: Any, jit_kwargs: Any, variant_owns_mask: Any) -> None:
+    """The constructor's custom-variant options (FlashInfer JIT-compiles user attention variants)."""
+    if jit_args is not None:
+        raise NotSupportedError("jit_args", f"a list of {len(jit_args)}" if isinstance(jit_args, (list, tuple))
+                                else jit_args, "None (custom JIT attention variants are not implemented)", where)
+    if jit_kwargs is not None:
+        raise NotSupportedError("jit_kwargs", jit_kwargs, "None (custom JIT attention variants are not implemented)",
+                                where)
+    flag_off(where, "variant_owns_mask", variant_owns_mask, "custom JIT attention variants are not implemented")
+
+
+def lse_base(where: str, value: Any) -> bool:
+    """run(lse_base=): "log2" (FlashInfer's default, as the kernels write it) or "ln". True for "ln"."""
+    if value == "log2":
+        return False
+    if value == "ln":
+        return True
+    raise ValueError(f"{where}: lse_base: expected 'log2' or 'ln', got {value!r}")
+
+
+def lse_layout(where: str, value: Any) -> None:
+    """run(lse_layout=): "NH" ([tokens, heads], the only layout here)."""
+    if value != "NH":
+        raise NotSupportedError("lse_layout", value, "'NH' (the transposed 'HN' LSE layout is not implemented yet)",
+                                where)
+
+
 def finite_or_none(name: str, value: Optional[float]) -> Optional[float]:
     if value is not None and (not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0):
         raise ValueError(f"{name}: expected a positive finite number or None, got {value!r}")

@@ -80,3 +80,14 @@ def aligned_pointers(op: str, *tensors: "torch.Tensor | None") -> None:
     if bits % 16:
         bad = [describe(t) for t in tensors if t is not None and t.data_ptr() % 16]
         raise ValueError(f"{op}: tensors must start at 16-byte aligned addresses; misaligned: {', '.join(bad)}")
+
+
+def workspace_buffer(name: str, value: object) -> int:
+    """A workspace buffer, used as raw bytes as FlashInfer does: any dtype and shape (uint8, int8, ...),
+    contiguous, on a CUDA device, 16-byte aligned. Returns its size in bytes (numel * element_size)."""
+    t = cuda_tensor(name, value)
+    if not t.is_contiguous():
+        _fail(name, "a contiguous tensor (the workspace is used as raw bytes)", t)
+    if t.data_ptr() % 16:
+        _fail(name, "a 16-byte aligned data_ptr", t)
+    return t.numel() * t.element_size()
