@@ -1,7 +1,7 @@
 """Workspace and CUDA-graph capacity policy of the batch attention wrappers.
 
-A wrapper owns: the caller's float workspace (split-KV partial states: fp32 O [slots, D] then LSE
-[slots]); one int32 metadata buffer on the device (counts, page table, work items, merge counters;
+A wrapper owns: the caller's float workspace, used as raw bytes whatever its dtype, as FlashInfer does
+(split-KV partial states: fp32 O [slots, D] then LSE [slots]); one int32 metadata buffer on the device (counts, page table, work items, merge counters;
 see `IntLayout`); and two pinned staging buffers the C planner writes before its one host-to-device
 copy. Under use_cuda_graph the first plan fixes every capacity (`GraphLimits`) so that the buffers,
 and the grid a captured graph launches, never move.
@@ -74,6 +74,7 @@ class Workspace:
 
     def __init__(self, float_workspace_buffer: torch.Tensor, use_cuda_graph: bool, max_num_pages: int = 0):
         self.float_buffer = float_workspace_buffer
+        self.nbytes = float_workspace_buffer.numel() * float_workspace_buffer.element_size()  # any dtype: bytes
         self.device = float_workspace_buffer.device
         self.use_cuda_graph = use_cuda_graph
         self.max_num_pages = max_num_pages
@@ -86,7 +87,7 @@ class Workspace:
     def partial_slots(self, head_dim: int) -> int:
         """(row, KV head) partial states the float workspace holds, at offsets fixed by its size (a
         captured CUDA graph keeps valid pointers across plans)."""
-        return self.float_buffer.numel() // (4 * (head_dim + 1))
+        return self.nbytes // (4 * (head_dim + 1))
 
     @property
     def fixed_cta_q(self) -> Optional[int]:
@@ -114,6 +115,23 @@ class Workspace:
                 f"create a new wrapper for larger batches, or give paged_kv_indices_buffer (its length is the "
                 f"page-table room) to the constructor")
         return limits.items, limits.merges, limits.pages, limits
+
+    def replace_float_buffer(self, float_workspace_buffer: torch.Tensor) -> None:
+        """reset_workspace_buffer(): later plans put their partial states in the new buffer."""
+        self.float_buffer = float_workspace_buffer
+        self.nbytes = float_workspace_buffer.numel() * float_workspace_buffer.element_size()
+
+    @property
+    def device_ints(self) -> Optional[torch.Tensor]:
+        """The int32 metadata buffer on the device (None before the first plan)."""
+        return self._int_workspace
+
+    def release_staging(self) -> None:
+        """Wait for the staging buffers' last host-to-device copies (long finished, normally) so that freeing
+        them cannot hand memory still being read to another pinned allocation."""
+        for event in self._pinned_events:
+            if event is not None:
+                event.synchronize()
 
     def committed(self, limits: Optional[GraphLimits]) -> None:
         """A plan was uploaded: the next one stages in the other pinned buffer; keep its limits."""
