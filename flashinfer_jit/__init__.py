@@ -12,6 +12,7 @@ from .errors import (
     KernelLaunchError,
     KernelLoadError,
     MissingKernelError,
+    NotSupportedError,
     ToolchainNotFoundError,
 )
 from .decode import BatchDecodeWithPagedKVCacheWrapper
@@ -20,6 +21,7 @@ from .prefill import (
     BatchPrefillWithPagedKVCacheWrapper,
     BatchPrefillWithRaggedKVCacheWrapper,
     single_prefill_with_kv_cache,
+    single_prefill_with_kv_cache_return_lse,
 )
 from .version import __version__
 
@@ -39,6 +41,7 @@ __all__ = [
     "KernelLaunchError",
     "KernelLoadError",
     "MissingKernelError",
+    "NotSupportedError",
     "ToolchainNotFoundError",
     "__version__",
     "append_paged_kv_cache",
@@ -47,4 +50,5 @@ __all__ = [
     "merge_state_in_place",
     "merge_states",
     "single_prefill_with_kv_cache",
+    "single_prefill_with_kv_cache_return_lse",
 ]

@@ -5,6 +5,10 @@ the kernel (kernels.py) and the q tile size, sizes the metadata (workspace.py), 
 and uploads its work list (planner.py), and fills the kernel's parameters (abi.PrefillParams).
 run() only checks the tensors against the plan, sets their pointers and strides, and launches
 through one torch op (`attention_run`), so it can be captured in a CUDA graph.
+
+FlashInfer's options are checked here before anything runs (`check_plan_options`, `run_options`, and
+options.py): values that mean "off" pass, a feature flashinfer-jit lacks raises NotSupportedError. Argument
+checks come before the first use of a kernel library, so they run (and are tested) without a GPU.
 """
 from __future__ import annotations
 
@@ -17,10 +21,11 @@ from typing import Any, Optional, Union
 
 import torch
 
-from . import loader, validate
+from . import loader, options, validate
 from .abi import PlanCall, PlanConfig, PlanResult, PrefillParams
 from .kernels import PrefillKernel, prefill_kernel, select_backend
 from .ops import define, device_guard, stream_of
+from .errors import NotSupportedError
 from .planner import MIN_CHUNK_TILES, PLAN_OK, PLAN_WORKSPACE, plan_and_upload
 from .workspace import IntLayout, Workspace
 
@@ -97,7 +102,13 @@ def _as_dtype(name: str, value: Union[str, torch.dtype]) -> torch.dtype:
     return value  # type: ignore[return-value]
 
 
-def check_dtypes(q_data_type: Union[str, torch.dtype], kv_data_type: Optional[Union[str, torch.dtype]]) -> torch.dtype:
+def check_dtypes(q_data_type: Union[str, torch.dtype], kv_data_type: Optional[Union[str, torch.dtype]],
+                 where: str = "plan()") -> torch.dtype:
+    """The one dtype of q and KV. An fp8 / NVFP4 dtype is a missing feature (NotSupportedError); another dtype
+    than fp16 / bf16, or q and KV of different 16-bit dtypes, a TypeError."""
+    options.quantized_dtype(where, "q_data_type", q_data_type)
+    if kv_data_type is not None:
+        options.quantized_dtype(where, "kv_data_type", kv_data_type)
     q_dtype = _as_dtype("q_data_type", q_data_type)
     kv_dtype = _as_dtype("kv_data_type", kv_data_type) if kv_data_type is not None else q_dtype
     if kv_dtype != q_dtype:
@@ -108,12 +119,61 @@ def check_dtypes(q_data_type: Union[str, torch.dtype], kv_data_type: Optional[Un
 def check_heads(num_qo_heads: object, num_kv_heads: object, head_dim: int, head_dim_vo: Optional[int]) -> None:
     validate.head_dim("head_dim", head_dim)
     if head_dim_vo not in (None, head_dim):
-        raise ValueError(f"head_dim_vo: expected None or {head_dim} (equal q/k and v head dims), got {head_dim_vo}")
+        raise NotSupportedError("head_dim_vo", head_dim_vo, f"None or {head_dim} (= head_dim_qk: different q/k and "
+                                "v/o head dims are not implemented yet)")
     for name, value in (("num_qo_heads", num_qo_heads), ("num_kv_heads", num_kv_heads)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}: expected a positive int, got {value!r}")
     if num_qo_heads % num_kv_heads:  # type: ignore[operator]
         raise ValueError(f"num_qo_heads ({num_qo_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+
+
+def resolve_head_dim(where: str, head_dim_qk: Optional[int], head_dim: Optional[int]) -> int:
+    """FlashInfer's prefill name is head_dim_qk; flashinfer-jit also takes head_dim= (keyword only)."""
+    if head_dim_qk is None:
+        if head_dim is None:
+            raise TypeError(f"{where}: missing required argument 'head_dim_qk'")
+        return head_dim
+    if head_dim is not None and head_dim != head_dim_qk:
+        raise ValueError(f"{where}: head_dim={head_dim} is another name for head_dim_qk={head_dim_qk}; give one")
+    return head_dim_qk
+
+
+def check_plan_options(where: str, *, custom_mask: Any = None, packed_custom_mask: Any = None,
+                       pos_encoding_mode: Any = "NONE", use_fp16_qk_reduction: Any = False, window_left: Any = -1,
+                       logits_soft_cap: Any = None, prefix_len_ptr: Any = None, token_pos_in_items_ptr: Any = None,
+                       max_item_len_ptr: Any = None) -> None:
+    """FlashInfer plan() options that change the result: each must be off (NotSupportedError otherwise).
+
+    The others are accepted as FlashInfer's fa2 path treats them: rope_scale / rope_theta only act with RoPE
+    (off); non_blocking, token_pos_in_items_len (without token_pos_in_items_ptr), max_token_per_sequence,
+    max_sequence_kv, seq_lens_q and block_tables only matter to other backends or to performance."""
+    options.no_custom_mask(where, custom_mask=custom_mask, packed_custom_mask=packed_custom_mask)
+    options.standard_attention(where, pos_encoding_mode=pos_encoding_mode, use_fp16_qk_reduction=use_fp16_qk_reduction,
+                               window_left=window_left, logits_soft_cap=logits_soft_cap)
+    options.no_tensor(where, "prefix_len_ptr", prefix_len_ptr, "multi-item scoring")
+    options.no_tensor(where, "token_pos_in_items_ptr", token_pos_in_items_ptr, "multi-item scoring")
+    options.no_tensor(where, "max_item_len_ptr", max_item_len_ptr, "multi-item scoring")
+
+
+def run_options(where: str, args: tuple, *, q_scale: Any = None, k_scale: Any = None, v_scale: Any = None,
+                o_scale: Any = None, lse_base: Any = "log2", lse_layout: Any = "NH", window_left: Any = None,
+                sinks: Any = None, kv_cache_sf: Any = None, skip_softmax_threshold_scale_factor: Any = None) -> bool:
+    """FlashInfer run() options (checked only when one is given). Returns True for lse_base="ln"."""
+    options.no_extra_args(where, args)
+    for name, value in (("q_scale", q_scale), ("k_scale", k_scale), ("v_scale", v_scale), ("o_scale", o_scale)):
+        options.scale(where, name, value)
+    options.window_left(where, window_left)  # a per-call override: only -1 (or None, the plan's) here
+    options.no_tensor(where, "sinks", sinks, "attention sinks")
+    options.no_tensor(where, "kv_cache_sf", kv_cache_sf, "NVFP4 KV caches")
+    if skip_softmax_threshold_scale_factor is not None:
+        raise NotSupportedError("skip_softmax_threshold_scale_factor", skip_softmax_threshold_scale_factor,
+                                "None (skip-softmax sparsity is not implemented yet)", where)
+    options.lse_layout(where, lse_layout)
+    return options.lse_base(where, lse_base)
+
+
+LN2 = 0.6931471805599453
 
 
 def no_unsupported(what: str, unsupported: dict[str, Any]) -> None:
@@ -142,16 +202,27 @@ class _BatchAttention:
     _layouts = ("NHD", "HND")
 
     def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str, use_cuda_graph: bool,
-                 max_num_pages: int = 0):
-        validate.cuda_tensor("float_workspace_buffer", float_workspace_buffer, dtypes=(torch.uint8,), ndim=1)
+                 max_num_pages: int = 0, backend: str = "auto", where: str = ""):
+        validate.workspace_buffer("float_workspace_buffer", float_workspace_buffer)
         if kv_layout not in self._layouts:
             raise ValueError(f"kv_layout: expected one of {self._layouts}, got {kv_layout!r}")
+        self._backend = select_backend(backend, where)
         self._workspace = Workspace(float_workspace_buffer, bool(use_cuda_graph), max_num_pages)
         self._device = float_workspace_buffer.device
         self._kv_layout = kv_layout
         self._use_cuda_graph = bool(use_cuda_graph)
-        self._backend = select_backend("auto")
         self._state: Optional[_PlanState] = None
+        self._plan_args: Optional[dict[str, Any]] = None  # the last successful _plan()'s arguments (forward())
+        # What FlashInfer keeps on its wrappers after plan() (vLLM asserts _causal, _window_left,
+        # _logits_soft_cap and _sm_scale against its layers); the plan's values.
+        self._causal = False
+        self._sm_scale: Optional[float] = None
+        self._pos_encoding_mode = "NONE"
+        self._use_fp16_qk_reduction = False
+        self._window_left = -1
+        self._logits_soft_cap: Optional[float] = 0.0
+        self._rope_scale: Optional[float] = None
+        self._rope_theta: Optional[float] = None
         self._params = PrefillParams()
         self._plan_call = PlanCall(result=ctypes.pointer(PlanResult()))
         self._plan_id = next(_wrapper_ids)
@@ -160,6 +231,62 @@ class _BatchAttention:
     @property
     def is_cuda_graph_enabled(self) -> bool:
         return self._use_cuda_graph
+
+    @property
+    def backend(self) -> str:
+        """The kernel family this wrapper runs, resolved from the constructor's backend= ("auto" -> "fa2")."""
+        return self._backend
+
+    def reset_workspace_buffer(self, float_workspace_buffer: torch.Tensor, int_workspace_buffer: torch.Tensor) -> None:
+        """FlashInfer's buffer swap. The float workspace (any dtype, bytes) holds the split-KV partial states
+        of later plans; the current plan is dropped (call plan() again before run()). int_workspace_buffer is
+        checked and not used: the plan metadata lives in the wrapper's own buffer. A CUDA graph captured
+        before keeps reading the buffers it was captured with."""
+        validate.workspace_buffer("float_workspace_buffer", float_workspace_buffer)
+        validate.workspace_buffer("int_workspace_buffer", int_workspace_buffer)
+        for name, t in (("float_workspace_buffer", float_workspace_buffer), ("int_workspace_buffer", int_workspace_buffer)):
+            if t.device != self._device:
+                raise ValueError(f"{name}: expected a tensor on {self._device} (the wrapper's device), got {t.device}")
+        self._workspace.replace_float_buffer(float_workspace_buffer)
+        self._state = None
+        self._plan_args = None
+
+    def end_forward(self) -> None:
+        """Older FlashInfer releases' no-op (0.7.2 has none); kept for their callers."""
+
+    def _remember_options(self, pos_encoding_mode: Any, use_fp16_qk_reduction: Any, window_left: Any,
+                          logits_soft_cap: Any, rope_scale: Any, rope_theta: Any) -> None:
+        self._pos_encoding_mode, self._use_fp16_qk_reduction = pos_encoding_mode, use_fp16_qk_reduction
+        self._window_left = window_left
+        self._logits_soft_cap = 0.0 if logits_soft_cap is None else logits_soft_cap  # as FlashInfer stores it
+        self._rope_scale, self._rope_theta = rope_scale, rope_theta
+
+    def _apply_forward_options(self, where: str, causal: Any, pos_encoding_mode: Any, use_fp16_qk_reduction: Any,
+                               window_left: Any, logits_soft_cap: Any, sm_scale: Optional[float],
+                               rope_scale: Any, rope_theta: Any) -> None:
+        """The deprecated forward(...) forms: FlashInfer stores their options on the wrapper and runs with
+        them, so they apply from this call on. A feature we lack raises NotSupportedError; sm_scale is
+        updated in place; a different `causal` re-plans from the last plan()'s arguments (its CPU index
+        tensors are read again), which cannot happen during CUDA graph capture (ValueError)."""
+        options.standard_attention(where, pos_encoding_mode=pos_encoding_mode,
+                                   use_fp16_qk_reduction=use_fp16_qk_reduction, window_left=window_left,
+                                   logits_soft_cap=logits_soft_cap)
+        if self._state is None or self._plan_args is None:
+            raise RuntimeError(f"{where} called before plan()")
+        if bool(causal) != self._causal:
+            if torch.cuda.is_current_stream_capturing():
+                raise ValueError(
+                    f"{where}: causal={bool(causal)} differs from plan()'s causal={self._causal}; forward() "
+                    f"re-plans for that, which cannot happen during CUDA graph capture: plan() with "
+                    f"causal={bool(causal)}, or call run()")
+            self._plan(**{**self._plan_args, "causal": bool(causal), "sm_scale": sm_scale})
+        elif sm_scale != self._sm_scale:
+            s = self._state
+            self._params.scale_log2 = (sm_scale if sm_scale is not None else 1.0 / math.sqrt(s.head_dim)) * LOG2E
+            self._sm_scale = sm_scale
+        self._remember_options(pos_encoding_mode, use_fp16_qk_reduction, window_left, logits_soft_cap, rope_scale,
+                               rope_theta)
+        self._logits_soft_cap = logits_soft_cap  # FlashInfer's forward() stores it as given
 
     def _kernel(self, layout: str, head_dim: int, dtype: torch.dtype, causal: bool) -> PrefillKernel:
         """The kernel for layout "ragged" | "paged" (NHD and HND share it: the layout is only strides)."""
@@ -170,8 +297,13 @@ class _BatchAttention:
               q_data_type: Union[str, torch.dtype], kv_data_type: Optional[Union[str, torch.dtype]],
               fixed_split_size: Optional[int], disable_split_kv: bool,
               pages: Optional[tuple[torch.Tensor, torch.Tensor, int, int]] = None) -> None:
-        """Plan from host int32 tensors: qo_indptr and the cumulative KV lengths (+ page table)."""
+        """Plan from host int32 tensors: qo_indptr and the cumulative KV lengths (+ page table).
+        fixed_split_size None or <= 0 (FlashInfer's -1) means: split automatically."""
         q_dtype = check_dtypes(q_data_type, kv_data_type)
+        plan_args = dict(layout=layout, qo_host=qo_host, kv_lens_indptr=kv_lens_indptr, num_qo_heads=num_qo_heads,
+                         num_kv_heads=num_kv_heads, head_dim=head_dim, causal=causal, sm_scale=sm_scale,
+                         q_data_type=q_data_type, kv_data_type=kv_data_type, fixed_split_size=fixed_split_size,
+                         disable_split_kv=disable_split_kv, pages=pages)
         batch = qo_host.numel() - 1
         total_q = _host_int(qo_host, batch)
         total_kv = _host_int(kv_lens_indptr, batch)
@@ -187,8 +319,8 @@ class _BatchAttention:
         sms, slots_per_gpu = variant.gpu_slots(self._device, cta_q)
         if disable_split_kv:
             split_tiles = -1
-        elif fixed_split_size is not None:
-            if fixed_split_size <= 0 or fixed_split_size % variant.kv_tile:
+        elif fixed_split_size is not None and fixed_split_size > 0:
+            if fixed_split_size % variant.kv_tile:
                 raise ValueError(f"fixed_split_size: expected a positive multiple of {variant.kv_tile}, "
                                  f"got {fixed_split_size}")
             split_tiles = fixed_split_size // variant.kv_tile
@@ -225,7 +357,7 @@ class _BatchAttention:
             if status == PLAN_WORKSPACE:
                 need = plan.partial_rows * num_kv_heads * (head_dim + 1) * 4
                 raise ValueError(
-                    f"float_workspace_buffer holds {workspace.float_buffer.numel()} bytes but this plan's split-KV "
+                    f"float_workspace_buffer holds {workspace.nbytes} bytes but this plan's split-KV "
                     f"partial states need {need} bytes; pass a buffer of at least that size (or disable_split_kv=True)")
             if self._use_cuda_graph:
                 raise ValueError(
@@ -254,6 +386,8 @@ class _BatchAttention:
             grid_items=items_cap if self._use_cuda_graph else plan.num_items,
             dtype=q_dtype, batch=batch, total_q=total_q, total_kv=total_kv, num_qo_heads=num_qo_heads,
             num_kv_heads=num_kv_heads, head_dim=head_dim, page_size=page_size, max_page_index=max_page_index)
+        self._plan_args = plan_args
+        self._causal, self._sm_scale = bool(causal), sm_scale
 
     def _prepare_q_out(self, q: torch.Tensor, out: Optional[torch.Tensor], lse: Optional[torch.Tensor],
                        return_lse: bool) -> tuple[_PlanState, torch.Tensor, Optional[torch.Tensor]]:

@@ -1,11 +1,19 @@
 """Batch prefill attention with FlashInfer's names and semantics (FlashInfer's `flashinfer.prefill`):
-`BatchPrefillWithRaggedKVCacheWrapper`, `BatchPrefillWithPagedKVCacheWrapper` and
-`single_prefill_with_kv_cache`. The decode wrapper is in decode.py; the plan/run machinery they share
-in batch_attention.py.
+`BatchPrefillWithRaggedKVCacheWrapper`, `BatchPrefillWithPagedKVCacheWrapper`,
+`single_prefill_with_kv_cache` and `single_prefill_with_kv_cache_return_lse`. The decode wrapper is in
+decode.py; the plan/run machinery they share in batch_attention.py.
 
-Semantics follow FlashInfer: LSE is base 2; causal masks are bottom-right aligned (query i of a
-request sees keys j <= kv_len - q_len + i); sm_scale defaults to 1/sqrt(head_dim). A paged request
-with n pages holds (n - 1) * page_size + last_page_len tokens.
+Every callable takes FlashInfer 0.7.2's parameters, by FlashInfer's names and at FlashInfer's positions
+(tests/flashinfer_signatures.py holds them; tests/test_flashinfer_api.py checks them). A value that means
+"feature off" (pos_encoding_mode="NONE", window_left=-1, logits_soft_cap=0.0 or None, scales of 1.0,
+use_fp16_qk_reduction=False, no custom mask, backend="auto" / "fa2", ...) works; a value asking for a
+feature flashinfer-jit does not have raises `NotSupportedError` (a ValueError) naming the parameter, the
+value and what is supported, before any kernel launch. Options that only affect performance or other
+backends (non_blocking, enable_pdl, max_token_per_sequence, ...) are accepted.
+
+Semantics follow FlashInfer: LSE is base 2 (lse_base="ln" gives natural log); causal masks are
+bottom-right aligned (query i of a request sees keys j <= kv_len - q_len + i); sm_scale defaults to
+1/sqrt(head_dim). A paged request with n pages holds (n - 1) * page_size + last_page_len tokens.
 
 Stricter than FlashInfer, and documented here:
   - every tensor is checked (dtype, device, shape, strides, 16-byte aligned rows) before launch, and
@@ -16,26 +24,58 @@ Stricter than FlashInfer, and documented here:
     tensors cost one copy to the host);
   - rows that see no key (kv_len 0, or causal rows before the diagonal) give O = 0 and LSE = -inf;
   - a float workspace too small for the split-KV partial states is an error that says how large it
-    must be, never an overflow.
+    must be, never an overflow;
+  - fixed_split_size counts KV tokens (a multiple of the kernel's KV tile) on both wrappers; FlashInfer
+    counts pages on the paged one. Either way the split is independent of the batch (batch-invariant
+    results); only where the chunks fall differs.
 """
 from __future__ import annotations
 
+import functools
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 import torch
 
-from . import validate
+from . import options, validate
 from .abi import PrefillParams
-from .batch_attention import _BatchAttention, _PlanState, check_dtypes, check_heads, index_tensor, no_unsupported
+from .batch_attention import (
+    LN2,
+    _BatchAttention,
+    _PlanState,
+    check_dtypes,
+    check_heads,
+    check_plan_options,
+    index_tensor,
+    resolve_head_dim,
+    run_options,
+)
+from .errors import NotSupportedError
+from .kernels import select_backend
+from .ops import define
 from .planner import paged_kv_lengths
+
+_RAGGED = "BatchPrefillWithRaggedKVCacheWrapper"
+_PAGED = "BatchPrefillWithPagedKVCacheWrapper"
+
+
+def _same_offsets(where: str, name: str, value: Optional[torch.Tensor], expected: torch.Tensor, other: str) -> None:
+    """v_indptr / o_indptr (FlashInfer: separate V / O row offsets, default kv_indptr / qo_indptr)."""
+    if value is None:
+        return
+    if not torch.equal(index_tensor(name, value), expected):
+        raise NotSupportedError(name, f"offsets other than {other}'s", f"None or the same offsets as {other} "
+                                "(separate V / O row offsets are not implemented yet)", where)
 
 
 class BatchPrefillWithRaggedKVCacheWrapper(_BatchAttention):
     """Batch prefill attention over ragged K/V (all requests packed along the token axis).
 
-    Args:
-        float_workspace_buffer: uint8 CUDA tensor for split-KV partial states. 128 MB covers large
-            batches; plan() says how many bytes a plan needs when it is short.
+    Args (FlashInfer's; see plan() for the options):
+        float_workspace_buffer: a CUDA tensor of any dtype (uint8, int8, ...), used as bytes, for split-KV
+            partial states. 128 MB covers large batches; plan() says how many bytes a plan needs when short.
         kv_layout: "NHD" (k, v: [total_kv, Hkv, D]) or "HND" (k, v: [Hkv, total_kv, D]).
         use_cuda_graph: make run() capturable: grids, metadata buffers and the q tile size are
             fixed by the first plan() (plan the shape the graph will replay: a decode-like first
@@ -45,37 +85,83 @@ class BatchPrefillWithRaggedKVCacheWrapper(_BatchAttention):
             (rows past the plan are ignored and not written). The captured kernels read the plan
             metadata from this wrapper's buffers: keep the wrapper alive as long as the graph may
             be replayed.
+        qo_indptr_buf, kv_indptr_buf, custom_mask_buf, mask_indptr_buf: FlashInfer's CUDA-graph staging
+            buffers; accepted and not needed (the plan lives in the wrapper's own buffers). A custom
+            mask itself is refused at plan().
+        backend: "auto" or "fa2" (our FA2-class kernel; `wrapper.backend` says which ran). "fa3" raises
+            NotSupportedError on every card until our Hopper kernel exists (FlashInfer does not fall back
+            on a non-Hopper card either); "cudnn", "cutlass", "trtllm-gen", "cute-dsl" raise too.
+        jit_args, jit_kwargs, variant_owns_mask: FlashInfer's custom JIT variants: None / False only.
     """
 
     def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str = "NHD", use_cuda_graph: bool = False,
-                 **unsupported: Any):
-        no_unsupported("BatchPrefillWithRaggedKVCacheWrapper", unsupported)
-        super().__init__(float_workspace_buffer, kv_layout, use_cuda_graph)
+                 qo_indptr_buf: Optional[torch.Tensor] = None, kv_indptr_buf: Optional[torch.Tensor] = None,
+                 custom_mask_buf: Optional[torch.Tensor] = None, mask_indptr_buf: Optional[torch.Tensor] = None,
+                 backend: str = "auto", jit_args: Optional[list] = None, jit_kwargs: Optional[dict] = None,
+                 variant_owns_mask: bool = False):
+        where = f"{_RAGGED}()"
+        options.no_jit_variant(where, jit_args, jit_kwargs, variant_owns_mask)
+        super().__init__(float_workspace_buffer, kv_layout, use_cuda_graph, backend=backend, where=where)
 
     def plan(self, qo_indptr: torch.Tensor, kv_indptr: torch.Tensor, num_qo_heads: int, num_kv_heads: int,
-             head_dim: int, *, causal: bool = False, sm_scale: Optional[float] = None,
-             q_data_type: Union[str, torch.dtype] = torch.float16,
-             kv_data_type: Optional[Union[str, torch.dtype]] = None, head_dim_vo: Optional[int] = None,
-             fixed_split_size: Optional[int] = None, disable_split_kv: bool = False, **unsupported: Any) -> None:
+             head_dim_qk: Optional[int] = None, head_dim_vo: Optional[int] = None,
+             custom_mask: Optional[torch.Tensor] = None, packed_custom_mask: Optional[torch.Tensor] = None,
+             causal: bool = False, pos_encoding_mode: str = "NONE", use_fp16_qk_reduction: bool = False,
+             window_left: int = -1, logits_soft_cap: Optional[float] = None, sm_scale: Optional[float] = None,
+             rope_scale: Optional[float] = None, rope_theta: Optional[float] = None,
+             q_data_type: Union[str, torch.dtype] = "float16", kv_data_type: Optional[Union[str, torch.dtype]] = None,
+             o_data_type: Optional[Union[str, torch.dtype]] = None, non_blocking: bool = True,
+             prefix_len_ptr: Optional[torch.Tensor] = None, token_pos_in_items_ptr: Optional[torch.Tensor] = None,
+             token_pos_in_items_len: int = 0, max_item_len_ptr: Optional[torch.Tensor] = None,
+             fixed_split_size: Optional[int] = None, disable_split_kv: bool = False,
+             seq_lens: Optional[torch.Tensor] = None, seq_lens_q: Optional[torch.Tensor] = None,
+             max_token_per_sequence: Optional[int] = None, max_sequence_kv: Optional[int] = None,
+             v_indptr: Optional[torch.Tensor] = None, o_indptr: Optional[torch.Tensor] = None, *,
+             head_dim: Optional[int] = None) -> None:
         """Plan a batch. qo_indptr, kv_indptr: int32 [batch + 1], on the CPU (no device sync) or CUDA.
 
-        fixed_split_size (KV tokens per chunk, a multiple of the KV tile) and disable_split_kv make the
-        split decision independent of the batch (batch-invariant results). Options after head_dim are
-        keyword-only (FlashInfer deprecates passing them by position, and its positions differ)."""
-        no_unsupported("plan()", unsupported)
-        check_heads(num_qo_heads, num_kv_heads, head_dim, head_dim_vo)
+        FlashInfer's parameters, in its order. head_dim= is accepted as another name for head_dim_qk
+        (keyword only). Off values only for the variant options (see the module docstring);
+        fixed_split_size (KV tokens per chunk, a multiple of the KV tile; None or <= 0: automatic) and
+        disable_split_kv make the split decision independent of the batch (batch-invariant results).
+        seq_lens, seq_lens_q, max_token_per_sequence, max_sequence_kv (cuDNN's) and non_blocking are
+        accepted and not needed; v_indptr / o_indptr only as None or equal to kv_indptr / qo_indptr."""
+        where = f"{_RAGGED}.plan()"
+        head_dim_qk = resolve_head_dim(where, head_dim_qk, head_dim)
+        check_plan_options(where, custom_mask=custom_mask, packed_custom_mask=packed_custom_mask,
+                           pos_encoding_mode=pos_encoding_mode, use_fp16_qk_reduction=use_fp16_qk_reduction,
+                           window_left=window_left, logits_soft_cap=logits_soft_cap, prefix_len_ptr=prefix_len_ptr,
+                           token_pos_in_items_ptr=token_pos_in_items_ptr, max_item_len_ptr=max_item_len_ptr)
+        check_heads(num_qo_heads, num_kv_heads, head_dim_qk, head_dim_vo)
+        q_dtype = check_dtypes(q_data_type, kv_data_type, where)
+        options.dtype_like(where, "o_data_type", o_data_type, q_dtype)
         qo = index_tensor("qo_indptr", qo_indptr, 1)
         kv = index_tensor("kv_indptr", kv_indptr, 1)
         if qo.numel() != kv.numel():
             raise ValueError(f"kv_indptr: expected {qo.numel()} entries like qo_indptr (batch_size + 1), got {kv.numel()}")
-        self._plan("ragged", qo, kv, num_qo_heads, num_kv_heads, head_dim, causal, sm_scale, q_data_type,
+        _same_offsets(where, "v_indptr", v_indptr, kv, "kv_indptr")
+        _same_offsets(where, "o_indptr", o_indptr, qo, "qo_indptr")
+        self._plan("ragged", qo, kv, num_qo_heads, num_kv_heads, head_dim_qk, causal, sm_scale, q_dtype,
                    kv_data_type, fixed_split_size, disable_split_kv)
+        self._remember_options(pos_encoding_mode, use_fp16_qk_reduction, window_left, logits_soft_cap, rope_scale,
+                               rope_theta)
 
     begin_forward = plan
 
-    def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: Optional[torch.Tensor] = None,
-            lse: Optional[torch.Tensor] = None, return_lse: bool = False):
-        """Attention for the planned batch. Returns out, or (out, lse) when return_lse is True."""
+    def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any,
+            q_scale: Optional[float] = None, k_scale: Optional[float] = None, v_scale: Optional[float] = None,
+            o_scale: Optional[float] = None, out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None,
+            return_lse: bool = False, lse_base: str = "log2", lse_layout: str = "NH",
+            enable_pdl: Optional[bool] = None, kv_cache_sf: Optional[Any] = None):
+        """Attention for the planned batch. Returns out, or (out, lse) when return_lse is True.
+
+        Scales only as None or 1.0 (fp8 is not implemented), no *args (custom JIT variants), no
+        kv_cache_sf (NVFP4), lse_layout "NH"; lse_base "log2" (default) or "ln"; enable_pdl is accepted."""
+        ln = False
+        if (args or q_scale is not None or k_scale is not None or v_scale is not None or o_scale is not None
+                or kv_cache_sf is not None or lse_base != "log2" or lse_layout != "NH"):
+            ln = run_options(f"{_RAGGED}.run()", args, q_scale=q_scale, k_scale=k_scale, v_scale=v_scale,
+                             o_scale=o_scale, lse_base=lse_base, lse_layout=lse_layout, kv_cache_sf=kv_cache_sf)
         s, out, lse = self._prepare_q_out(q, out, lse, return_lse)
         rows = None if self._use_cuda_graph else s.total_kv
         shape = (rows, s.num_kv_heads, s.head_dim) if self._kv_layout == "NHD" else (s.num_kv_heads, rows, s.head_dim)
@@ -86,12 +172,32 @@ class BatchPrefillWithRaggedKVCacheWrapper(_BatchAttention):
         if kv_rows < s.total_kv:
             raise ValueError(f"k: expected at least {s.total_kv} tokens (the planned total), got {kv_rows}")
         self._launch(s, q, k, v, out, lse)
+        if ln and lse is not None:
+            lse.mul_(LN2)
         return (out, lse) if return_lse else out
 
-    forward = run
+    run_return_lse = functools.partialmethod(run, return_lse=True)
 
-    def run_return_lse(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw: Any):
-        return self.run(q, k, v, return_lse=True, **kw)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+                pos_encoding_mode: str = "NONE", use_fp16_qk_reduction: bool = False, window_left: int = -1,
+                logits_soft_cap: Optional[float] = None, sm_scale: Optional[float] = None,
+                rope_scale: Optional[float] = None, rope_theta: Optional[float] = None) -> torch.Tensor:
+        """Deprecated (FlashInfer's, use run()). Its options apply from this call on, as in FlashInfer: a
+        different sm_scale is set in place, a different causal re-plans from plan()'s arguments."""
+        self._apply_forward_options(f"{_RAGGED}.forward()", causal, pos_encoding_mode, use_fp16_qk_reduction,
+                                    window_left, logits_soft_cap, sm_scale, rope_scale, rope_theta)
+        return self.run(q, k, v)
+
+    def forward_return_lse(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+                           pos_encoding_mode: str = "NONE", use_fp16_qk_reduction: bool = False,
+                           window_left: int = -1, logits_soft_cap: Optional[float] = None,
+                           sm_scale: Optional[float] = None, rope_scale: Optional[float] = None,
+                           rope_theta: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Deprecated (FlashInfer's, use run(return_lse=True)); options as in forward()."""
+        self._apply_forward_options(f"{_RAGGED}.forward_return_lse()", causal, pos_encoding_mode,
+                                    use_fp16_qk_reduction, window_left, logits_soft_cap, sm_scale, rope_scale,
+                                    rope_theta)
+        return self.run(q, k, v, return_lse=True)
 
     def _set_kv(self, p: PrefillParams, k: torch.Tensor, v: torch.Tensor) -> None:
         p.k, p.v = k.data_ptr(), v.data_ptr()
@@ -100,37 +206,72 @@ class BatchPrefillWithRaggedKVCacheWrapper(_BatchAttention):
         p.v_stride_n, p.v_stride_h = (v.stride(0), v.stride(1)) if nhd else (v.stride(1), v.stride(0))
 
 
+def _host_lengths(name: str, value: object) -> torch.Tensor:
+    t = validate.tensor(name, value, ndim=1)
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(f"{name}: expected an integer tensor, got {t.dtype}")
+    return t.to("cpu", torch.int64)
+
+
 class BatchPrefillWithPagedKVCacheWrapper(_BatchAttention):
     """Batch prefill attention over a paged KV cache.
 
     The cache passed to run() is one tensor [num_pages, 2, page_size, Hkv, D] (NHD) or
     [num_pages, 2, Hkv, page_size, D] (HND) holding K at [:, 0] and V at [:, 1], or a (k, v) tuple of
     [num_pages, page_size, Hkv, D] / [num_pages, Hkv, page_size, D] tensors with equal strides.
+    Constructor arguments as for the ragged wrapper; with use_cuda_graph=True, paged_kv_indices_buf's
+    length sets the page-table room of later plans (the other *_buf arguments are accepted, only their
+    lengths matter: the metadata is kept in the wrapper's own buffers).
     """
 
     def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str = "NHD", use_cuda_graph: bool = False,
                  qo_indptr_buf: Optional[torch.Tensor] = None, paged_kv_indptr_buf: Optional[torch.Tensor] = None,
                  paged_kv_indices_buf: Optional[torch.Tensor] = None,
-                 paged_kv_last_page_len_buf: Optional[torch.Tensor] = None, **unsupported: Any):
-        """With use_cuda_graph=True, paged_kv_indices_buf's length sets the page-table room of later
-        plans (FlashInfer's argument; the metadata is kept in the wrapper's own buffers, so the other
-        *_buf arguments are accepted and only their lengths matter)."""
-        no_unsupported("BatchPrefillWithPagedKVCacheWrapper", unsupported)
+                 paged_kv_last_page_len_buf: Optional[torch.Tensor] = None,
+                 custom_mask_buf: Optional[torch.Tensor] = None, mask_indptr_buf: Optional[torch.Tensor] = None,
+                 backend: str = "auto", jit_args: Optional[list] = None, jit_kwargs: Optional[dict] = None,
+                 variant_owns_mask: bool = False):
+        where = f"{_PAGED}()"
+        options.no_jit_variant(where, jit_args, jit_kwargs, variant_owns_mask)
         room = paged_kv_indices_buf.numel() if isinstance(paged_kv_indices_buf, torch.Tensor) else 0
-        super().__init__(float_workspace_buffer, kv_layout, use_cuda_graph, max_num_pages=room)
+        super().__init__(float_workspace_buffer, kv_layout, use_cuda_graph, max_num_pages=room, backend=backend,
+                         where=where)
 
     def plan(self, qo_indptr: torch.Tensor, paged_kv_indptr: torch.Tensor, paged_kv_indices: torch.Tensor,
-             paged_kv_last_page_len: torch.Tensor, num_qo_heads: int, num_kv_heads: int, head_dim: int,
-             page_size: int, *, causal: bool = False, sm_scale: Optional[float] = None,
-             q_data_type: Union[str, torch.dtype] = torch.float16,
-             kv_data_type: Optional[Union[str, torch.dtype]] = None, head_dim_vo: Optional[int] = None,
-             fixed_split_size: Optional[int] = None, disable_split_kv: bool = False, **unsupported: Any) -> None:
+             paged_kv_last_page_len: torch.Tensor, num_qo_heads: int, num_kv_heads: int,
+             head_dim_qk: Optional[int] = None, page_size: Optional[int] = None, head_dim_vo: Optional[int] = None,
+             custom_mask: Optional[torch.Tensor] = None, packed_custom_mask: Optional[torch.Tensor] = None,
+             causal: bool = False, pos_encoding_mode: str = "NONE", use_fp16_qk_reduction: bool = False,
+             sm_scale: Optional[float] = None, window_left: int = -1, logits_soft_cap: Optional[float] = None,
+             rope_scale: Optional[float] = None, rope_theta: Optional[float] = None,
+             q_data_type: Union[str, torch.dtype] = "float16", kv_data_type: Optional[Union[str, torch.dtype]] = None,
+             o_data_type: Optional[Union[str, torch.dtype]] = None, non_blocking: bool = True,
+             prefix_len_ptr: Optional[torch.Tensor] = None, token_pos_in_items_ptr: Optional[torch.Tensor] = None,
+             token_pos_in_items_len: int = 0, max_item_len_ptr: Optional[torch.Tensor] = None,
+             seq_lens: Optional[torch.Tensor] = None, seq_lens_q: Optional[torch.Tensor] = None,
+             block_tables: Optional[torch.Tensor] = None, max_token_per_sequence: Optional[int] = None,
+             max_sequence_kv: Optional[int] = None, fixed_split_size: Optional[int] = None,
+             disable_split_kv: bool = False, *, head_dim: Optional[int] = None) -> None:
         """Plan a batch over a page table (CSR: indptr [batch + 1], indices, last_page_len [batch]).
-        All int32; CPU tensors avoid any device sync."""
-        no_unsupported("plan()", unsupported)
-        check_heads(num_qo_heads, num_kv_heads, head_dim, head_dim_vo)
+        All int32; CPU tensors avoid any device sync.
+
+        FlashInfer's parameters, in its order (see the ragged plan() for the shared ones). seq_lens, when
+        given, must equal the page table's lengths (FlashInfer's fa2 path would use it instead of them);
+        block_tables, seq_lens_q, max_token_per_sequence and max_sequence_kv (other backends') are accepted
+        and not needed."""
+        where = f"{_PAGED}.plan()"
+        head_dim_qk = resolve_head_dim(where, head_dim_qk, head_dim)
+        if page_size is None:
+            raise TypeError(f"{where}: missing required argument 'page_size'")
+        check_plan_options(where, custom_mask=custom_mask, packed_custom_mask=packed_custom_mask,
+                           pos_encoding_mode=pos_encoding_mode, use_fp16_qk_reduction=use_fp16_qk_reduction,
+                           window_left=window_left, logits_soft_cap=logits_soft_cap, prefix_len_ptr=prefix_len_ptr,
+                           token_pos_in_items_ptr=token_pos_in_items_ptr, max_item_len_ptr=max_item_len_ptr)
+        check_heads(num_qo_heads, num_kv_heads, head_dim_qk, head_dim_vo)
         if not isinstance(page_size, int) or page_size < 1:
             raise ValueError(f"page_size: expected a positive int, got {page_size!r}")
+        q_dtype = check_dtypes(q_data_type, kv_data_type, where)  # before the kernel library is loaded
+        options.dtype_like(where, "o_data_type", o_data_type, q_dtype)
         qo = index_tensor("qo_indptr", qo_indptr, 1)
         batch = qo.numel() - 1
         indptr = index_tensor("paged_kv_indptr", paged_kv_indptr, 1)
@@ -140,23 +281,72 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchAttention):
         last = index_tensor("paged_kv_last_page_len", paged_kv_last_page_len)
         if last.numel() != batch:
             raise ValueError(f"paged_kv_last_page_len: expected {batch} entries (batch_size), got {last.numel()}")
-        q_dtype = check_dtypes(q_data_type, kv_data_type)  # before the kernel library is loaded
-        kernel = self._kernel("paged", head_dim, q_dtype, causal)  # NHD and HND: one kernel, other strides
+        lens = _host_lengths("seq_lens", seq_lens) if seq_lens is not None else None
+        kernel = self._kernel("paged", head_dim_qk, q_dtype, causal)  # NHD and HND: one kernel, other strides
         kv_lens, max_page = paged_kv_lengths(kernel.kernel, indptr, last, indices, page_size, batch)
-        self._plan("paged", qo, kv_lens, num_qo_heads, num_kv_heads, head_dim, causal, sm_scale, q_data_type,
+        if lens is not None and not torch.equal(lens, (kv_lens[1:] - kv_lens[:-1]).to(torch.int64)):
+            raise NotSupportedError("seq_lens", "KV lengths other than the page table's",
+                                    "None or the page table's lengths ((pages - 1) * page_size + last_page_len)",
+                                    where)
+        self._plan("paged", qo, kv_lens, num_qo_heads, num_kv_heads, head_dim_qk, causal, sm_scale, q_dtype,
                    kv_data_type, fixed_split_size, disable_split_kv, pages=(indptr, indices, page_size, max_page))
+        self._remember_options(pos_encoding_mode, use_fp16_qk_reduction, window_left, logits_soft_cap, rope_scale,
+                               rope_theta)
 
     begin_forward = plan
 
     def run(self, q: torch.Tensor, paged_kv_cache: Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]],
-            out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None, return_lse: bool = False):
-        """Attention for the planned batch. Returns out, or (out, lse) when return_lse is True."""
+            *args: Any, q_scale: Optional[float] = None, k_scale: Optional[float] = None,
+            v_scale: Optional[float] = None, out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None,
+            return_lse: bool = False, lse_base: str = "log2", lse_layout: str = "NH",
+            enable_pdl: Optional[bool] = None, window_left: Optional[int] = None,
+            sinks: Optional[torch.Tensor] = None, kv_cache_sf: Optional[Any] = None,
+            skip_softmax_threshold_scale_factor: Optional[float] = None, use_fp16_softmax: Optional[bool] = None,
+            uses_spcompress: Optional[bool] = None):
+        """Attention for the planned batch. Returns out, or (out, lse) when return_lse is True.
+
+        As the ragged run(); also window_left None or -1, no sinks, no skip-softmax threshold.
+        use_fp16_softmax and uses_spcompress select trtllm-gen cubins and are ignored, as by FlashInfer's
+        other backends."""
+        ln = False
+        if (args or q_scale is not None or k_scale is not None or v_scale is not None or kv_cache_sf is not None
+                or window_left is not None or sinks is not None or skip_softmax_threshold_scale_factor is not None
+                or lse_base != "log2" or lse_layout != "NH"):
+            ln = run_options(f"{_PAGED}.run()", args, q_scale=q_scale, k_scale=k_scale, v_scale=v_scale,
+                             lse_base=lse_base, lse_layout=lse_layout, window_left=window_left, sinks=sinks,
+                             kv_cache_sf=kv_cache_sf,
+                             skip_softmax_threshold_scale_factor=skip_softmax_threshold_scale_factor)
         s, out, lse = self._prepare_q_out(q, out, lse, return_lse)
         k, v = self._split_cache(s, paged_kv_cache)
         self._launch(s, q, k, v, out, lse)
+        if ln and lse is not None:
+            lse.mul_(LN2)
         return (out, lse) if return_lse else out
 
-    forward = run
+    run_return_lse = functools.partialmethod(run, return_lse=True)
+
+    def forward(self, q: torch.Tensor, paged_kv_cache: Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]],
+                causal: bool = False, pos_encoding_mode: str = "NONE", use_fp16_qk_reduction: bool = False,
+                k_scale: Optional[float] = None, v_scale: Optional[float] = None, window_left: int = -1,
+                logits_soft_cap: Optional[float] = None, sm_scale: Optional[float] = None,
+                rope_scale: Optional[float] = None, rope_theta: Optional[float] = None) -> torch.Tensor:
+        """Deprecated (FlashInfer's, use run()); options as in the ragged forward()."""
+        self._apply_forward_options(f"{_PAGED}.forward()", causal, pos_encoding_mode, use_fp16_qk_reduction,
+                                    window_left, logits_soft_cap, sm_scale, rope_scale, rope_theta)
+        return self.run(q, paged_kv_cache, k_scale=k_scale, v_scale=v_scale)
+
+    def forward_return_lse(self, q: torch.Tensor,
+                           paged_kv_cache: Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]],
+                           causal: bool = False, pos_encoding_mode: str = "NONE", use_fp16_qk_reduction: bool = False,
+                           k_scale: Optional[float] = None, v_scale: Optional[float] = None, window_left: int = -1,
+                           logits_soft_cap: Optional[float] = None, sm_scale: Optional[float] = None,
+                           rope_scale: Optional[float] = None,
+                           rope_theta: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Deprecated (FlashInfer's, use run(return_lse=True)); options as in forward()."""
+        self._apply_forward_options(f"{_PAGED}.forward_return_lse()", causal, pos_encoding_mode,
+                                    use_fp16_qk_reduction, window_left, logits_soft_cap, sm_scale, rope_scale,
+                                    rope_theta)
+        return self.run(q, paged_kv_cache, k_scale=k_scale, v_scale=v_scale, return_lse=True)
 
     def _split_cache(self, s: _PlanState, cache: Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]):
         nhd = self._kv_layout == "NHD"
@@ -195,24 +385,154 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchAttention):
         p.v_stride_n, p.v_stride_h = p.k_stride_n, p.k_stride_h
 
 
+# ---- single_prefill_with_kv_cache ------------------------------------------------------------------
+#
+# One request is a one-request ragged batch. Its plan depends only on the shapes and options, so it is
+# made once per shape and kept (`_SinglePlan`): a call with a known shape only launches. The call is its
+# own torch op (`single_prefill_run`), so torch.compile traces it as one opaque node, and under
+# mode="reduce-overhead" (CUDA-graph trees) and any CUDA graph capture the kernel replays with the
+# pointers of plan buffers that outlive the graph:
+#   - planning allocates (metadata buffers, pinned staging, the float workspace) and copies the plan
+#     host-to-device on a side stream, outside the memory pool a graph tree routes the current stream's
+#     allocations to (a plan allocated there is an untracked live allocation: "All live allocations must
+#     be tracked"); the current stream then waits for that copy;
+#   - a shape first seen during capture cannot be planned (no copies or allocations inside a graph):
+#     RuntimeError saying to run it once before capture (graph trees do a warm-up run first anyway);
+#   - a plan that was used during a capture is never evicted (the graph reads its buffers); the others
+#     are kept least-recently-used, up to _SINGLE_PLANS_KEPT. An evicted plan's device buffer is recorded
+#     on every stream that used it (record_stream), so its memory is not reused before those kernels end.
+# The float workspace (split-KV partial states) is one per device and shared by every single-prefill
+# plan: calls on one stream are ordered; concurrent calls on two streams of one device would share it.
+
+_SINGLE_PLANS_KEPT = 64
+_SINGLE_WORKSPACE_BYTES = 32 << 20
+
+
+@dataclass
+class _SinglePlan:
+    wrapper: BatchPrefillWithRaggedKVCacheWrapper
+    captured: bool = False  # used during a CUDA graph capture: never evicted
+    streams: set = field(default_factory=set)  # raw stream handles that ran it (record_stream done)
+
+
+_single_plans: "OrderedDict[tuple, _SinglePlan]" = OrderedDict()
 _single_workspaces: dict[torch.device, torch.Tensor] = {}
+_plan_streams: dict[torch.device, torch.cuda.Stream] = {}
 
 
-def single_prefill_with_kv_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
-                                 sm_scale: Optional[float] = None, kv_layout: str = "NHD",
-                                 return_lse: bool = False, **unsupported: Any):
-    """Attention for one request: q [q_len, Hq, D]; k, v [kv_len, Hkv, D] (NHD) or [Hkv, kv_len, D] (HND)."""
-    no_unsupported("single_prefill_with_kv_cache", unsupported)
-    q = validate.cuda_tensor("q", q, dtypes=validate.ATTENTION_DTYPES, ndim=3)
-    validate.tensor("k", k, ndim=3)
+def _plan_single(key: tuple, q: torch.Tensor, kv_len: int, num_kv_heads: int, causal: bool, sm_scale: float,
+                 kv_layout: str, backend: str) -> _SinglePlan:
+    device = q.device
+    side = _plan_streams.get(device)
+    if side is None:
+        side = _plan_streams[device] = torch.cuda.Stream(device)
+    current = torch.cuda.current_stream(device)
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        workspace = _single_workspaces.get(device)
+        if workspace is None:
+            workspace = _single_workspaces[device] = torch.empty(_SINGLE_WORKSPACE_BYTES, dtype=torch.uint8,
+                                                                 device=device)
+        wrapper = BatchPrefillWithRaggedKVCacheWrapper(workspace, kv_layout, backend=backend)
+        wrapper.plan(torch.tensor([0, q.shape[0]], dtype=torch.int32), torch.tensor([0, kv_len], dtype=torch.int32),
+                     q.shape[1], num_kv_heads, q.shape[2], causal=causal, sm_scale=sm_scale, q_data_type=q.dtype)
+    current.wait_stream(side)
+    entry = _SinglePlan(wrapper)
+    _single_plans[key] = entry
+    while len(_single_plans) > _SINGLE_PLANS_KEPT:
+        old_key = next((k for k, e in _single_plans.items() if not e.captured and k != key), None)
+        if old_key is None:
+            break
+        _single_plans.pop(old_key).wrapper._workspace.release_staging()
+    return entry
+
+
+def _single_prefill_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                         lse: Optional[torch.Tensor], causal: bool, sm_scale: float, hnd: bool, backend: str) -> None:
+    kv_len, num_kv_heads = (k.shape[1], k.shape[0]) if hnd else (k.shape[0], k.shape[1])
+    key = (q.device, tuple(q.shape), kv_len, num_kv_heads, q.dtype, causal, sm_scale, hnd, backend)
+    capturing = torch.cuda.is_current_stream_capturing()
+    entry = _single_plans.get(key)
+    if entry is None:
+        if capturing:
+            raise RuntimeError(
+                f"single_prefill_with_kv_cache: shape q {tuple(q.shape)}, kv_len {kv_len} (causal={causal}) is "
+                f"first seen during CUDA graph capture, where it cannot be planned; run it once before capturing")
+        entry = _plan_single(key, q, kv_len, num_kv_heads, causal, sm_scale, "HND" if hnd else "NHD", backend)
+    else:
+        _single_plans.move_to_end(key)
+    if capturing:
+        entry.captured = True
+    else:
+        stream = torch.cuda.current_stream(q.device)
+        if stream.cuda_stream not in entry.streams:
+            ints = entry.wrapper._workspace.device_ints
+            if ints is not None:
+                ints.record_stream(stream)
+            entry.streams.add(stream.cuda_stream)
+    entry.wrapper.run(q, k, v, out=o, lse=lse)
+
+
+_single_prefill_op = define(
+    "single_prefill_run(Tensor q, Tensor k, Tensor v, Tensor(a!) o, Tensor(b!)? lse, bool causal, float sm_scale, "
+    "bool hnd, str backend) -> ()",
+    _single_prefill_cuda, lambda *args: None,
+)
+
+
+def single_prefill_with_kv_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                 scale_q: Optional[torch.Tensor] = None, scale_k: Optional[torch.Tensor] = None,
+                                 scale_v: Optional[torch.Tensor] = None, o_dtype: Optional[torch.dtype] = None,
+                                 custom_mask: Optional[torch.Tensor] = None,
+                                 packed_custom_mask: Optional[torch.Tensor] = None, causal: bool = False,
+                                 kv_layout: str = "NHD", pos_encoding_mode: str = "NONE",
+                                 use_fp16_qk_reduction: bool = False, sm_scale: Optional[float] = None,
+                                 window_left: int = -1, logits_soft_cap: Optional[float] = None,
+                                 rope_scale: Optional[float] = None, rope_theta: Optional[float] = None,
+                                 backend: str = "auto", return_lse: bool = False, kv_cache_sf: Optional[Any] = None,
+                                 k_scale: Optional[float] = None, v_scale: Optional[float] = None):
+    """Attention for one request: q [q_len, Hq, D]; k, v [kv_len, Hkv, D] (NHD) or [Hkv, kv_len, D] (HND).
+
+    FlashInfer's parameters, in its order; the options as for the wrappers (off values only for RoPE /
+    ALiBi, sliding window, soft-cap, custom masks, fp16 QK reduction, fp8 scales and o_dtype other than
+    q's; backend "auto" / "fa2"). Returns out, or (out, lse) with return_lse=True (LSE base 2).
+
+    Works under torch.compile (fullgraph=True, mode="reduce-overhead" included) and CUDA graph capture:
+    the plan of each shape is made once and kept in buffers that outlive the graph; a shape must be run
+    once before it is captured (see the notes above _SINGLE_PLANS_KEPT in prefill.py)."""
+    where = "single_prefill_with_kv_cache()"
+    check_plan_options(where, custom_mask=custom_mask, packed_custom_mask=packed_custom_mask,
+                       pos_encoding_mode=pos_encoding_mode, use_fp16_qk_reduction=use_fp16_qk_reduction,
+                       window_left=window_left, logits_soft_cap=logits_soft_cap)
+    for name, value in (("scale_q", scale_q), ("scale_k", scale_k), ("scale_v", scale_v), ("k_scale", k_scale),
+                        ("v_scale", v_scale)):
+        if value is not None:
+            options.scale(where, name, value)
+    options.no_tensor(where, "kv_cache_sf", kv_cache_sf, "NVFP4 KV caches")
+    resolved_backend = select_backend(backend, where)
     if kv_layout not in ("NHD", "HND"):
         raise ValueError(f"kv_layout: expected 'NHD' or 'HND', got {kv_layout!r}")
-    kv_len, num_kv_heads = (k.shape[0], k.shape[1]) if kv_layout == "NHD" else (k.shape[1], k.shape[0])
-    workspace = _single_workspaces.get(q.device)
-    if workspace is None:
-        workspace = torch.empty(32 << 20, dtype=torch.uint8, device=q.device)
-        _single_workspaces[q.device] = workspace
-    wrapper = BatchPrefillWithRaggedKVCacheWrapper(workspace, kv_layout)
-    wrapper.plan(torch.tensor([0, q.shape[0]], dtype=torch.int32), torch.tensor([0, kv_len], dtype=torch.int32),
-                 q.shape[1], num_kv_heads, q.shape[2], causal=causal, sm_scale=sm_scale, q_data_type=q.dtype)
-    return wrapper.run(q, k, v, return_lse=return_lse)
+    if isinstance(q, torch.Tensor):
+        options.quantized_dtype(where, "q.dtype", q.dtype)
+    q = validate.cuda_tensor("q", q, dtypes=validate.ATTENTION_DTYPES, ndim=3)
+    options.dtype_like(where, "o_dtype", o_dtype, q.dtype)
+    if isinstance(k, torch.Tensor):
+        options.quantized_dtype(where, "k.dtype", k.dtype)
+    validate.cuda_tensor("k", k, dtypes=(q.dtype,), ndim=3, device=q.device)
+    if isinstance(v, torch.Tensor) and v.dim() == 3 and v.shape[-1] != k.shape[-1]:
+        raise NotSupportedError("v", f"head dim {v.shape[-1]} (k's is {k.shape[-1]})",
+                                "v with k's head dim (different q/k and v/o head dims are not implemented yet)", where)
+    validate.tensor("v", v, dtypes=(q.dtype,), shape=tuple(k.shape), device=q.device)
+    num_kv_heads = k.shape[1] if kv_layout == "NHD" else k.shape[0]
+    check_heads(q.shape[1], num_kv_heads, q.shape[2], k.shape[2])
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        validate.vector_rows(name, t)
+    scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(q.shape[2])
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((q.shape[0], q.shape[1]), dtype=torch.float32, device=q.device) if return_lse else None
+    _single_prefill_op(q, k, v, out, lse, bool(causal), scale, kv_layout == "HND", resolved_backend)
+    return (out, lse) if return_lse else out
+
+
+single_prefill_with_kv_cache_return_lse = functools.partial(single_prefill_with_kv_cache, return_lse=True)
+single_prefill_with_kv_cache_return_lse.__doc__ = "single_prefill_with_kv_cache(..., return_lse=True): (out, lse)."

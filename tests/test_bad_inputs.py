@@ -19,8 +19,9 @@ test_refused_plan_keeps_the_previous_plan: after plan() refuses its input (negat
 states too large for the workspace, bad last_page_len), the plan in force must stay intact (run() gives
 the previous result bit for bit) or run() must refuse to run; it must never run a half-staged plan.
 
-Error types (README): TypeError for a non-tensor or a wrong dtype (and unsupported arguments),
-ValueError for the rest; RuntimeError for run() before plan().
+Error types (README): TypeError for a non-tensor or a wrong dtype, NotSupportedError (a ValueError) for
+a FlashInfer option asking for a feature flashinfer-jit lacks, ValueError for the rest; RuntimeError for
+run() before plan().
 
 Run: python -m pytest -q tests/test_bad_inputs.py   (the GPU half is skipped, with the reason, without CUDA)
 """
@@ -289,8 +290,8 @@ CASES = [
       "q_data_type", "torch.float16 or torch.bfloat16", cpu=True),
     C("ragged/kv_data_type differs", ragged_plan(kv_data_type=torch.float16), TypeError,
       "kv_data_type", "same dtype as q_data_type", cpu=True),
-    C("ragged/unsupported argument", ragged_plan(logits_soft_cap=30.0), TypeError,
-      "unsupported arguments", "logits_soft_cap", cpu=True),
+    C("ragged/logits_soft_cap on", ragged_plan(logits_soft_cap=30.0), flashinfer_jit.NotSupportedError,
+      "logits_soft_cap=30.0", "not supported", cpu=True),
     C("ragged/qo_indptr[0] != 0", ragged_plan(qo_indptr=i32([1, 5, 5, 12])), ValueError, "qo_indptr[0] must be 0"),
     C("ragged/kv_indptr decreasing", ragged_plan(kv_indptr=i32([0, 9, 8, 19])), ValueError,
       "kv_indptr must be non-decreasing", "kv_indptr[1:3] = [9, 8]"),
@@ -301,8 +302,8 @@ CASES = [
     # -- ragged prefill: constructor --
     C("ragged/kv_layout NDH", lambda env: lambda: ragged_wrapper(env, kv_layout="NDH"), ValueError,
       "kv_layout", "'NDH'", cpu=True),
-    C("workspace float32", lambda env: lambda: flashinfer_jit.BatchPrefillWithRaggedKVCacheWrapper(
-        env.zeros(1024, dtype=torch.float32)), TypeError, "float_workspace_buffer", "torch.uint8", cpu=True),
+    C("workspace not contiguous", lambda env: lambda: flashinfer_jit.BatchPrefillWithRaggedKVCacheWrapper(
+        env.zeros(1024, 2, dtype=torch.int8)[:, 0]), ValueError, "float_workspace_buffer", "contiguous", cpu=True),
     C("workspace on the CPU", lambda env: lambda: flashinfer_jit.BatchPrefillWithRaggedKVCacheWrapper(
         torch.zeros(1024, dtype=torch.uint8)), ValueError, "float_workspace_buffer", "a CUDA tensor", cpu=True),
     C("ragged/run() before plan()", run_before_plan, RuntimeError, "run() called before plan()", cpu=True),
