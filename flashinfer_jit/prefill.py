@@ -19,7 +19,8 @@ Stricter than FlashInfer, and documented here:
   - every tensor is checked (dtype, device, shape, strides, 16-byte aligned rows) before launch, and
     run() must be called with exactly the dtypes and sizes given to plan();
   - indptrs must be int32, start at 0 and be non-decreasing; page indices must lie inside the cache
-    passed to run(); last_page_len must be in [1, page_size] (0 only for a request with no pages).
+    passed to run(); last_page_len must be in [1, page_size] for a request with pages (a request
+    without pages is empty whatever its entry, as in FlashInfer).
     All of this is checked on the host: plan() with CPU tensors never synchronizes the device (CUDA
     tensors cost one copy to the host);
   - rows that see no key (kv_len 0, or causal rows before the diagonal) give O = 0 and LSE = -inf;
@@ -283,7 +284,16 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchAttention):
             raise ValueError(f"paged_kv_last_page_len: expected {batch} entries (batch_size), got {last.numel()}")
         lens = _host_lengths("seq_lens", seq_lens) if seq_lens is not None else None
         kernel = self._kernel("paged", head_dim_qk, q_dtype, causal)  # NHD and HND: one kernel, other strides
-        kv_lens, max_page = paged_kv_lengths(kernel.kernel, indptr, last, indices, page_size, batch)
+        try:
+            kv_lens, max_page = paged_kv_lengths(kernel.kernel, indptr, last, indices, page_size, batch)
+        except ValueError:
+            # FlashInfer reads a request without pages as empty whatever its last_page_len (SGLang passes 1s,
+            # vLLM pads CUDA-graph batches with 1): only such a request's entry is set to 0, then re-checked.
+            no_pages = indptr[1:] == indptr[:-1]
+            if not bool((no_pages & (last != 0)).any()):
+                raise
+            last = last.masked_fill(no_pages, 0)
+            kv_lens, max_page = paged_kv_lengths(kernel.kernel, indptr, last, indices, page_size, batch)
         if lens is not None and not torch.equal(lens, (kv_lens[1:] - kv_lens[:-1]).to(torch.int64)):
             raise NotSupportedError("seq_lens", "KV lengths other than the page table's",
                                     "None or the page table's lengths ((pages - 1) * page_size + last_page_len)",

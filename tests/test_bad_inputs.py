@@ -341,8 +341,6 @@ CASES = [
       "paged_kv_last_page_len[0] = 0", "1..16"),
     C("paged/last_page_len > page_size", paged_plan(paged_kv_last_page_len=i32([17, 0, 7])), ValueError,
       "paged_kv_last_page_len[0] = 17", "1..16"),
-    C("paged/last_page_len != 0 without pages", paged_plan(paged_kv_last_page_len=i32([4, 3, 7])), ValueError,
-      "paged_kv_last_page_len[1] = 3", "0 for a request without pages"),
     C("paged/last_page_len wrong length", paged_plan(paged_kv_last_page_len=i32([4, 0])), ValueError,
       "paged_kv_last_page_len", "expected 3 entries", cpu=True),
     C("paged/indptr[0] != 0", paged_plan(paged_kv_indptr=i32([1, 2, 2, 3])), ValueError,
