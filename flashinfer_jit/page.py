@@ -8,7 +8,7 @@ raises (naming it) instead of being skipped.
 from __future__ import annotations
 
 import ctypes
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
@@ -125,18 +125,55 @@ def _check_append_on_host(batch_indices: torch.Tensor, positions: torch.Tensor, 
         raise ValueError(f"kv_indices: page {int(pages.max())} is outside the cache ({num_pages} pages)")
 
 
-def get_batch_indices_positions(append_indptr: torch.Tensor, seq_lens: torch.Tensor,
-                                nnz: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """For appending: request index and KV position of each of the `nnz` new tokens. append_indptr
-    [batch + 1] offsets the new tokens; seq_lens [batch] are the KV lengths after appending. Runs on
-    the tensors' device without synchronizing."""
+def get_seq_lens(kv_indptr: torch.Tensor, kv_last_page_len: torch.Tensor, page_size: int) -> torch.Tensor:
+    """KV lengths of a page table, FlashInfer's formula exactly: max(pages - 1, 0) * page_size +
+    last_page_len per request (so a request without pages has length last_page_len; keep it 0 there).
+    Element-wise tensor ops on the tensors' device: no synchronization."""
+    return torch.clamp(kv_indptr[1:] - kv_indptr[:-1] - 1, min=0) * page_size + kv_last_page_len
+
+
+def get_batch_indices_positions(append_indptr: torch.Tensor, seq_lens: torch.Tensor, nnz: int,
+                                batch_indices: Optional[torch.Tensor] = None,
+                                positions: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """For appending: the request index and KV position of each of the `nnz` new tokens (FlashInfer's
+    semantics). append_indptr [batch + 1] offsets the new tokens; seq_lens [batch] are the KV lengths
+    after appending, so token t of request b gets position t + seq_lens[b] - append_indptr[b + 1].
+
+    `nnz` may exceed append_indptr[-1] (a padded batch): tokens no request covers get batch index -1
+    and position 0 (or, with a `positions=` buffer, keep the buffer's value). `batch_indices=` /
+    `positions=` are optional int32 [nnz] output buffers on the same device, written in place and
+    returned. Runs on the tensors' device (CPU or CUDA) without synchronizing, and can be captured in a
+    CUDA graph."""
     validate.tensor("append_indptr", append_indptr, dtypes=(torch.int32,), ndim=1)
     batch = append_indptr.numel() - 1
-    validate.tensor("seq_lens", seq_lens, dtypes=(torch.int32,), shape=(batch,), device=append_indptr.device)
+    if batch < 0:
+        raise ValueError("append_indptr: expected at least 1 entry (batch_size + 1), got 0")
     device = append_indptr.device
-    append_lens = append_indptr[1:] - append_indptr[:-1]
-    batch_indices = torch.repeat_interleave(torch.arange(batch, dtype=torch.int32, device=device), append_lens,
-                                            output_size=nnz)
+    validate.tensor("seq_lens", seq_lens, dtypes=(torch.int32,), shape=(batch,), device=device)
+    if isinstance(nnz, bool) or not isinstance(nnz, int) or nnz < 0:
+        raise ValueError(f"nnz: expected a non-negative int, got {nnz!r}")
+    for name, buf in (("batch_indices", batch_indices), ("positions", positions)):
+        if buf is not None:
+            validate.tensor(name, buf, dtypes=(torch.int32,), shape=(nnz,), device=device)
     token = torch.arange(nnz, dtype=torch.int32, device=device)
-    positions = token - append_indptr[batch_indices] + (seq_lens - append_lens)[batch_indices]
-    return batch_indices.to(torch.int32), positions.to(torch.int32)
+    ends = append_indptr[1:]
+    # The request of token t: the first whose end lies past t (ends are non-decreasing).
+    b = torch.searchsorted(ends, token, right=True, out_int32=True)
+    covered = b < batch
+    b_safe = torch.clamp(b, max=max(batch - 1, 0))
+    if batch > 0:
+        covered &= token >= append_indptr[b_safe]
+        pos = token + seq_lens[b_safe] - ends[b_safe]
+    else:
+        pos = torch.zeros_like(token)
+    b_out = torch.where(covered, b, torch.full_like(b, -1))
+    pos_out = torch.where(covered, pos, positions if positions is not None else torch.zeros_like(pos))
+    if batch_indices is None:
+        batch_indices = b_out
+    else:
+        batch_indices.copy_(b_out)
+    if positions is None:
+        positions = pos_out
+    else:
+        positions.copy_(pos_out)
+    return batch_indices, positions
