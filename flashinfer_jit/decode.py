@@ -257,8 +257,15 @@ class BatchDecodeWithPagedKVCacheWrapper:
                              f"{self._q_len_per_req}, got {q_len_per_req}. Use a separate wrapper per q_len_per_req.")
         indptr_h = host_int32("indptr", indptr)
         last_h = host_int32("last_page_len", last_page_len)
-        indices_h = host_int32("indices", indices)
         batch = indptr_h.numel() - 1
+        if (isinstance(indices, torch.Tensor) and indices.device.type != "cpu" and batch >= 0
+                and (not self._use_cuda_graph or self._paged_kv_indices_buf is not None)):
+            # Copy only the pages in use: SGLang passes its whole CUDA-graph indices buffer. (The page-table
+            # room of a CUDA-graph plan then comes from paged_kv_indices_buffer.)
+            used = int(indptr_h[batch])
+            if 0 <= used < indices.numel():
+                indices = indices[:used]
+        indices_h = host_int32("indices", indices)
         last_h = empty_requests_have_no_tokens(indptr_h, last_h)
         if is_causal is not None and not isinstance(is_causal, bool):
             raise ValueError(f"is_causal: expected True, False or None, got {is_causal!r}")
@@ -461,13 +468,10 @@ def fast_decode_plan(self: BatchDecodeWithPagedKVCacheWrapper, indptr: torch.Ten
         raise ValueError("fast_decode_plan with q_len_per_req > 1 requires a prior plan() call that resolves the "
                          "backend")
     indptr_h = host_int32("indptr", global_override_indptr_cpu if global_override_indptr_cpu is not None else indptr)
-    batch = indptr_h.numel() - 1
     if page_size == 1:
         last = (indptr_h[1:] > indptr_h[:-1]).to(torch.int32)
     else:
         last = last_page_len
-    if isinstance(indices, torch.Tensor) and indices.device.type != "cpu" and batch >= 0:
-        indices = indices[: int(indptr_h[batch])]
     self._plan_impl(indptr_h, indices, last, num_qo_heads, num_kv_heads, head_dim, page_size, pos_encoding_mode,
                     window_left, logits_soft_cap, q_data_type, kv_data_type, None, data_type, sm_scale, rope_scale,
                     rope_theta, fixed_split_size, disable_split_kv, q_len_per_req, 0, "fast_decode_plan()")
