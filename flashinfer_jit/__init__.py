@@ -1,7 +1,15 @@
 """flashinfer-jit: FlashInfer's attention API, with kernels generated, compiled and cached on demand."""
 import logging as _logging
 
-from .cascade import merge_state, merge_state_in_place, merge_states
+from .attention import BatchAttention
+from .cascade import (
+    BatchDecodeWithSharedPrefixPagedKVCacheWrapper,
+    BatchPrefillWithSharedPrefixPagedKVCacheWrapper,
+    MultiLevelCascadeAttentionWrapper,
+    merge_state,
+    merge_state_in_place,
+    merge_states,
+)
 from .errors import (
     BuildLockTimeout,
     CacheIntegrityError,
@@ -15,8 +23,13 @@ from .errors import (
     NotSupportedError,
     ToolchainNotFoundError,
 )
-from .decode import BatchDecodeWithPagedKVCacheWrapper
-from .page import append_paged_kv_cache, get_batch_indices_positions
+from .decode import (
+    BatchDecodeWithPagedKVCacheWrapper,
+    CUDAGraphBatchDecodeWithPagedKVCacheWrapper,
+    fast_decode_plan,
+    single_decode_with_kv_cache,
+)
+from .page import append_paged_kv_cache, get_batch_indices_positions, get_seq_lens
 from .prefill import (
     BatchPrefillWithPagedKVCacheWrapper,
     BatchPrefillWithRaggedKVCacheWrapper,
@@ -29,9 +42,14 @@ from .version import __version__
 _logging.getLogger("flashinfer_jit").addHandler(_logging.NullHandler())
 
 __all__ = [
+    "BatchAttention",
     "BatchDecodeWithPagedKVCacheWrapper",
+    "BatchDecodeWithSharedPrefixPagedKVCacheWrapper",
     "BatchPrefillWithPagedKVCacheWrapper",
     "BatchPrefillWithRaggedKVCacheWrapper",
+    "BatchPrefillWithSharedPrefixPagedKVCacheWrapper",
+    "CUDAGraphBatchDecodeWithPagedKVCacheWrapper",
+    "MultiLevelCascadeAttentionWrapper",
     "BuildLockTimeout",
     "CacheIntegrityError",
     "CacheSecurityError",
@@ -45,10 +63,13 @@ __all__ = [
     "ToolchainNotFoundError",
     "__version__",
     "append_paged_kv_cache",
+    "fast_decode_plan",
     "get_batch_indices_positions",
+    "get_seq_lens",
     "merge_state",
     "merge_state_in_place",
     "merge_states",
+    "single_decode_with_kv_cache",
     "single_prefill_with_kv_cache",
     "single_prefill_with_kv_cache_return_lse",
 ]
