@@ -533,8 +533,10 @@ def single_prefill_with_kv_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         raise NotSupportedError("v", f"head dim {v.shape[-1]} (k's is {k.shape[-1]})",
                                 "v with k's head dim (different q/k and v/o head dims are not implemented yet)", where)
     validate.tensor("v", v, dtypes=(q.dtype,), shape=tuple(k.shape), device=q.device)
+    if k.shape[2] != q.shape[2]:
+        raise ValueError(f"k: expected head dim {q.shape[2]} (q's), got shape {tuple(k.shape)}")
     num_kv_heads = k.shape[1] if kv_layout == "NHD" else k.shape[0]
-    check_heads(q.shape[1], num_kv_heads, q.shape[2], k.shape[2])
+    check_heads(q.shape[1], num_kv_heads, q.shape[2], None)
     for name, t in (("q", q), ("k", k), ("v", v)):
         validate.vector_rows(name, t)
     scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(q.shape[2])

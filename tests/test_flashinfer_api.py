@@ -751,7 +751,7 @@ def test_gpu_lse_base_ln_and_reset_workspace_and_seq_lens() -> None:
     batch = ref.make_paged_batch([a for a, _ in lens], [b for _, b in lens], 4, 4, 128, torch.bfloat16, device,
                                  "NHD", page_size=16, seed=7)
     t = batch.table
-    w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(torch.empty(1 << 20, dtype=torch.int32, device=device))
+    w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(torch.empty(8 << 20, dtype=torch.int32, device=device))
     seq_lens = torch.tensor(batch.kv_lens, dtype=torch.int32, device=device)
     w.plan(batch.qo_indptr, t.indptr, t.indices, t.last_page_len, 4, 4, 128, 16, causal=True,
            q_data_type=torch.bfloat16, seq_lens=seq_lens)
@@ -771,6 +771,27 @@ def test_gpu_lse_base_ln_and_reset_workspace_and_seq_lens() -> None:
     with pytest.raises(flashinfer.NotSupportedError, match="seq_lens"):
         w.plan(batch.qo_indptr, t.indptr, t.indices, t.last_page_len, 4, 4, 128, 16, causal=True,
                q_data_type=torch.bfloat16, seq_lens=seq_lens + 1)
+
+
+@pytest.mark.gpu
+def test_gpu_single_prefill_plan_cache_evicts_and_replans(monkeypatch) -> None:
+    """More shapes than the plan cache keeps: the oldest plans go, a shape seen again is planned again,
+    every result matches the reference, and a second stream's use is safe (record_stream)."""
+    ref, device = _gpu_imports()
+    monkeypatch.setattr(prefill, "_SINGLE_PLANS_KEPT", 2)
+    monkeypatch.setattr(prefill, "_single_plans", type(prefill._single_plans)())
+    shapes = [(3, 40), (17, 17), (64, 300), (1, 1000), (3, 40)]
+    side = torch.cuda.Stream()
+    for i, (q_len, kv_len) in enumerate(shapes):
+        batch = ref.make_ragged_batch([q_len], [kv_len], 8, 2, 128, torch.bfloat16, device, "NHD", seed=60 + i)
+        stream = side if i % 2 else torch.cuda.current_stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            out, lse = flashinfer.single_prefill_with_kv_cache(batch.q, batch.k, batch.v, causal=True, return_lse=True)
+        torch.cuda.current_stream().wait_stream(stream)
+        ref_out, ref_lse = batch.reference(True)
+        ref.check_attention(out, ref_out, torch.bfloat16, f"single prefill shape {i} {q_len}/{kv_len}", lse, ref_lse)
+        assert len(prefill._single_plans) <= 2
 
 
 # ---- GPU: torch.compile(mode="reduce-overhead", fullgraph=True) ------------------------------------
