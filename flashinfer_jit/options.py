@@ -111,7 +111,8 @@ def standard_attention(where: str, *, pos_encoding_mode: Any = "NONE", use_fp16_
 def no_tensor(where: str, name: str, value: Any, feature: str) -> None:
     """An optional input whose presence switches a feature on (prefix_len_ptr, sinks, kv_cache_sf, ...): None."""
     if value is not None:
-        shown = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else value
+        shown = (f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor)
+                 else f"a {type(value).__name__} of {len(value)}" if isinstance(value, (tuple, list)) else value)
         raise NotSupportedError(name, shown, f"None ({feature} is not implemented yet)", where)
 
 
