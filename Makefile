@@ -3,7 +3,8 @@
 # make test : the test suite (on CPU; GPU tests are skipped, with the reason, without a GPU), with a
 #             throwaway kernel cache
 #
-# Both create .venv on first use and install the package into it (editable, with test extras) once;
+# Both create .venv on first use and install the package into it (editable, with the test and bench
+# extras: the tests render benchmarks/plot.py's charts) once;
 # the stamp file is refreshed when pyproject.toml changes.
 
 PYTHON ?= python3
@@ -17,7 +18,7 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): pyproject.toml | $(VENV)/bin/python
-	$(VENV)/bin/pip install -e '.[test]'
+	$(VENV)/bin/pip install -e '.[test,bench]'
 	touch $@
 
 demo: $(STAMP)
