@@ -7,13 +7,13 @@ No other module touches os.environ (tests/test_env.py checks this).
 | FLASHINFER_JIT_CACHE_DIR          | writable cache root (else $XDG_CACHE_HOME/flashinfer-jit, else ~/.cache/flashinfer-jit) |
 | FLASHINFER_JIT_PREBUILT_DIRS      | read-only cache layers searched first (os.pathsep separated)     |
 | FLASHINFER_JIT_DISABLE_BUILD      | 1: never compile; a kernel missing from every layer is an error  |
-| FLASHINFER_JIT_ARCH               | target archs without a GPU, e.g. "9.0a" or "80,90a"              |
-| TORCH_CUDA_ARCH_LIST              | used when FLASHINFER_JIT_ARCH is unset and no GPU is visible     |
+| FLASHINFER_JIT_ARCH               | target archs without a GPU, e.g. "9.0a", "80,90a", "8.0;9.0+PTX": one library for all |
+| TORCH_CUDA_ARCH_LIST              | used when FLASHINFER_JIT_ARCH is unset and no GPU is visible; same syntax |
 | FLASHINFER_JIT_NVCC               | the nvcc to build with (else $CUDA_HOME/bin/nvcc, resolved)      |
 | FLASHINFER_JIT_EXTRA_CUDAFLAGS    | extra nvcc flags (shell syntax); part of the cache key           |
 | FLASHINFER_JIT_LOCK_TIMEOUT       | seconds to wait for another process's build (default 900)        |
 | FLASHINFER_JIT_TRUSTED_ROOTS      | shared team caches: skip the owner/mode checks, root may be a symlink |
-| MAX_JOBS                          | parallel compile jobs (default: cores, capped by free memory)    |
+| MAX_JOBS                          | parallel compile jobs (--jobs wins; default: cores; capped by free memory) |
 | CUDA_HOME, else CUDA_PATH         | the CUDA toolkit root, when FLASHINFER_JIT_NVCC is unset         |
 | PATH                              | searched for nvcc when neither of those names a toolkit          |
 | CXX                               | the host compiler whose version is in the fingerprint (default c++) |

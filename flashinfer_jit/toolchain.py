@@ -155,23 +155,49 @@ def host_compiler_version() -> str:
     return _cxx_version(env.host_cxx())
 
 
+# A target arch list is one library holding code for every arch in it, however it is written: the
+# archs are separated by commas, semicolons, spaces or '+' ("8.0;9.0a", "80,90a", "80 90a", "80+90a").
+# `--arch`, FLASHINFER_JIT_ARCH and TORCH_CUDA_ARCH_LIST all read it this way (torch's meaning of
+# TORCH_CUDA_ARCH_LIST); `flashinfer-jit prebuild` takes `--arch` once per separate build.
+# An arch with the suffix +PTX ("9.0+PTX") also embeds PTX, which newer GPUs JIT-compile: the PTX of
+# the plain compute capability (compute_90 for 9.0a: arch-specific PTX would run on no other GPU).
+PTX_SUFFIX = "+PTX"
+
+
 def normalize_arch(arch: str) -> str:
-    """'9.0' / '9.0a' / 'sm_90a' / '90' -> '90a'; '8.0' -> '80'. Hopper is always built as 90a (wgmma)."""
-    text = arch.strip().lower().removeprefix("sm_").removeprefix("compute_")
-    text = text.replace("+ptx", "")
+    """'9.0' / '9.0a' / 'sm_90a' / '90' -> '90a'; '8.0' -> '80'; '8.6+PTX' -> '86+PTX' (SASS and PTX).
+    Hopper is always built as 90a (wgmma)."""
+    text = arch.strip().lower()
+    ptx = text.endswith("+ptx")
+    text = text.removesuffix("+ptx").removeprefix("sm_").removeprefix("compute_")
     match = re.fullmatch(r"(\d+)\.?(\d)([af]?)", text)
     if not match:
-        raise ValueError(f"cannot read CUDA arch {arch!r}; write it like 9.0a, 90a or sm_90a")
+        raise ValueError(f"cannot read CUDA arch {arch!r}; write it like 9.0a, 90a, sm_90a or 9.0+PTX")
     major, minor, suffix = match.groups()
     if major == "9" and minor == "0":
         suffix = "a"
     if int(major) < 8:
         raise ValueError(f"CUDA arch {arch!r} is not supported: flashinfer-jit needs sm_80 or newer")
-    return f"{major}{minor}{suffix}"
+    return f"{major}{minor}{suffix}" + (PTX_SUFFIX if ptx else "")
 
 
-def _parse_arch_list(text: str) -> list[str]:
-    return [normalize_arch(a) for a in re.split(r"[,;\s]+", text) if a]
+def split_ptx(arch: str) -> tuple[str, bool]:
+    """'90a+PTX' -> ('90a', True); '80' -> ('80', False)."""
+    return (arch[: -len(PTX_SUFFIX)], True) if arch.endswith(PTX_SUFFIX) else (arch, False)
+
+
+def parse_arch_list(text: str) -> tuple[str, ...]:
+    """One target: '8.0;9.0a', '80,90a', '80 90a', '80+90a', '9.0+PTX' -> the sorted, normalized archs of
+    one library. An arch named with and without +PTX is kept once, with the PTX."""
+    marked = re.sub(r"\+\s*ptx\b", "@PTX", str(text), flags=re.IGNORECASE)
+    items = [t for t in re.split(r"[,;\s+]+", marked) if t]
+    if not items:
+        raise ValueError(f"no CUDA arch in {text!r}; write the archs like 8.0;9.0a or 80,90a")
+    archs: dict[str, bool] = {}
+    for item in items:
+        base, ptx = split_ptx(normalize_arch(item.replace("@PTX", PTX_SUFFIX)))
+        archs[base] = archs.get(base, False) or ptx
+    return tuple(sorted(base + (PTX_SUFFIX if ptx else "") for base, ptx in archs.items()))
 
 
 def target_archs() -> tuple[str, ...]:
@@ -186,7 +212,10 @@ def resolve_target_archs() -> tuple[tuple[str, ...], str]:
         return tuple(sorted({normalize_arch(f"{ma}.{mi}") for ma, mi in caps})), "the visible GPUs"
     for name, text in (("FLASHINFER_JIT_ARCH", env.arch_override()), ("TORCH_CUDA_ARCH_LIST", env.torch_arch_list())):
         if text:
-            return tuple(sorted(set(_parse_arch_list(text)))), f"{name}={text}"
+            try:
+                return parse_arch_list(text), f"{name}={text}"
+            except ValueError as exc:
+                raise ValueError(f"{name}={text!r}: {exc}") from None
     return (DEFAULT_ARCH,), "default: no GPU visible, FLASHINFER_JIT_ARCH and TORCH_CUDA_ARCH_LIST unset"
 
 
@@ -195,19 +224,45 @@ def arch_tag(archs: tuple[str, ...]) -> str:
 
 
 def gencode_flags(archs: tuple[str, ...]) -> list[str]:
-    return [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    """SASS for every arch; for an arch with +PTX also the PTX of its plain compute capability."""
+    flags = []
+    for arch in archs:
+        base, ptx = split_ptx(arch)
+        flags.append(f"-gencode=arch=compute_{base},code=sm_{base}")
+        if ptx:
+            virtual = base.rstrip("af")
+            flags.append(f"-gencode=arch=compute_{virtual},code=compute_{virtual}")
+    return flags
 
 
 def nvcc_flags(archs: tuple[str, ...]) -> list[str]:
     return [*BASE_NVCC_FLAGS, *gencode_flags(archs), *env.extra_cuda_flags()]
 
 
+def resolve_jobs(requested: int | None = None) -> tuple[int, str]:
+    """Parallel compile jobs and where the number came from: `requested` (--jobs), else MAX_JOBS
+    (torch's and ninja's convention), else the core count; always capped so that the nvccs fit in
+    free memory (NVCC_JOB_BYTES each)."""
+    if requested is not None:
+        if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
+            raise ValueError(f"--jobs: expected a positive integer, got {requested!r}")
+        jobs, source = requested, f"--jobs {requested}"
+    else:
+        explicit = env.max_jobs()
+        if explicit is not None:
+            jobs, source = explicit, f"MAX_JOBS={explicit}"
+        else:
+            jobs, source = os.cpu_count() or 1, "the core count"
+    capped = memory_capped_jobs(jobs)
+    if capped < jobs:
+        source += f", capped from {jobs} by free memory (about {NVCC_JOB_BYTES // 1024**3} GiB per nvcc)"
+    return capped, source
+
+
 def build_jobs(num_sources: int) -> int:
-    """MAX_JOBS if set; else min(cores, sources), capped so parallel nvccs fit in free memory."""
-    explicit = env.max_jobs()
-    if explicit:
-        return explicit
-    return memory_capped_jobs(min(os.cpu_count() or 1, num_sources))
+    """ninja jobs for one library: MAX_JOBS, else the cores; never more than its sources, and capped
+    so that parallel nvccs fit in free memory."""
+    return max(1, min(resolve_jobs()[0], num_sources))
 
 
 def memory_capped_jobs(jobs: int) -> int:

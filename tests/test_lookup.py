@@ -45,7 +45,7 @@ def test_build_and_prebuild_share_the_memory_cap(monkeypatch):
     assert prebuild.default_jobs(100) == 7
     assert prebuild.default_jobs(100, requested=12) == 7
     assert prebuild.default_jobs(4) == 4  # never more than there is to build
-    assert calls == [20, 32, 12, 32]
+    assert calls == [32, 32, 12, 32]  # the job budget is capped first, then limited to the sources / work
 
 
 def _tree(root: Path) -> dict[str, tuple[int, int]]:

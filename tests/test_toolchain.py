@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import os
+import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from conftest import clear_toolchain_memos
-from flashinfer_jit import toolchain
+from conftest import clear_toolchain_memos, requires_nvcc
+from flashinfer_jit import loader, prebuild, toolchain
 from flashinfer_jit.errors import ToolchainNotFoundError
+from flashinfer_jit.spec import MergeStateSpec
 
 
 def make_cuda_home(path: Path) -> Path:
@@ -107,7 +110,7 @@ def test_fake_nvcc_version_is_accepted(fake_nvcc):
 @pytest.mark.parametrize(
     "text, arch",
     [("9.0", "90a"), ("9.0a", "90a"), ("sm_90a", "90a"), ("90", "90a"), ("compute_90a", "90a"),
-     ("8.0", "80"), ("8.6+PTX", "86"), ("10.0a", "100a"), ("12.0f", "120f")],
+     ("8.0", "80"), ("8.6+PTX", "86+PTX"), ("sm_90a+ptx", "90a+PTX"), ("10.0a", "100a"), ("12.0f", "120f")],
 )
 def test_normalize_arch(text, arch):
     assert toolchain.normalize_arch(text) == arch
@@ -126,6 +129,8 @@ def test_arch_resolution_order(monkeypatch):
     assert toolchain.target_archs() == ("80", "86")
     monkeypatch.setenv("FLASHINFER_JIT_ARCH", "9.0,8.0")
     assert toolchain.target_archs() == ("80", "90a")
+    monkeypatch.setenv("FLASHINFER_JIT_ARCH", "9.0+PTX")
+    assert toolchain.target_archs() == ("90a+PTX",)
 
 
 def test_visible_gpus_decide_the_archs(monkeypatch):
@@ -151,10 +156,15 @@ def test_extra_flags_are_appended_shell_split(monkeypatch):
 
 # ---- jobs ----------------------------------------------------------------------------------------
 
-def test_max_jobs_is_honoured(monkeypatch):
+def test_max_jobs_is_honoured_and_still_capped_by_free_memory(monkeypatch):
     monkeypatch.setenv("MAX_JOBS", "3")
-    monkeypatch.setattr(toolchain, "_available_memory", lambda: 1)  # would otherwise cap to 1
+    monkeypatch.setattr(toolchain, "_available_memory", lambda: 64 * 1024**3)
     assert toolchain.build_jobs(num_sources=10) == 3
+    assert toolchain.resolve_jobs() == (3, "MAX_JOBS=3")
+    assert toolchain.resolve_jobs(5) == (5, "--jobs 5")  # --jobs > MAX_JOBS
+    monkeypatch.setattr(toolchain, "_available_memory", lambda: 1)
+    assert toolchain.build_jobs(num_sources=10) == 1
+    assert toolchain.resolve_jobs() == (1, "MAX_JOBS=3, capped from 3 by free memory (about 2 GiB per nvcc)")
 
 
 @pytest.mark.parametrize("bad", ["0", "-2", "many"])
@@ -175,3 +185,75 @@ def test_jobs_are_capped_by_sources_cores_and_free_memory(monkeypatch):
     assert toolchain.build_jobs(num_sources=40) == 1
     monkeypatch.setattr(toolchain, "_available_memory", lambda: None)
     assert toolchain.build_jobs(num_sources=40) == 16
+
+
+# ---- one arch syntax for --arch, FLASHINFER_JIT_ARCH and TORCH_CUDA_ARCH_LIST --------------------
+
+ARCH_TABLE = [
+    # text, the archs of the one library it means, the -gencode flags
+    ("9.0", ("90a",), ["-gencode=arch=compute_90a,code=sm_90a"]),
+    ("80,90a", ("80", "90a"), ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a"]),
+    ("8.0;9.0a", ("80", "90a"), ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a"]),
+    ("8.0 9.0", ("80", "90a"), ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a"]),
+    ("80+90a", ("80", "90a"), ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a"]),
+    ("9.0+PTX", ("90a+PTX",), ["-gencode=arch=compute_90a,code=sm_90a", "-gencode=arch=compute_90,code=compute_90"]),
+    ("8.0;9.0+PTX", ("80", "90a+PTX"),
+     ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a",
+      "-gencode=arch=compute_90,code=compute_90"]),
+    ("8.6+ptx, 8.6", ("86+PTX",), ["-gencode=arch=compute_86,code=sm_86", "-gencode=arch=compute_86,code=compute_86"]),
+    ("80+90a+PTX", ("80", "90a+PTX"),
+     ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a",
+      "-gencode=arch=compute_90,code=compute_90"]),
+    ("sm_100a;12.0f+PTX", ("100a", "120f+PTX"),
+     ["-gencode=arch=compute_100a,code=sm_100a", "-gencode=arch=compute_120f,code=sm_120f",
+      "-gencode=arch=compute_120,code=compute_120"]),
+]
+
+
+@pytest.mark.parametrize("text, archs, flags", ARCH_TABLE, ids=[row[0] for row in ARCH_TABLE])
+def test_one_arch_syntax_everywhere(text, archs, flags, monkeypatch):
+    """A list is one library for all its archs, the same through all three doors, and +PTX is kept."""
+    monkeypatch.setattr(toolchain.torch.cuda, "is_available", lambda: False)
+    assert toolchain.parse_arch_list(text) == archs
+    assert prebuild.parse_archs(text) == [archs]                # --arch TEXT
+    for name in ("FLASHINFER_JIT_ARCH", "TORCH_CUDA_ARCH_LIST"):
+        monkeypatch.delenv("FLASHINFER_JIT_ARCH", raising=False)
+        monkeypatch.setenv(name, text)
+        assert toolchain.resolve_target_archs() == (archs, f"{name}={text}")
+    assert toolchain.gencode_flags(archs) == flags
+    # and the command a MissingKernelError prints reads back as the same library
+    argv = shlex.split(loader.prebuild_command(MergeStateSpec(64, "fp16"), archs))
+    assert prebuild.parse_archs(argv[argv.index("--arch") + 1]) == [archs]
+
+
+@pytest.mark.parametrize("text", ["7.5;8.0", "hopper", "+PTX", ";", "9.0+SASS"])
+def test_bad_arch_lists_are_refused_the_same_way_everywhere(text, monkeypatch):
+    monkeypatch.setattr(toolchain.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError):
+        toolchain.parse_arch_list(text)
+    with pytest.raises(ValueError, match="--arch"):
+        prebuild.parse_archs(text)
+    for name in ("FLASHINFER_JIT_ARCH", "TORCH_CUDA_ARCH_LIST"):
+        monkeypatch.delenv("FLASHINFER_JIT_ARCH", raising=False)
+        monkeypatch.setenv(name, text)
+        with pytest.raises(ValueError, match=name):
+            toolchain.resolve_target_archs()
+
+
+def test_repeated_arch_is_one_build_each():
+    assert prebuild.parse_archs(["90a", "8.0;9.0a", "9.0"]) == [("90a",), ("80", "90a")]
+
+
+@requires_nvcc
+def test_ptx_is_really_in_the_binary(tmp_path):
+    """`9.0+PTX` puts compute_90 PTX into the fatbin next to the sm_90a code (uncompressed here, so the
+    PTX's `.target` line can be read from the object)."""
+    nvcc = toolchain.nvcc_path()
+    source = tmp_path / "k.cu"
+    source.write_text("__global__ void k(float* x) { x[0] = 1.0f; }\n")
+    for text, want in (("9.0+PTX", True), ("9.0", False)):
+        obj = tmp_path / f"k{want}.o"
+        flags = toolchain.gencode_flags(toolchain.parse_arch_list(text))
+        subprocess.run([str(nvcc), "-c", str(source), "-o", str(obj), "-Xfatbin=-compress=false", *flags], check=True,
+                       capture_output=True, timeout=300)
+        assert (b".target sm_90\n" in obj.read_bytes()) is want, text
