@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import shlex
 import shutil
 import stat
 import tempfile
@@ -38,7 +39,7 @@ from typing import Any, Iterable, Iterator
 import filelock
 
 from . import env
-from .errors import BuildLockTimeout, CacheSecurityError
+from .errors import BuildLockTimeout, CacheSecurityError, CacheWriteError
 
 logger = logging.getLogger("flashinfer_jit")
 
@@ -136,8 +137,40 @@ def _newest_mtime(path: Path) -> float:
     return newest
 
 
-def _make_private_dir(path: Path) -> None:
-    """mkdir -p with mode 0700 for every directory we create (whatever the umask)."""
+# Modes of what the cache creates: readable by every user (a prebuilt image layer is read by the
+# service's user), writable only by the owner. A stricter umask (077, 027) is honoured; a looser one
+# (000) never makes anything group- or world-writable, which check_private would refuse.
+DIR_MODE = 0o755
+FILE_MODE = 0o644
+_umask_guard = threading.Lock()
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where /proc says (threads build in parallel)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _umask_guard:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def dir_mode() -> int:
+    return DIR_MODE & ~_umask()
+
+
+def file_mode() -> int:
+    return FILE_MODE & ~_umask()
+
+
+def _make_dirs(path: Path) -> None:
+    """mkdir -p; every directory it creates gets dir_mode() (0755 unless the umask is stricter)."""
+    mode = dir_mode()
     missing = []
     p = path
     while not p.exists():
@@ -145,21 +178,22 @@ def _make_private_dir(path: Path) -> None:
         p = p.parent
     for d in reversed(missing):
         try:
-            d.mkdir(mode=0o700)
+            d.mkdir(mode=mode)
         except FileExistsError:
             continue
-        os.chmod(d, 0o700)
+        os.chmod(d, mode)
 
 
-def _make_private_tree(root: Path) -> None:
-    """Directories 0700, files without group/other write. The compiler and linker create files
-    with the process umask (0777 under umask 000), and check_private would then refuse them."""
+def _set_tree_modes(root: Path) -> None:
+    """Directories dir_mode(), regular files file_mode(): the compiler, the linker and mkdtemp create
+    them with their own modes (0700 build dirs, 0777 files under umask 000)."""
+    dmode, fmode = dir_mode(), file_mode()
     for path in [root, *root.rglob("*")]:
         st = os.lstat(path)
         if stat.S_ISDIR(st.st_mode):
-            os.chmod(path, 0o700)
-        elif stat.S_ISREG(st.st_mode) and st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-            os.chmod(path, stat.S_IMODE(st.st_mode) & ~(stat.S_IWGRP | stat.S_IWOTH))
+            os.chmod(path, dmode)
+        elif stat.S_ISREG(st.st_mode):
+            os.chmod(path, fmode)
 
 
 def check_private(path: Path, trusted: bool = False, is_root: bool = False) -> None:
@@ -184,7 +218,7 @@ def check_private(path: Path, trusted: bool = False, is_root: bool = False) -> N
     if st.st_uid not in (os.getuid(), 0):
         raise CacheSecurityError(
             f"refusing cache path {path}: owned by uid {st.st_uid}, not by you (uid {os.getuid()}) or root, "
-            f"so its owner could replace the kernels in it. Fix it with `chown -R {os.getuid()} {path}` (as "
+            f"so its owner could replace the kernels in it. Fix it with `chown -R {os.getuid()} {shlex.quote(str(path))}` (as "
             f"root), use a cache directory you own (FLASHINFER_JIT_CACHE_DIR), or list a deliberately shared "
             f"root in FLASHINFER_JIT_TRUSTED_ROOTS.",
             path,
@@ -192,7 +226,7 @@ def check_private(path: Path, trusted: bool = False, is_root: bool = False) -> N
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         raise CacheSecurityError(
             f"refusing cache path {path}: mode {stat.filemode(st.st_mode)} lets other users write it. "
-            f"Fix it with `chmod go-w {path}`, or list the root in FLASHINFER_JIT_TRUSTED_ROOTS if it is "
+            f"Fix it with `chmod go-w {shlex.quote(str(path))}`, or list the root in FLASHINFER_JIT_TRUSTED_ROOTS if it is "
             f"meant to be shared.",
             path,
         )
@@ -318,17 +352,40 @@ class CacheLayer:
 
     def ensure_root(self) -> None:
         self._require_writable()
-        _make_private_dir(self.root)
+        _make_dirs(self.root)
         check_private(self.root, self.trusted, is_root=True)
+
+    def prepare(self) -> None:
+        """Create the root, locks/ and tmp/ and check that we may write them, before a build. Raises
+        CacheSecurityError (an unsafe root) or OSError with EROFS / EACCES (read-only) or ENOSPC."""
+        self.ensure_root()
+        for directory in (self.root, self.root / "locks", self.root / "tmp"):
+            _make_dirs(directory)
+            if not os.access(directory, os.W_OK | os.X_OK):
+                code = errno.EROFS if _read_only_mount(directory) else errno.EACCES
+                raise OSError(code, os.strerror(code), str(directory))
+
+    def problem(self) -> str | None:
+        """Why this layer's root would be refused (CacheSecurityError's text), read-only: None when
+        it is fine or does not exist yet (`flashinfer-jit config` lists it)."""
+        try:
+            check_private(self.root, self.trusted, is_root=True)
+        except FileNotFoundError:
+            return None
+        except CacheSecurityError as exc:
+            return str(exc)
+        except OSError as exc:
+            return f"cannot inspect {self.root}: {exc.strerror}"
+        return None
 
     def lock(self, name: str) -> "BuildLock":
         self.ensure_root()
-        _make_private_dir(self.root / "locks")
+        _make_dirs(self.root / "locks")
         return BuildLock(self.root / "locks" / f"{name}.lock", env.lock_timeout())
 
     def new_build_dir(self, name: str) -> Path:
         self.ensure_root()
-        _make_private_dir(self.root / "tmp")
+        _make_dirs(self.root / "tmp")
         return Path(tempfile.mkdtemp(prefix=f"{name}.", dir=self.root / "tmp"))
 
     def publish(self, build_dir: Path, arch_tag: str, uri: str, key: str, manifest: dict[str, Any]) -> Entry:
@@ -342,8 +399,8 @@ class CacheLayer:
             tmp_manifest = build_dir / (MANIFEST + ".tmp")
             tmp_manifest.write_text(json.dumps(manifest, indent=2, sort_keys=True))
             os.replace(tmp_manifest, build_dir / MANIFEST)
-            _make_private_tree(build_dir)
-            _make_private_dir(final.parent)
+            _set_tree_modes(build_dir)
+            _make_dirs(final.parent)
             os.rename(build_dir, final)
         except OSError as exc:
             if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
@@ -361,7 +418,7 @@ class CacheLayer:
     def quarantine(self, entry: Entry, reason: str) -> Path:
         """Move a bad entry aside (never delete under a reader that may have it mapped)."""
         self._require_writable()
-        _make_private_dir(self.root / "quarantine")
+        _make_dirs(self.root / "quarantine")
         target = self.root / "quarantine" / f"{entry.path.name}.{int(time.time())}.{os.getpid()}"
         os.rename(entry.path, target)  # FileNotFoundError: someone else moved it first
         try:
@@ -385,7 +442,7 @@ class CacheLayer:
             _touched.add(entry.path)
         path = entry.path / LAST_USED
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, file_mode())
             os.close(fd)
             os.utime(path)
         except OSError as exc:
@@ -401,7 +458,7 @@ class CacheLayer:
         if self.root not in path.parents:
             raise ValueError(f"{path} is not inside the cache layer {self.root}")
         size = tree_bytes(path)
-        _make_private_dir(self.root / "tmp")
+        _make_dirs(self.root / "tmp")
         doomed = self.root / "tmp" / f"{path.name.split('.', 1)[0]}.removing-{os.getpid()}-{time.monotonic_ns()}"
         try:
             os.rename(path, doomed)
@@ -409,6 +466,50 @@ class CacheLayer:
             return 0  # already gone (another process removed or quarantined it)
         shutil.rmtree(doomed, ignore_errors=True)
         return size
+
+
+def _read_only_mount(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+# errno values that mean "the cache cannot take more data", not "the kernel is wrong".
+SPACE_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded"}
+READ_ONLY_ERRNOS = {errno.EROFS: "the filesystem is read-only", errno.EACCES: "permission denied",
+                    errno.EPERM: "operation not permitted"}
+WRITE_ERRNOS = {**SPACE_ERRNOS, **READ_ONLY_ERRNOS}
+# The same, as compilers and linkers print them.
+SPACE_TEXTS = ("No space left on device", "Disk quota exceeded")
+READ_ONLY_TEXTS = ("Read-only file system",)
+
+
+def write_error(layer: "CacheLayer", what: str, code: int | None, detail: str = "") -> CacheWriteError:
+    """The CacheWriteError for failing to add `what` ("kernel 'uri'") to `layer`: advice for a full
+    disk only when the disk is full (ENOSPC, quota), the two ways out of a read-only cache otherwise.
+    Every command it suggests names the cache (--cache-dir), so it pastes as-is."""
+    root = shlex.quote(str(layer.root))
+    head = f"cannot add {what} to the cache at {layer.root}"
+    if code in SPACE_ERRNOS or code is None:
+        why = SPACE_ERRNOS.get(code, "the compiler could not write its output")
+        try:
+            free = f"{format_size(shutil.disk_usage(layer.root).free)} free"
+        except OSError:
+            free = "free space unknown"
+        message = (f"{head}: {why} ({free}). Nothing was published; the next call starts over. Free space "
+                   f"with `flashinfer-jit cache prune --max-size 2G --cache-dir {root}` (or `flashinfer-jit cache "
+                   f"clear --cache-dir {root}`), or point FLASHINFER_JIT_CACHE_DIR at a filesystem with room.")
+    else:
+        why = READ_ONLY_ERRNOS.get(code, os.strerror(code))
+        message = (f"{head}: the cache directory is read-only for this process ({why}, uid {os.getuid()}). "
+                   f"Nothing was published. Either point FLASHINFER_JIT_CACHE_DIR (or --cache-dir) at a directory "
+                   f"you can write, or, if {layer.root} holds prebuilt kernels, use it as a read-only layer: "
+                   f"FLASHINFER_JIT_PREBUILT_DIRS={root} (kernels missing from it are then built into "
+                   f"FLASHINFER_JIT_CACHE_DIR).")
+    if detail:
+        message += f"\n{detail}"
+    return CacheWriteError(message, layer.root, code)
 
 
 class BuildLock:

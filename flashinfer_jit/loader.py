@@ -9,6 +9,7 @@ writes) has skipped the variants already cached.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import datetime
 import errno
@@ -17,16 +18,17 @@ import json
 import logging
 import shlex
 import shutil
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from . import build, cache, env, toolchain
 from .codegen import headers_digest, render
 from .errors import (
-    CacheIntegrityError, CacheWriteError, KernelCompileError, KernelLaunchError, KernelLoadError, MissingKernelError,
+    CacheIntegrityError, KernelCompileError, KernelLaunchError, KernelLoadError, MissingKernelError,
 )
 from .spec import KernelSpec, matrix_fields
 
@@ -117,7 +119,7 @@ def load(spec: KernelSpec) -> LoadedKernel:
 
 def prebuild_command(spec: KernelSpec, archs: Sequence[str], cache_dir: Path | str | None = None) -> str:
     """The `flashinfer-jit prebuild` command line that builds exactly `spec` for `archs` (one binary
-    for all of them: archs joined by '+') into `cache_dir`. prebuild.py parses this syntax. It names
+    for all of them: one `--arch` with the archs joined by commas) into `cache_dir`. prebuild.py parses this syntax. It names
     the matrix fields; derived ones (tile shapes) are at their defaults in the prebuild matrix, as in
     every spec the wrappers load."""
     parts = ["flashinfer-jit prebuild", f"--family {spec.family}"]
@@ -125,7 +127,7 @@ def prebuild_command(spec: KernelSpec, archs: Sequence[str], cache_dir: Path | s
         name, value = f.name, getattr(spec, f.name)
         flag = name.replace("_", "-")
         parts.append(f"--{flag} {str(value).lower() if isinstance(value, bool) else value}")
-    parts.append(f"--arch {'+'.join(archs)}")
+    parts.append(f"--arch {shlex.quote(','.join(archs))}")
     if cache_dir is not None:
         parts.append(f"--cache-dir {shlex.quote(str(cache_dir))}")
     return " ".join(parts)
@@ -192,8 +194,8 @@ def _explain_mismatch(spec: KernelSpec, info: KeyInfo, layer: cache.CacheLayer, 
             "built from different kernel sources (another flashinfer-jit revision)")
         _mismatch_warned.add(layer.root)
         logger.warning(
-            "skipping %s in read-only cache layer %s: %s. Rebuild that layer with this installation "
-            "(flashinfer-jit prebuild --cache-dir ...).", candidate.path.name, layer.root, why)
+            "skipping %s in read-only cache layer %s: %s. Rebuild that layer with this installation, e.g. "
+            "`%s`.", candidate.path.name, layer.root, why, prebuild_command(spec, info.archs, layer.root))
         return
 
 
@@ -246,19 +248,32 @@ def find(spec: KernelSpec, info: KeyInfo, layers: Sequence[cache.CacheLayer]) ->
     return None
 
 
+def prepare_layer(layer: cache.CacheLayer, what: str = "kernels") -> None:
+    """Make the writable layer ready for builds, or raise the one error that says why it cannot be:
+    CacheSecurityError (unsafe), CacheWriteError (read-only, full)."""
+    try:
+        layer.prepare()
+    except OSError as exc:
+        if exc.errno not in cache.WRITE_ERRNOS:
+            raise
+        raise cache.write_error(layer, what, exc.errno) from None
+
+
 def ensure_built(spec: KernelSpec, info: KeyInfo, layer: cache.CacheLayer) -> tuple[cache.Entry, bool]:
     """The verified entry of `spec` in the writable `layer`, building it if missing (under the entry
     lock, re-checked after acquiring). Returns (entry, True if this call compiled it)."""
     if info.fingerprint["nvcc"] is None:
         toolchain.require_nvcc()  # explains why nothing can be built, before any lock or build dir
     name = cache.entry_name(spec.uri, info.key)
-    try:
-        lock = layer.lock(name)
-    except OSError as exc:
-        if exc.errno not in _NO_SPACE:
-            raise
-        raise _cache_write_error(layer, spec, _NO_SPACE[exc.errno], exc.errno) from None
-    with lock:
+    what = f"kernel '{spec.uri}'"
+    prepare_layer(layer, what)
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(layer.lock(name))
+        except OSError as exc:
+            if exc.errno not in cache.WRITE_ERRNOS:
+                raise
+            raise cache.write_error(layer, what, exc.errno) from None
         entry = _find_verified(spec, info, layer)  # another process may have built it meanwhile
         if entry is not None:
             return entry, False
@@ -267,6 +282,61 @@ def ensure_built(spec: KernelSpec, info: KeyInfo, layer: cache.CacheLayer) -> tu
         if problem is not None:
             raise CacheIntegrityError(f"freshly built {entry.library} fails verification: {problem}", entry.library)
     return entry, True
+
+
+# A lazy build that is still running after this many seconds says so, once per process: the first
+# call into a new kernel otherwise stalls silently for the length of a compile.
+SLOW_BUILD_NOTICE_S = 2.0
+_notice = {"given": False}
+_notice_guard = threading.Lock()
+
+
+def _logging_configured() -> bool:
+    """True when the application has set up logging (a handler other than NullHandler is reachable
+    from our logger): then our records go there, at the levels it chose."""
+    current: logging.Logger | None = logger
+    while current is not None:
+        if any(not isinstance(h, logging.NullHandler) for h in current.handlers):
+            return True
+        if not current.propagate:
+            return False
+        current = current.parent
+    return False
+
+
+def notify(message: str) -> None:
+    """One line for the person running the program: an INFO record when the application configured
+    logging, else a line on stderr (a library that is silent by default would hide a stall)."""
+    if _logging_configured():
+        logger.info(message)
+    else:
+        print(f"flashinfer-jit: {message}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _slow_build_notice(spec: KernelSpec, info: KeyInfo, layer: cache.CacheLayer) -> Iterator[None]:
+    """Say what is being built, and that it is cached for next time, if the first lazy build of this
+    process takes longer than SLOW_BUILD_NOTICE_S (once per process)."""
+    with _notice_guard:
+        if _notice["given"]:
+            yield
+            return
+
+    def say() -> None:
+        with _notice_guard:
+            if _notice["given"]:
+                return
+            _notice["given"] = True
+        notify(f"building kernel {spec.uri} (sm_{toolchain.arch_tag(info.archs)}) on first use; it is cached "
+               f"in {layer.root} for next time (`flashinfer-jit prebuild` builds kernels ahead of time)")
+
+    timer = threading.Timer(SLOW_BUILD_NOTICE_S, say)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 def _load_uncached(spec: KernelSpec) -> LoadedKernel:
@@ -280,48 +350,30 @@ def _load_uncached(spec: KernelSpec) -> LoadedKernel:
                     spec.uri, info.key, [l.describe() for l in layers],
                     prebuild_command(spec, info.archs, layers[-1].root),
                 )
-            found = (layers[-1], ensure_built(spec, info, layers[-1])[0])
+            with _slow_build_notice(spec, info, layers[-1]):
+                found = (layers[-1], ensure_built(spec, info, layers[-1])[0])
         layer, entry = found
         try:
             return _open(spec, info.key, layer, entry)
         except _EntryVanished:
-            logger.info("flashinfer-jit: %s was removed while loading it; looking again", entry.path)
+            logger.info("%s was removed while loading it; looking again", entry.path)
     raise KernelLoadError(f"{spec.uri}: its cache entry keeps disappearing while loading (a concurrent "
                           f"`flashinfer-jit cache clear` in a loop?)", layers[-1].root)
 
 
-# errno values that mean "the cache cannot take more data", not "the kernel is wrong".
-_NO_SPACE = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
-             errno.EROFS: "the filesystem is read-only"}
-_NO_SPACE_TEXT = ("No space left on device", "Disk quota exceeded", "Read-only file system")
-
-
-def _cache_write_error(layer: cache.CacheLayer, spec: KernelSpec, why: str, code: int | None) -> CacheWriteError:
-    try:
-        free = f"{cache.format_size(shutil.disk_usage(layer.root).free)} free"
-    except OSError:
-        free = "free space unknown"
-    return CacheWriteError(
-        f"cannot add kernel '{spec.uri}' to the cache at {layer.root}: {why} ({free}). Nothing was published; "
-        f"the next call starts over. Free space with `flashinfer-jit cache prune --max-size 2G` (or "
-        f"`cache clear`), or point FLASHINFER_JIT_CACHE_DIR at a filesystem with room.",
-        layer.root, code,
-    )
-
-
 def _build(spec: KernelSpec, info: KeyInfo, layer: cache.CacheLayer) -> cache.Entry:
-    """Build into a private dir under tmp/ and publish it. Disk full (ENOSPC, EDQUOT, EROFS) at any
-    step, compiler included, is a CacheWriteError and leaves nothing behind."""
+    """Build into a private dir under tmp/ and publish it. A full or read-only cache (ENOSPC, EDQUOT,
+    EROFS, EACCES) at any step, compiler included, is a CacheWriteError and leaves nothing behind."""
     build_dir: Path | None = None
     try:
         build_dir = layer.new_build_dir(cache.entry_name(spec.uri, info.key))
         return _build_in(spec, info, layer, build_dir)
     except OSError as exc:
-        if exc.errno not in _NO_SPACE:
+        if exc.errno not in cache.WRITE_ERRNOS:
             raise
         if build_dir is not None:
             shutil.rmtree(build_dir, ignore_errors=True)
-        raise _cache_write_error(layer, spec, _NO_SPACE[exc.errno], exc.errno) from None
+        raise cache.write_error(layer, f"kernel '{spec.uri}'", exc.errno) from None
     except KernelCompileError as exc:
         why = _load_failure(exc.tail)
         if build_dir is not None and why is not None and _NOEXEC_TEXT in why:
@@ -329,18 +381,19 @@ def _build(spec: KernelSpec, info: KeyInfo, layer: cache.CacheLayer) -> cache.En
             shutil.rmtree(build_dir, ignore_errors=True)
             raise KernelLoadError(f"built kernel '{spec.uri}' but cannot load it from {layer.root}: {why}."
                                   f"{_noexec_hint(why)}", layer.root) from None
-        if build_dir is None or not any(text in exc.tail for text in _NO_SPACE_TEXT):
+        read_only = any(text in exc.tail for text in cache.READ_ONLY_TEXTS)
+        if build_dir is None or not (read_only or any(text in exc.tail for text in cache.SPACE_TEXTS)):
             raise
-        # The compiler ran out of room: a half-written object is no use for inspection.
+        # The compiler could not write its output: a half-written object is no use for inspection.
         shutil.rmtree(build_dir, ignore_errors=True)
-        error = _cache_write_error(layer, spec, "the compiler could not write its output", None)
-        raise CacheWriteError(f"{error}\n--- compiler output (last lines) ---\n{exc.tail}", layer.root) from None
+        raise cache.write_error(layer, f"kernel '{spec.uri}'", errno.EROFS if read_only else None,
+                                f"--- compiler output (last lines) ---\n{exc.tail}") from None
 
 
 def _build_in(spec: KernelSpec, info: KeyInfo, layer: cache.CacheLayer, build_dir: Path) -> cache.Entry:
     global build_count
     tag = toolchain.arch_tag(info.archs)
-    logger.info("flashinfer-jit: building %s for sm_%s ...", spec.uri, tag)
+    logger.info("building %s for sm_%s ...", spec.uri, tag)
     start = time.perf_counter()
     # On a compile failure the build dir (sources + log, named in the error) stays under tmp/: it is
     # never an entry, so the cache stays consistent and the next call retries.
@@ -365,7 +418,7 @@ def _build_in(spec: KernelSpec, info: KeyInfo, layer: cache.CacheLayer, build_di
     }
     entry = layer.publish(build_dir, tag, spec.uri, info.key, manifest)
     logger.info(
-        "flashinfer-jit: built %s in %.1f s (%.1f MB) -> %s",
+        "built %s in %.1f s (%.1f MB) -> %s",
         spec.uri, time.perf_counter() - start, manifest["size"] / 1e6, entry.path,
     )
     return entry

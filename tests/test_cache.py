@@ -4,6 +4,7 @@ SIGKILLed builders, replaced entries under a running process, disk full and secu
 test_reliability.py."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import stat
@@ -198,23 +199,36 @@ def _mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
-def test_cache_root_is_created_private(fake_nvcc, tmp_path, monkeypatch):
-    root = tmp_path / "a" / "b" / "cache"
-    monkeypatch.setenv("FLASHINFER_JIT_CACHE_DIR", str(root))
-    loader.load(SPEC)
-    assert _mode(root) == 0o700
-    assert _mode(tmp_path / "a") == 0o700 and _mode(tmp_path / "a" / "b") == 0o700
-
-
-def test_cache_stays_private_under_umask_000(fake_nvcc, cache_root):
-    old = os.umask(0)
+@contextlib.contextmanager
+def _umask(mask: int):
+    old = os.umask(mask)
     try:
-        kernel = loader.load(SPEC)
+        yield
     finally:
         os.umask(old)
-    assert _mode(cache_root) == 0o700
+
+
+@pytest.mark.parametrize("umask, dirs, files", [(0o022, 0o755, 0o644), (0o077, 0o700, 0o600), (0o027, 0o750, 0o640)])
+def test_cache_is_readable_by_others_unless_the_umask_is_stricter(fake_nvcc, tmp_path, monkeypatch, umask, dirs,
+                                                                   files):
+    """Directories 0755 and files 0644 (a prebuilt image is read by another user), or what a stricter
+    umask leaves of them."""
+    root = tmp_path / "a" / "b" / "cache"
+    monkeypatch.setenv("FLASHINFER_JIT_CACHE_DIR", str(root))
+    with _umask(umask):
+        kernel = loader.load(SPEC)
+    assert _mode(root) == dirs
+    assert _mode(tmp_path / "a") == dirs and _mode(tmp_path / "a" / "b") == dirs
     for path in [kernel.entry.path, *kernel.entry.path.rglob("*")]:
-        assert not _mode(path) & (stat.S_IWGRP | stat.S_IWOTH), f"{path} is {stat.filemode(path.stat().st_mode)}"
+        assert _mode(path) == (dirs if path.is_dir() else files), f"{path} is {stat.filemode(path.stat().st_mode)}"
+
+
+def test_cache_is_never_group_or_world_writable_under_umask_000(fake_nvcc, cache_root):
+    with _umask(0):
+        kernel = loader.load(SPEC)
+    assert _mode(cache_root) == 0o755
+    for path in [kernel.entry.path, *kernel.entry.path.rglob("*")]:
+        assert _mode(path) == (0o755 if path.is_dir() else 0o644), f"{path} is {stat.filemode(path.stat().st_mode)}"
     loader.clear_memo()
     loader.load(SPEC)  # and the warm load accepts it
 

@@ -287,8 +287,9 @@ def test_trusted_roots_admit_shared_caches(fake_nvcc, cache_root, tmp_path, monk
     assert loader.load(SPEC).entry.library == link / entry.library.relative_to(cache_root)
 
 
-def test_every_directory_the_cache_creates_is_0700(fake_nvcc, cache_root):
-    old = os.umask(0o022)
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o755), (0o077, 0o700)])
+def test_every_directory_the_cache_creates_is_0755_or_what_the_umask_leaves(umask, mode, fake_nvcc, cache_root):
+    old = os.umask(umask)
     try:
         entry = _warm(cache_root)
         _replace_with_flipped_copy(entry.library)
@@ -299,7 +300,7 @@ def test_every_directory_the_cache_creates_is_0700(fake_nvcc, cache_root):
     dirs = [cache_root, *(p for p in cache_root.rglob("*") if p.is_dir())]
     assert {p.name for p in dirs} >= {"cache", "90a", "locks", "tmp", "quarantine"}
     for d in dirs:
-        assert stat.S_IMODE(d.stat().st_mode) == 0o700, f"{d} is {stat.filemode(d.stat().st_mode)}"
+        assert stat.S_IMODE(d.stat().st_mode) == mode, f"{d} is {stat.filemode(d.stat().st_mode)}"
 
 
 # ---- 7. disk full, noexec ------------------------------------------------------------------------
@@ -355,6 +356,43 @@ def test_disk_full_is_a_clear_error_and_publishes_nothing(where, fake_nvcc, cach
     assert ("No space left on device" in text) if where == "compiler" else ("no space left on the device" in text)
     assert fake_nvcc.compiles == 1
     _assert_nothing_published_and_next_call_works(cache_root, fake_nvcc, 1)
+
+
+def test_disk_full_advice_is_only_for_a_full_disk(fake_nvcc, cache_root, monkeypatch):
+    with pytest.MonkeyPatch.context() as mp:
+        _inject_enospc("publish-rename", mp, fake_nvcc)
+        with pytest.raises(CacheWriteError) as excinfo:
+            loader.load(SPEC)
+    assert excinfo.value.errno == errno.ENOSPC and "read-only" not in str(excinfo.value)
+
+
+@pytest.mark.parametrize("how", ["permission", "read-only-mount", "compiler"])
+def test_read_only_cache_is_a_cache_write_error_naming_both_fixes(how, fake_nvcc, cache_root, monkeypatch, capsys):
+    """A cache directory this process cannot write (another user's image layer, a read-only mount):
+    CacheWriteError saying read-only, with the two ways out, and no disk-space advice. Root ignores
+    mode bits, so the permission is taken away by the access check the cache makes."""
+    cache_root.mkdir()
+    if how == "compiler":
+        fake_nvcc.behave(fail="cannot open output file 'merge_state.cuda.o': Read-only file system")
+    else:
+        real_access = os.access
+        monkeypatch.setattr(cache.os, "access", lambda p, mode, **kw: False if str(p).startswith(str(cache_root))
+                            else real_access(p, mode, **kw))
+        monkeypatch.setattr(cache, "_read_only_mount", lambda p: how == "read-only-mount")
+    with pytest.raises(CacheWriteError) as excinfo:
+        loader.load(SPEC)
+    text = str(excinfo.value)
+    assert f"cannot add kernel '{SPEC.uri}' to the cache at {cache_root}" in text
+    assert "read-only" in text and "Nothing was published" in text
+    assert f"FLASHINFER_JIT_PREBUILT_DIRS={cache_root}" in text and "FLASHINFER_JIT_CACHE_DIR" in text
+    assert "free" not in text.split("---")[0] and "prune" not in text
+    expected = {"permission": errno.EACCES, "read-only-mount": errno.EROFS, "compiler": errno.EROFS}[how]
+    assert excinfo.value.errno == expected
+    assert entries(cache_root) == [] and tmp_leftovers(cache_root) == []
+    if how != "compiler":  # and prebuild says it once, before building anything
+        assert cli.main(["prebuild", "--family", "merge", "--dtype", "bf16"]) == 1
+        out, err = capsys.readouterr()
+        assert err.count("cannot add kernels to the cache") == 1 and "FAILED" not in out and fake_nvcc.compiles == 0
 
 
 def test_noexec_cache_is_a_clear_error(fake_nvcc, cache_root, monkeypatch):
