@@ -21,7 +21,11 @@ import argparse
 import datetime
 import json
 import logging
+import os
+import shlex
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,14 +61,40 @@ def command(name: str, help: str, configure: Callable[[argparse.ArgumentParser],
     return register
 
 
+# ---- JSON ----------------------------------------------------------------------------------------
+
+# Every --json output is one object with this schema version and these top-level keys (the --help of
+# each command lists them; tests/test_cli_json.py checks both). Values are plain; a {"value", "source"}
+# pair is used only where the source is said too. Bump JSON_SCHEMA when a key changes meaning.
+JSON_SCHEMA = 1
+JSON_KEYS: dict[str, tuple[str, ...]] = {
+    "config": ("schema", "package", "python", "torch", "cuda_home", "nvcc", "host_compiler", "target_archs",
+               "nvcc_flags", "jobs", "build_disabled", "lock_timeout_s", "cache_layers", "gpus", "errors"),
+    "prebuild": ("schema", "cache_dir", "jobs", "jobs_source", "dry_run", "kernels", "summary"),
+    "cache list": ("schema", "layers", "entries"),
+    "cache show": ("schema", "entries"),
+    "cache verify": ("schema", "checked", "bad", "entries"),
+    "cache clear": ("schema", "cache_dir", "dry_run", "bytes", "removed"),
+    "cache prune": ("schema", "cache_dir", "dry_run", "bytes", "removed"),
+}
+
+
+def _print_json(command: str, body: dict[str, Any]) -> None:
+    obj = {"schema": JSON_SCHEMA, **body}
+    assert tuple(obj) == JSON_KEYS[command], (command, tuple(obj))
+    print(json.dumps(obj, indent=2))
+
+
 # ---- config --------------------------------------------------------------------------------------
 
-def _probe(fn: Callable[[], Any]) -> dict[str, Any]:
-    """{"value": fn()} or {"error": why}: `config` must describe a broken setup, not crash on it."""
+def _probe(errors: dict[str, str], name: str, fn: Callable[[], Any]) -> Any:
+    """fn(), or None with the reason in errors[name]: `config` must describe a broken setup, not
+    crash on it."""
     try:
-        return {"value": fn()}
+        return fn()
     except (FlashInferJITError, ValueError, OSError) as exc:
-        return {"error": str(exc)}
+        errors[name] = str(exc)
+        return None
 
 
 def _layer_report(layer: cache.CacheLayer) -> dict[str, Any]:
@@ -75,6 +105,7 @@ def _layer_report(layer: cache.CacheLayer) -> dict[str, Any]:
         "exists": exists,
         "entries": sum(1 for _ in layer.entries()) if exists else 0,
         "bytes": cache.tree_bytes(layer.root) if exists else 0,
+        "problem": layer.problem() if exists else None,
     }
 
 
@@ -88,47 +119,57 @@ def _gpus() -> list[dict[str, Any]]:
 
 
 def collect_config(cache_dir: Path | str | None = None) -> dict[str, Any]:
-    """What this process would build with and where it would look: all read-only probes."""
-    archs = _probe(toolchain.resolve_target_archs)
-    return {
+    """What this process would build with and where it would look: all read-only probes. A value
+    that cannot be found is None, and `errors` says why."""
+    errors: dict[str, str] = {}
+    archs = _probe(errors, "target_archs", toolchain.resolve_target_archs)
+    jobs = _probe(errors, "jobs", toolchain.resolve_jobs)
+    report = {
+        "schema": JSON_SCHEMA,
         "package": {"name": PROG, "version": __version__, "location": str(Path(__file__).resolve().parent),
-                    "templates": _probe(lambda: str(codegen.templates_dir()))},
+                    "templates": _probe(errors, "templates", lambda: str(codegen.templates_dir()))},
         "python": sys.version.split()[0],
         "torch": {"version": torch.__version__, "cuda": torch.version.cuda,
                   "cxx11_abi": bool(torch._C._GLIBCXX_USE_CXX11_ABI)},
-        "cuda_home": _probe(lambda: str(toolchain.cuda_home())),
-        "nvcc": {"path": _probe(lambda: str(toolchain.nvcc_path())), "version": toolchain.nvcc_version()},
+        "cuda_home": _probe(errors, "cuda_home", lambda: str(toolchain.cuda_home())),
+        "nvcc": {"path": _probe(errors, "nvcc", lambda: str(toolchain.nvcc_path())), "version": toolchain.nvcc_version()},
         "host_compiler": toolchain.host_compiler_version(),
-        "target_archs": {"value": list(archs["value"][0]), "source": archs["value"][1]} if "value" in archs else archs,
-        "nvcc_flags": _probe(lambda: toolchain.nvcc_flags(toolchain.target_archs())),
-        "build_disabled": _probe(env.build_disabled),
-        "lock_timeout_s": _probe(env.lock_timeout),
+        "target_archs": {"value": list(archs[0]) if archs else None, "source": archs[1] if archs else None},
+        "nvcc_flags": _probe(errors, "nvcc_flags", lambda: toolchain.nvcc_flags(toolchain.target_archs())),
+        "jobs": {"value": jobs[0] if jobs else None, "source": jobs[1] if jobs else None},
+        "build_disabled": _probe(errors, "build_disabled", env.build_disabled),
+        "lock_timeout_s": _probe(errors, "lock_timeout_s", env.lock_timeout),
         "cache_layers": [_layer_report(layer) for layer in cache.layers(cache_dir)],
         "gpus": _gpus(),
     }
+    report["errors"] = errors
+    return report
 
 
-def _shown(probe: dict[str, Any], render: Callable[[Any], str] = str) -> str:
-    return render(probe["value"]) if "value" in probe else f"unavailable: {probe['error']}"
+def _shown(report: dict[str, Any], name: str, value: Any, render: Callable[[Any], str] = str) -> str:
+    return render(value) if value is not None else f"unavailable: {report['errors'].get(name, 'unknown')}"
 
 
 def format_config(report: dict[str, Any]) -> str:
     pkg, tch, nvcc = report["package"], report["torch"], report["nvcc"]
-    archs = report["target_archs"]
+    archs, jobs = report["target_archs"], report["jobs"]
     lines = [
         f"{'package':<15}{pkg['name']} {pkg['version']} ({pkg['location']})",
-        f"{'templates':<15}{_shown(pkg['templates'])}",
+        f"{'templates':<15}{_shown(report, 'templates', pkg['templates'])}",
         f"{'python':<15}{report['python']}",
         f"{'torch':<15}{tch['version']} (CUDA {tch['cuda'] or 'none: a CPU-only build'}, "
         f"cxx11 abi {'yes' if tch['cxx11_abi'] else 'no'})",
-        f"{'CUDA_HOME':<15}{_shown(report['cuda_home'])}",
-        f"{'nvcc':<15}{_shown(nvcc['path'])}",
+        f"{'CUDA_HOME':<15}{_shown(report, 'cuda_home', report['cuda_home'])}",
+        f"{'nvcc':<15}{_shown(report, 'nvcc', nvcc['path'])}",
         f"{'nvcc version':<15}{nvcc['version'] or 'unavailable (no usable nvcc: only cached kernels can be loaded)'}",
         f"{'host compiler':<15}{report['host_compiler']}",
-        f"{'target archs':<15}" + (f"{', '.join(archs['value'])} ({archs['source']})" if "value" in archs else _shown(archs)),
-        f"{'nvcc flags':<15}{_shown(report['nvcc_flags'], ' '.join)}",
-        f"{'building':<15}" + _shown(report["build_disabled"], lambda off: "disabled (FLASHINFER_JIT_DISABLE_BUILD)" if off else "enabled"),
-        f"{'lock timeout':<15}{_shown(report['lock_timeout_s'], lambda s: f'{s:g} s')}",
+        f"{'target archs':<15}" + _shown(report, "target_archs", archs["value"],
+                                          lambda v: f"{', '.join(v)} ({archs['source']})"),
+        f"{'nvcc flags':<15}{_shown(report, 'nvcc_flags', report['nvcc_flags'], ' '.join)}",
+        f"{'jobs':<15}" + _shown(report, "jobs", jobs["value"], lambda v: f"{v} ({jobs['source']})"),
+        f"{'building':<15}" + _shown(report, "build_disabled", report["build_disabled"],
+                                      lambda off: "disabled (FLASHINFER_JIT_DISABLE_BUILD)" if off else "enabled"),
+        f"{'lock timeout':<15}{_shown(report, 'lock_timeout_s', report['lock_timeout_s'], lambda s: f'{s:g} s')}",
     ]
     gpus = report["gpus"]
     if gpus:
@@ -143,6 +184,8 @@ def format_config(report: dict[str, Any]) -> str:
         else:
             state = "does not exist yet; created by the first build" if layer["writable"] else "does not exist"
         lines.append(f"  {i}. {layer['path']} ({kind}; {state})")
+        if layer["problem"]:
+            lines.append(f"     PROBLEM: {layer['problem']}")
     return "\n".join(lines)
 
 
@@ -151,12 +194,14 @@ def _add_cache_dir(parser: argparse.ArgumentParser) -> None:
                         help="the writable cache (default: FLASHINFER_JIT_CACHE_DIR, else ~/.cache/flashinfer-jit)")
 
 
-def _add_json(parser: argparse.ArgumentParser, what: str = "one JSON object instead of text") -> None:
-    parser.add_argument("--json", action="store_true", help=f"print {what}")
+def _add_json(parser: argparse.ArgumentParser, command: str, where: str = "") -> None:
+    keys = ", ".join(JSON_KEYS[command])
+    parser.add_argument("--json", action="store_true",
+                        help=f"print one JSON object instead of text, with the keys {keys}{where}")
 
 
 def _configure_config(parser: argparse.ArgumentParser) -> None:
-    _add_json(parser)
+    _add_json(parser, "config")
     _add_cache_dir(parser)
 
 
@@ -164,7 +209,10 @@ def _configure_config(parser: argparse.ArgumentParser) -> None:
          _configure_config)
 def config(args: argparse.Namespace) -> int:
     report = collect_config(args.cache_dir)
-    print(json.dumps(report, indent=2) if args.json else format_config(report))
+    if args.json:
+        _print_json("config", {k: v for k, v in report.items() if k != "schema"})
+    else:
+        print(format_config(report))
     return 0
 
 
@@ -173,7 +221,8 @@ def config(args: argparse.Namespace) -> int:
 def _configure_prebuild(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Build kernel variants ahead of time, in parallel, into the cache. The matrix is every supported "
-        "variant of the chosen families, narrowed by the options; comma-separated values are alternatives. "
+        "variant of the chosen families, narrowed by the options; comma-separated values are alternatives, "
+        "except in --arch, where they are the archs of one library (repeat --arch for separate builds). "
         "Variants already cached are skipped. Exit status 1 if any build failed.")
     parser.add_argument("--family", metavar="F,...",
                         help=f"kernel families or aliases: {', '.join(prebuild.family_names())} (default: all)")
@@ -182,20 +231,107 @@ def _configure_prebuild(parser: argparse.ArgumentParser) -> None:
         flags += [f"--{alias}" for alias, target in prebuild.OPTION_ALIASES.items() if target == name]
         shown = ",".join(str(c).lower() if isinstance(c, bool) else str(c) for c in choices)
         parser.add_argument(*flags, dest=name, metavar="V,...", help=f"only these values ({shown})")
-    parser.add_argument("--arch", metavar="A,...",
-                        help="target archs, e.g. 90a or 90a,80 (one build each) or 80+90a (one library for both); "
-                             "default: the visible GPUs, else FLASHINFER_JIT_ARCH, else 9.0a")
+    parser.add_argument("--arch", metavar="A,...", action="append",
+                        help="the archs of one build, as in TORCH_CUDA_ARCH_LIST: 90a, or 80,90a / 8.0;9.0a (one "
+                             "library holding both), 9.0+PTX (with PTX); repeat --arch for separate builds. "
+                             "Default: the visible GPUs, else FLASHINFER_JIT_ARCH, else TORCH_CUDA_ARCH_LIST, else 9.0a")
     parser.add_argument("--jobs", type=int, metavar="N",
-                        help="kernels compiled at once (default: cores; always capped by free memory, ~2 GiB each)")
+                        help="kernels compiled at once (default: MAX_JOBS, else the core count; always capped by "
+                             "free memory, ~2 GiB each)")
     _add_cache_dir(parser)
     parser.add_argument("--config", type=Path, metavar="FILE.json",
                         help="read the options from a JSON file; command-line options override it")
     parser.add_argument("--dry-run", action="store_true", help="list what would be built; build nothing")
-    _add_json(parser, "one JSON report on stdout (progress lines go to stderr)")
+    _add_json(parser, "prebuild", " (progress lines go to stderr)")
 
 
 def _arch_text(archs: Sequence[str]) -> str:
     return "+".join(f"sm_{a}" for a in archs)
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
+        f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def format_start(plan: prebuild.Plan) -> str:
+    """The line a prebuild starts with, before the first kernel finishes."""
+    return (f"prebuild: {plan.to_build} {'variant' if plan.to_build == 1 else 'variants'} to build, "
+            f"{plan.cached} already cached; {plan.jobs} parallel job(s) ({plan.jobs_source}); "
+            f"archs {', '.join(_arch_text(g) for g in plan.arch_groups)}; cache {plan.root}")
+
+
+class PrebuildProgress:
+    """Prebuild progress on `stream`. On a terminal: the start line, then one live bar (done/total,
+    elapsed, time left) redrawn in place, with failures printed above it. Elsewhere (CI logs, --json):
+    the start line, then one line per variant as it finishes, with its seconds."""
+
+    WIDTH = 24
+
+    def __init__(self, stream: Any, live: bool):
+        self.stream, self.live = stream, live
+        self.plan: prebuild.Plan | None = None
+        self.done = 0
+        self.t0 = time.perf_counter()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._ticker: threading.Thread | None = None
+
+    def _write(self, text: str) -> None:
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except (BrokenPipeError, ValueError):
+            self._stop.set()
+
+    def bar(self, now: float | None = None) -> str:
+        total = self.plan.to_build if self.plan else 0
+        elapsed = (time.perf_counter() if now is None else now) - self.t0
+        filled = self.WIDTH * self.done // total if total else self.WIDTH
+        left = _clock(elapsed / self.done * (total - self.done)) if self.done else "?"
+        return (f"[{'#' * filled}{'.' * (self.WIDTH - filled)}] {self.done}/{total} built, "
+                f"elapsed {_clock(elapsed)}, left {left}")
+
+    def _redraw(self) -> None:
+        self._write(f"\r\x1b[K{self.bar()}")
+
+    def start(self, plan: prebuild.Plan) -> None:
+        self.plan = plan
+        self.t0 = time.perf_counter()
+        if not plan.dry_run:
+            self._write(format_start(plan) + "\n")
+        if self.live and plan.to_build and not plan.dry_run:
+            self._redraw()
+            self._ticker = threading.Thread(target=self._tick, name="prebuild-progress", daemon=True)
+            self._ticker.start()
+
+    def _tick(self) -> None:
+        while not self._stop.wait(1.0):
+            with self._lock:
+                if not self._stop.is_set():
+                    self._redraw()
+
+    def update(self, outcome: prebuild.Outcome, index: int, total: int) -> None:
+        plan = self.plan
+        if not self.live or plan is None or plan.dry_run or not plan.to_build:
+            self._write(_progress_line(outcome, index, total) + "\n")
+            return
+        if index <= plan.cached:
+            return  # counted in the start line
+        with self._lock:
+            self.done += 1
+            if outcome.status == prebuild.FAILED:
+                self._write("\r\x1b[K" + _progress_line(outcome, index, total) + "\n")
+            self._redraw()
+
+    def finish(self) -> None:
+        self._stop.set()
+        if self._ticker is not None:
+            self._ticker.join()
+            with self._lock:
+                self._redraw()
+                self._write("\n")
 
 
 def _progress_line(outcome: prebuild.Outcome, index: int, total: int) -> str:
@@ -246,17 +382,25 @@ def prebuild_cmd(args: argparse.Namespace) -> int:
     cache_dir = args.cache_dir if args.cache_dir is not None else config["cache_dir"]
     jobs = args.jobs if args.jobs is not None else config["jobs"]
     layer = cache.writable_layer(cache_dir)
-    progress = sys.stderr if args.json else sys.stdout
-
-    def on_progress(outcome: prebuild.Outcome, index: int, total: int) -> None:
-        print(_progress_line(outcome, index, total), file=progress, flush=True)
-
-    report = prebuild.run(specs, arch_groups, layer, jobs=jobs, dry_run=args.dry_run, on_progress=on_progress)
+    stream = sys.stderr if args.json else sys.stdout
+    progress = PrebuildProgress(stream, live=not args.json and _is_terminal(stream))
+    try:
+        report = prebuild.run(specs, arch_groups, layer, jobs=jobs, dry_run=args.dry_run, on_start=progress.start,
+                              on_progress=progress.update)
+    finally:
+        progress.finish()
     if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
+        _print_json("prebuild", report.to_dict())
     else:
         print(format_prebuild_summary(report))
     return 1 if report.failed else 0
+
+
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
 
 
 # ---- cache ---------------------------------------------------------------------------------------
@@ -292,7 +436,11 @@ def format_table(rows: list[list[str]], header: list[str]) -> str:
 def cache_list(args: argparse.Namespace) -> int:
     reports = loader.inventory(args.cache_dir)
     if args.json:
-        print(json.dumps(reports, indent=2))
+        layers = [{"path": str(layer.root), "writable": layer.writable,
+                   "entries": sum(1 for r in reports if r["layer"] == str(layer.root)),
+                   "bytes": sum(r["disk_bytes"] for r in reports if r["layer"] == str(layer.root))}
+                  for layer in cache.layers(args.cache_dir)]
+        _print_json("cache list", {"layers": layers, "entries": reports})
         return 0
     for layer in cache.layers(args.cache_dir):
         mine = [r for r in reports if r["layer"] == str(layer.root)]
@@ -311,10 +459,11 @@ def cache_show(args: argparse.Namespace) -> int:
     matches = [r for r in loader.inventory(args.cache_dir)
                if args.uri in (r["uri"], Path(r["path"]).name, r["path"]) or (r["key"] or "").startswith(args.uri)]
     if not matches:
-        print(f"{PROG}: no cache entry matches {args.uri!r} (see `{PROG} cache list`)", file=sys.stderr)
+        print(f"{PROG}: no cache entry matches {args.uri!r} (see `{_suggest(args, 'cache', 'list')}`)",
+              file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps(matches, indent=2))
+        _print_json("cache show", {"entries": matches})
         return 0
     for i, r in enumerate(matches):
         if i:
@@ -343,24 +492,39 @@ def cache_verify(args: argparse.Namespace) -> int:
     results = [r for layer in cache.layers(args.cache_dir) for r in cache.check_layer(layer, fix=args.fix)]
     bad = [r for r in results if not r["ok"]]
     if args.json:
-        print(json.dumps({"checked": len(results), "bad": len(bad), "entries": results}, indent=2))
+        _print_json("cache verify", {"checked": len(results), "bad": len(bad), "entries": results})
     else:
         for r in results:
             if r["ok"]:
                 print(f"ok   {r['path']}")
             else:
                 print(f"BAD  {r['path']}\n     {r['problem']}" + (f"; {r['action']}" if r["action"] else ""))
-        hint = "" if not bad or args.fix else f" (run `{PROG} cache verify --fix` to quarantine them)"
+        hint = "" if not bad or args.fix else f" (run `{_again(args, '--fix')}` to quarantine them)"
         print(f"verified {len(results)} {'entry' if len(results) == 1 else 'entries'}: "
               f"{len(results) - len(bad)} ok, {len(bad)} bad{hint}")
     return 1 if any(not r["fixed"] for r in bad) else 0
 
 
-def _confirm(prompt: str, yes: bool) -> bool:
-    if yes:
+def _suggest(args: argparse.Namespace, *words: str) -> str:
+    """`flashinfer-jit WORDS` for the cache this command used (its --cache-dir, when one was given)."""
+    parts = [PROG, *words]
+    if getattr(args, "cache_dir", None) is not None:
+        parts += ["--cache-dir", str(args.cache_dir)]
+    return shlex.join(parts)
+
+
+def _again(args: argparse.Namespace, *extra: str) -> str:
+    """This very command line plus `extra`: pasted, it acts on the same cache with the same options."""
+    argv = [a for a in getattr(args, "argv", []) if a not in extra]
+    return shlex.join([PROG, *argv, *extra])
+
+
+def _confirm(args: argparse.Namespace, prompt: str) -> bool:
+    if args.yes:
         return True
     if not sys.stdin.isatty():
-        print(f"{PROG}: nothing removed: add --yes to confirm (stdin is not a terminal)", file=sys.stderr)
+        print(f"{PROG}: nothing removed: run `{_again(args, '--yes')}` to confirm (stdin is not a terminal)",
+              file=sys.stderr)
         return False
     return input(f"{prompt} [y/N] ").strip().lower() in ("y", "yes")
 
@@ -370,8 +534,8 @@ def _print_removal(layer: cache.CacheLayer, entries: list[Path], stale: list[Pat
     removed = cache.remove_paths(layer, [*entries, *stale], dry_run)
     freed = sum(size for _, size in removed)
     if as_json:
-        print(json.dumps({"cache_dir": str(layer.root), "dry_run": dry_run, "bytes": freed,
-                          "removed": [{"path": str(p), "bytes": size} for p, size in removed]}, indent=2))
+        _print_json(f"cache {what.split()[0]}", {"cache_dir": str(layer.root), "dry_run": dry_run, "bytes": freed,
+                                                 "removed": [{"path": str(p), "bytes": size} for p, size in removed]})
         return
     for path, size in removed:
         print(f"{'would remove' if dry_run else 'removed'} {path} ({cache.format_size(size)})")
@@ -388,9 +552,12 @@ def cache_clear(args: argparse.Namespace) -> int:
         entries += layer.quarantined()  # a full clear empties quarantine/ too
     stale = layer.stale_tmp_dirs()
     if not entries and not stale:
-        print(f"nothing to remove in {layer.root}")
+        if args.json:
+            _print_json("cache clear", {"cache_dir": str(layer.root), "dry_run": args.dry_run, "bytes": 0, "removed": []})
+        else:
+            print(f"nothing to remove in {layer.root}")
         return 0
-    if not args.dry_run and not _confirm(f"remove {len(entries)} entries from {layer.root}?", args.yes):
+    if not args.dry_run and not _confirm(args, f"remove {len(entries)} entries from {layer.root}?"):
         return 1
     _print_removal(layer, entries, stale, args.dry_run, args.json, "clear")
     return 0
@@ -418,9 +585,9 @@ CACHE_ACTIONS: dict[str, tuple[str, Callable[[argparse.Namespace], int]]] = {
 def _configure_cache(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     parsers = {name: sub.add_parser(name, help=text, description=text) for name, (text, _) in CACHE_ACTIONS.items()}
-    for p in parsers.values():
+    for name, p in parsers.items():
         _add_cache_dir(p)
-        _add_json(p)
+        _add_json(p, f"cache {name}")
     parsers["show"].add_argument("uri", metavar="URI", help="a kernel URI, an entry directory name or a key prefix")
     parsers["verify"].add_argument("--fix", action="store_true",
                                    help="quarantine bad entries of the writable cache (the next load rebuilds them)")
@@ -455,13 +622,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Exit status of a command whose output pipe was closed (`flashinfer-jit cache list | head`): what a
+# shell reports for a tool that SIGPIPE ended.
+BROKEN_PIPE_STATUS = 128 + signal.SIGPIPE
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that the interpreter's last flush does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass  # not a real file (tests capture stdout): nothing will flush into the pipe
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     if args.verbose:
         logging.basicConfig(level=logging.DEBUG if args.verbose > 1 else logging.INFO,
                             format="%(levelname)s %(name)s: %(message)s")
     try:
-        return COMMANDS[args.command].run(args)
+        status = COMMANDS[args.command].run(args)
+        sys.stdout.flush()
+        return status
+    except BrokenPipeError:
+        _silence_stdout()
+        return BROKEN_PIPE_STATUS
     except (FlashInferJITError, ValueError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1

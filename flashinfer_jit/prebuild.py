@@ -17,9 +17,10 @@ Family names are the exact ones (`merge_state`, `prefill`, `append_paged`) or th
     decode   prefill on the paged layout with causal=false (decode runs the paged prefill kernel)
     append   append_paged
 
-Targets (`--arch`): a comma separates alternatives (one build each, like every other option); a `+`
-joins archs into one binary. `90a,80` is two builds (sm_90a, sm_80); `80+90a` is one library for
-both, which is what a process seeing an A100 and an H100 at once loads.
+Targets (`--arch`): one `--arch` is one build, and its archs go into one library, written as in
+FLASHINFER_JIT_ARCH and TORCH_CUDA_ARCH_LIST (`80,90a`, `8.0;9.0a`, `80+90a`: what a process
+seeing an A100 and an H100 at once loads; `9.0+PTX` adds PTX). Unlike the other options, a comma
+here does not separate alternatives: repeat `--arch` for separate builds (`--arch 90a --arch 80`).
 
 Already cached variants are skipped; the rest are built through `loader.ensure_built`, the same
 lock-and-recheck path the runtime takes, so a prebuild and a running job never build one variant
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -180,12 +180,24 @@ def expand(families: Iterable[str] | None = None, filters: dict[str, Any] | None
 
 
 def parse_archs(value: Any) -> list[tuple[str, ...]]:
-    """'90a,80' -> [('90a',), ('80',)]; '80+90a' -> [('80', '90a')]. Archs are normalized (9.0 -> 90a)."""
+    """The builds `--arch` asks for. A string is one build: its archs (separated by commas, semicolons,
+    spaces or '+', as in FLASHINFER_JIT_ARCH and TORCH_CUDA_ARCH_LIST) go into one library. A list (the
+    option repeated, or a JSON list in --config) is one build per item.
+
+        '90a'            -> [('90a',)]
+        '80,90a'         -> [('80', '90a')]          one library for both
+        ['90a', '80']    -> [('90a',), ('80',)]      two builds
+        '8.0;9.0+PTX'    -> [('80', '90a+PTX')]      with PTX for 9.0
+    """
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
     groups: list[tuple[str, ...]] = []
-    for item in _as_items(value):
-        group = tuple(sorted({toolchain.normalize_arch(a) for a in str(item).split("+") if a.strip()}))
-        if not group:
-            raise ValueError(f"--arch: empty arch in {value!r}")
+    for item in items:
+        if not isinstance(item, str):
+            raise ValueError(f"--arch: expected archs like 90a or 80,90a, got {item!r}")
+        try:
+            group = toolchain.parse_arch_list(item)
+        except ValueError as exc:
+            raise ValueError(f"--arch {item!r}: {exc}") from None
         if group not in groups:
             groups.append(group)
     if not groups:
@@ -287,12 +299,30 @@ class Outcome:
 
 
 @dataclass
+class Plan:
+    """What a run is about to do, known before the first build starts (`on_start`)."""
+
+    root: Path
+    arch_groups: list[tuple[str, ...]]
+    to_build: int
+    cached: int
+    jobs: int
+    jobs_source: str
+    dry_run: bool
+
+    @property
+    def total(self) -> int:
+        return self.to_build + self.cached
+
+
+@dataclass
 class Report:
     root: Path
     jobs: int
     dry_run: bool
     outcomes: list[Outcome] = field(default_factory=list)
     seconds: float = 0.0
+    jobs_source: str = ""
 
     def count(self, status: str) -> int:
         return sum(1 for o in self.outcomes if o.status == status)
@@ -309,7 +339,7 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         present = self.count(BUILT) + self.count(CACHED)
         return {
-            "cache_dir": str(self.root), "jobs": self.jobs, "dry_run": self.dry_run,
+            "cache_dir": str(self.root), "jobs": self.jobs, "jobs_source": self.jobs_source, "dry_run": self.dry_run,
             "kernels": [o.to_dict() for o in self.outcomes],
             "summary": {
                 "total": len(self.outcomes), "built": self.count(BUILT), "cached": self.count(CACHED),
@@ -321,12 +351,9 @@ class Report:
 
 
 def default_jobs(todo: int, requested: int | None = None) -> int:
-    """Kernels compiled at once: `requested` (else the core count), never more than free memory
-    holds (about 2 GiB per nvcc) nor more than there is to build."""
-    jobs = requested if requested is not None else (os.cpu_count() or 1)
-    if jobs < 1:
-        raise ValueError(f"--jobs: expected a positive integer, got {jobs}")
-    return max(1, min(toolchain.memory_capped_jobs(jobs), todo))
+    """Kernels compiled at once: `requested` (--jobs), else MAX_JOBS, else the core count; never more
+    than free memory holds (about 2 GiB per nvcc) nor more than there is to build."""
+    return max(1, min(toolchain.resolve_jobs(requested)[0], todo))
 
 
 def _steady_build_environment(jobs_per_kernel: int):
@@ -346,11 +373,15 @@ def _lookup(spec: KernelSpec, archs: tuple[str, ...], layer: cache.CacheLayer) -
 
 def run(specs: Sequence[KernelSpec], arch_groups: Sequence[tuple[str, ...]], layer: cache.CacheLayer, *,
         jobs: int | None = None, dry_run: bool = False,
+        on_start: Callable[[Plan], None] | None = None,
         on_progress: Callable[[Outcome, int, int], None] | None = None) -> Report:
     """Build every (spec, archs) pair missing from the writable `layer`; report each as it finishes.
 
+    `on_start(plan)` is called once, after the lookups and before anything is built or reported.
     `on_progress(outcome, index, total)` is called once per pair: cached ones first, then builds in
-    the order they complete. A failure does not stop the others. Dry runs write nothing."""
+    the order they complete. A failure does not stop the others. The cache directory is checked
+    (and created) once, before the first build: an unsafe or read-only one is one error
+    (CacheSecurityError, CacheWriteError), not one failure per variant. Dry runs write nothing."""
     if not layer.writable:
         raise ValueError(f"prebuild needs a writable cache directory, not {layer.root}")
     start = time.perf_counter()
@@ -358,9 +389,10 @@ def run(specs: Sequence[KernelSpec], arch_groups: Sequence[tuple[str, ...]], lay
         toolchain.require_nvcc()  # no toolkit: say so (and where we looked) before anything else
     pairs = [(spec, archs) for archs in arch_groups for spec in specs]
     total = len(pairs)
+    budget, jobs_source = toolchain.resolve_jobs(jobs)
     counter = iter(range(1, total + 1))
     report_lock = threading.Lock()
-    report = Report(root=layer.root, jobs=0, dry_run=dry_run)
+    report = Report(root=layer.root, jobs=0, dry_run=dry_run, jobs_source=jobs_source)
 
     def record(outcome: Outcome) -> None:
         with report_lock:
@@ -369,15 +401,22 @@ def run(specs: Sequence[KernelSpec], arch_groups: Sequence[tuple[str, ...]], lay
             if on_progress is not None:
                 on_progress(outcome, index, total)
 
+    cached: list[Outcome] = []
     todo: list[tuple[KernelSpec, tuple[str, ...], loader.KeyInfo]] = []
     for spec, archs in pairs:
         info, entry = _lookup(spec, archs, layer)
         if entry is not None:
-            record(Outcome(spec, archs, CACHED, entry=entry.path, disk_bytes=cache.tree_bytes(entry.path)))
+            cached.append(Outcome(spec, archs, CACHED, entry=entry.path, disk_bytes=cache.tree_bytes(entry.path)))
         else:
             todo.append((spec, archs, info))
 
-    report.jobs = default_jobs(len(todo), jobs) if todo else 0
+    report.jobs = max(1, min(budget, len(todo))) if todo else 0
+    if todo and not dry_run:
+        loader.prepare_layer(layer)  # once: an unsafe or read-only directory is one error
+    if on_start is not None:
+        on_start(Plan(layer.root, list(arch_groups), len(todo), len(cached), report.jobs, jobs_source, dry_run))
+    for outcome in cached:
+        record(outcome)
     if dry_run:
         for spec, archs, _ in todo:
             record(Outcome(spec, archs, PLANNED))
@@ -393,7 +432,9 @@ def run(specs: Sequence[KernelSpec], arch_groups: Sequence[tuple[str, ...]], lay
             return Outcome(spec, archs, BUILT if built else CACHED, time.perf_counter() - t0, entry=entry.path,
                            disk_bytes=cache.tree_bytes(entry.path))
 
-        per_kernel = max(1, (os.cpu_count() or 1) // report.jobs)
+        # The job budget is shared: `report.jobs` kernels at once, each compiling its sources with
+        # what is left (MAX_JOBS=1 means one nvcc in all).
+        per_kernel = max(1, budget // report.jobs)
         with _steady_build_environment(per_kernel), \
                 concurrent.futures.ThreadPoolExecutor(report.jobs, thread_name_prefix="prebuild") as pool:
             futures = [pool.submit(build_one, *item) for item in todo]

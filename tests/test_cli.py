@@ -37,9 +37,11 @@ def test_config_json_reports_versions_archs_layers_and_gpu(capsys, no_gpu, monke
     assert report["torch"]["version"] == cli.torch.__version__
     assert report["torch"]["cuda"] == cli.torch.version.cuda
     assert report["target_archs"] == {"value": ["80", "90a"], "source": "FLASHINFER_JIT_ARCH=9.0,8.0"}
-    assert report["nvcc_flags"]["value"][-2:] == ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a"]
+    assert report["nvcc_flags"][-2:] == ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a"]
     assert [(l["path"], l["writable"], l["exists"]) for l in report["cache_layers"]] == [
         (str(prebuilt[0]), False, True), (str(prebuilt[1]), False, False), (str(cache_root), True, False)]
+    assert [l["problem"] for l in report["cache_layers"]] == [None, None, None]
+    assert report["errors"] == {}
     assert report["gpus"] == []
     assert not cache_root.exists()  # config only looks
 
@@ -59,7 +61,7 @@ def test_config_counts_cache_entries(capsys, fake_nvcc, cache_root, no_gpu):
     layer = json.loads(out)["cache_layers"][-1]
     assert layer["bytes"] == sum(p.stat().st_size for p in cache_root.rglob("*") if p.is_file())
     assert {k: v for k, v in layer.items() if k != "bytes"} == {
-        "path": str(cache_root), "writable": True, "exists": True, "entries": 1}
+        "path": str(cache_root), "writable": True, "exists": True, "entries": 1, "problem": None}
     assert json.loads(out)["nvcc"]["version"].startswith("Cuda compilation tools, release 99.9")
 
 
@@ -82,7 +84,7 @@ def test_config_survives_bad_settings(capsys, monkeypatch, no_gpu):
     monkeypatch.setenv("FLASHINFER_JIT_LOCK_TIMEOUT", "soon")
     code, out, _ = run_cli(capsys, "config")
     assert code == 0
-    assert "target archs   unavailable: cannot read CUDA arch 'hopper'" in out
+    assert "target archs   unavailable: FLASHINFER_JIT_ARCH='hopper': cannot read CUDA arch 'hopper'" in out
     assert "FLASHINFER_JIT_LOCK_TIMEOUT='soon'" in out
 
 

@@ -62,7 +62,7 @@ def age(entry: cache.Entry, built_days: float, used_days: float | None) -> None:
 def test_list_json_matches_the_cache(capsys, three, cache_root, tmp_path, monkeypatch):
     code, out, _ = run_cli(capsys, "cache", "list", "--json")
     assert code == 0
-    listed = json.loads(out)
+    listed = json.loads(out)["entries"]
     assert [r["uri"] for r in listed] == sorted(s.uri for s in SPECS)
     for r in listed:
         entry = next(e for e in three if str(e.path) == r["path"])
@@ -105,7 +105,7 @@ def test_show_by_uri_name_or_key(capsys, three):
         assert "(matches this installation)" in out
         assert "nvcc_flags:" in out
     code, out, _ = run_cli(capsys, "cache", "show", entry.uri, "--json")
-    assert [r["path"] for r in json.loads(out)] == [str(entry.path)]
+    assert [r["path"] for r in json.loads(out)["entries"]] == [str(entry.path)]
     code, _, err = run_cli(capsys, "cache", "show", "prefill_nothing")
     assert code == 1 and "no cache entry matches 'prefill_nothing'" in err
 
@@ -169,7 +169,7 @@ def test_verify_reports_incomplete_entries_and_read_only_layers(capsys, three, c
 def test_clear_needs_yes_when_not_interactive(capsys, three, cache_root, monkeypatch):
     monkeypatch.setattr(sys, "stdin", open(os.devnull))
     code, _, err = run_cli(capsys, "cache", "clear")
-    assert code == 1 and "add --yes" in err
+    assert code == 1 and "run `flashinfer-jit cache clear --yes` to confirm" in err
     assert len(uris(cache_root)) == 3
 
 

@@ -7,6 +7,7 @@ import dataclasses
 import itertools
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -119,10 +120,12 @@ def test_bad_options_say_what_is_supported(families, filters, message):
 
 
 def test_arch_lists_and_fat_binaries():
-    assert prebuild.parse_archs("90a,80") == [("90a",), ("80",)]
-    assert prebuild.parse_archs("9.0,sm_80") == [("90a",), ("80",)]
+    """One --arch (a string) is one library; a list (the option repeated) is one build per item."""
+    assert prebuild.parse_archs("90a,80") == [("80", "90a")]
+    assert prebuild.parse_archs("9.0;sm_80") == [("80", "90a")]
     assert prebuild.parse_archs("90a+80") == [("80", "90a")]
     assert prebuild.parse_archs(["80+90a", "90a"]) == [("80", "90a"), ("90a",)]
+    assert prebuild.parse_archs(["90a", "80", "9.0"]) == [("90a",), ("80",)]
     with pytest.raises(ValueError, match="sm_80 or newer"):
         prebuild.parse_archs("75")
 
@@ -163,7 +166,7 @@ def test_command_line_overrides_the_config_file(capsys, tmp_path, cache_root, no
 
 
 def test_jobs_are_capped_by_cores_memory_and_work(monkeypatch):
-    monkeypatch.setattr(prebuild.os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(toolchain.os, "cpu_count", lambda: 16)
     monkeypatch.setattr(toolchain, "_available_memory", lambda: 5 * toolchain.NVCC_JOB_BYTES + 1)
     assert prebuild.default_jobs(100) == 5          # memory: 5 nvccs fit
     assert prebuild.default_jobs(3) == 3            # only 3 to build
@@ -194,8 +197,8 @@ def test_prebuild_builds_in_parallel_then_skips_everything(capsys, cache_root, f
     timeline = tmp_path / "timeline.txt"
     monkeypatch.setenv("FAKE_NVCC_TIMELINE", str(timeline))
     fake_nvcc.behave(sleep=1.0)
-    code, out, _ = run_cli(capsys, "prebuild", "--family", "merge", "--dtype", "bf16", "--arch", "90a,80",
-                           "--jobs", "3")
+    code, out, _ = run_cli(capsys, "prebuild", "--family", "merge", "--dtype", "bf16", "--arch", "90a", "--arch",
+                           "80", "--jobs", "3")
     assert code == 0, out
     lines = out.splitlines()
     progress = [l for l in lines if l.startswith("[")]
@@ -216,7 +219,7 @@ def test_prebuild_builds_in_parallel_then_skips_everything(capsys, cache_root, f
         peak = max(peak, running)
     assert peak == 3
 
-    code, out, _ = run_cli(capsys, "prebuild", "--family", "merge", "--dtype", "bf16", "--arch", "90a,80")
+    code, out, _ = run_cli(capsys, "prebuild", "--family", "merge", "--dtype", "bf16", "--arch", "90a", "--arch", "80")
     assert code == 0
     assert "built 0, cached 6, failed 0 of 6" in out
     assert sum(1 for l in out.splitlines() if " cached merge_state_" in l) == 6
@@ -352,7 +355,7 @@ def test_real_prebuild_of_two_variants_then_nothing_then_list_verify(tmp_path, c
     assert code == 0 and "built 0, cached 2, failed 0 of 2" in out
 
     code, out, _ = run_cli(capsys, "cache", "list", "--json", "--cache-dir", str(root))
-    listed = json.loads(out)
+    listed = json.loads(out)["entries"]
     assert sorted(r["uri"] for r in listed) == ["merge_state_hd128_bf16", "merge_state_hd64_bf16"]
     by_entry = {k["entry"]: k for k in report["kernels"]}
     for r in listed:
@@ -376,3 +379,108 @@ def test_real_prebuild_of_two_variants_then_nothing_then_list_verify(tmp_path, c
     assert code == 0 and "quarantined to" in out
     code, out, _ = run_cli(capsys, "prebuild", *argv[1:])
     assert code == 0 and "built 1, cached 1, failed 0 of 2" in out
+
+
+# ---- parallelism conventions, start line, progress ----------------------------------------------
+
+def _peak(timeline: Path) -> int:
+    events = sorted((float(t), +1 if what == "start" else -1)
+                    for _, what, t in (line.split() for line in timeline.read_text().splitlines()))
+    running = peak = 0
+    for _, delta in events:
+        running += delta
+        peak = max(peak, running)
+    return peak
+
+
+@pytest.mark.parametrize("max_jobs, argv, jobs, source", [
+    ("1", [], 1, "MAX_JOBS=1"),
+    ("1", ["--jobs", "2"], 2, "--jobs 2"),   # --jobs > MAX_JOBS
+    (None, [], 2, "the core count"),          # > the cores (2 here)
+])
+def test_jobs_come_from_jobs_then_max_jobs_then_cores(max_jobs, argv, jobs, source, capsys, cache_root, fake_nvcc,
+                                                      no_gpu, tmp_path, monkeypatch):
+    monkeypatch.setattr(toolchain.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(toolchain, "_available_memory", lambda: 64 * 1024**3)
+    if max_jobs:
+        monkeypatch.setenv("MAX_JOBS", max_jobs)
+    timeline = tmp_path / "timeline.txt"
+    monkeypatch.setenv("FAKE_NVCC_TIMELINE", str(timeline))
+    fake_nvcc.behave(sleep=0.7)
+    code, out, err = run_cli(capsys, "prebuild", "--family", "merge", "--dtype", "fp16", "--json", *argv)
+    assert code == 0, err
+    report = json.loads(out)
+    assert (report["jobs"], report["jobs_source"]) == (jobs, source)
+    assert err.splitlines()[0].startswith(f"prebuild: 3 variants to build, 0 already cached; {jobs} parallel job(s) "
+                                          f"({source}); archs sm_90a; cache {cache_root}")
+    assert _peak(timeline) == jobs  # nvccs running at once, all kernels together
+    for kernel in report["kernels"]:
+        log = (Path(kernel["entry"]) / "build.log").read_text()
+        assert "with 1 job(s)" in log  # ninja's share: the budget over the kernels, at most one per source
+
+
+def test_config_shows_the_jobs_and_where_they_come_from(capsys, no_gpu, monkeypatch):
+    monkeypatch.setattr(toolchain.os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(toolchain, "_available_memory", lambda: 5 * toolchain.NVCC_JOB_BYTES + 1)
+    code, out, _ = run_cli(capsys, "config")
+    assert "jobs           5 (the core count, capped from 16 by free memory (about 2 GiB per nvcc))" in out
+    monkeypatch.setenv("MAX_JOBS", "3")
+    code, out, _ = run_cli(capsys, "config", "--json")
+    assert json.loads(out)["jobs"] == {"value": 3, "source": "MAX_JOBS=3"}
+
+
+def test_start_line_then_one_line_per_variant_with_its_seconds(capsys, cache_root, fake_nvcc, no_gpu):
+    assert run_cli(capsys, "prebuild", "--family", "merge", "--dtype", "bf16", "--head-dim", "64")[0] == 0
+    code, out, _ = run_cli(capsys, "prebuild", "--family", "merge", "--dtype", "bf16", "--arch", "90a", "--arch",
+                           "80,90a", "--jobs", "1")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0] == (f"prebuild: 5 variants to build, 1 already cached; 1 parallel job(s) (--jobs 1); archs "
+                        f"sm_90a, sm_80+sm_90a; cache {cache_root}")
+    assert lines[1] == "[1/6] cached merge_state_hd64_bf16 (sm_90a)"
+    assert all(re.fullmatch(r"\[\d/6\] built merge_state_hd\d+_bf16 \(sm_[0-9a+_sm]+\) in \d+\.\d s, .*KiB", l)
+               for l in lines[2:7]), lines
+
+
+def test_a_terminal_gets_one_live_bar(cache_root, fake_nvcc, no_gpu):
+    """Under a pseudo-terminal: the start line, then one bar redrawn in place (done/total, elapsed,
+    time left), no per-variant lines, then the summary."""
+    import pty
+    fake_nvcc.behave(sleep=1.2)
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "flashinfer_jit", "prebuild", "--family", "merge", "--dtype", "bf16",
+                             "--jobs", "1"], env=subprocess_env(), stdout=slave, stderr=subprocess.PIPE, text=False)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    assert proc.wait(timeout=120) == 0, proc.stderr.read()
+    screen = b"".join(chunks).decode()
+    assert screen.startswith("prebuild: 3 variants to build, 0 already cached; 1 parallel job(s) (--jobs 1)")
+    frames = [f for f in screen.split("\r\x1b[K") if f.startswith("[")]
+    assert len(frames) >= 4, screen  # redrawn as builds finish and while one runs
+    assert re.match(r"\[\.{24}\] 0/3 built, elapsed 0:0\d, left \?", frames[0]), frames[0]
+    assert re.search(r"\[#{8}\.{16}\] 1/3 built, elapsed 0:0\d, left 0:0\d", screen), screen
+    assert re.search(r"\[#{24}\] 3/3 built, elapsed 0:0\d, left 0:00\r?\n", screen), screen
+    assert "] built merge_state" not in screen  # no per-variant lines on a terminal
+    assert "built 3, cached 0, failed 0 of 3" in screen
+
+
+def test_unsafe_cache_dir_is_one_error_not_one_per_variant(capsys, cache_root, fake_nvcc, no_gpu):
+    cache_root.mkdir()
+    cache_root.chmod(0o777)
+    code, out, err = run_cli(capsys, "prebuild", "--family", "merge", "--dtype", "bf16")
+    assert code == 1
+    assert (out + err).count("refusing cache path") == 1 and f"chmod go-w {cache_root}" in err
+    assert fake_nvcc.compiles == 0
+    code, out, _ = run_cli(capsys, "config")
+    assert f"     PROBLEM: refusing cache path {cache_root}: mode drwxrwxrwx" in out
+    code, out, _ = run_cli(capsys, "config", "--json")
+    assert "lets other users write it" in json.loads(out)["cache_layers"][-1]["problem"]
