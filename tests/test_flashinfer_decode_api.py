@@ -791,7 +791,7 @@ def test_sglang_cuda_graph_decode_with_fast_decode_plan() -> None:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = forward()
-    for i, lens in enumerate(([50] * bs, [1, 700, 3, 5000, 64, 0, 129, 20], [2000] * bs)):
+    for i, lens in enumerate(([50] * bs, [1, 700, 3, 5000, 64, 0, 129, 20], [700] * bs)):
         batch = begin(lens, seed=10 + i, fast=True)
         out.fill_(NAN)
         graph.replay()
