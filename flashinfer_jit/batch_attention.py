@@ -26,7 +26,7 @@ from .abi import PlanCall, PlanConfig, PlanResult, PrefillParams
 from .kernels import PrefillKernel, prefill_kernel, select_backend
 from .ops import define, device_guard, stream_of
 from .errors import NotSupportedError
-from .planner import MIN_CHUNK_TILES, PLAN_OK, PLAN_WORKSPACE, plan_and_upload
+from .planner import MIN_CHUNK_TILES, PLAN_OK, PLAN_WORKSPACE, check_indptrs, plan_and_upload
 from .workspace import IntLayout, Workspace
 
 LOG2E = 1.4426950408889634
@@ -203,7 +203,8 @@ class _BatchAttention:
 
     def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str, use_cuda_graph: bool,
                  max_num_pages: int = 0, backend: str = "auto", where: str = ""):
-        validate.workspace_buffer("float_workspace_buffer", float_workspace_buffer)
+        # Host properties now; the CUDA-device check waits for plan(), after every host-side check.
+        validate.workspace_buffer("float_workspace_buffer", float_workspace_buffer, device_check=False)
         if kv_layout not in self._layouts:
             raise ValueError(f"kv_layout: expected one of {self._layouts}, got {kv_layout!r}")
         self._backend = select_backend(backend, where)
@@ -316,6 +317,10 @@ class _BatchAttention:
             cta_q = _choose_cta_q(variant.spec.cta_q_options, total_q * group, batch)
         # Split KV only as far as one CTA per SM: measured on H100 decode, more and shorter chunks
         # lose more to merging and per-CTA start-up than they gain in parallelism.
+        # Host-side checks first (the indptrs, in C: microseconds), then the device: without a GPU
+        # the first error still names a bad indptr.
+        check_indptrs(variant.kernel, qo_host, kv_lens_indptr, batch)
+        validate.workspace_buffer("float_workspace_buffer", workspace.float_buffer)
         sms, slots_per_gpu = variant.gpu_slots(self._device, cta_q)
         if disable_split_kv:
             split_tiles = -1

@@ -23,6 +23,7 @@ _PLAN_ERRORS = {
     5: "kv_indptr must be non-decreasing",
     6: "invalid plan configuration",
 }
+_CHECK_ARGTYPES = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.POINTER(PlanResult)]
 _PAGED_LENGTHS_ARGTYPES = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32,
                            ctypes.c_int32, ctypes.c_void_p, ctypes.POINTER(PageTableCheck)]
 
@@ -57,6 +58,16 @@ def plan_and_upload(kernel: LoadedKernel, call: PlanCall, qo_indptr: torch.Tenso
     if status not in (PLAN_OK, PLAN_CAPACITY, PLAN_WORKSPACE):
         raise_plan_error(status, result, qo_indptr, kv_indptr)
     return status, Plan(result.num_items, result.num_merges, result.partial_rows)
+
+
+def check_indptrs(kernel: LoadedKernel, qo_indptr: torch.Tensor, kv_indptr: torch.Tensor, batch: int) -> None:
+    """The planner's indptr checks (first entry 0, non-decreasing) on host int32 tensors, run by plan()
+    before anything touches the device. Raises ValueError naming the index."""
+    result = PlanResult()
+    status = kernel.function("check_indptrs", _CHECK_ARGTYPES)(
+        qo_indptr.data_ptr(), kv_indptr.data_ptr(), batch, ctypes.byref(result))
+    if status != PLAN_OK:
+        raise_plan_error(status, result, qo_indptr, kv_indptr)
 
 
 def paged_kv_lengths(kernel: LoadedKernel, indptr: torch.Tensor, last_page_len: torch.Tensor, indices: torch.Tensor,

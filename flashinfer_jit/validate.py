@@ -82,10 +82,12 @@ def aligned_pointers(op: str, *tensors: "torch.Tensor | None") -> None:
         raise ValueError(f"{op}: tensors must start at 16-byte aligned addresses; misaligned: {', '.join(bad)}")
 
 
-def workspace_buffer(name: str, value: object) -> int:
+def workspace_buffer(name: str, value: object, *, device_check: bool = True) -> int:
     """A workspace buffer, used as raw bytes as FlashInfer does: any dtype and shape (uint8, int8, ...),
-    contiguous, on a CUDA device, 16-byte aligned. Returns its size in bytes (numel * element_size)."""
-    t = cuda_tensor(name, value)
+    contiguous, 16-byte aligned and (unless device_check=False: the constructors defer it to plan(),
+    after the host-side checks, so that the first error names the root cause) on a CUDA device.
+    Returns its size in bytes (numel * element_size)."""
+    t = cuda_tensor(name, value) if device_check else tensor(name, value)
     if not t.is_contiguous():
         _fail(name, "a contiguous tensor (the workspace is used as raw bytes)", t)
     if t.data_ptr() % 16:

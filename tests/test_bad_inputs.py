@@ -304,8 +304,13 @@ CASES = [
       "kv_layout", "'NDH'", cpu=True),
     C("workspace not contiguous", lambda env: lambda: flashinfer_jit.BatchPrefillWithRaggedKVCacheWrapper(
         env.zeros(1024, 2, dtype=torch.int8)[:, 0]), ValueError, "float_workspace_buffer", "contiguous", cpu=True),
+    # A CPU workspace is refused by plan(), after the host-side checks (tests/test_check_order.py shows
+    # the order on CPU with a real kernel library); the plan needs the library, so this is a GPU case.
     C("workspace on the CPU", lambda env: lambda: flashinfer_jit.BatchPrefillWithRaggedKVCacheWrapper(
-        torch.zeros(1024, dtype=torch.uint8)), ValueError, "float_workspace_buffer", "a CUDA tensor", cpu=True),
+        torch.zeros(1 << 20, dtype=torch.uint8)).plan(torch.tensor(QO, dtype=torch.int32),
+                                                       torch.tensor(KV, dtype=torch.int32), HQ, HKV, D,
+                                                       q_data_type=DT),
+      ValueError, "float_workspace_buffer", "a CUDA tensor"),
     C("ragged/run() before plan()", run_before_plan, RuntimeError, "run() called before plan()", cpu=True),
     # -- ragged prefill: run() (plan/run mismatch, shapes, strides, devices) --
     C("ragged/run q dtype differs from plan", ragged_run(q=lambda e: e.zeros(12, HQ, D, dtype=torch.float16)),

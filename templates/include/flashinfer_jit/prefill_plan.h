@@ -98,6 +98,19 @@ inline WorkItem with_request(WorkItem item, const int32_t* qo_indptr, const int3
 
 }  // namespace detail
 
+// The indptr checks of the planner on their own: plan() runs them first, before any device query,
+// so a bad indptr is the first error reported even on a machine without a GPU.
+inline int32_t check_indptrs(const int32_t* qo_indptr, const int32_t* kv_indptr, int32_t batch, PlanResult* result) {
+  result->error_index = -1;
+  if (qo_indptr[0] != 0) return kPlanQoNotZero;
+  if (kv_indptr[0] != 0) return kPlanKvNotZero;
+  for (int32_t i = 0; i < batch; ++i) {
+    if (qo_indptr[i + 1] < qo_indptr[i]) { result->error_index = i; return kPlanQoDecreasing; }
+    if (kv_indptr[i + 1] < kv_indptr[i]) { result->error_index = i; return kPlanKvDecreasing; }
+  }
+  return kPlanOk;
+}
+
 // Plans into `items` (and `merges`, unless null: the kernel does not read them). The keys a q tile
 // may see are the union of its tokens' Variant::kv_range, [begin, end), with begin rounded down to
 // the KV tile (the kernel masks the keys before a token's own begin).
@@ -111,12 +124,8 @@ int32_t plan_prefill(const int32_t* qo_indptr, const int32_t* kv_indptr, const P
   if (cfg.batch < 0 || cfg.group < 1 || cfg.num_kv_heads < 1 || cfg.cta_q < 1 || !pow2_tile ||
       cfg.target_ctas < 1 || cfg.min_chunk_tiles < 1)
     return kPlanBadConfig;
-  if (qo_indptr[0] != 0) return kPlanQoNotZero;
-  if (kv_indptr[0] != 0) return kPlanKvNotZero;
-  for (int32_t i = 0; i < cfg.batch; ++i) {
-    if (qo_indptr[i + 1] < qo_indptr[i]) { result->error_index = i; return kPlanQoDecreasing; }
-    if (kv_indptr[i + 1] < kv_indptr[i]) { result->error_index = i; return kPlanKvDecreasing; }
-  }
+  const int32_t indptr_status = check_indptrs(qo_indptr, kv_indptr, cfg.batch, result);
+  if (indptr_status != kPlanOk) return indptr_status;
   const int32_t g = cfg.group, cta_q = cfg.cta_q;
   int tile_shift = 0;
   while ((1 << tile_shift) < cfg.kv_tile) ++tile_shift;
