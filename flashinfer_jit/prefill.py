@@ -32,6 +32,7 @@ Stricter than FlashInfer, and documented here:
 """
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import math
 from collections import OrderedDict
@@ -403,9 +404,11 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchAttention):
 # mode="reduce-overhead" (CUDA-graph trees) and any CUDA graph capture the kernel replays with the
 # pointers of plan buffers that outlive the graph:
 #   - planning allocates (metadata buffers, pinned staging, the float workspace) and copies the plan
-#     host-to-device on a side stream, outside the memory pool a graph tree routes the current stream's
-#     allocations to (a plan allocated there is an untracked live allocation: "All live allocations must
-#     be tracked"); the current stream then waits for that copy;
+#     host-to-device on a planner thread, on a side stream: a graph tree routes the allocations of the
+#     calling *thread* (every stream of it) into its memory pool during warm-up and recording, and a
+#     plan allocated there is an untracked live allocation ("All live allocations must be tracked",
+#     seen on the H200 with torch 2.11 when only a side stream was used); the calling stream then
+#     waits for the side stream's copy;
 #   - a shape first seen during capture cannot be planned (no copies or allocations inside a graph):
 #     RuntimeError saying to run it once before capture (graph trees do a warm-up run first anyway);
 #   - a plan that was used during a capture is never evicted (the graph reads its buffers); the others
@@ -438,14 +441,20 @@ def _plan_single(key: tuple, q: torch.Tensor, kv_len: int, num_kv_heads: int, ca
         side = _plan_streams[device] = torch.cuda.Stream(device)
     current = torch.cuda.current_stream(device)
     side.wait_stream(current)
-    with torch.cuda.stream(side):
-        workspace = _single_workspaces.get(device)
-        if workspace is None:
-            workspace = _single_workspaces[device] = torch.empty(_SINGLE_WORKSPACE_BYTES, dtype=torch.uint8,
-                                                                 device=device)
-        wrapper = BatchPrefillWithRaggedKVCacheWrapper(workspace, kv_layout, backend=backend)
-        wrapper.plan(torch.tensor([0, q.shape[0]], dtype=torch.int32), torch.tensor([0, kv_len], dtype=torch.int32),
-                     q.shape[1], num_kv_heads, q.shape[2], causal=causal, sm_scale=sm_scale, q_data_type=q.dtype)
+    q_len, num_qo_heads, head_dim, dtype = q.shape[0], q.shape[1], q.shape[2], q.dtype
+
+    def plan_on_side_stream() -> BatchPrefillWithRaggedKVCacheWrapper:
+        with torch.cuda.device(device), torch.cuda.stream(side):
+            workspace = _single_workspaces.get(device)
+            if workspace is None:
+                workspace = _single_workspaces[device] = torch.empty(_SINGLE_WORKSPACE_BYTES, dtype=torch.uint8,
+                                                                     device=device)
+            wrapper = BatchPrefillWithRaggedKVCacheWrapper(workspace, kv_layout, backend=backend)
+            wrapper.plan(torch.tensor([0, q_len], dtype=torch.int32), torch.tensor([0, kv_len], dtype=torch.int32),
+                         num_qo_heads, num_kv_heads, head_dim, causal=causal, sm_scale=sm_scale, q_data_type=dtype)
+        return wrapper
+
+    wrapper = _planner_thread().submit(plan_on_side_stream).result()
     current.wait_stream(side)
     entry = _SinglePlan(wrapper)
     _single_plans[key] = entry
@@ -455,6 +464,13 @@ def _plan_single(key: tuple, q: torch.Tensor, kv_len: int, num_kv_heads: int, ca
             break
         _single_plans.pop(old_key).wrapper._workspace.release_staging()
     return entry
+
+
+@functools.lru_cache(maxsize=1)
+def _planner_thread() -> concurrent.futures.ThreadPoolExecutor:
+    """One thread that plans single-prefill shapes: its allocations never land in a graph pool that
+    the calling thread allocates into (first use of a shape only; a known shape never comes here)."""
+    return concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="flashinfer-jit-single-plan")
 
 
 def _single_prefill_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
