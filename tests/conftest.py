@@ -215,3 +215,17 @@ def _real_nvcc() -> str | None:
 
 REAL_NVCC = _real_nvcc()
 requires_nvcc = pytest.mark.skipif(REAL_NVCC is None, reason="needs a CUDA toolkit (nvcc); none was found")
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    """flashinfer-jit's main() in this process: (exit code, stdout, stderr)."""
+    from flashinfer_jit import cli
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def no_gpu(monkeypatch):
+    """torch sees no CUDA device (the CLI's and the toolchain's arch and GPU lookups)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -8,21 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import subprocess_env
+from conftest import run_cli, subprocess_env
 from flashinfer_jit import cli, loader, toolchain
 from flashinfer_jit.spec import MergeStateSpec
 
 
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = cli.main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-@pytest.fixture
-def no_gpu(monkeypatch):
-    monkeypatch.setattr(cli.torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(toolchain.torch.cuda, "is_available", lambda: False)
 
 
 def test_config_json_reports_versions_archs_layers_and_gpu(capsys, no_gpu, monkeypatch, tmp_path, cache_root):

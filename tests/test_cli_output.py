@@ -14,23 +14,13 @@ import tomllib
 
 import pytest
 
-from conftest import REPO, subprocess_env
+from conftest import REPO, run_cli, subprocess_env
 from flashinfer_jit import cache, cli, loader, toolchain
 from flashinfer_jit.spec import MergeStateSpec
 
 SPECS = [MergeStateSpec(64, "fp16"), MergeStateSpec(128, "fp16")]
 
 
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = cli.main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-@pytest.fixture
-def no_gpu(monkeypatch):
-    monkeypatch.setattr(cli.torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(toolchain.torch.cuda, "is_available", lambda: False)
 
 
 @pytest.fixture

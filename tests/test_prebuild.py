@@ -15,21 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import requires_nvcc, subprocess_env
+from conftest import requires_nvcc, run_cli, subprocess_env
 from flashinfer_jit import cache, cli, loader, prebuild, spec, toolchain
 from flashinfer_jit.errors import MissingKernelError
 from flashinfer_jit.spec import AppendPagedSpec, MergeStateSpec, PrefillSpec
 
 
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = cli.main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-@pytest.fixture
-def no_gpu(monkeypatch):
-    monkeypatch.setattr(toolchain.torch.cuda, "is_available", lambda: False)
 
 
 TILES = "_fa2_kv64_q128x64x16"  # backend and default tiles in a prefill URI (head_dim 64 and 128)
