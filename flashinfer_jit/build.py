@@ -36,11 +36,6 @@ def build_environment(jobs: int) -> dict[str, str]:
     return updates
 
 
-# Set-then-restore now lives in env.py with every other environment access; this name remains for
-# prebuild._steady_build_environment until it calls env.overridden itself.
-environment = env.overridden
-
-
 def _cpp_extension():
     """Import torch's loader with CUDA_HOME already resolved: at import it guesses from the nvcc on
     PATH, which is wrong when that nvcc is a wrapper script (the link then fails)."""

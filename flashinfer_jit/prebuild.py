@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from . import build, cache, loader, toolchain
+from . import build, cache, env, loader, toolchain
 from .errors import FlashInferJITError, KernelCompileError
 from .spec import FAMILIES, KernelSpec, matrix_fields
 
@@ -361,7 +361,7 @@ def _steady_build_environment(jobs_per_kernel: int):
 
     build.py saves and restores them around every build; from several threads that restore could
     drop a value while another build still needs it. Set beforehand, every save/restore is a no-op."""
-    return build.environment(build.build_environment(jobs_per_kernel))
+    return env.overridden(build.build_environment(jobs_per_kernel))
 
 
 def _lookup(spec: KernelSpec, archs: tuple[str, ...], layer: cache.CacheLayer) -> tuple[loader.KeyInfo, cache.Entry | None]:
