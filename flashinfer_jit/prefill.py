@@ -564,3 +564,11 @@ def single_prefill_with_kv_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 
 single_prefill_with_kv_cache_return_lse = functools.partial(single_prefill_with_kv_cache, return_lse=True)
 single_prefill_with_kv_cache_return_lse.__doc__ = "single_prefill_with_kv_cache(..., return_lse=True): (out, lse)."
+
+
+def trtllm_batch_context_with_kv_cache(*args: Any, **kwargs: Any) -> torch.Tensor:
+    """FlashInfer's TensorRT-LLM prefill entry point: not part of flashinfer-jit. Importable (vLLM's
+    FlashInfer backend imports it at module load); calling it raises NotSupportedError."""
+    raise NotSupportedError("backend", "trtllm-gen", "'auto' or 'fa2' through the prefill wrappers "
+                            "(TensorRT-LLM kernels are not part of flashinfer-jit)",
+                            "trtllm_batch_context_with_kv_cache()")

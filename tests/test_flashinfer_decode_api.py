@@ -178,6 +178,13 @@ def test_positional_plan_options_land_where_flashinfer_puts_them() -> None:
 def test_imports_and_exports_callers_use() -> None:
     # vLLM: from flashinfer.decode import _get_range_buf, get_seq_lens, trtllm_batch_decode_with_kv_cache
     from flashinfer_jit.decode import _get_range_buf, get_seq_lens, trtllm_batch_decode_with_kv_cache  # noqa: F401
+    # vLLM: from flashinfer.prefill import trtllm_batch_context_with_kv_cache; from flashinfer.utils import FP4Tensor
+    from flashinfer_jit.prefill import trtllm_batch_context_with_kv_cache
+    from flashinfer_jit.utils import FP4Tensor
+    with pytest.raises(flashinfer_jit.NotSupportedError, match="trtllm"):
+        trtllm_batch_context_with_kv_cache()
+    with pytest.raises(flashinfer_jit.NotSupportedError, match="FP4Tensor"):
+        FP4Tensor()
     assert _get_range_buf(5, "cpu").tolist() == [0, 1, 2, 3, 4]
     assert _get_range_buf(5, "cpu").dtype == torch.int32
     with pytest.raises(NotSupportedError, match="trtllm-gen"):
