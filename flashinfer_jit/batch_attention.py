@@ -320,8 +320,6 @@ class _BatchAttention:
         # Host-side checks first (the indptrs, in C: microseconds), then the device: without a GPU
         # the first error still names a bad indptr.
         check_indptrs(variant.kernel, qo_host, kv_lens_indptr, batch)
-        validate.workspace_buffer("float_workspace_buffer", workspace.float_buffer)
-        sms, slots_per_gpu = variant.gpu_slots(self._device, cta_q)
         if disable_split_kv:
             split_tiles = -1
         elif fixed_split_size is not None and fixed_split_size > 0:
@@ -331,6 +329,8 @@ class _BatchAttention:
             split_tiles = fixed_split_size // variant.kv_tile
         else:
             split_tiles = 0
+        validate.workspace_buffer("float_workspace_buffer", workspace.float_buffer)
+        sms, slots_per_gpu = variant.gpu_slots(self._device, cta_q)
         config = PlanConfig(batch=batch, group=group, num_kv_heads=num_kv_heads, cta_q=cta_q, kv_tile=variant.kv_tile,
                             target_ctas=sms, min_chunk_tiles=MIN_CHUNK_TILES, split_tiles=split_tiles)
         num_pages = _host_int(pages[0], batch) if pages is not None else 0

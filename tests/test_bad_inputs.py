@@ -8,6 +8,9 @@ One table (CASES). Each case builds its inputs for an `Env` and returns the bad 
   building. The cases marked cpu=True (everything decided before a kernel library is needed) run here;
   page-table data checks run in the planner's C code (in the kernel library), so they are GPU cases,
   in CI, without a GPU.
+* library cases (lib=True): decided by a kernel library's host code (indptr and page-table checks)
+  before any GPU query; they also run on CPU with a real nvcc-built library (slow), where a GPU query
+  or a launch fails the test.
 * Env("gpu"): real CUDA tensors, every case (marked gpu; skipped without CUDA). Cases that need a plan
   (run-time checks, planner and page-table checks, workspace size) exist only here.
 
@@ -34,9 +37,10 @@ import pytest
 import torch
 
 import flashinfer_jit
-from flashinfer_jit import cascade, loader, page
+from flashinfer_jit import cascade, kernels, loader, page
 
 import reference as ref
+from conftest import requires_nvcc
 
 HQ, HKV, D = 8, 2, 128
 DT = torch.bfloat16
@@ -265,10 +269,11 @@ class Case:
     exc: type[Exception]
     fragments: tuple[str, ...]
     cpu: bool = False  # decided before any kernel library is needed: runs without a GPU too
+    lib: bool = False  # decided in a kernel library's host code, before any GPU query: runs on CPU with nvcc
 
 
-def C(id: str, build, exc, *fragments: str, cpu: bool = False) -> Case:
-    return Case(id, build, exc, fragments, cpu)
+def C(id: str, build, exc, *fragments: str, cpu: bool = False, lib: bool = False) -> Case:
+    return Case(id, build, exc, fragments, cpu, lib)
 
 
 NHD_SHAPE = (NUM_PAGES, 2, PS, HKV, D)
@@ -292,11 +297,11 @@ CASES = [
       "kv_data_type", "same dtype as q_data_type", cpu=True),
     C("ragged/logits_soft_cap on", ragged_plan(logits_soft_cap=30.0), flashinfer_jit.NotSupportedError,
       "logits_soft_cap=30.0", "not supported", cpu=True),
-    C("ragged/qo_indptr[0] != 0", ragged_plan(qo_indptr=i32([1, 5, 5, 12])), ValueError, "qo_indptr[0] must be 0"),
+    C("ragged/qo_indptr[0] != 0", ragged_plan(qo_indptr=i32([1, 5, 5, 12])), ValueError, "qo_indptr[0] must be 0", lib=True),
     C("ragged/kv_indptr decreasing", ragged_plan(kv_indptr=i32([0, 9, 8, 19])), ValueError,
-      "kv_indptr must be non-decreasing", "kv_indptr[1:3] = [9, 8]"),
+      "kv_indptr must be non-decreasing", "kv_indptr[1:3] = [9, 8]", lib=True),
     C("ragged/fixed_split_size not a tile multiple", ragged_plan(fixed_split_size=100), ValueError,
-      "fixed_split_size", "multiple of 64"),
+      "fixed_split_size", "multiple of 64", lib=True),
     C("ragged/workspace too small for splits", tiny_workspace("ragged"), ValueError,
       "float_workspace_buffer holds 4096 bytes", "need"),
     # -- ragged prefill: constructor --
@@ -310,7 +315,7 @@ CASES = [
         torch.zeros(1 << 20, dtype=torch.uint8)).plan(torch.tensor(QO, dtype=torch.int32),
                                                        torch.tensor(KV, dtype=torch.int32), HQ, HKV, D,
                                                        q_data_type=DT),
-      ValueError, "float_workspace_buffer", "a CUDA tensor"),
+      ValueError, "float_workspace_buffer", "a CUDA tensor", lib=True),
     C("ragged/run() before plan()", run_before_plan, RuntimeError, "run() called before plan()", cpu=True),
     # -- ragged prefill: run() (plan/run mismatch, shapes, strides, devices) --
     C("ragged/run q dtype differs from plan", ragged_run(q=lambda e: e.zeros(12, HQ, D, dtype=torch.float16)),
@@ -343,15 +348,15 @@ CASES = [
       "use_cuda_graph=True", "batch 4 (max 3)"),
     # -- paged prefill: plan() --
     C("paged/last_page_len 0", paged_plan(paged_kv_last_page_len=i32([0, 0, 7])), ValueError,
-      "paged_kv_last_page_len[0] = 0", "1..16"),
+      "paged_kv_last_page_len[0] = 0", "1..16", lib=True),
     C("paged/last_page_len > page_size", paged_plan(paged_kv_last_page_len=i32([17, 0, 7])), ValueError,
-      "paged_kv_last_page_len[0] = 17", "1..16"),
+      "paged_kv_last_page_len[0] = 17", "1..16", lib=True),
     C("paged/last_page_len wrong length", paged_plan(paged_kv_last_page_len=i32([4, 0])), ValueError,
       "paged_kv_last_page_len", "expected 3 entries", cpu=True),
     C("paged/indptr[0] != 0", paged_plan(paged_kv_indptr=i32([1, 2, 2, 3])), ValueError,
-      "paged_kv_indptr[0] must be 0"),
+      "paged_kv_indptr[0] must be 0", lib=True),
     C("paged/indptr decreasing", paged_plan(paged_kv_indptr=i32([0, 2, 1, 3])), ValueError,
-      "paged_kv_indptr must be non-decreasing", "[2, 1]"),
+      "paged_kv_indptr must be non-decreasing", "[2, 1]", lib=True),
     C("paged/indptr wrong length", paged_plan(paged_kv_indptr=i32([0, 2, 3])), ValueError,
       "paged_kv_indptr", "expected 4 entries", cpu=True),
     C("paged/indptr int64", paged_plan(paged_kv_indptr=i32(PAGE_INDPTR, torch.int64)), TypeError,
@@ -359,13 +364,13 @@ CASES = [
     C("paged/indices int64", paged_plan(paged_kv_indices=i32(PAGE_INDICES, torch.int64)), TypeError,
       "paged_kv_indices", "torch.int32", cpu=True),
     C("paged/indices shorter than indptr[-1]", paged_plan(paged_kv_indices=i32([3, 0])), ValueError,
-      "paged_kv_indices", "paged_kv_indptr[-1] = 3"),
+      "paged_kv_indices", "paged_kv_indptr[-1] = 3", lib=True),
     C("paged/page_size 0", paged_plan(page_size=0), ValueError, "page_size", "positive", cpu=True),
     C("paged/head_dim 96", paged_plan(head_dim=96), ValueError, "head_dim=96", cpu=True),
     C("paged/Hq % Hkv != 0", paged_plan(num_kv_heads=3), ValueError, "num_qo_heads (8)", "num_kv_heads (3)",
       cpu=True),
     C("paged/negative page index", paged_plan(paged_kv_indices=i32([3, -1, 5])), ValueError,
-      "paged_kv_indices", ">= 0", "-1"),
+      "paged_kv_indices", ">= 0", "-1", lib=True),
     C("paged/workspace too small for splits", tiny_workspace("paged"), ValueError,
       "float_workspace_buffer holds 4096 bytes", "need"),
     # -- paged prefill: run() --
@@ -399,14 +404,14 @@ CASES = [
     C("decode/indptr int64", decode_plan(indptr=i32(PAGE_INDPTR, torch.int64)), TypeError, "indptr", "torch.int32",
       cpu=True),
     C("decode/last_page_len > page_size", decode_plan(last_page_len=i32([4, 0, 17])), ValueError,
-      "last_page_len[2] = 17", "1..16"),
+      "last_page_len[2] = 17", "1..16", lib=True),
     C("decode/head_dim 96", decode_plan(head_dim=96), ValueError, "head_dim=96", cpu=True),
     C("decode/Hq % Hkv != 0", decode_plan(num_qo_heads=7), ValueError, "num_qo_heads (7)", cpu=True),
     C("decode/kv_data_type differs from q_data_type", decode_plan(q_data_type=torch.float16, kv_data_type=DT),
       TypeError, "kv_data_type", "same dtype as q_data_type", cpu=True),
     C("decode/pos_encoding_mode ROPE_LLAMA", decode_plan(pos_encoding_mode="ROPE_LLAMA"), ValueError,
       "pos_encoding_mode", "ROPE_LLAMA", cpu=True),
-    C("decode/negative page index", decode_plan(indices=i32([3, 0, -2])), ValueError, "indices", ">= 0", "-2"),
+    C("decode/negative page index", decode_plan(indices=i32([3, 0, -2])), ValueError, "indices", ">= 0", "-2", lib=True),
     C("decode/workspace too small for splits", tiny_workspace("decode"), ValueError,
       "float_workspace_buffer holds 4096 bytes", "need"),
     C("decode/run q 2-D", decode_run(q=lambda e: e.zeros(3, HQ * D)), ValueError, "q: expected shape [3, 8, 128]"),
@@ -459,6 +464,7 @@ CASES = [
 ]
 
 CPU_CASES = [c for c in CASES if c.cpu]
+LIB_CASES = [c for c in CASES if c.lib]
 
 
 def _fail_load(*args, **kwargs):
@@ -473,6 +479,26 @@ def _fail_launch(*args, **kwargs):
 def no_kernels(monkeypatch):
     """CPU mode: loading a kernel library or launching an op fails the test."""
     monkeypatch.setattr(loader, "load", _fail_load)
+    monkeypatch.setattr(page, "_append_op", _fail_launch)
+    monkeypatch.setattr(cascade, "_merge_two_op", _fail_launch)
+    monkeypatch.setattr(cascade, "_merge_many_op", _fail_launch)
+
+
+def _fail_gpu_query(*args, **kwargs):
+    raise AssertionError("validation let a bad input through: the GPU would be queried for this plan")
+
+
+@pytest.fixture(scope="module")
+def shared_kernel_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("bad-input-kernels")
+
+
+@pytest.fixture
+def host_only_kernels(monkeypatch, shared_kernel_cache):
+    """Library mode: real kernel libraries (nvcc-built on this machine, one cache for the module), whose
+    host code (indptr and page-table checks) runs; a GPU query or a launch fails the test."""
+    monkeypatch.setenv("FLASHINFER_JIT_CACHE_DIR", str(shared_kernel_cache))
+    monkeypatch.setattr(kernels.PrefillKernel, "gpu_slots", _fail_gpu_query)
     monkeypatch.setattr(page, "_append_op", _fail_launch)
     monkeypatch.setattr(cascade, "_merge_two_op", _fail_launch)
     monkeypatch.setattr(cascade, "_merge_many_op", _fail_launch)
@@ -494,6 +520,15 @@ def test_table_size() -> None:
 
 @pytest.mark.parametrize("case", CPU_CASES, ids=[c.id for c in CPU_CASES])
 def test_bad_input_cpu(case: Case, no_kernels) -> None:
+    check_raises(case, case.build(Env("cpu")))
+
+
+@pytest.mark.slow
+@requires_nvcc
+@pytest.mark.parametrize("case", LIB_CASES, ids=[c.id for c in LIB_CASES])
+def test_bad_input_host_library(case: Case, host_only_kernels) -> None:
+    """Cases decided by the kernel library's host code come before any GPU query: on CPU they raise
+    the same error as on the GPU (host-side checks first, so the first error names the root cause)."""
     check_raises(case, case.build(Env("cpu")))
 
 
