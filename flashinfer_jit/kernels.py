@@ -88,3 +88,8 @@ def prefill_kernel(backend: str, layout: str, head_dim: int, dtype: torch.dtype,
                            backend=backend)
         variant = _variants[key] = PrefillKernel(spec)
     return variant
+
+
+def clear_memo() -> None:
+    """Forget the loaded prefill kernels (tests; with loader.clear_memo, the next use loads again)."""
+    _variants.clear()

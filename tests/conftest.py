@@ -26,7 +26,7 @@ import pytest
 
 import torch  # noqa: E402
 
-from flashinfer_jit import loader, toolchain  # noqa: E402
+from flashinfer_jit import kernels, loader, toolchain  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
@@ -91,8 +91,10 @@ def isolated(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tm
     monkeypatch.setenv("FLASHINFER_JIT_CACHE_DIR", str(root))
     clear_toolchain_memos()
     loader.clear_memo()
+    kernels.clear_memo()
     yield root
     loader.clear_memo()
+    kernels.clear_memo()
     clear_toolchain_memos()
     os.environ.clear()
     os.environ.update(saved)
