@@ -13,6 +13,8 @@ float32 reference on sampled rows (first, middle, last and two random rows of ev
 * flashinfer_jit: BatchPrefillWithRaggedKVCacheWrapper, plan() once outside the timing, run() timed
   (into a preallocated out). Also: plan() host time for the chat16 batch from CPU int32 indptrs
   (median of 200 calls, microseconds, no device sync).
+* flashinfer_jit_fa2: the same with backend="fa2" (the FA2-class kernel; "auto" above runs the sm90
+  kernel on Hopper, the row's notes name the backend).
 * flashinfer_jit_paged: BatchPrefillWithPagedKVCacheWrapper on the same K/V written into a paged cache
   (page 16, NHD, pages in shuffled order from torch.randperm, 16 unused pages; built outside the
   timing), plan() once outside the timing, run() into a preallocated out. The paged/ragged TFLOP/s
@@ -49,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from common import reference  # noqa: E402
 
-IMPLS = ("flashinfer_jit", "flashinfer_jit_paged", "fa2_varlen", "cudnn_padded", "flex_docmask")
+IMPLS = ("flashinfer_jit", "flashinfer_jit_fa2", "flashinfer_jit_paged", "fa2_varlen", "cudnn_padded", "flex_docmask")
 BASELINE = "fa2_varlen"
 WORKSPACE_BYTES = 256 << 20
 PAGE_SIZE = 16  # flashinfer_jit_paged: tokens per page (NHD pages, shuffled)
@@ -118,12 +120,12 @@ class Prepared:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def setup_flashinfer_jit(data: Data) -> Prepared:
+def setup_flashinfer_jit(data: Data, backend: str = "auto") -> Prepared:
     import flashinfer_jit
 
     wl = data.wl
     workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device="cuda")
-    wrapper = flashinfer_jit.BatchPrefillWithRaggedKVCacheWrapper(workspace, kv_layout="NHD")
+    wrapper = flashinfer_jit.BatchPrefillWithRaggedKVCacheWrapper(workspace, kv_layout="NHD", backend=backend)
     t0 = time.perf_counter()
     wrapper.plan(data.qo_indptr, data.kv_indptr, wl.num_qo_heads, wl.num_kv_heads, wl.head_dim, causal=wl.causal,
                  q_data_type=common.DTYPE)
@@ -133,8 +135,14 @@ def setup_flashinfer_jit(data: Data) -> Prepared:
     def fn():
         return wrapper.run(data.q, data.k, data.v, out=out)
 
-    return Prepared(fn, lambda r: out, ["plan() outside the timing; run() into a preallocated out"],
-                    {"first_plan_ms": round(plan_s * 1e3, 3)})
+    return Prepared(fn, lambda r: out, [f"backend {wrapper.backend}; plan() outside the timing; run() into a "
+                                        "preallocated out"],
+                    {"first_plan_ms": round(plan_s * 1e3, 3), "backend": wrapper.backend})
+
+
+def setup_flashinfer_jit_fa2(data: Data) -> Prepared:
+    """The FA2-class kernel on the same batch (on Hopper "auto" runs the sm90 kernel)."""
+    return setup_flashinfer_jit(data, backend="fa2")
 
 
 def setup_flashinfer_jit_paged(data: Data) -> Prepared:
@@ -360,6 +368,7 @@ def setup_flex_docmask(data: Data) -> Prepared:
 
 SETUP = {
     "flashinfer_jit": setup_flashinfer_jit,
+    "flashinfer_jit_fa2": setup_flashinfer_jit_fa2,
     "flashinfer_jit_paged": setup_flashinfer_jit_paged,
     "fa2_varlen": setup_fa2_varlen,
     "cudnn_padded": setup_cudnn_padded,

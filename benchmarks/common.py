@@ -102,6 +102,8 @@ def workloads() -> list[Workload]:
         Workload("long1+short31_causal_hd128", mix, mix, True, 128),
         Workload("append32_prefix_causal_hd128", qa, pref, True, 128),
         Workload("chat16_causal_hd64", chat, chat, True, 64),
+        Workload("chat16_causal_hd256", chat, chat, True, 256),
+        Workload("dense8x4096_causal_hd128", (4096,) * 8, (4096,) * 8, True, 128),
     ]
 
 

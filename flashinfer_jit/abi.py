@@ -84,6 +84,7 @@ class PrefillParams(ctypes.Structure):
         ("items", _ptr), ("counts", _ptr), ("partial_o", _ptr), ("partial_lse", _ptr),
         *_ints(_i32, "num_qo_heads", "num_kv_heads", "group"), ("scale_log2", _f32), *_ints(_i32, "cta_q", "page_size"),
         ("page_indices", _ptr), ("stride_page", _i64),
+        *_ints(_i64, "q_rows", "kv_rows"),  # first dims of q and k (pages when paged): the TMA bounds (sm90)
         ("page_div_mul", _u32), ("page_div_shift", _i32),
         ("merge_counters", _ptr),
         *_ints(_i32, "page_row_shift", "page_row_mask"),  # set by the C launcher

@@ -23,7 +23,7 @@ import torch
 
 from . import loader, options, validate
 from .abi import PlanCall, PlanConfig, PlanResult, PrefillParams
-from .kernels import PrefillKernel, prefill_kernel, select_backend
+from .kernels import PrefillKernel, prefill_kernel, resolve_backend, select_backend
 from .ops import define, device_guard, stream_of
 from .errors import NotSupportedError
 from .planner import MIN_CHUNK_TILES, PLAN_OK, PLAN_WORKSPACE, check_indptrs, plan_and_upload
@@ -70,6 +70,7 @@ def _attention_run_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: to
     validate.aligned_pointers("attention run", q, k, v, o)
     p = state.params
     p.q, p.o = q.data_ptr(), o.data_ptr()
+    p.q_rows = q.shape[0]
     p.lse = lse.data_ptr() if lse is not None else None
     p.q_stride_n, p.q_stride_h = q.stride(0), q.stride(1)
     p.o_stride_n, p.o_stride_h = o.stride(0), o.stride(1)
@@ -200,6 +201,11 @@ class _BatchAttention:
     """Plan/run machinery shared by the ragged, paged and decode wrappers."""
 
     _layouts = ("NHD", "HND")
+    _kv_kind = "ragged"  # the kernel layout of this wrapper's K/V ("ragged" | "paged")
+
+    @staticmethod
+    def _device_of(buffer: object) -> torch.device:
+        return buffer.device if isinstance(buffer, torch.Tensor) else torch.device("cpu")
 
     def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str, use_cuda_graph: bool,
                  max_num_pages: int = 0, backend: str = "auto", where: str = ""):
@@ -207,7 +213,12 @@ class _BatchAttention:
         validate.workspace_buffer("float_workspace_buffer", float_workspace_buffer, device_check=False)
         if kv_layout not in self._layouts:
             raise ValueError(f"kv_layout: expected one of {self._layouts}, got {kv_layout!r}")
-        self._backend = select_backend(backend, where)
+        self._backend_choice = select_backend(backend, where)  # "auto" | "fa2" | "sm90"
+        self._backend_requested = backend
+        # What this wrapper's K/V kind runs on its device until a plan (knowing the GQA group) says
+        # otherwise; an explicit sm90 that cannot run here raises now.
+        self._backend = resolve_backend(self._backend_choice, self._device_of(float_workspace_buffer), self._kv_kind,
+                                        where=where, requested=backend)
         self._workspace = Workspace(float_workspace_buffer, bool(use_cuda_graph), max_num_pages)
         self._device = float_workspace_buffer.device
         self._kv_layout = kv_layout
@@ -235,7 +246,11 @@ class _BatchAttention:
 
     @property
     def backend(self) -> str:
-        """The kernel family this wrapper runs, resolved from the constructor's backend= ("auto" -> "fa2")."""
+        """The kernel family this wrapper runs: "sm90" (the Hopper wgmma + TMA kernel) or "fa2" (the
+        FA2-class kernel). With backend="auto", "sm90" on compute capability 9.x for GQA groups dividing 128,
+        (paged) pages of at least 8 tokens that tile the 128-key KV tiles, and batches with at least 64
+        packed q rows (tokens x group) per request, else "fa2"; set by each plan() (before the first, what
+        "auto" expects)."""
         return self._backend
 
     def reset_workspace_buffer(self, float_workspace_buffer: torch.Tensor, int_workspace_buffer: torch.Tensor) -> None:
@@ -289,9 +304,13 @@ class _BatchAttention:
                                rope_theta)
         self._logits_soft_cap = logits_soft_cap  # FlashInfer's forward() stores it as given
 
-    def _kernel(self, layout: str, head_dim: int, dtype: torch.dtype, causal: bool) -> PrefillKernel:
-        """The kernel for layout "ragged" | "paged" (NHD and HND share it: the layout is only strides)."""
-        return prefill_kernel(self._backend, layout, head_dim, dtype, bool(causal))
+    def _kernel(self, layout: str, head_dim: int, dtype: torch.dtype, causal: bool, group: Optional[int] = None,
+                page_size: Optional[int] = None, rows_per_request: Optional[float] = None) -> PrefillKernel:
+        """The kernel for layout "ragged" | "paged" (NHD and HND share it: the layout is only strides), of
+        the backend this wrapper's choice resolves to for that layout, GQA group and page size on its device."""
+        backend = resolve_backend(self._backend_choice, self._device, layout, group, f"{type(self).__name__}.plan()",
+                                  self._backend_requested, page_size, rows_per_request)
+        return prefill_kernel(backend, layout, head_dim, dtype, bool(causal))
 
     def _plan(self, layout: str, qo_host: torch.Tensor, kv_lens_indptr: torch.Tensor,
               num_qo_heads: int, num_kv_heads: int, head_dim: int, causal: bool, sm_scale: Optional[float],
@@ -309,7 +328,8 @@ class _BatchAttention:
         total_q = _host_int(qo_host, batch)
         total_kv = _host_int(kv_lens_indptr, batch)
         group = num_qo_heads // num_kv_heads
-        variant = self._kernel(layout, head_dim, q_dtype, causal)
+        variant = self._kernel(layout, head_dim, q_dtype, causal, group, pages[2] if pages is not None else None,
+                               total_q * group / max(batch, 1))
         workspace = self._workspace
 
         cta_q = workspace.fixed_cta_q
@@ -393,6 +413,7 @@ class _BatchAttention:
             num_kv_heads=num_kv_heads, head_dim=head_dim, page_size=page_size, max_page_index=max_page_index)
         self._plan_args = plan_args
         self._causal, self._sm_scale = bool(causal), sm_scale
+        self._backend = variant.spec.backend
 
     def _prepare_q_out(self, q: torch.Tensor, out: Optional[torch.Tensor], lse: Optional[torch.Tensor],
                        return_lse: bool) -> tuple[_PlanState, torch.Tensor, Optional[torch.Tensor]]:

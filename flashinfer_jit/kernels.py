@@ -2,8 +2,9 @@
 
 A `PrefillKernel` is one loaded library (one `PrefillSpec`) with what the planner needs from it:
 the KV tile it was compiled with, its launcher, and its occupancy per q tile size (queried once per
-device). `select_backend` maps a wrapper's `backend` choice (FlashInfer's names) to the spec's backend:
-it is the one place that decides which kernel family a wrapper or single_prefill runs.
+device). `select_backend` maps a wrapper's `backend` argument (FlashInfer's names) to a choice and
+`resolve_backend` turns the choice into the kernel family of one plan: together they are the one place
+that decides which kernel family a wrapper or single_prefill runs.
 """
 from __future__ import annotations
 
@@ -15,41 +16,85 @@ from . import loader
 from .abi import PrefillParams
 from .errors import NotSupportedError
 from .ops import device_guard
-from .spec import BACKENDS, PrefillSpec, dtype_name
+from .spec import BACKEND_LAYOUTS, BACKENDS, PrefillSpec, dtype_name
 
 _RUN_ARGTYPES = [ctypes.POINTER(PrefillParams), ctypes.c_int, ctypes.c_void_p]
 
 
-# FlashInfer 0.7.2's backend names for the prefill wrappers and single_prefill_with_kv_cache. "auto" and
-# "fa2" run our FA2-class kernel; "fa3" is FlashInfer's Hopper (sm90) kernel family, ours is not built yet;
-# the others are vendor or DSL backends flashinfer-jit does not have.
+# FlashInfer 0.7.2's backend names for the prefill wrappers and single_prefill_with_kv_cache, plus ours.
+# "fa2" runs the FA2-class kernel; "fa3" (FlashInfer's Hopper kernel family) and "sm90" run our Hopper
+# kernel; "auto" picks per plan (resolve_backend); the others are vendor or DSL backends flashinfer-jit
+# does not have.
 FLASHINFER_BACKENDS = ("auto", "fa2", "fa3", "cudnn", "cutlass", "trtllm-gen", "cute-dsl", "cute-dsl-prims")
-_SPEC_BACKEND = {"fa2": "fa2", "fa3": "fa3"}  # FlashInfer name -> PrefillSpec backend (when spec.BACKENDS has it)
-_SUPPORTED = "'auto' or 'fa2' (the FA2-class mma.sync kernel, sm_80 and newer)"
+_SPEC_BACKEND = {"fa2": "fa2", "fa3": "sm90", "sm90": "sm90"}  # accepted name -> PrefillSpec backend
+# Smallest page the sm90 paged kernel copies page by page (smaller pages: one TMA box per few keys,
+# the FA2-class kernel's gathers do better).
+SM90_MIN_PAGE = 8
+SM90_MIN_ROWS = 64  # "auto": packed q rows per request below which a batch runs the FA2-class kernel
+_SUPPORTED = ("'auto', 'fa2' (the FA2-class mma.sync kernel, sm_80 and newer) or 'fa3' / 'sm90' (the Hopper "
+              "wgmma + TMA kernel, compute capability 9.x)")
 
 
 def select_backend(requested: str = "auto", where: str = "") -> str:
-    """The PrefillSpec backend for a FlashInfer `backend=` value, or NotSupportedError before anything runs.
-
-    "auto" picks the FA2-class kernel ("fa2") on every card today. When the Hopper backend exists in
-    spec.BACKENDS as "fa3", "fa3" selects it (and "auto" should pick it on sm_90, as FlashInfer's does).
-    Until then "fa3" raises on every card: FlashInfer itself does not fall back either (an explicit "fa3"
-    on a non-Hopper card fails when its sm_90a module is built or launched). "cudnn", "cutlass",
-    "trtllm-gen", "cute-dsl" and "cute-dsl-prims" raise NotSupportedError; unknown names too (it is a
-    ValueError)."""
+    """The backend choice of a FlashInfer `backend=` value: "auto", or a PrefillSpec backend ("fa2",
+    "sm90" for FlashInfer's "fa3"); NotSupportedError before anything runs for the names flashinfer-jit
+    lacks ("cudnn", "cutlass", "trtllm-gen", "cute-dsl", "cute-dsl-prims") and for unknown names (it is a
+    ValueError). Which kernel a plan runs is resolve_backend's decision."""
     if requested == "auto":
-        return BACKENDS[0]
-    spec_backend = _SPEC_BACKEND.get(requested, requested if requested in BACKENDS else None)
+        return "auto"
+    spec_backend = _SPEC_BACKEND.get(requested)
     if spec_backend in BACKENDS:
         return spec_backend  # type: ignore[return-value]
-    if requested == "fa3":
-        raise NotSupportedError("backend", requested, f"{_SUPPORTED}; the Hopper (fa3-class) kernel is not built yet",
-                                where)
     if requested in FLASHINFER_BACKENDS:
         raise NotSupportedError("backend", requested, f"{_SUPPORTED}; flashinfer-jit has no {requested} backend",
                                 where)
     raise NotSupportedError("backend", requested, f"{_SUPPORTED} (FlashInfer's names: "
                             f"{', '.join(map(repr, FLASHINFER_BACKENDS))})", where)
+
+
+def _compute_capability(device: torch.device) -> tuple[int, int] | None:
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_capability(device)
+
+
+def sm90_obstacle(device: torch.device, layout: str, group: int | None = None,
+                  page_size: int | None = None, kv_tile: int = 128) -> str | None:
+    """Why the sm90 kernel cannot run this plan (None: it can). `group`, `page_size` None: not known yet."""
+    capability = _compute_capability(device)
+    if capability is None or capability[0] != 9:
+        shown = "no CUDA device" if capability is None else f"compute capability {capability[0]}.{capability[1]}"
+        return f"it needs compute capability 9.x (Hopper), {device} has {shown}"
+    if layout not in BACKEND_LAYOUTS["sm90"]:
+        return f"it has no {layout} K/V kernel"
+    if group is not None and 128 % group:
+        return f"its 128-row q tiles need the GQA group size (Hq / Hkv = {group}) to divide 128"
+    if page_size is not None and not (page_size >= SM90_MIN_PAGE and (kv_tile % page_size == 0 or
+                                                                       page_size % kv_tile == 0)):
+        return (f"it copies whole pages, one TMA box each: the page size ({page_size}) must be a power of two "
+                f">= {SM90_MIN_PAGE} (or a multiple of {kv_tile})")
+    return None
+
+
+def resolve_backend(choice: str, device: torch.device, layout: str, group: int | None = None,
+                    where: str = "", requested: str | None = None, page_size: int | None = None,
+                    rows_per_request: float | None = None) -> str:
+    """The PrefillSpec backend a plan runs: "auto" is "sm90" where sm90_obstacle finds nothing (Hopper,
+    a group size dividing 128, pages it copies whole) and the batch is not decode-like (at least
+    SM90_MIN_ROWS packed q rows, tokens x group, per request on average: below that the FA2-class
+    kernel's 16-row tiles waste less), and "fa2" elsewhere; an explicit "sm90" (`requested`: the name
+    the user gave, "fa3" or "sm90") that cannot run raises NotSupportedError saying why. Stricter than
+    FlashInfer, whose explicit "fa3" on another card fails later, when its sm_90a module is built or run."""
+    if choice == "fa2":
+        return "fa2"
+    obstacle = sm90_obstacle(device, layout, group, page_size)
+    if choice == "auto":
+        decode_like = rows_per_request is not None and rows_per_request < SM90_MIN_ROWS
+        return "fa2" if obstacle or decode_like else "sm90"
+    if obstacle:
+        raise NotSupportedError("backend", requested or choice, f"'auto' or 'fa2' here: the sm90 kernel cannot run "
+                                f"this because {obstacle}", where)
+    return "sm90"
 
 
 class PrefillKernel:

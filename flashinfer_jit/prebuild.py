@@ -14,7 +14,7 @@ Family names are the exact ones (`merge_state`, `prefill`, `append_paged`) or th
 
     merge    merge_state
     prefill  prefill (every layout)
-    decode   prefill on the paged layout with causal=false (decode runs the paged prefill kernel)
+    decode   prefill on the paged layout with causal=false, fa2 backend (decode runs that kernel)
     append   append_paged
 
 Targets (`--arch`): one `--arch` is one build, and its archs go into one library, written as in
@@ -22,7 +22,8 @@ FLASHINFER_JIT_ARCH and TORCH_CUDA_ARCH_LIST (`80,90a`, `8.0;9.0a`, `80+90a`: wh
 seeing an A100 and an H100 at once loads; `9.0+PTX` adds PTX). Unlike the other options, a comma
 here does not separate alternatives: repeat `--arch` for separate builds (`--arch 90a --arch 80`).
 
-Already cached variants are skipped; the rest are built through `loader.ensure_built`, the same
+A variant that runs on one GPU family only (the sm90 prefill backend: sm_90a) is built only for
+the `--arch` targets that include it. Already cached variants are skipped; the rest are built through `loader.ensure_built`, the same
 lock-and-recheck path the runtime takes, so a prebuild and a running job never build one variant
 twice.
 """
@@ -44,7 +45,8 @@ from .spec import FAMILIES, KernelSpec, matrix_fields
 FAMILY_ALIASES: dict[str, tuple[str, dict[str, tuple[Any, ...]]]] = {
     "merge": ("merge_state", {}),
     "prefill": ("prefill", {}),
-    "decode": ("prefill", {"kv_layout": ("paged",), "causal": (False,)}),
+    # decode-like batches run the FA2-class kernel (16-row q tiles) on every card
+    "decode": ("prefill", {"kv_layout": ("paged",), "causal": (False,), "backend": ("fa2",)}),
     "append": ("append_paged", {}),
 }
 # short option name -> spec field
@@ -387,7 +389,8 @@ def run(specs: Sequence[KernelSpec], arch_groups: Sequence[tuple[str, ...]], lay
     start = time.perf_counter()
     if not dry_run:
         toolchain.require_nvcc()  # no toolkit: say so (and where we looked) before anything else
-    pairs = [(spec, archs) for archs in arch_groups for spec in specs]
+    # A variant for one GPU family only (the sm90 backend) is built only for targets that include it.
+    pairs = [(spec, archs) for archs in arch_groups for spec in specs if spec.runs_on(archs)]
     total = len(pairs)
     budget, jobs_source = toolchain.resolve_jobs(jobs)
     counter = iter(range(1, total + 1))

@@ -55,7 +55,7 @@ from .batch_attention import (
     run_options,
 )
 from .errors import NotSupportedError
-from .kernels import select_backend
+from .kernels import resolve_backend, select_backend
 from .ops import define
 from .planner import paged_kv_lengths
 
@@ -204,6 +204,7 @@ class BatchPrefillWithRaggedKVCacheWrapper(_BatchAttention):
     def _set_kv(self, p: PrefillParams, k: torch.Tensor, v: torch.Tensor) -> None:
         p.k, p.v = k.data_ptr(), v.data_ptr()
         nhd = self._kv_layout == "NHD"
+        p.kv_rows = k.shape[0] if nhd else k.shape[1]  # tokens (the sm90 kernel's TMA bound)
         p.k_stride_n, p.k_stride_h = (k.stride(0), k.stride(1)) if nhd else (k.stride(1), k.stride(0))
         p.v_stride_n, p.v_stride_h = (v.stride(0), v.stride(1)) if nhd else (v.stride(1), v.stride(0))
 
@@ -225,6 +226,8 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchAttention):
     length sets the page-table room of later plans (the other *_buf arguments are accepted, only their
     lengths matter: the metadata is kept in the wrapper's own buffers).
     """
+
+    _kv_kind = "paged"
 
     def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str = "NHD", use_cuda_graph: bool = False,
                  qo_indptr_buf: Optional[torch.Tensor] = None, paged_kv_indptr_buf: Optional[torch.Tensor] = None,
@@ -284,7 +287,7 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchAttention):
         if last.numel() != batch:
             raise ValueError(f"paged_kv_last_page_len: expected {batch} entries (batch_size), got {last.numel()}")
         lens = _host_lengths("seq_lens", seq_lens) if seq_lens is not None else None
-        kernel = self._kernel("paged", head_dim_qk, q_dtype, causal)  # NHD and HND: one kernel, other strides
+        kernel = self._kernel("paged", head_dim_qk, q_dtype, causal, page_size=page_size)  # NHD and HND: one kernel
         try:
             kv_lens, max_page = paged_kv_lengths(kernel.kernel, indptr, last, indices, page_size, batch)
         except ValueError:
@@ -387,6 +390,7 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchAttention):
         # k/v: [pages, (tokens, heads | heads, tokens), D] each, or both the 5-D cache [pages, 2, ...].
         token_dim, head_dim = (1, 2) if self._kv_layout == "NHD" else (2, 1)
         p.k, p.stride_page = k.data_ptr(), k.stride(0)
+        p.kv_rows = k.shape[0]  # pages (the sm90 kernel's TMA bound)
         if k.dim() == 5:
             p.v = p.k + k.stride(1) * k.element_size()
             token_dim, head_dim = token_dim + 1, head_dim + 1
@@ -536,6 +540,9 @@ def single_prefill_with_kv_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
             options.scale(where, name, value)
     options.no_tensor(where, "kv_cache_sf", kv_cache_sf, "NVFP4 KV caches")
     resolved_backend = select_backend(backend, where)
+    if resolved_backend == "sm90":  # an explicit Hopper backend that cannot run here fails before anything runs
+        resolve_backend("sm90", q.device if isinstance(q, torch.Tensor) else torch.device("cpu"), "ragged",
+                        where=where, requested=backend)
     if kv_layout not in ("NHD", "HND"):
         raise ValueError(f"kv_layout: expected 'NHD' or 'HND', got {kv_layout!r}")
     if isinstance(q, torch.Tensor):

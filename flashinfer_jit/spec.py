@@ -33,7 +33,10 @@ HEAD_DIMS = (64, 128, 256)
 KV_LAYOUTS = ("ragged", "paged")
 # The page layouts users name (wrappers' NHD/HND, prebuild options, config files): one kernel.
 KV_LAYOUT_ALIASES = {"paged_nhd": "paged", "paged_hnd": "paged"}
-BACKENDS = ("fa2",)  # fa2: the mma.sync kernel (sm_80 and newer)
+# fa2: the mma.sync kernel (sm_80 and newer); sm90: the Hopper kernel (wgmma + TMA, sm_90a only)
+BACKENDS = ("fa2", "sm90")
+# Layouts each backend has a kernel for.
+BACKEND_LAYOUTS = {"fa2": KV_LAYOUTS, "sm90": KV_LAYOUTS}
 KV_TILES = (16, 32, 64, 128)
 CTA_Q_TILES = (16, 32, 64, 128)
 
@@ -136,7 +139,18 @@ class KernelSpec:
         """Every combination of the matrix fields' choices, derived fields at their defaults."""
         fields = matrix_fields(cls)
         for values in itertools.product(*(f.metadata["choices"] for f in fields)):
-            yield cls(**{f.name: v for f, v in zip(fields, values)})
+            named = {f.name: v for f, v in zip(fields, values)}
+            if cls.combination_exists(named):
+                yield cls(**named)
+
+    @classmethod
+    def combination_exists(cls, values: dict[str, Any]) -> bool:
+        """Whether the matrix values go together (a backend may lack a layout); True by default."""
+        return True
+
+    def runs_on(self, archs: tuple[str, ...]) -> bool:
+        """Whether a library built for `archs` (toolchain's normalized names) can run this variant."""
+        return True
 
 
 @dataclass(frozen=True)
@@ -151,11 +165,17 @@ class MergeStateSpec(KernelSpec):
 
 
 def default_kv_tile(spec: "PrefillSpec") -> int:
+    if spec.backend == "sm90":
+        # One CTA per SM: two stages of 128-key K and V tiles beside a 128-row Q (64 keys at head_dim 256:
+        # the O accumulators take 128 registers a thread).
+        return 64 if spec.head_dim == 256 else 128
     # Two K/V stages must fit beside Q twice per SM (2 CTAs/SM): 32 keys at head_dim 256.
     return 32 if spec.head_dim == 256 else 64
 
 
 def default_cta_q_options(spec: "PrefillSpec") -> tuple[int, ...]:
+    if spec.backend == "sm90":
+        return (128,)  # two consumer warpgroups of 64 rows (wgmma M)
     # 16: decode-sized tiles (a few packed rows per request), four warps split the keys.
     return (64,) if spec.head_dim == 256 else (128, 64, 16)
 
@@ -179,6 +199,23 @@ class PrefillSpec(KernelSpec):
     backend: str = _uri_field("{}", BACKENDS, default="fa2")
     kv_tile: int = _derived_field("kv{}", KV_TILES, default_kv_tile)
     cta_q_options: tuple[int, ...] = _derived_field("q{}", CTA_Q_TILES, default_cta_q_options, several=True)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.kv_layout not in BACKEND_LAYOUTS[self.backend]:
+            raise ValueError(f"PrefillSpec: backend {self.backend!r} has no {self.kv_layout!r} kernel; "
+                             f"it has: {', '.join(BACKEND_LAYOUTS[self.backend])}")
+        if self.backend == "sm90" and (self.cta_q_options != (128,) or self.kv_tile not in (64, 128)):
+            raise ValueError(f"PrefillSpec: the sm90 backend runs 128-row q tiles and 64 or 128-key KV tiles, "
+                             f"got cta_q_options={self.cta_q_options}, kv_tile={self.kv_tile}")
+
+    @classmethod
+    def combination_exists(cls, values: dict[str, Any]) -> bool:
+        return values["kv_layout"] in BACKEND_LAYOUTS[values["backend"]]
+
+    def runs_on(self, archs: tuple[str, ...]) -> bool:
+        # The sm90 kernel exists in the sm_90a pass only (elsewhere its body traps).
+        return self.backend != "sm90" or any(a.split("+")[0] == "90a" for a in archs)
 
     def template_context(self) -> dict[str, Any]:
         ctx = super().template_context()

@@ -37,6 +37,10 @@ if str(TESTS) not in sys.path:
 # Shared by the GPU test modules.
 DEVICE = torch.device("cuda")
 NAN = float("nan")
+# The backend= of the prefill wrappers and single_prefill in the GPU suites: "auto" (sm90 on Hopper for
+# ragged K/V), or "fa2" / "sm90" to run the same tests on one kernel family (benchmarks/run_device.sh
+# runs the ragged suite under both).
+PREFILL_BACKEND = os.environ.get("FIJ_TEST_PREFILL_BACKEND", "auto")
 
 # Settings that change keys, layers or build behaviour; tests start from none of them.
 _ISOLATED_VARS = (

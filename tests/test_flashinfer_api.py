@@ -566,11 +566,16 @@ def test_workspace_of_any_dtype(dtype: torch.dtype) -> None:
 
 
 def test_backend_choice_is_visible_and_select_backend_decides() -> None:
+    # Without a Hopper GPU (here: a CPU workspace) "auto" runs the FA2-class kernel and an explicit Hopper
+    # backend is refused at construction, saying why.
     for backend in ("auto", "fa2"):
         assert flashinfer.BatchPrefillWithRaggedKVCacheWrapper(cl(4096, dtype=torch.int8), backend=backend).backend == "fa2"
-        assert kernels.select_backend(backend) == "fa2"
-    for backend in ("fa3", "cudnn", "cutlass", "trtllm-gen", "cute-dsl", "cute-dsl-prims", "no-such-backend"):
-        with pytest.raises(flashinfer.NotSupportedError, match="'auto' or 'fa2'"):
+    assert [kernels.select_backend(b) for b in ("auto", "fa2", "fa3", "sm90")] == ["auto", "fa2", "sm90", "sm90"]
+    for backend in ("fa3", "sm90"):
+        with pytest.raises(flashinfer.NotSupportedError, match="compute capability 9.x"):
+            flashinfer.BatchPrefillWithRaggedKVCacheWrapper(cl(4096, dtype=torch.int8), backend=backend)
+    for backend in ("cudnn", "cutlass", "trtllm-gen", "cute-dsl", "cute-dsl-prims", "no-such-backend"):
+        with pytest.raises(flashinfer.NotSupportedError, match="'auto', 'fa2'"):
             kernels.select_backend(backend)
 
 

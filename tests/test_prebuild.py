@@ -24,6 +24,7 @@ from flashinfer_jit.spec import AppendPagedSpec, MergeStateSpec, PrefillSpec
 
 
 TILES = "_fa2_kv64_q128x64x16"  # backend and default tiles in a prefill URI (head_dim 64 and 128)
+SM90 = "_sm90_kv128_q128"  # the same for the Hopper backend
 
 
 def uris(specs) -> list[str]:
@@ -55,29 +56,36 @@ def test_options_are_the_spec_fields_and_their_choices():
 def test_filters_narrow_each_family_that_has_the_field():
     specs = prebuild.expand(["prefill"], {"layout": "ragged", "head_dim": "64,128", "dtype": "bf16",
                                           "causal": "true"})
-    assert uris(specs) == [f"prefill_ragged_hd64_bf16_causal{TILES}", f"prefill_ragged_hd128_bf16_causal{TILES}"]
+    # both backends (ragged has an sm90 kernel), in the matrix's order
+    assert uris(specs) == [f"prefill_ragged_hd64_bf16_causal{TILES}", f"prefill_ragged_hd64_bf16_causal{SM90}",
+                           f"prefill_ragged_hd128_bf16_causal{TILES}", f"prefill_ragged_hd128_bf16_causal{SM90}"]
+    assert uris(prebuild.expand(["prefill"], {"layout": "ragged", "head_dim": 128, "dtype": "bf16", "causal": "true",
+                                              "backend": "fa2"})) == [f"prefill_ragged_hd128_bf16_causal{TILES}"]
 
     mixed = prebuild.expand(["prefill", "merge"], {"dtype": "fp16", "layout": "ragged", "head_dim": 64})
-    assert uris(mixed) == [f"prefill_ragged_hd64_fp16_full{TILES}", f"prefill_ragged_hd64_fp16_causal{TILES}",
+    assert uris(mixed) == [f"prefill_ragged_hd64_fp16_full{TILES}", f"prefill_ragged_hd64_fp16_full{SM90}",
+                           f"prefill_ragged_hd64_fp16_causal{TILES}", f"prefill_ragged_hd64_fp16_causal{SM90}",
                            "merge_state_hd64_fp16"]  # --layout leaves merge_state alone
 
 
 def test_paged_layouts_share_one_variant_and_the_matrix_still_covers_every_wrapper_combination():
     """paged_nhd and paged_hnd render the same kernel (the page layout is a run-time stride), so the
-    matrix has one paged variant where it had two: prefill 36 -> 24, all families 48 -> 36. Every
-    (layout, head_dim, dtype, causal) a wrapper can ask for, under either spelling, is still in it."""
+    matrix has one paged variant where it had two: prefill 36 -> 24 per backend (fa2 and sm90: 48), all
+    families 60 -> 48 per backend (60 with both). Every (layout, head_dim, dtype, causal) a wrapper can
+    ask for, under either spelling, is still in it."""
     everything = prebuild.expand()
-    assert len(prebuild.expand(["prefill"])) == 24 and len(everything) == 36
+    assert len(prebuild.expand(["prefill"])) == 48 and len(everything) == 60
+    assert len(prebuild.expand(["prefill"], {"backend": "sm90"})) == 24
     assert len(set(everything)) == len(everything)
     for layout, head_dim, dtype, causal in itertools.product(("ragged", "paged_nhd", "paged_hnd"), spec.HEAD_DIMS,
                                                              spec.DTYPES, (False, True)):
         wanted = PrefillSpec(layout, head_dim, dtype, causal)
         assert wanted in everything, wanted
         assert prebuild.expand(["prefill"], {"layout": layout, "head_dim": head_dim, "dtype": dtype,
-                                             "causal": causal}) == [wanted]
+                                             "causal": causal, "backend": "fa2"}) == [wanted]
     assert PrefillSpec("paged_nhd", 128, "bf16", False) == PrefillSpec("paged_hnd", 128, "bf16", False)
     assert PrefillSpec("paged_hnd", 128, "bf16", False).uri == f"prefill_paged_hd128_bf16_full{TILES}"
-    config = {"family": "decode", "layout": ["paged_nhd", "paged_hnd"], "head_dim": 64}
+    config = {"family": "decode", "layout": ["paged_nhd", "paged_hnd"], "head_dim": 64, "backend": "fa2"}
     assert uris(prebuild.expand_matrices([config])) == [f"prefill_paged_hd64_fp16_full{TILES}",
                                                         f"prefill_paged_hd64_bf16_full{TILES}"]
 
@@ -131,7 +139,8 @@ def test_config_file_with_sub_matrices(tmp_path):
     config = prebuild.load_config(path)
     assert config["arch"] == "90a" and config["jobs"] == 3 and config["cache_dir"] == "/somewhere"
     assert uris(prebuild.expand_matrices(config["matrices"])) == [
-        f"prefill_ragged_hd128_bf16_causal{TILES}", "merge_state_hd64_bf16", "merge_state_hd128_bf16"]
+        f"prefill_ragged_hd128_bf16_causal{TILES}", f"prefill_ragged_hd128_bf16_causal{SM90}", "merge_state_hd64_bf16",
+        "merge_state_hd128_bf16"]
 
     path.write_text(json.dumps({"family": "merge", "head_dims": [64]}))
     with pytest.raises(ValueError, match="unknown key 'head_dims' in the top level"):
@@ -181,6 +190,17 @@ def test_dry_run_lists_and_writes_nothing(capsys, cache_root, fake_nvcc, no_gpu)
     ]
     assert not cache_root.exists()
     assert fake_nvcc.compiles == 0
+
+
+def test_sm90_variants_are_built_only_for_targets_with_sm_90a(capsys, cache_root, fake_nvcc, no_gpu):
+    args = ("prebuild", "--family", "prefill", "--layout", "ragged", "--head-dim", "128", "--dtype", "bf16",
+            "--causal", "true", "--dry-run")
+    code, out, _ = run_cli(capsys, *args, "--arch", "80")
+    assert code == 0 and out.splitlines()[:-1] == [f"[1/1] would build prefill_ragged_hd128_bf16_causal{TILES} (sm_80)"]
+    code, out, _ = run_cli(capsys, *args, "--arch", "90a")
+    assert code == 0 and out.splitlines()[:-1] == [
+        f"[1/2] would build prefill_ragged_hd128_bf16_causal{TILES} (sm_90a)",
+        f"[2/2] would build prefill_ragged_hd128_bf16_causal{SM90} (sm_90a)"]
 
 
 def test_prebuild_builds_in_parallel_then_skips_everything(capsys, cache_root, fake_nvcc, no_gpu, tmp_path,

@@ -30,7 +30,7 @@ import torch
 import flashinfer_jit
 
 import reference as ref
-from conftest import DEVICE, NAN
+from conftest import DEVICE, NAN, PREFILL_BACKEND
 
 pytestmark = pytest.mark.gpu
 
@@ -56,7 +56,8 @@ def _name(dtype: torch.dtype) -> str:
 
 def new_wrapper(layout: str, use_cuda_graph: bool = False):
     workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=DEVICE)
-    return flashinfer_jit.BatchPrefillWithRaggedKVCacheWrapper(workspace, kv_layout=layout, use_cuda_graph=use_cuda_graph)
+    return flashinfer_jit.BatchPrefillWithRaggedKVCacheWrapper(workspace, kv_layout=layout, use_cuda_graph=use_cuda_graph,
+                                                               backend=PREFILL_BACKEND)
 
 
 def make_batch(lens, group: int, head_dim: int, dtype: torch.dtype, layout: str, seed: int,
@@ -225,10 +226,11 @@ def test_single_prefill(head_dim: int, dtype: torch.dtype, causal: bool) -> None
         ref_out, ref_lse = batch.reference(causal, sm_scale)
         what = f"single_prefill hd{head_dim} {_name(dtype)} causal={causal} {layout} q={q_len} kv={kv_len} g={group}"
         out, lse = flashinfer_jit.single_prefill_with_kv_cache(
-            batch.q, batch.k, batch.v, causal=causal, sm_scale=sm_scale, kv_layout=layout, return_lse=True)
+            batch.q, batch.k, batch.v, causal=causal, sm_scale=sm_scale, kv_layout=layout, return_lse=True,
+            backend=PREFILL_BACKEND)
         ref.check_attention(out, ref_out, dtype, what, lse, ref_lse)
         out_only = flashinfer_jit.single_prefill_with_kv_cache(
-            batch.q, batch.k, batch.v, causal=causal, sm_scale=sm_scale, kv_layout=layout)
+            batch.q, batch.k, batch.v, causal=causal, sm_scale=sm_scale, kv_layout=layout, backend=PREFILL_BACKEND)
         assert isinstance(out_only, torch.Tensor), f"{what}: return_lse=False must return a tensor"
         ref.check_attention(out_only, ref_out, dtype, what + " [no lse]")
 
@@ -451,7 +453,8 @@ def test_single_prefill_empty_kv(causal: bool) -> None:
     for layout in LAYOUTS:
         batch = make_batch(((5, 0),), 4, 128, torch.bfloat16, layout, seed=3)
         out, lse = flashinfer_jit.single_prefill_with_kv_cache(batch.q, batch.k, batch.v, causal=causal,
-                                                               kv_layout=layout, return_lse=True)
+                                                               kv_layout=layout, return_lse=True,
+                                                               backend=PREFILL_BACKEND)
         ref_out, ref_lse = batch.reference(causal)
         ref.check_attention(out, ref_out, torch.bfloat16, f"single_prefill kv_len 0 {layout}", lse, ref_lse)
 
@@ -473,3 +476,64 @@ def test_wrapper_run_under_torch_compile() -> None:
     assert torch.equal(got, expected), "compiled wrapper.run differs from eager"
     ref_out, _ = batch.reference(True)
     ref.check_attention((got / 2.0).to(torch.bfloat16), ref_out, torch.bfloat16, "compiled wrapper.run")
+
+
+# ---- the Hopper backend ----------------------------------------------------------------------------
+
+def _is_hopper() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+
+@pytest.mark.skipif(not _is_hopper(), reason="the sm90 backend runs on compute capability 9.x only")
+def test_auto_picks_sm90_on_hopper_and_falls_back_per_plan() -> None:
+    """backend="auto" runs sm90 on Hopper for ragged K/V; a GQA group that does not divide 128 falls back
+    to fa2 for that plan (visible in wrapper.backend); an explicit "sm90" refuses it before launch."""
+    workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=DEVICE)
+    wrapper = flashinfer_jit.BatchPrefillWithRaggedKVCacheWrapper(workspace, "NHD")
+    assert wrapper.backend == "sm90"
+    batch = make_batch(((17, 40), (130, 130)), 4, 128, torch.bfloat16, "NHD", seed=5)
+    plan(wrapper, batch, True)
+    assert wrapper.backend == "sm90"
+    check_run(wrapper, batch, True, "auto sm90", allocate=False)
+    odd = make_batch(((17, 40), (130, 130)), 3, 128, torch.bfloat16, "NHD", seed=6)
+    plan(wrapper, odd, True)
+    assert wrapper.backend == "fa2"
+    check_run(wrapper, odd, True, "auto -> fa2 (group 3)", allocate=False)
+    explicit = flashinfer_jit.BatchPrefillWithRaggedKVCacheWrapper(workspace, "NHD", backend="fa3")
+    with pytest.raises(flashinfer_jit.NotSupportedError, match="group"):
+        plan(explicit, odd, True)
+
+
+SM90_AGREEMENT_CASES = 24
+
+
+@pytest.mark.skipif(not _is_hopper(), reason="the sm90 backend runs on compute capability 9.x only")
+def test_sm90_agrees_with_fa2_on_random_batches() -> None:
+    """The two kernel families on the same random ragged batches: both within tolerance of the float32
+    reference, and of each other (the same tolerance)."""
+    rng = random.Random(90)
+    workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=DEVICE)
+    wrappers = {b: flashinfer_jit.BatchPrefillWithRaggedKVCacheWrapper(workspace if b == "fa2" else
+                                                                       torch.empty_like(workspace), "NHD", backend=b)
+                for b in ("fa2", "sm90")}
+    for i in range(SM90_AGREEMENT_CASES):
+        head_dim = rng.choice(HEAD_DIMS)
+        dtype = rng.choice(DTYPES)
+        causal = rng.random() < 0.5
+        group = rng.choice(GROUPS)
+        lens = [(rng.choice((0, 1, rng.randint(1, 300))), rng.choice((0, 1, rng.randint(1, 700))))
+                for _ in range(rng.randint(1, 9))]
+        batch = make_batch(lens, group, head_dim, dtype, "NHD", seed=900 + i, num_kv_heads=rng.choice((1, 2)))
+        outs = {}
+        for name, wrapper in wrappers.items():
+            plan(wrapper, batch, causal)
+            assert wrapper.backend == name
+            out, lse = poisoned_outputs(batch)
+            run_into(wrapper, batch, out, lse)
+            outs[name] = (out, lse)
+        what = f"case {i}: hd{head_dim} {_name(dtype)} causal={causal} g={group} lens={lens}"
+        ref_out, ref_lse = batch.reference(causal)
+        for name, (out, lse) in outs.items():
+            ref.check_attention(out, ref_out, dtype, f"{what} [{name}]", lse, ref_lse)
+        ref.check_attention(outs["sm90"][0], outs["fa2"][0].float(), dtype, f"{what} [sm90 vs fa2]",
+                            outs["sm90"][1], outs["fa2"][1])

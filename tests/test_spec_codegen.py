@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import itertools
 import re
 import shutil
 from pathlib import Path
@@ -33,10 +34,10 @@ def test_uris_are_unique_and_file_name_safe(cls):
     """One URI per variant: a field missing from the URI would make two variants share a name."""
     uris = [s.uri for s in cls.supported()]
     assert len(uris) == len(set(uris))
-    n = 1
-    for f in spec.matrix_fields(cls):
-        n *= len(f.metadata["choices"])
-    assert len(uris) == n
+    fields = spec.matrix_fields(cls)
+    combinations = [dict(zip([f.name for f in fields], values))
+                    for values in itertools.product(*(f.metadata["choices"] for f in fields))]
+    assert len(uris) == sum(cls.combination_exists(c) for c in combinations)
     for uri in uris:
         assert re.fullmatch(r"[a-z0-9_]+", uri), uri
 
@@ -58,12 +59,18 @@ def test_prefill_backend_and_tiles_are_fields_in_the_uri():
     assert tuned.cta_q_options == (64, 16) and tuned.uri == "prefill_ragged_hd128_bf16_causal_fa2_kv32_q64x16"
     assert tuned != s and spec.spec_from_dict(tuned.to_dict()) == tuned
     assert tuned.to_dict()["cta_q_options"] == [64, 16]  # JSON-friendly (manifests, keys)
-    assert {x.kv_tile for x in spec.PrefillSpec.supported()} == {32, 64}  # supported(): the defaults only
+    # supported(): the defaults only; the sm90 backend has ragged and paged kernels
+    assert {x.kv_tile for x in spec.PrefillSpec.supported() if x.backend == "fa2"} == {32, 64}
+    sm90 = [x for x in spec.PrefillSpec.supported() if x.backend == "sm90"]
+    assert {x.kv_tile for x in sm90} == {64, 128} and {x.kv_layout for x in sm90} == {"ragged", "paged"}
+    assert {x.cta_q_options for x in sm90} == {(128,)}
+    with pytest.raises(ValueError, match="the sm90 backend runs 128-row q tiles"):
+        spec.PrefillSpec("paged", 128, "bf16", True, backend="sm90", cta_q_options=(64,))
     with pytest.raises(ValueError, match=r"PrefillSpec.kv_tile=48 is not supported; supported values: 16, 32, 64, 128"):
         spec.PrefillSpec("ragged", 128, "bf16", True, kv_tile=48)
     with pytest.raises(ValueError, match=r"cta_q_options=\(\) is not supported"):
         spec.PrefillSpec("ragged", 128, "bf16", True, cta_q_options=())
-    with pytest.raises(ValueError, match=r"backend='fa3' is not supported; supported values: fa2"):
+    with pytest.raises(ValueError, match=r"backend='fa3' is not supported; supported values: fa2, sm90"):
         spec.PrefillSpec("ragged", 128, "bf16", True, backend="fa3")
 
 

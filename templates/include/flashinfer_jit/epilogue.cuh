@@ -88,21 +88,36 @@ __device__ __forceinline__ void to_row_sink(const PrefillParams& p, const WorkIt
   }
 }
 
+// Row h (0: lane / 4, 1: lane / 4 + 8) of an m16n8 accumulator fragment layout (mma.sync and wgmma
+// alike): this thread's two columns 2 * lane_t + {0, 1} of each of the NT n8 tiles, times `inv`,
+// into `row` (a sink from to_row_sink); lane_t 0 also writes the row's LSE.
+template <int NT, typename Sink>
+__device__ __forceinline__ void store_fragment_row(const Sink& row, int lane_t, const float (&o)[NT][4], int h,
+                                                   float inv, float lse) {
+  const auto cols = row.advance(2 * lane_t);
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const float v[2] = {o[nt][2 * h] * inv, o[nt][2 * h + 1] * inv};
+    cols.store(nt * 8, v);
+  }
+  if (lane_t == 0) row.store_lse(lse);
+}
+
 // Merge the partial states of a split q tile (packed rows [0, rows) of `item`'s tile, KV head hk);
-// run by the tile's last chunk to finish. Partial rows were written by other CTAs: read through L2
+// run by the tile's last chunk to finish, by THREADS threads numbered `tid`. Partial rows were written by other CTAs: read through L2
 // (ld.cg) after the caller's fence. Everything it needs is in the item, and the LSE and O loads of
 // up to kBatch chunks are in flight together (online merge), so the merge is a round trip or two:
 // it sits on the kernel's critical path at the end of a decode step.
 template <typename T, int HEAD_DIM, int THREADS>
 __device__ __forceinline__ void merge_split_tile(const PrefillParams& p, const WorkItem& item, int rows,
-                                                 int64_t q_start, int hk) {
+                                                 int64_t q_start, int hk, int tid) {
   constexpr int kLanes = HEAD_DIM / 4;  // threads per row, 4 floats each
   constexpr int kRowsPerPass = THREADS / kLanes;
   constexpr int kBatch = 16;
   static_assert(kRowsPerPass >= 1 && THREADS % kLanes == 0, "uneven merge split");
-  const int lane = threadIdx.x % kLanes;
+  const int lane = tid % kLanes;
   const int64_t chunk_step = int64_t(p.cta_q) * p.num_kv_heads;  // partial (row, head) slots between chunks
-  for (int r = threadIdx.x / kLanes; r < rows; r += kRowsPerPass) {
+  for (int r = tid / kLanes; r < rows; r += kRowsPerPass) {
     const int64_t slot0 = int64_t(item.partial_base + r) * p.num_kv_heads + hk;
     StateMerger<4> merged;
     for (int c0 = 0; c0 < item.num_chunks; c0 += kBatch) {

@@ -26,13 +26,7 @@ __device__ __forceinline__ void store_output_sm80(const PrefillParams& p, const 
         const int r = c.row(mi, h);
         if (r >= w.rows) continue;
         to_row_sink<T, HEAD_DIM>(p, item, w.q_start, r, hk, [&](const auto& row) {
-          const auto cols = row.advance(2 * c.lane_t);
-#pragma unroll
-          for (int nt = 0; nt < S::kNtO; ++nt) {
-            const float v[2] = {st.o[mi][nt][2 * h] * inv, st.o[mi][nt][2 * h + 1] * inv};
-            cols.store(nt * 8, v);
-          }
-          if (c.lane_t == 0) row.store_lse(lse);
+          store_fragment_row(row, c.lane_t, st.o[mi], h, inv, lse);
         });
       }
   } else {

@@ -32,6 +32,10 @@ struct PrefillParams {
   // starts at page * stride_page + t * {k,v}_stride_n (K and V share the strides).
   const int32_t* page_indices;
   int64_t stride_page;
+  // Rows of q and of k / v (pages for paged layouts) as the run's tensors have them: the bounds of the
+  // sm90 kernel's tensor maps (rows past them read as zeros).
+  int64_t q_rows;
+  int64_t kv_rows;
   uint32_t page_div_mul;    // pos / page_size == (umulhi(pos, mul) + pos) >> shift
   int32_t page_div_shift;
   int32_t* merge_counters;  // [merges, Hkv], zero between runs: chunks of a split tile that finished

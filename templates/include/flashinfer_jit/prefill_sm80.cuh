@@ -35,8 +35,8 @@ __global__ void __launch_bounds__(PrefillShape<HEAD_DIM, CTA_Q, KV_TILE>::kThrea
   // Split tile: the last chunk to finish merges the tile's partial states (Q's smem is free now).
   if (item.partial >= 0 && last_chunk_to_finish(p, item, hk, reinterpret_cast<int*>(smem))) {
     FIJ_TRACE_MARK(merge_begin);
-    merge_split_tile<T, HEAD_DIM, Mainloop::S::kThreads>(p, item, tile.rows, tile.q_start, hk);
-    release_split_tile(p, item, hk);
+    merge_split_tile<T, HEAD_DIM, Mainloop::S::kThreads>(p, item, tile.rows, tile.q_start, hk, threadIdx.x);
+    release_split_tile(p, item, hk, threadIdx.x == 0);
   }
 }
 

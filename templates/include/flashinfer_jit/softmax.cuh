@@ -27,11 +27,11 @@ struct OnlineSoftmax {
     }
   }
 
-  // One KV tile: scores s -> P packed to 16-bit pairs (the A operand of P V: half the registers of
-  // S), and the O rows whose maximum moved rescaled. A row that has seen no key keeps max -inf;
-  // exp2 of -inf is 0. With LAZY_RESCALE the rescale is skipped when no row of the warp moved.
-  __device__ __forceinline__ void update(const float (&s)[MQ][NT_S][4], uint32_t (&p)[MQ][NT_S][2],
-                                         float (&o)[MQ][NT_O][4], float scale) {
+  // One KV tile, in two steps, so that a caller can overlap them with asynchronous MMAs (sm90):
+  // exponentiate turns the scores s into P (fp32, in place), updates the running maxima and sums and
+  // returns each row's correction factor; rescale applies the corrections to O. A row that has seen
+  // no key keeps max -inf; exp2 of -inf is 0.
+  __device__ __forceinline__ void exponentiate(float (&s)[MQ][NT_S][4], float scale, float (&correction)[MQ][2]) {
 #pragma unroll
     for (int mi = 0; mi < MQ; ++mi)
 #pragma unroll
@@ -42,25 +42,50 @@ struct OnlineSoftmax {
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
         const float base = mx == neg_inf() ? 0.f : mx * scale;
-        const float correction = exp2f(row_max[mi][h] * scale - base);
+        correction[mi][h] = exp2f(row_max[mi][h] * scale - base);
         row_max[mi][h] = mx;
-        float sum = row_sum[mi][h] * correction;
+        float sum = row_sum[mi][h] * correction[mi][h];
 #pragma unroll
-        for (int nt = 0; nt < NT_S; ++nt) {
-          const float p0 = exp2f(fmaf(s[mi][nt][2 * h], scale, -base));
-          const float p1 = exp2f(fmaf(s[mi][nt][2 * h + 1], scale, -base));
-          p[mi][nt][h] = Converter<T>::from_float2(p0, p1);
-          sum += p0 + p1;
-        }
+        for (int nt = 0; nt < NT_S; ++nt)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float x = exp2f(fmaf(s[mi][nt][2 * h + e], scale, -base));
+            s[mi][nt][2 * h + e] = x;
+            sum += x;
+          }
         row_sum[mi][h] = sum;
-        if (!LAZY_RESCALE || __any_sync(0xffffffff, correction != 1.f)) {
+      }
+  }
+
+  // With LAZY_RESCALE the rescale is skipped when no row of the warp moved.
+  __device__ __forceinline__ void rescale(float (&o)[MQ][NT_O][4], const float (&correction)[MQ][2]) const {
+#pragma unroll
+    for (int mi = 0; mi < MQ; ++mi)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        if (!LAZY_RESCALE || __any_sync(0xffffffff, correction[mi][h] != 1.f)) {
 #pragma unroll
           for (int nt = 0; nt < NT_O; ++nt) {
-            o[mi][nt][2 * h] *= correction;
-            o[mi][nt][2 * h + 1] *= correction;
+            o[mi][nt][2 * h] *= correction[mi][h];
+            o[mi][nt][2 * h + 1] *= correction[mi][h];
           }
         }
       }
+  }
+
+  // One KV tile at once (sm80): scores -> P packed to 16-bit pairs (the A operand of P V: half the
+  // registers of S), and the O rows whose maximum moved rescaled.
+  __device__ __forceinline__ void update(float (&s)[MQ][NT_S][4], uint32_t (&p)[MQ][NT_S][2],
+                                         float (&o)[MQ][NT_O][4], float scale) {
+    float correction[MQ][2];
+    exponentiate(s, scale, correction);
+#pragma unroll
+    for (int mi = 0; mi < MQ; ++mi)
+#pragma unroll
+      for (int nt = 0; nt < NT_S; ++nt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) p[mi][nt][h] = Converter<T>::from_float2(s[mi][nt][2 * h], s[mi][nt][2 * h + 1]);
+    rescale(o, correction);
   }
 
   // The whole row's sum (over the quad).

@@ -1,8 +1,9 @@
-// Work distribution of the FA2-class prefill kernel, and the split-KV handoff.
+// Work distribution of the prefill kernels, and the split-KV handoff.
 //
-// The grid has one CTA per (work item, KV head), items in plan order (longest first: the GPU
-// dispatches blocks in index order, so the heavy ones start early). Under CUDA graphs the grid is a
-// capacity; CTAs past the plan's item count exit at once.
+// A work unit is one (work item, KV head), units in plan order (longest first). The FA2-class kernel
+// has one CTA per unit (the GPU dispatches blocks in index order, so the heavy ones start early); the
+// sm90 kernel has one persistent CTA per SM that runs units blockIdx.x, blockIdx.x + gridDim.x, ...
+// Under CUDA graphs the grid is a capacity; units past the plan's item count are not run.
 //
 // A q tile split across KV chunks is finished by the chunk that completes last: each chunk writes
 // its partial state, fences, and bumps the tile's device counter; the one that sees the count reach
@@ -22,9 +23,13 @@ struct TileScheduler {
   // This CTA's work item. The item is read before the count is checked so both loads are in flight
   // at once (the items buffer holds every CTA of the grid, also under CUDA graphs).
   __device__ __forceinline__ static TileScheduler fetch(const PrefillParams& p, WorkItem& item) {
+    return at(p, int(blockIdx.x), item);
+  }
+  // Work unit `unit` (item unit / Hkv, KV head unit % Hkv): persistent CTAs step through units.
+  __device__ __forceinline__ static TileScheduler at(const PrefillParams& p, int unit, WorkItem& item) {
     TileScheduler s;
-    s.item_index = blockIdx.x / p.num_kv_heads;
-    s.kv_head = blockIdx.x % p.num_kv_heads;
+    s.item_index = unit / p.num_kv_heads;
+    s.kv_head = unit % p.num_kv_heads;
     static_assert(sizeof(WorkItem) == 4 * sizeof(uint4), "WorkItem is read as four 16-byte pieces");
 #pragma unroll
     for (int i = 0; i < 4; ++i)
@@ -68,24 +73,31 @@ struct WorkTile {
 };
 
 // Split chunks only: after this chunk's partial rows are written, is it the tile's last to finish?
-// Every thread gets the answer (through `flag`, one int of shared memory no longer in use). The
-// winner must call release_split_tile after merging.
-__device__ __forceinline__ bool last_chunk_to_finish(const PrefillParams& p, const WorkItem& item, int hk,
-                                                     int* flag) {
+// Every thread taking part gets the answer (through `flag`, one int of shared memory no longer in
+// use); `sync` is their barrier (the whole CTA, or the consumer warps of a warp-specialized kernel)
+// and `leader` one of them. The winner must call release_split_tile after merging.
+template <typename Sync>
+__device__ __forceinline__ bool last_chunk_to_finish(const PrefillParams& p, const WorkItem& item, int hk, int* flag,
+                                                     bool leader, Sync&& sync) {
   __threadfence();  // this CTA's partial rows are visible before the counter says so
-  __syncthreads();
-  if (threadIdx.x == 0) {
+  sync();
+  if (leader) {
     const int done = atomicAdd(p.merge_counters + item.merge * p.num_kv_heads + hk, 1);
     *flag = done == item.num_chunks - 1;
   }
-  __syncthreads();
+  sync();
   const bool last = *flag != 0;
   if (last) __threadfence();  // the other chunks' rows, fenced before their increments, are read next
   return last;
 }
 
-__device__ __forceinline__ void release_split_tile(const PrefillParams& p, const WorkItem& item, int hk) {
-  if (threadIdx.x == 0) p.merge_counters[item.merge * p.num_kv_heads + hk] = 0;  // ready for the next run
+__device__ __forceinline__ bool last_chunk_to_finish(const PrefillParams& p, const WorkItem& item, int hk, int* flag) {
+  return last_chunk_to_finish(p, item, hk, flag, threadIdx.x == 0, [] { __syncthreads(); });
+}
+
+__device__ __forceinline__ void release_split_tile(const PrefillParams& p, const WorkItem& item, int hk,
+                                                   bool leader) {
+  if (leader) p.merge_counters[item.merge * p.num_kv_heads + hk] = 0;  // ready for the next run
 }
 
 }  // namespace fij

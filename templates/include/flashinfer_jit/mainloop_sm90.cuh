@@ -1,0 +1,398 @@
+// Mainloop of the sm90 (Hopper, sm_90a) prefill kernel: one work item's q tile against its KV range,
+// warp-specialized.
+//
+//   - Producer warp (warpgroup 0, which gives its registers to the consumers): brings the Q tile
+//     [128 packed rows, D] and kStages stages of K and V tiles [KV_TILE, D] into shared memory by TMA,
+//     each completing on its own mbarrier; waits for a stage's "empty" barrier before refilling it.
+//     All tiles use the 128-byte swizzle in blocks of 64 head dims ([D / 64][rows][64]).
+//   - Two consumer warpgroups, 64 q rows each: S = Q K^T by wgmma (both operands in shared memory),
+//     mask and online softmax in registers, O += P V by wgmma with P from registers (the S
+//     accumulator layout is the A-fragment layout once packed to 16 bits) and V N-major from shared
+//     memory. Within a warpgroup, tile j's QK^T is issued before tile j-1's PV, and tile j's softmax
+//     runs while that PV is in flight; the two warpgroups interleave on their own.
+//   - The variant (variant.cuh) decides visible keys, mask and logits transform, as in the sm80 path;
+//     masks are applied only to tiles that can need them.
+//   - V rows past the request's last key (the tail tile) are zeroed in shared memory before use: TMA
+//     reads whatever follows in the tensor (another request's rows, or unwritten memory), and a NaN
+//     there would survive P = 0 in the PV product.
+#pragma once
+#include <cuda.h>  // CUtensorMap
+
+#include "flashinfer_jit/async_sm90.cuh"
+#include "flashinfer_jit/gqa.cuh"
+#include "flashinfer_jit/prefill_params.h"
+#include "flashinfer_jit/softmax.cuh"
+#include "flashinfer_jit/tile_scheduler.cuh"
+#include "flashinfer_jit/variant.cuh"
+
+namespace fij {
+namespace sm90 {
+
+template <int HEAD_DIM, int KV_TILE>
+struct Shape {
+  static constexpr int kConsumers = 2;             // consumer warpgroups
+  static constexpr int kRowsPerConsumer = 64;      // wgmma M
+  static constexpr int kCtaQ = kConsumers * kRowsPerConsumer;
+  static constexpr int kThreads = 128 * (kConsumers + 1);
+  static constexpr int kBlocks = HEAD_DIM / 64;    // 128-byte column blocks of a row
+  static constexpr int kStages = HEAD_DIM <= 64 ? 3 : 2;
+  static constexpr int kNtS = KV_TILE / 8;         // n8 tiles of S
+  static constexpr int kNtO = HEAD_DIM / 8;        // n8 tiles of O
+  static constexpr uint32_t kQBytes = kCtaQ * HEAD_DIM * 2;
+  static constexpr uint32_t kTileBytes = KV_TILE * HEAD_DIM * 2;
+  // Q, K stages, V stages, the mbarriers, the split-merge flag; +1024 to align the start to a swizzle atom.
+  static constexpr uint32_t kKOffset = kQBytes;
+  static constexpr uint32_t kVOffset = kKOffset + kStages * kTileBytes;
+  static constexpr uint32_t kBarOffset = kVOffset + kStages * kTileBytes;
+  static constexpr int kBarriers = 3 + 4 * kStages;
+  static constexpr uint32_t kFlagOffset = kBarOffset + kBarriers * 8;
+  static constexpr uint32_t kSmemBytes = kFlagOffset + 8 + 1024;
+  static constexpr bool kLazyRescale = HEAD_DIM >= 128;
+  static_assert(HEAD_DIM % 64 == 0 && KV_TILE % 16 == 0 && KV_TILE <= 256, "unsupported sm90 tile shape");
+};
+
+// Where everything lives in shared memory (addresses in the shared window).
+template <typename S>
+struct SmemLayout {
+  uint32_t base;  // 1024-byte aligned
+  __device__ __forceinline__ uint32_t q() const { return base; }
+  __device__ __forceinline__ uint32_t k(int stage) const { return base + S::kKOffset + stage * S::kTileBytes; }
+  __device__ __forceinline__ uint32_t v(int stage) const { return base + S::kVOffset + stage * S::kTileBytes; }
+  __device__ __forceinline__ uint32_t bar(int i) const { return base + S::kBarOffset + 8 * i; }
+  __device__ __forceinline__ uint32_t q_full() const { return bar(0); }
+  __device__ __forceinline__ uint32_t q_empty() const { return bar(1); }
+  __device__ __forceinline__ uint32_t v_tail() const { return bar(2); }
+  __device__ __forceinline__ uint32_t k_full(int stage) const { return bar(3 + stage); }
+  __device__ __forceinline__ uint32_t k_empty(int stage) const { return bar(3 + S::kStages + stage); }
+  __device__ __forceinline__ uint32_t v_full(int stage) const { return bar(3 + 2 * S::kStages + stage); }
+  __device__ __forceinline__ uint32_t v_empty(int stage) const { return bar(3 + 3 * S::kStages + stage); }
+  __device__ __forceinline__ uint32_t flag() const { return base + S::kFlagOffset; }
+
+  __device__ __forceinline__ static SmemLayout of(uint8_t* smem) {
+    const uint32_t raw = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+    return SmemLayout{(raw + 1023u) & ~1023u};
+  }
+  __device__ __forceinline__ uint8_t* generic(uint8_t* smem, uint32_t addr) const {
+    return smem + (addr - static_cast<uint32_t>(__cvta_generic_to_shared(smem)));
+  }
+  // One thread, before the CTA barrier that starts the roles.
+  __device__ __forceinline__ void init_barriers() const {
+    mbar_init(q_full(), 1);
+    mbar_init(q_empty(), S::kConsumers * 4);  // one arrival per consumer warp
+    mbar_init(v_tail(), 1);
+    for (int s = 0; s < S::kStages; ++s) {
+      mbar_init(k_full(s), 1);
+      mbar_init(v_full(s), 1);
+      mbar_init(k_empty(s), S::kConsumers * 4);  // one arrival per consumer warp
+      mbar_init(v_empty(s), S::kConsumers * 4);
+    }
+    mbar_init_fence();
+  }
+};
+
+// The q, k and v tensor maps of one run (tma_host_sm90.h), passed by value as a __grid_constant__, and
+// the order of their outer coordinates.
+struct TensorMaps {
+  CUtensorMap q, k, v;
+  // Ragged: k / v maps are (head dims, rows, heads) for head-major tensors, else (head dims, heads, rows).
+  // Paged: (head dims, slots, heads, pages) for HND caches, else (head dims, heads, slots, pages).
+  int32_t k_rows_inner, v_rows_inner;
+  int32_t box_rows;  // paged: slots per box (min(page size, KV tile))
+};
+
+// Where a role is in the barrier sequences, across the work units of a persistent CTA: the producer
+// and the consumers each keep one and advance it identically (units with no KV tile use no barrier).
+struct PipelineState {
+  int tiles = 0;   // K/V tiles so far: tile t uses stage t % kStages in phase (t / kStages) & 1
+  int q_uses = 0;  // Q tiles so far: use u completes q_full's phase u & 1
+  int tails = 0;   // producer: V tail tiles so far (v_tail's phases)
+};
+
+// The KV tiles of an item: [kv.begin, kv.end) in steps of KV_TILE (kv.begin is tile-aligned).
+template <int KV_TILE>
+__device__ __forceinline__ int kv_tiles(const WorkTile& w) {
+  return w.kv.end > w.kv.begin ? (w.kv.end - w.kv.begin + KV_TILE - 1) / KV_TILE : 0;
+}
+
+template <typename T, int HEAD_DIM, int KV_TILE, bool PAGED>
+struct Producer {
+  using S = Shape<HEAD_DIM, KV_TILE>;
+
+  // One K or V tile, keys [pos0, pos0 + KV_TILE) of the request, into the stage at `dst`, completing on
+  // `bar` (expected bytes included). Whole warp. Ragged: one box per 64 head dims, issued by lane 0.
+  // Paged: one box per page (or per tile, for pages longer than it) and 64 head dims, lane i issuing
+  // the i-th page's; pages past the request's last key are not read (their rows stay stale: masked
+  // for K, zeroed for V by load_v_tail).
+  __device__ __forceinline__ static void load_tile(const PrefillParams& p, const CUtensorMap* map, bool rows_inner,
+                                                   int box_rows, uint32_t dst, uint32_t bar, const WorkTile& w,
+                                                   int hk, int pos0) {
+    const int lane = threadIdx.x % 32;
+    if constexpr (!PAGED) {
+      if (lane == 0) {
+        mbar_arrive_expect_tx(bar, S::kTileBytes);
+        const int row = int(w.kv_start) + pos0;
+#pragma unroll
+        for (int b = 0; b < S::kBlocks; ++b) {
+          if (rows_inner)
+            tma_load_3d(dst + b * KV_TILE * 128, map, b * 64, row, hk, bar);
+          else
+            tma_load_3d(dst + b * KV_TILE * 128, map, b * 64, hk, row, bar);
+        }
+      }
+    } else {
+      const int rows = min(KV_TILE, w.kv_len - pos0);
+      const int boxes = (rows + box_rows - 1) / box_rows;
+      if (lane == 0) mbar_arrive_expect_tx(bar, uint32_t(boxes * box_rows) * HEAD_DIM * uint32_t(sizeof(T)));
+      __syncwarp();
+      for (int i = lane; i < boxes; i += 32) {
+        const uint32_t pos = uint32_t(pos0 + i * box_rows);
+        const uint32_t entry = (__umulhi(pos, p.page_div_mul) + pos) >> p.page_div_shift;  // pos / page_size
+        const int page = p.page_indices[w.page_start + int(entry)];
+        const int slot = int(pos - entry * uint32_t(p.page_size));
+#pragma unroll
+        for (int b = 0; b < S::kBlocks; ++b) {
+          const uint32_t to = dst + b * KV_TILE * 128 + i * box_rows * 128;
+          if (rows_inner)
+            tma_load_4d(to, map, b * 64, slot, hk, page, bar);
+          else
+            tma_load_4d(to, map, b * 64, hk, slot, page, bar);
+        }
+      }
+    }
+  }
+
+  // One work unit, run by one whole warp.
+  __device__ __forceinline__ static void run(const PrefillParams& p, const TensorMaps& maps, const WorkTile& w,
+                                             int hk, const SmemLayout<S>& sm, uint8_t* smem, PipelineState& ps) {
+    const int lane = threadIdx.x % 32;
+    const int n = kv_tiles<KV_TILE>(w);
+    if (n == 0) return;  // the consumers skip the mainloop: nothing to load
+    if (lane == 0) {
+      // Q: packed rows [row_begin, row_begin + 128) are tokens row_begin / G .. and heads hk * G ..:
+      // a box of G heads x 128 / G tokens lands in packed-row order. The previous unit's consumers
+      // must be done with the Q buffer.
+      if (ps.q_uses > 0) mbar_wait(sm.q_empty(), (ps.q_uses - 1) & 1);
+      mbar_arrive_expect_tx(sm.q_full(), S::kQBytes);
+      const int token0 = int(w.q_start) + w.row_begin / p.group;
+#pragma unroll
+      for (int b = 0; b < S::kBlocks; ++b)
+        tma_load_3d(sm.q() + b * S::kCtaQ * 128, &maps.q, b * 64, hk * p.group, token0, sm.q_full());
+    }
+    ps.q_uses += 1;
+    for (int j = 0; j < n; ++j) {
+      const int t = ps.tiles + j;
+      const int stage = t % S::kStages;
+      const uint32_t phase = (t / S::kStages) & 1;
+      const int pos0 = w.kv.begin + j * KV_TILE;
+      if (t >= S::kStages && lane == 0) mbar_wait(sm.k_empty(stage), phase ^ 1);
+      __syncwarp();
+      load_tile(p, &maps.k, maps.k_rows_inner, maps.box_rows, sm.k(stage), sm.k_full(stage), w, hk, pos0);
+      if (t >= S::kStages && lane == 0) mbar_wait(sm.v_empty(stage), phase ^ 1);
+      __syncwarp();
+      // Keys of the tile that exist in the request; past them V is zeroed (see the file comment).
+      const int valid = min(KV_TILE, w.kv_len - pos0);
+      if (valid >= KV_TILE) {
+        load_tile(p, &maps.v, maps.v_rows_inner, maps.box_rows, sm.v(stage), sm.v_full(stage), w, hk, pos0);
+      } else {
+        load_tile(p, &maps.v, maps.v_rows_inner, maps.box_rows, sm.v(stage), sm.v_tail(), w, hk, pos0);
+        zero_v_tail(sm, smem, stage, valid, ps.tails & 1);
+        ps.tails += 1;
+      }
+    }
+    ps.tiles += n;
+  }
+
+  // The tail tile's V, loaded on a barrier of its own: rows [valid, KV_TILE) zeroed by the warp, fenced
+  // for the tensor cores, then handed to the consumers (one plain arrival on v_full).
+  __device__ __forceinline__ static void zero_v_tail(const SmemLayout<S>& sm, uint8_t* smem, int stage, int valid,
+                                                     uint32_t parity) {
+    const int lane = threadIdx.x % 32;
+    mbar_wait(sm.v_tail(), parity);
+    const int rows = KV_TILE - max(valid, 0);
+    uint8_t* tile = sm.generic(smem, sm.v(stage));
+    // 16-byte zero stores over whole 128-byte rows (the swizzle permutes chunks within a row only).
+    for (int i = lane; i < S::kBlocks * rows * 8; i += 32) {
+      const int b = i / (rows * 8), r = (i / 8) % rows, chunk = i % 8;
+      *reinterpret_cast<uint4*>(tile + b * KV_TILE * 128 + (KV_TILE - rows + r) * 128 + chunk * 16) =
+          make_uint4(0, 0, 0, 0);
+    }
+    fence_proxy_async();
+    __syncwarp();
+    if (lane == 0) mbar_arrive(sm.v_full(stage));
+  }
+};
+
+template <typename T, int HEAD_DIM, int KV_TILE, typename Variant>
+struct Consumer {
+  using S = Shape<HEAD_DIM, KV_TILE>;
+  using Softmax = OnlineSoftmax<T, 1, S::kNtS, S::kNtO, S::kLazyRescale>;
+  using MmaS = Wgmma<KV_TILE, T>;
+  using MmaO = Wgmma<HEAD_DIM, T>;
+
+  struct State {
+    float o[HEAD_DIM / 2];  // the m64nD accumulator: n8 tile j at o[4j .. 4j + 3]
+    Softmax softmax;
+  };
+
+  int consumer;  // 0 .. kConsumers - 1
+  int warp;      // warp within the warpgroup
+  int lane_g, lane_t;
+
+  __device__ __forceinline__ static Consumer of(int tid_in_consumers) {
+    Consumer c;
+    c.consumer = tid_in_consumers / 128;
+    c.warp = (tid_in_consumers % 128) / 32;
+    c.lane_g = (tid_in_consumers % 32) / 4;
+    c.lane_t = tid_in_consumers % 4;
+    return c;
+  }
+  // Tile row of accumulator row h (0: lane / 4, 1: lane / 4 + 8).
+  __device__ __forceinline__ int row(int h) const {
+    return consumer * S::kRowsPerConsumer + warp * 16 + lane_g + 8 * h;
+  }
+
+  // S = Q K^T of one stage: D / 16 k-steps; a step advances 32 bytes within a 128-byte block.
+  __device__ __forceinline__ void issue_qk(float (&s)[KV_TILE / 2], const SmemLayout<S>& sm, int stage) const {
+    const uint32_t q0 = sm.q() + consumer * S::kRowsPerConsumer * 128;
+    const uint32_t k0 = sm.k(stage);
+#pragma unroll
+    for (int ks = 0; ks < HEAD_DIM / 16; ++ks) {
+      const uint32_t step = (ks / 4), within = (ks % 4) * 32;
+      const uint64_t a = smem_desc_sw128(q0 + step * S::kCtaQ * 128 + within, 16, 1024);
+      const uint64_t b = smem_desc_sw128(k0 + step * KV_TILE * 128 + within, 16, 1024);
+      MmaS::ss(s, a, b, ks > 0 ? 1 : 0);
+    }
+  }
+
+  // O += P V of one stage: KV_TILE / 16 k-steps of 16 keys (2048 bytes of V each).
+  __device__ __forceinline__ static void issue_pv(float (&o)[HEAD_DIM / 2], const uint32_t (&pf)[KV_TILE / 16][4],
+                                                  const SmemLayout<S>& sm, int stage) {
+    const uint32_t v0 = sm.v(stage);
+#pragma unroll
+    for (int kk = 0; kk < KV_TILE / 16; ++kk)
+      MmaO::rs(o, pf[kk], smem_desc_sw128(v0 + kk * 2048, KV_TILE * 128, 1024), 1);
+  }
+
+  // P (fp32 in s) -> 16-bit A fragments: k-step kk takes n8 tiles 2kk and 2kk + 1 of S.
+  __device__ __forceinline__ static void pack_p(const float (&s)[KV_TILE / 2], uint32_t (&pf)[KV_TILE / 16][4]) {
+#pragma unroll
+    for (int kk = 0; kk < KV_TILE / 16; ++kk)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) pf[kk][i] = Converter<T>::from_float2(s[8 * kk + 2 * i], s[8 * kk + 2 * i + 1]);
+  }
+
+  // The variant's logits transform, then its mask (keys outside the row's kv_range or the chunk, or
+  // refused by variant.mask, get -inf); only tiles that can hold such keys are masked.
+  __device__ __forceinline__ void score_and_mask(const PrefillParams& p, const Variant& variant, const WorkTile& w,
+                                                 int hk, int pos0, float (&s)[KV_TILE / 2]) const {
+    if constexpr (Variant::kTransformsLogits) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const PackedRow pr = unpack_row(w.row_begin + row(h), p.group, hk);
+#pragma unroll
+        for (int nt = 0; nt < S::kNtS; ++nt)
+#pragma unroll
+          for (int e = 0; e < 2; ++e)
+            s[4 * nt + 2 * h + e] =
+                variant.transform_logits(s[4 * nt + 2 * h + e], pr.token, pos0 + nt * 8 + 2 * lane_t + e, pr.head);
+      }
+    }
+    const bool edge = pos0 + KV_TILE > w.unmasked.end || (Variant::kBoundedBelow && pos0 < w.unmasked.begin);
+    if (edge || Variant::kMasksLogits) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const PackedRow pr = unpack_row(w.row_begin + row(h), p.group, hk);
+        const KvRange visible = Variant::kv_range(pr.token, w.q_len, w.kv_len);
+        const int end = min(w.kv.end, visible.end);
+#pragma unroll
+        for (int nt = 0; nt < S::kNtS; ++nt)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int key = pos0 + nt * 8 + 2 * lane_t + e;
+            const bool hidden = key >= end || (Variant::kBoundedBelow && key < visible.begin) ||
+                                (Variant::kMasksLogits && !variant.mask(pr.token, key, pr.head));
+            if (hidden) s[4 * nt + 2 * h + e] = neg_inf();
+          }
+      }
+    }
+  }
+
+  __device__ __forceinline__ void softmax_tile(const PrefillParams& p, const Variant& variant, const WorkTile& w,
+                                               int hk, int pos0, float (&s)[KV_TILE / 2], State& st,
+                                               float (&correction)[1][2]) const {
+    score_and_mask(p, variant, w, hk, pos0, s);
+    st.softmax.exponentiate(reinterpret_cast<float(&)[1][S::kNtS][4]>(s), variant.softmax_scale_log2(), correction);
+  }
+
+  // Every consumer warp releases a stage once its warpgroup's wgmma reading it has completed.
+  __device__ __forceinline__ static void release(uint32_t empty_bar) {
+    __syncwarp();
+    if (threadIdx.x % 32 == 0) mbar_arrive(empty_bar);
+  }
+
+  // One work unit. Leaves O (unnormalised) and the softmax state for the epilogue.
+  __device__ __forceinline__ void run(const PrefillParams& p, const Variant& variant, const WorkTile& w, int hk,
+                                      const SmemLayout<S>& sm, State& st, PipelineState& ps) const {
+#pragma unroll
+    for (int i = 0; i < HEAD_DIM / 2; ++i) st.o[i] = 0.f;
+    st.softmax.init();
+    const int n = kv_tiles<KV_TILE>(w);
+    if (n == 0) return;
+    float s[KV_TILE / 2];
+    uint32_t pf[KV_TILE / 16][4];
+    float correction[1][2];
+    mbar_wait(sm.q_full(), ps.q_uses & 1);
+    ps.q_uses += 1;
+    const int t0 = ps.tiles;
+    auto stage_of = [&](int j) { return (t0 + j) % S::kStages; };
+    auto phase_of = [&](int j) { return uint32_t((t0 + j) / S::kStages) & 1; };
+
+    // Tile 0: S, softmax, P.
+    mbar_wait(sm.k_full(stage_of(0)), phase_of(0));
+    wgmma_fence();
+    issue_qk(s, sm, stage_of(0));
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_operands(s);
+    release(sm.k_empty(stage_of(0)));
+    softmax_tile(p, variant, w, hk, w.kv.begin, s, st, correction);
+    pack_p(s, pf);
+
+    for (int j = 1; j < n; ++j) {
+      const int stage = stage_of(j), prev = stage_of(j - 1);
+      mbar_wait(sm.k_full(stage), phase_of(j));
+      fence_operands(s);
+      wgmma_fence();
+      issue_qk(s, sm, stage);
+      wgmma_commit();
+      mbar_wait(sm.v_full(prev), phase_of(j - 1));
+      fence_operands(st.o);
+      issue_pv(st.o, pf, sm, prev);
+      wgmma_commit();
+      wgmma_wait<1>();  // S of tile j is ready; tile j-1's PV may still run
+      fence_operands(s);
+      release(sm.k_empty(stage));
+      softmax_tile(p, variant, w, hk, w.kv.begin + j * KV_TILE, s, st, correction);
+      wgmma_wait<0>();
+      fence_operands(st.o);
+      release(sm.v_empty(prev));
+      st.softmax.rescale(reinterpret_cast<float(&)[1][S::kNtO][4]>(st.o), correction);
+      pack_p(s, pf);
+    }
+    release(sm.q_empty());  // every Q K^T of the unit has completed: the next unit's Q may land
+
+    const int last = stage_of(n - 1);
+    mbar_wait(sm.v_full(last), phase_of(n - 1));
+    fence_operands(st.o);
+    wgmma_fence();
+    issue_pv(st.o, pf, sm, last);
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_operands(st.o);
+    release(sm.v_empty(last));
+    ps.tiles += n;
+  }
+};
+
+}  // namespace sm90
+}  // namespace fij

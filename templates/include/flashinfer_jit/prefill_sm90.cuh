@@ -1,0 +1,204 @@
+// The sm90 (Hopper, sm_90a) batch-prefill kernel, composed from its parts, and its host launcher.
+//
+//   tile_scheduler.cuh  which work item and KV head this CTA runs; the split-KV handoff
+//   mainloop_sm90.cuh   producer warp (TMA, mbarriers) and consumer warpgroups (wgmma, softmax)
+//   epilogue.cuh        final / partial row stores, the split-KV tile merge
+//   variant.cuh         what is computed: visible keys, mask, logits transform
+//   tma_host_sm90.h     the q / k / v tensor maps, encoded per run on the host
+// The planner and the work items are the sm80 path's (prefill_plan.h) with 128-row q tiles.
+// Rows that see no key produce O = 0 and LSE = -inf.
+//
+// Built for every target arch; the body exists only in the sm_90a pass (__CUDA_ARCH_FEAT_SM90_ALL),
+// elsewhere it traps. The Python side selects this backend on compute capability 9.x only.
+#pragma once
+#include "flashinfer_jit/epilogue.cuh"
+#include "flashinfer_jit/mainloop_sm90.cuh"
+#include "flashinfer_jit/tile_scheduler.cuh"
+#include "flashinfer_jit/tma_host_sm90.h"
+#include "flashinfer_jit/trace.cuh"
+
+namespace fij {
+namespace sm90 {
+
+// Registers per thread after setmaxnreg. The CTA's pool is what it was launched with (168 a thread:
+// the cap of __launch_bounds__(384, 1)), and setmaxnreg.inc waits until the pool has what it asks for,
+// so producer * 128 + consumer * 256 must stay <= 168 * 384 = 64512 (more hangs the consumers). The
+// producer needs 56 not to spill; the hd256 consumers need 232 (224 spills there), which leaves the
+// hd256 producer 40 (it spills a few words, outside the consumers' loop).
+template <int HEAD_DIM>
+constexpr int producer_registers() { return HEAD_DIM < 256 ? 56 : 40; }
+template <int HEAD_DIM>
+constexpr int consumer_registers() { return HEAD_DIM < 256 ? 224 : 232; }
+static_assert(producer_registers<128>() * 128 + consumer_registers<128>() * 256 <= 168 * 384 &&
+                  producer_registers<256>() * 128 + consumer_registers<256>() * 256 <= 168 * 384,
+              "setmaxnreg asks for more registers than the CTA was launched with");
+
+constexpr int kConsumerBarrier = 1;      // named barrier of the consumer warps (epilogue, split merge)
+
+template <typename T, int HEAD_DIM, int KV_TILE, typename Variant>
+__device__ __forceinline__ void store_output(const PrefillParams& p, const WorkItem& item, const WorkTile& w, int hk,
+                                             const Consumer<T, HEAD_DIM, KV_TILE, Variant>& c,
+                                             const typename Consumer<T, HEAD_DIM, KV_TILE, Variant>::State& st,
+                                             float scale) {
+  constexpr int kNtO = HEAD_DIM / 8;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const float sum = st.softmax.total_sum(0, h);
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    const float lse = sum > 0.f ? st.softmax.row_max[0][h] * scale + log2f(sum) : neg_inf();
+    const int r = c.row(h);
+    if (r >= w.rows) continue;
+    to_row_sink<T, HEAD_DIM>(p, item, w.q_start, r, hk, [&](const auto& row) {
+      store_fragment_row(row, c.lane_t, reinterpret_cast<const float(&)[kNtO][4]>(st.o), h, inv, lse);
+    });
+  }
+}
+
+// One persistent CTA per SM (grid = min(units, SMs)): CTA b runs work units b, b + gridDim.x, ...
+// (units in plan order, longest first). Each role walks the same sequence: the producer loads unit
+// i + 1 while the consumers finish unit i and write its output.
+template <typename T, int HEAD_DIM, int KV_TILE, typename Variant, bool PAGED>
+__global__ void __launch_bounds__(Shape<HEAD_DIM, KV_TILE>::kThreads, 1)
+    prefill_kernel(const __grid_constant__ PrefillParams p, const __grid_constant__ TensorMaps maps) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using S = Shape<HEAD_DIM, KV_TILE>;
+  using Cons = Consumer<T, HEAD_DIM, KV_TILE, Variant>;
+  extern __shared__ __align__(1024) uint8_t smem[];
+  const SmemLayout<S> sm = SmemLayout<S>::of(smem);
+  const int units = p.counts[0] * p.num_kv_heads;
+  if (int(blockIdx.x) >= units) return;
+  if (threadIdx.x == 0) {
+    sm.init_barriers();
+    prefetch_tensor_map(&maps.q);
+    prefetch_tensor_map(&maps.k);
+    prefetch_tensor_map(&maps.v);
+  }
+  __syncthreads();
+
+  PipelineState ps;
+  if (threadIdx.x < 128) {
+    release_registers<producer_registers<HEAD_DIM>()>();
+    if (threadIdx.x < 32) {
+      for (int unit = blockIdx.x; unit < units; unit += gridDim.x) {
+        WorkItem item;
+        const TileScheduler work = TileScheduler::at(p, unit, item);
+        const WorkTile tile = WorkTile::of<Variant, S::kCtaQ>(item, p.group);
+        Producer<T, HEAD_DIM, KV_TILE, PAGED>::run(p, maps, tile, work.kv_head, sm, smem, ps);
+      }
+    }
+  } else {
+    claim_registers<consumer_registers<HEAD_DIM>()>();
+    const int tid = threadIdx.x - 128;
+    const Variant variant(p);
+    const Cons c = Cons::of(tid);
+    auto consumers_sync = [] { named_barrier_sync(kConsumerBarrier, S::kConsumers * 128); };
+    int* flag = reinterpret_cast<int*>(sm.generic(smem, sm.flag()));
+    for (int unit = blockIdx.x; unit < units; unit += gridDim.x) {
+      WorkItem item;
+      const TileScheduler work = TileScheduler::at(p, unit, item);
+      const int hk = work.kv_head;
+      const WorkTile tile = WorkTile::of<Variant, S::kCtaQ>(item, p.group);
+      typename Cons::State st;
+      c.run(p, variant, tile, hk, sm, st, ps);
+      store_output<T, HEAD_DIM, KV_TILE, Variant>(p, item, tile, hk, c, st, variant.softmax_scale_log2());
+      // Split tile: the last chunk to finish merges the tile's partial states.
+      if (item.partial >= 0 && last_chunk_to_finish(p, item, hk, flag, tid == 0, consumers_sync)) {
+        merge_split_tile<T, HEAD_DIM, S::kConsumers * 128>(p, item, tile.rows, tile.q_start, hk, tid);
+        release_split_tile(p, item, hk, tid == 0);
+      }
+    }
+  }
+#else
+  __trap();  // not an sm_90a pass: the host never launches this
+#endif
+}
+
+template <int KV_TILE>
+inline bool pages_fit_boxes(int page_size) {
+  return page_size > 0 && (KV_TILE % page_size == 0 || page_size % KV_TILE == 0);
+}
+
+template <typename T, int HEAD_DIM, int KV_TILE, bool PAGED>
+inline int encode_tensor_maps(const PrefillParams& p, TensorMaps* maps) {
+  using S = Shape<HEAD_DIM, KV_TILE>;
+  if (S::kCtaQ % p.group != 0) return int(cudaErrorInvalidValue);  // a Q box is G heads x 128 / G tokens
+  int err = encode_row_map<T>(&maps->q, p.q, p.q_rows, p.num_qo_heads, HEAD_DIM, p.q_stride_n, p.q_stride_h,
+                              p.group, S::kCtaQ / p.group, false);
+  maps->k_rows_inner = p.k_stride_n < p.k_stride_h;
+  maps->v_rows_inner = p.v_stride_n < p.v_stride_h;
+  if constexpr (PAGED) {
+    if (!pages_fit_boxes<KV_TILE>(p.page_size)) return int(cudaErrorInvalidValue);
+    maps->box_rows = p.page_size < KV_TILE ? p.page_size : KV_TILE;
+    if (err == 0)
+      err = encode_page_map<T>(&maps->k, p.k, p.kv_rows, p.page_size, p.num_kv_heads, HEAD_DIM, p.stride_page,
+                               p.k_stride_n, p.k_stride_h, maps->box_rows, maps->k_rows_inner);
+    if (err == 0)
+      err = encode_page_map<T>(&maps->v, p.v, p.kv_rows, p.page_size, p.num_kv_heads, HEAD_DIM, p.stride_page,
+                               p.v_stride_n, p.v_stride_h, maps->box_rows, maps->v_rows_inner);
+  } else {
+    maps->box_rows = KV_TILE;
+    if (err == 0)
+      err = encode_row_map<T>(&maps->k, p.k, p.kv_rows, p.num_kv_heads, HEAD_DIM, p.k_stride_n, p.k_stride_h, 1,
+                              KV_TILE, maps->k_rows_inner);
+    if (err == 0)
+      err = encode_row_map<T>(&maps->v, p.v, p.kv_rows, p.num_kv_heads, HEAD_DIM, p.v_stride_n, p.v_stride_h, 1,
+                              KV_TILE, maps->v_rows_inner);
+  }
+  return err;
+}
+
+// SMs of the current device (one persistent CTA each), looked up once per device.
+inline int multiprocessors() {
+  static int counts[64] = {};
+  int device = 0;
+  cudaGetDevice(&device);
+  if (device >= 64) device = 63;
+  if (counts[device] == 0) {
+    int sms = 0;
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    counts[device] = sms > 0 ? sms : 1;
+  }
+  return counts[device];
+}
+
+template <typename T, int HEAD_DIM, int KV_TILE, typename Variant, bool PAGED>
+inline int set_smem_attribute() {
+  using S = Shape<HEAD_DIM, KV_TILE>;
+  static bool attribute_set[64] = {};  // per device ordinal
+  int device = 0;
+  cudaGetDevice(&device);
+  if (device < 64 && attribute_set[device]) return 0;
+  const cudaError_t err = cudaFuncSetAttribute(prefill_kernel<T, HEAD_DIM, KV_TILE, Variant, PAGED>,
+                                               cudaFuncAttributeMaxDynamicSharedMemorySize, int(S::kSmemBytes));
+  if (err == cudaSuccess && device < 64) attribute_set[device] = true;
+  return int(err);
+}
+
+template <typename T, int HEAD_DIM, int KV_TILE, typename Variant, bool PAGED>
+inline int launch_prefill(const PrefillParams& p, int grid_items, cudaStream_t stream) {
+  using S = Shape<HEAD_DIM, KV_TILE>;
+  if (p.cta_q != S::kCtaQ) return int(cudaErrorInvalidValue);
+  int err = set_smem_attribute<T, HEAD_DIM, KV_TILE, Variant, PAGED>();
+  if (err != 0 || grid_items <= 0) return err;
+  TensorMaps maps;
+  err = encode_tensor_maps<T, HEAD_DIM, KV_TILE, PAGED>(p, &maps);
+  if (err != 0) return err;
+  const int64_t units = int64_t(grid_items) * p.num_kv_heads;
+  const int ctas = int(units < multiprocessors() ? units : multiprocessors());
+  return launch(prefill_kernel<T, HEAD_DIM, KV_TILE, Variant, PAGED>, dim3(unsigned(ctas)), dim3(S::kThreads),
+                S::kSmemBytes, stream, p, maps);
+}
+
+template <typename T, int HEAD_DIM, int KV_TILE, typename Variant, bool PAGED>
+inline int blocks_per_sm() {
+  using S = Shape<HEAD_DIM, KV_TILE>;
+  int err = set_smem_attribute<T, HEAD_DIM, KV_TILE, Variant, PAGED>();
+  if (err != 0) return -err;
+  int blocks = 0;
+  err = int(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, prefill_kernel<T, HEAD_DIM, KV_TILE, Variant, PAGED>,
+                                                          S::kThreads, S::kSmemBytes));
+  return err == 0 ? blocks : -err;
+}
+
+}  // namespace sm90
+}  // namespace fij
