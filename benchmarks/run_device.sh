@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one command for a GPU device run. From the repo root:
 #
-#   PYTHONPATH=. bash benchmarks/run_device.sh                 # all: measure build tests bench bench_decode
+#   PYTHONPATH=. bash benchmarks/run_device.sh                 # all: measure build tests tests_fa2 bench bench_decode
 #   PYTHONPATH=. bash benchmarks/run_device.sh tests bench     # only some steps (in the fixed order)
 #
 # Steps (each under `timeout`; a failing or timed-out step is recorded and the run goes on):
@@ -12,6 +12,8 @@
 #            load), built in parallel (ProcessPoolExecutor); measure_build's own list is ragged + merge only,
 #            so this step swaps in the full list (inline Python below)
 #   tests    python3 -m pytest -m gpu -q --maxfail=25 tests/   (log: $OUT/gpu_tests.log)
+#   tests_fa2  the prefill suites again with FIJ_TEST_PREFILL_BACKEND=fa2 (on Hopper "auto" runs sm90)
+#            (log: $OUT/gpu_tests_fa2.log)
 #            Not -x by default: one early failure (say the torch.compile test of merge_state, which runs
 #            before every prefill test) would hide all later results of a one-shot device run.
 #            PYTEST_FLAGS="-x -q" gives exactly `pytest -m gpu -x -q tests/`.
@@ -41,11 +43,11 @@ REPO=$PWD
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
 BUDGET_S=${BUDGET_S:-540}
-ALL_STEPS=(measure build tests bench bench_decode)
+ALL_STEPS=(measure build tests tests_fa2 bench bench_decode)
 # Defaults add up to more than the budget on purpose: step_timeout() shrinks a step's timeout so every
 # later wanted step keeps its minimum, and fast steps leave their unused time to the later ones.
-declare -A DEFAULT_T=([measure]=120 [build]=180 [tests]=220 [bench]=150 [bench_decode]=100)
-declare -A MIN_T=([measure]=45 [build]=60 [tests]=90 [bench]=60 [bench_decode]=45)
+declare -A DEFAULT_T=([measure]=120 [build]=180 [tests]=220 [tests_fa2]=120 [bench]=150 [bench_decode]=100)
+declare -A MIN_T=([measure]=45 [build]=60 [tests]=90 [tests_fa2]=45 [bench]=60 [bench_decode]=45)
 
 STEPS=("$@")
 [ ${#STEPS[@]} -eq 0 ] && STEPS=("${ALL_STEPS[@]}")
@@ -214,6 +216,13 @@ EOF
     # shellcheck disable=SC2086
     run_step tests "$OUT/gpu_tests.log" "$PY" -m pytest -m gpu ${PYTEST_FLAGS:--q --maxfail=25} -rfEsx --durations=25 \
       -p no:cacheprovider tests/
+  fi
+  if want tests_fa2; then
+    # On Hopper "auto" (the tests step) runs the sm90 kernel for prefill: the prefill suites again on fa2.
+    TIMEOUT[tests_fa2]=$(step_timeout tests_fa2)
+    # shellcheck disable=SC2086
+    run_step tests_fa2 "$OUT/gpu_tests_fa2.log" env FIJ_TEST_PREFILL_BACKEND=fa2 "$PY" -m pytest -m gpu \
+      ${PYTEST_FLAGS:--q --maxfail=25} -rfEsx -p no:cacheprovider tests/test_prefill_gpu.py tests/test_paged_gpu.py
   fi
   if want bench; then
     TIMEOUT[bench]=$(step_timeout bench)

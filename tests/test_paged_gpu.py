@@ -31,7 +31,7 @@ import torch
 import flashinfer_jit
 
 import reference as ref
-from conftest import DEVICE, NAN
+from conftest import DEVICE, NAN, PREFILL_BACKEND
 
 pytestmark = pytest.mark.gpu
 
@@ -60,7 +60,7 @@ def _name(dtype: torch.dtype) -> str:
 def new_wrapper(layout: str, use_cuda_graph: bool = False):
     workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=DEVICE)
     return flashinfer_jit.BatchPrefillWithPagedKVCacheWrapper(workspace, kv_layout=layout,
-                                                              use_cuda_graph=use_cuda_graph)
+                                                              use_cuda_graph=use_cuda_graph, backend=PREFILL_BACKEND)
 
 
 def make_batch(lens, group: int, head_dim: int, dtype: torch.dtype, layout: str, page_size: int, seed: int,

@@ -155,6 +155,8 @@ SMALL_CASES = [(hd, dt, causal, g, lay) for hd, dt, causal, g, lay in MAIN_CASES
 
 @pytest.mark.parametrize("split", ["auto", "fixed64"])
 @pytest.mark.parametrize("case", SMALL_CASES, ids=[_case_id(c) for c in SMALL_CASES])
+@pytest.mark.skipif(PREFILL_BACKEND == "sm90", reason="the sm90 kernel has 128-row q tiles only (\"auto\" runs "
+                    "decode-like batches such as these on fa2's 16-row tiles)")
 def test_decode_sized_tiles(case, split: str) -> None:
     head_dim, dtype, causal, group, layout = case
     # q lengths scaled so q_len x group stays within 16 rows (group 8: 1-2 tokens).
