@@ -215,6 +215,7 @@ class _BatchAttention:
             raise ValueError(f"kv_layout: expected one of {self._layouts}, got {kv_layout!r}")
         self._backend_choice = select_backend(backend, where)  # "auto" | "fa2" | "sm90"
         self._backend_requested = backend
+        self._graph_backend: Optional[str] = None  # use_cuda_graph: the first plan's backend, kept
         # What this wrapper's K/V kind runs on its device until a plan (knowing the GQA group) says
         # otherwise; an explicit sm90 that cannot run here raises now.
         self._backend = resolve_backend(self._backend_choice, self._device_of(float_workspace_buffer), self._kv_kind,
@@ -250,7 +251,8 @@ class _BatchAttention:
         FA2-class kernel). With backend="auto", "sm90" on compute capability 9.x for GQA groups dividing 128,
         (paged) pages of at least 8 tokens that tile the 128-key KV tiles, and batches with at least 64
         packed q rows (tokens x group) per request, else "fa2"; set by each plan() (before the first, what
-        "auto" expects)."""
+        "auto" expects). A use_cuda_graph=True wrapper keeps its first plan's backend for later plans
+        (a captured graph replays that kernel)."""
         return self._backend
 
     def reset_workspace_buffer(self, float_workspace_buffer: torch.Tensor, int_workspace_buffer: torch.Tensor) -> None:
@@ -308,8 +310,10 @@ class _BatchAttention:
                 page_size: Optional[int] = None, rows_per_request: Optional[float] = None) -> PrefillKernel:
         """The kernel for layout "ragged" | "paged" (NHD and HND share it: the layout is only strides), of
         the backend this wrapper's choice resolves to for that layout, GQA group and page size on its device."""
-        backend = resolve_backend(self._backend_choice, self._device, layout, group, f"{type(self).__name__}.plan()",
-                                  self._backend_requested, page_size, rows_per_request)
+        # A CUDA-graph wrapper keeps its first plan's kernel family: a captured graph replays that kernel.
+        choice = self._graph_backend or self._backend_choice
+        backend = resolve_backend(choice, self._device, layout, group, f"{type(self).__name__}.plan()",
+                                  self._graph_backend or self._backend_requested, page_size, rows_per_request)
         return prefill_kernel(backend, layout, head_dim, dtype, bool(causal))
 
     def _plan(self, layout: str, qo_host: torch.Tensor, kv_lens_indptr: torch.Tensor,
@@ -414,6 +418,8 @@ class _BatchAttention:
         self._plan_args = plan_args
         self._causal, self._sm_scale = bool(causal), sm_scale
         self._backend = variant.spec.backend
+        if self._use_cuda_graph:
+            self._graph_backend = self._backend
 
     def _prepare_q_out(self, q: torch.Tensor, out: Optional[torch.Tensor], lse: Optional[torch.Tensor],
                        return_lse: bool) -> tuple[_PlanState, torch.Tensor, Optional[torch.Tensor]]:
