@@ -95,13 +95,23 @@ class Case:
         paged = f" page={self.page_size}{' (k,v) tuple' if self.tuple_cache else ''}" if self.page_size else ""
         return f"{what}{paged} q/kv: [{pairs}]"
 
-    def spec(self):
-        """The kernel variant this case loads (what --prebuild-only builds)."""
+    def backend(self, prefill_backend: str) -> str:
+        """The backend= of this case's wrapper: --prefill-backend for ragged cases and paged ones with pages
+        the sm90 kernel copies whole (16), "auto" for the rest."""
+        forced = self.kind == "ragged" or (self.kind == "paged" and self.page_size == 16)
+        return prefill_backend if forced else "auto"
+
+    def specs(self, prefill_backend: str = "auto"):
+        """The kernel variants this case may load (what --prebuild-only builds): both backends under auto."""
         from flashinfer_jit.spec import AppendPagedSpec, PrefillSpec
         if self.kind == "append":
-            return AppendPagedSpec(self.head_dim, self.dtype)
+            return [AppendPagedSpec(self.head_dim, self.dtype)]
         layout = "ragged" if self.kind == "ragged" else f"paged_{self.kv_layout.lower()}"
-        return PrefillSpec(layout, self.head_dim, self.dtype, self.causal and self.kind != "decode")
+        backend = self.backend(prefill_backend)
+        backends = ("fa2", "sm90") if backend == "auto" and self.kind != "decode" else (
+            ("fa2",) if backend == "auto" else (backend,))
+        return [PrefillSpec(layout, self.head_dim, self.dtype, self.causal and self.kind != "decode", backend=b)
+                for b in backends]
 
 
 def make_cases(n: int, seed: int) -> list[Case]:
@@ -177,20 +187,21 @@ def scatter(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, page_ids, slo
 # ---- running one case ----------------------------------------------------------------------------
 
 class Runner:
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, prefill_backend: str = "auto"):
         import flashinfer_jit as fij
         self.fij = fij
         self.device = device
-        self._wrappers: dict[tuple[str, str], Any] = {}
+        self.prefill_backend = prefill_backend
+        self._wrappers: dict[tuple[str, str, str], Any] = {}
 
-    def wrapper(self, kind: str, layout: str):
-        key = (kind, layout)
+    def wrapper(self, kind: str, layout: str, backend: str = "auto"):
+        key = (kind, layout, backend)
         if key not in self._wrappers:
             workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
             cls = {"ragged": self.fij.BatchPrefillWithRaggedKVCacheWrapper,
                    "paged": self.fij.BatchPrefillWithPagedKVCacheWrapper,
                    "decode": self.fij.BatchDecodeWithPagedKVCacheWrapper}[kind]
-            self._wrappers[key] = cls(workspace, kv_layout=layout)
+            self._wrappers[key] = cls(workspace, kv_layout=layout, backend=backend)
         return self._wrappers[key]
 
     def run(self, case: Case) -> None:
@@ -212,7 +223,7 @@ class Runner:
     def _ragged(self, case: Case) -> None:
         gen = torch.Generator().manual_seed(case.seed)
         q, k, v = self._dense(case, gen)
-        w = self.wrapper("ragged", case.kv_layout)
+        w = self.wrapper("ragged", case.kv_layout, case.backend(self.prefill_backend))
         w.plan(ref.make_indptr(case.q_lens), ref.make_indptr(case.kv_lens), case.num_qo_heads, case.num_kv_heads,
                case.head_dim, causal=case.causal, q_data_type=DTYPES[case.dtype])
         dev = self.device
@@ -233,7 +244,7 @@ class Runner:
 
     def _paged(self, case: Case) -> None:
         q, k, v, pages, paged = self._paged_inputs(case)
-        w = self.wrapper("paged", case.kv_layout)
+        w = self.wrapper("paged", case.kv_layout, case.backend(self.prefill_backend))
         w.plan(ref.make_indptr(case.q_lens), pages.indptr, pages.indices, pages.last_page_len, case.num_qo_heads,
                case.num_kv_heads, case.head_dim, case.page_size, causal=case.causal, q_data_type=DTYPES[case.dtype])
         out, lse = w.run(q.to(self.device), paged, return_lse=True)
@@ -282,10 +293,10 @@ class Runner:
 
 # ---- main ----------------------------------------------------------------------------------------
 
-def prebuild(cases: list[Case]) -> int:
+def prebuild(cases: list[Case], prefill_backend: str = "auto") -> int:
     """Build (or find) every kernel the cases load, in parallel, before the sanitizer run."""
     from flashinfer_jit import cache, prebuild as pb, toolchain
-    specs = list(dict.fromkeys(c.spec() for c in cases))
+    specs = list(dict.fromkeys(s for c in cases for s in c.specs(prefill_backend)))
     layer = cache.writable_layer()
     report = pb.run(specs, [toolchain.target_archs()], layer,
                     on_progress=lambda o, i, n: print(f"[{i}/{n}] {o.status} {o.uri}", flush=True))
@@ -305,6 +316,8 @@ def main() -> int:
                         help="only build the kernels the cases need (run this outside the sanitizer)")
     parser.add_argument("--list", action="store_true", help="print the cases and exit (no GPU needed)")
     parser.add_argument("--max-failures", type=int, default=20, help="stop after this many failed cases")
+    parser.add_argument("--prefill-backend", default="auto", choices=("auto", "fa2", "sm90"),
+                        help="backend= of the ragged wrappers and the paged ones with 16-token pages")
     args = parser.parse_args()
 
     cases = make_cases(args.n, args.seed)
@@ -313,13 +326,13 @@ def main() -> int:
             print(case.describe())
         return 0
     if args.prebuild_only:
-        return prebuild(cases)
+        return prebuild(cases, args.prefill_backend)
     if not torch.cuda.is_available():
         print("sanitizer_fuzz: no CUDA device visible (use --list or --prebuild-only without one)", file=sys.stderr)
         return 2
 
     device = torch.device("cuda")
-    runner = Runner(device)
+    runner = Runner(device, args.prefill_backend)
     counts: dict[str, int] = {}
     failures: list[dict[str, str]] = []
     start = time.perf_counter()

@@ -52,10 +52,18 @@ def select_backend(requested: str = "auto", where: str = "") -> str:
                             f"{', '.join(map(repr, FLASHINFER_BACKENDS))})", where)
 
 
+_capabilities: dict[int, tuple[int, int]] = {}
+
+
 def _compute_capability(device: torch.device) -> tuple[int, int] | None:
+    """(major, minor) of a CUDA device, looked up once per device (plan() asks on every call)."""
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
-    return torch.cuda.get_device_capability(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    capability = _capabilities.get(index)
+    if capability is None:
+        capability = _capabilities[index] = torch.cuda.get_device_capability(index)
+    return capability
 
 
 def sm90_obstacle(device: torch.device, layout: str, group: int | None = None,
