@@ -222,6 +222,36 @@ struct Producer {
   }
 };
 
+// Experiment switch (FLASHINFER_JIT_EXTRA_CUDAFLAGS=-DFIJ_SM90_PINGPONG=1, part of the cache key): the two
+// consumer warpgroups take turns issuing their GEMMs (FA3's ping-pong), so one's softmax runs under the
+// other's tensor-core work. Off until measured on the device.
+#ifndef FIJ_SM90_PINGPONG
+#define FIJ_SM90_PINGPONG 0
+#endif
+
+// Turn-taking between the two consumer warpgroups on named barriers 2 and 3 (256 threads: the waiting
+// warpgroup and the one handing over). Every GEMM-issue phase is wait() ... pass(); both warpgroups run
+// the same phases (same units, same tiles). Consumer 1 hands consumer 0 the first turn; consumer 0
+// takes the one hand-over left at the end (finish()), so no barrier is left half-arrived.
+struct TurnTaking {
+  static constexpr bool kEnabled = FIJ_SM90_PINGPONG != 0;
+  static constexpr int kFirstBarrier = 2;
+  int consumer;
+
+  __device__ __forceinline__ void start() const {
+    if (kEnabled && consumer == 1) named_barrier_arrive(kFirstBarrier + 0, 256);
+  }
+  __device__ __forceinline__ void wait() const {
+    if (kEnabled) named_barrier_sync(kFirstBarrier + consumer, 256);
+  }
+  __device__ __forceinline__ void pass() const {
+    if (kEnabled) named_barrier_arrive(kFirstBarrier + (1 - consumer), 256);
+  }
+  __device__ __forceinline__ void finish() const {
+    if (kEnabled && consumer == 0) named_barrier_sync(kFirstBarrier + 0, 256);
+  }
+};
+
 template <typename T, int HEAD_DIM, int KV_TILE, typename Variant>
 struct Consumer {
   using S = Shape<HEAD_DIM, KV_TILE>;
@@ -332,7 +362,8 @@ struct Consumer {
 
   // One work unit. Leaves O (unnormalised) and the softmax state for the epilogue.
   __device__ __forceinline__ void run(const PrefillParams& p, const Variant& variant, const WorkTile& w, int hk,
-                                      const SmemLayout<S>& sm, State& st, PipelineState& ps) const {
+                                      const SmemLayout<S>& sm, State& st, PipelineState& ps,
+                                      const TurnTaking& turn) const {
 #pragma unroll
     for (int i = 0; i < HEAD_DIM / 2; ++i) st.o[i] = 0.f;
     st.softmax.init();
@@ -348,10 +379,12 @@ struct Consumer {
     auto phase_of = [&](int j) { return uint32_t((t0 + j) / S::kStages) & 1; };
 
     // Tile 0: S, softmax, P.
+    turn.wait();
     mbar_wait(sm.k_full(stage_of(0)), phase_of(0));
     wgmma_fence();
     issue_qk(s, sm, stage_of(0));
     wgmma_commit();
+    turn.pass();
     wgmma_wait<0>();
     fence_operands(s);
     release(sm.k_empty(stage_of(0)));
@@ -360,6 +393,7 @@ struct Consumer {
 
     for (int j = 1; j < n; ++j) {
       const int stage = stage_of(j), prev = stage_of(j - 1);
+      turn.wait();
       mbar_wait(sm.k_full(stage), phase_of(j));
       fence_operands(s);
       wgmma_fence();
@@ -369,6 +403,7 @@ struct Consumer {
       fence_operands(st.o);
       issue_pv(st.o, pf, sm, prev);
       wgmma_commit();
+      turn.pass();
       wgmma_wait<1>();  // S of tile j is ready; tile j-1's PV may still run
       fence_operands(s);
       release(sm.k_empty(stage));
@@ -382,11 +417,13 @@ struct Consumer {
     release(sm.q_empty());  // every Q K^T of the unit has completed: the next unit's Q may land
 
     const int last = stage_of(n - 1);
+    turn.wait();
     mbar_wait(sm.v_full(last), phase_of(n - 1));
     fence_operands(st.o);
     wgmma_fence();
     issue_pv(st.o, pf, sm, last);
     wgmma_commit();
+    turn.pass();
     wgmma_wait<0>();
     fence_operands(st.o);
     release(sm.v_empty(last));

@@ -93,13 +93,15 @@ __global__ void __launch_bounds__(Shape<HEAD_DIM, KV_TILE>::kThreads, 1)
     const Cons c = Cons::of(tid);
     auto consumers_sync = [] { named_barrier_sync(kConsumerBarrier, S::kConsumers * 128); };
     int* flag = reinterpret_cast<int*>(sm.generic(smem, sm.flag()));
+    const TurnTaking turn{c.consumer};
+    turn.start();
     for (int unit = blockIdx.x; unit < units; unit += gridDim.x) {
       WorkItem item;
       const TileScheduler work = TileScheduler::at(p, unit, item);
       const int hk = work.kv_head;
       const WorkTile tile = WorkTile::of<Variant, S::kCtaQ>(item, p.group);
       typename Cons::State st;
-      c.run(p, variant, tile, hk, sm, st, ps);
+      c.run(p, variant, tile, hk, sm, st, ps, turn);
       store_output<T, HEAD_DIM, KV_TILE, Variant>(p, item, tile, hk, c, st, variant.softmax_scale_log2());
       // Split tile: the last chunk to finish merges the tile's partial states.
       if (item.partial >= 0 && last_chunk_to_finish(p, item, hk, flag, tid == 0, consumers_sync)) {
@@ -107,6 +109,7 @@ __global__ void __launch_bounds__(Shape<HEAD_DIM, KV_TILE>::kThreads, 1)
         release_split_tile(p, item, hk, tid == 0);
       }
     }
+    turn.finish();
   }
 #else
   __trap();  // not an sm_90a pass: the host never launches this
