@@ -65,3 +65,21 @@ def test_sm90_build_uses_hgmma_and_tma_without_spills(head_dim: int, causal: boo
     assert "USETMAXREG" in sass, "no setmaxnreg (warp specialization)"
     spills = [line for line in sass.splitlines() if re.search(r"\b(LDL|STL)\b", line)]
     assert not spills, f"local-memory spills in the sm90 kernel: {spills[:5]}"
+
+
+def test_sm90_pingpong_switch_builds_turn_taking(monkeypatch, no_gpu) -> None:
+    """-DFIJ_SM90_PINGPONG=1 (an experiment, off by default) builds the consumer warpgroups' turn-taking:
+    named-barrier arrivals appear in the SASS, and the switch has its own cache key."""
+    monkeypatch.setenv("FLASHINFER_JIT_ARCH", "90a")
+    spec = PrefillSpec("ragged", 128, "bf16", True, backend="sm90")
+    plain = loader.compute_key(spec).key
+    monkeypatch.setenv("FLASHINFER_JIT_EXTRA_CUDAFLAGS", "-DFIJ_SM90_PINGPONG=1")
+    assert loader.compute_key(spec).key != plain
+    kernel = loader.load(spec)
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump to read the SASS with")
+    sass = subprocess.run([tool, "-sass", str(kernel.entry.library)], capture_output=True, text=True,
+                          check=True).stdout
+    assert "BAR.ARV" in sass, "no named-barrier arrival: the turn-taking is not compiled in"
+    assert not [line for line in sass.splitlines() if re.search(r"\b(LDL|STL)\b", line)]
