@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# A/B of the sm90 kernel's compile-time experiment switches on one device machine, in one call: for
+# each setting (FLASHINFER_JIT_EXTRA_CUDAFLAGS, part of the cache key, so each has its own kernels) the
+# sm90 ragged GPU suite (correctness first: a setting that fails is not benchmarked) and bench_prefill
+# with our sm90 kernel and FA2 varlen, alternating settings for ROUNDS rounds.
+#
+#   PYTHONPATH=. bash benchmarks/sm90_switches.sh OUT_DIR [ROUNDS] [SETTING ...]
+#
+# Settings default to "" (the shipped kernel) and "-DFIJ_SM90_PINGPONG=1". Writes OUT_DIR/<tag>-tests.log
+# and OUT_DIR/<tag>-r<round>/<card>-<date>-prefill.json (+ .md); ab_compare.py compares two of them.
+# Budget: ~25 s of builds + ~30 s of tests + ~60 s of bench per setting and round on an H200.
+set -u -o pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+OUT=$1
+ROUNDS=${2:-1}
+shift $(( $# >= 2 ? 2 : $# ))
+SETTINGS=("$@")
+[ ${#SETTINGS[@]} -eq 0 ] && SETTINGS=("" "-DFIJ_SM90_PINGPONG=1")
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+tag() { local t=${1//-D/}; t=${t//[^A-Za-z0-9_=]/_}; echo "${t:-default}"; }
+
+declare -A OK
+for setting in "${SETTINGS[@]}"; do
+  t=$(tag "$setting")
+  export FLASHINFER_JIT_EXTRA_CUDAFLAGS="$setting" FLASHINFER_JIT_CACHE_DIR="$PWD/cache/switch-$t"
+  timeout 120 "$PY" -m flashinfer_jit prebuild --family prefill --layout ragged --backend sm90,fa2 | tail -1
+  if FIJ_TEST_PREFILL_BACKEND=sm90 timeout 240 "$PY" -m pytest -m gpu -x -q -p no:cacheprovider \
+      tests/test_prefill_gpu.py > "$OUT/$t-tests.log" 2>&1; then
+    OK[$t]=1
+  else
+    OK[$t]=0
+  fi
+  echo "$t: sm90 suite $( [ "${OK[$t]}" = 1 ] && echo passed || echo FAILED ) ($(tail -1 "$OUT/$t-tests.log"))"
+done
+for round in $(seq 1 "$ROUNDS"); do
+  for setting in "${SETTINGS[@]}"; do
+    t=$(tag "$setting")
+    [ "${OK[$t]}" = 1 ] || continue
+    export FLASHINFER_JIT_EXTRA_CUDAFLAGS="$setting" FLASHINFER_JIT_CACHE_DIR="$PWD/cache/switch-$t"
+    timeout 200 "$PY" benchmarks/bench_prefill.py --impls flashinfer_jit,fa2_varlen --deadline 170 \
+      --out "$OUT/$t-r$round" | grep -E "^==|flashinfer_jit " | cut -c1-110
+  done
+done
