@@ -67,13 +67,18 @@ def test_sm90_build_uses_hgmma_and_tma_without_spills(head_dim: int, causal: boo
     assert not spills, f"local-memory spills in the sm90 kernel: {spills[:5]}"
 
 
-def test_sm90_pingpong_switch_builds_turn_taking(monkeypatch, no_gpu) -> None:
-    """-DFIJ_SM90_PINGPONG=1 (an experiment, off by default) builds the consumer warpgroups' turn-taking:
-    named-barrier arrivals appear in the SASS, and the switch has its own cache key."""
+@pytest.mark.parametrize("flags, marker", [
+    ("-DFIJ_SM90_PINGPONG=1", "BAR.ARV"),                      # the warpgroups' turn-taking
+    ("-DFIJ_SM90_STAGED_EPILOGUE=1", "STG.E.128"),             # 16-byte row stores of O
+    ("-DFIJ_SM90_PINGPONG=1 -DFIJ_SM90_STAGED_EPILOGUE=1", "BAR.ARV"),
+], ids=["pingpong", "staged-epilogue", "both"])
+def test_sm90_experiment_switches_build(flags: str, marker: str, monkeypatch, no_gpu) -> None:
+    """The experiment switches (off by default, benchmarks/sm90_switches.sh A/Bs them on a GPU) build,
+    have their own cache keys, show their instructions in the SASS and do not spill."""
     monkeypatch.setenv("FLASHINFER_JIT_ARCH", "90a")
     spec = PrefillSpec("ragged", 128, "bf16", True, backend="sm90")
     plain = loader.compute_key(spec).key
-    monkeypatch.setenv("FLASHINFER_JIT_EXTRA_CUDAFLAGS", "-DFIJ_SM90_PINGPONG=1")
+    monkeypatch.setenv("FLASHINFER_JIT_EXTRA_CUDAFLAGS", flags)
     assert loader.compute_key(spec).key != plain
     kernel = loader.load(spec)
     tool = _cuobjdump()
@@ -81,5 +86,5 @@ def test_sm90_pingpong_switch_builds_turn_taking(monkeypatch, no_gpu) -> None:
         pytest.skip("no cuobjdump to read the SASS with")
     sass = subprocess.run([tool, "-sass", str(kernel.entry.library)], capture_output=True, text=True,
                           check=True).stdout
-    assert "BAR.ARV" in sass, "no named-barrier arrival: the turn-taking is not compiled in"
+    assert marker in sass, f"{flags}: no {marker} in the SASS"
     assert not [line for line in sass.splitlines() if re.search(r"\b(LDL|STL)\b", line)]

@@ -25,6 +25,13 @@
 #include "flashinfer_jit/tile_scheduler.cuh"
 #include "flashinfer_jit/variant.cuh"
 
+// Experiment switch (FLASHINFER_JIT_EXTRA_CUDAFLAGS=-DFIJ_SM90_STAGED_EPILOGUE=1, part of the cache key):
+// final O rows go through shared memory and leave as 16-byte row stores instead of 4-byte fragment
+// stores. Off until measured on the device.
+#ifndef FIJ_SM90_STAGED_EPILOGUE
+#define FIJ_SM90_STAGED_EPILOGUE 0
+#endif
+
 namespace fij {
 namespace sm90 {
 
@@ -46,7 +53,12 @@ struct Shape {
   static constexpr uint32_t kBarOffset = kVOffset + kStages * kTileBytes;
   static constexpr int kBarriers = 3 + 4 * kStages;
   static constexpr uint32_t kFlagOffset = kBarOffset + kBarriers * 8;
-  static constexpr uint32_t kSmemBytes = kFlagOffset + 8 + 1024;
+  // Experiment (FIJ_SM90_STAGED_EPILOGUE): O rows staged in shared memory for 16-byte row stores; there
+  // is room for it up to head_dim 128.
+  static constexpr bool kStagedEpilogue = FIJ_SM90_STAGED_EPILOGUE != 0 && HEAD_DIM <= 128;
+  static constexpr uint32_t kOOffset = (kFlagOffset + 8 + 127) / 128 * 128;
+  static constexpr uint32_t kOBytes = kStagedEpilogue ? kCtaQ * HEAD_DIM * 2 : 0;
+  static constexpr uint32_t kSmemBytes = kOOffset + kOBytes + 1024;
   static constexpr bool kLazyRescale = HEAD_DIM >= 128;
   static_assert(HEAD_DIM % 64 == 0 && KV_TILE % 16 == 0 && KV_TILE <= 256, "unsupported sm90 tile shape");
 };
@@ -67,6 +79,7 @@ struct SmemLayout {
   __device__ __forceinline__ uint32_t v_full(int stage) const { return bar(3 + 2 * S::kStages + stage); }
   __device__ __forceinline__ uint32_t v_empty(int stage) const { return bar(3 + 3 * S::kStages + stage); }
   __device__ __forceinline__ uint32_t flag() const { return base + S::kFlagOffset; }
+  __device__ __forceinline__ uint32_t o_stage() const { return base + S::kOOffset; }
 
   __device__ __forceinline__ static SmemLayout of(uint8_t* smem) {
     const uint32_t raw = static_cast<uint32_t>(__cvta_generic_to_shared(smem));

@@ -34,6 +34,46 @@ static_assert(producer_registers<128>() * 128 + consumer_registers<128>() * 256 
               "setmaxnreg asks for more registers than the CTA was launched with");
 
 constexpr int kConsumerBarrier = 1;      // named barrier of the consumer warps (epilogue, split merge)
+constexpr int kStagingBarrier = 4;       // + consumer: one consumer warpgroup's staged epilogue (2, 3: TurnTaking)
+
+// The staged epilogue (experiment, Shape::kStagedEpilogue) of a final (not split) item: each consumer
+// warpgroup writes its 64 normalised rows into its half of the staging buffer (16-byte chunks XORed with
+// row % 8 against bank conflicts), then copies them out as 16-byte row stores.
+template <typename T, int HEAD_DIM, int KV_TILE, typename Variant>
+__device__ __forceinline__ void store_output_staged(const PrefillParams& p, const WorkItem& item, const WorkTile& w,
+                                                    int hk, const Consumer<T, HEAD_DIM, KV_TILE, Variant>& c,
+                                                    const typename Consumer<T, HEAD_DIM, KV_TILE, Variant>::State& st,
+                                                    float scale, const SmemLayout<Shape<HEAD_DIM, KV_TILE>>& sm,
+                                                    uint8_t* smem) {
+  constexpr int kChunks = HEAD_DIM / 8;  // 16-byte chunks of a row
+  constexpr int kRowBytes = HEAD_DIM * 2;
+  uint8_t* stage = sm.generic(smem, sm.o_stage()) + c.consumer * 64 * kRowBytes;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const float sum = st.softmax.total_sum(0, h);
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    const int local = c.warp * 16 + c.lane_g + 8 * h;  // row within the warpgroup's 64
+#pragma unroll
+    for (int nt = 0; nt < kChunks; ++nt) {
+      const uint32_t pair = Converter<T>::from_float2(st.o[4 * nt + 2 * h] * inv, st.o[4 * nt + 2 * h + 1] * inv);
+      *reinterpret_cast<uint32_t*>(stage + local * kRowBytes + ((nt ^ (local & 7)) * 16) + 4 * c.lane_t) = pair;
+    }
+    const int r = c.row(h);
+    if (r < w.rows && c.lane_t == 0)
+      FinalRow<T, HEAD_DIM>::at(p, w.q_start, item.row_begin + r, hk)
+          .store_lse(sum > 0.f ? st.softmax.row_max[0][h] * scale + log2f(sum) : neg_inf());
+  }
+  named_barrier_sync(kStagingBarrier + c.consumer, 128);
+  const int tid = (c.warp * 32) + c.lane_g * 4 + c.lane_t;  // 0..127 within the warpgroup
+  for (int i = tid; i < 64 * kChunks; i += 128) {
+    const int local = i / kChunks, chunk = i % kChunks;
+    const int r = c.consumer * 64 + local;
+    if (r >= w.rows) continue;
+    const uint4 v = *reinterpret_cast<const uint4*>(stage + local * kRowBytes + ((chunk ^ (local & 7)) * 16));
+    *reinterpret_cast<uint4*>(FinalRow<T, HEAD_DIM>::at(p, w.q_start, item.row_begin + r, hk).o + chunk * 8) = v;
+  }
+  named_barrier_sync(kStagingBarrier + c.consumer, 128);  // the buffer is free for the next unit
+}
 
 template <typename T, int HEAD_DIM, int KV_TILE, typename Variant>
 __device__ __forceinline__ void store_output(const PrefillParams& p, const WorkItem& item, const WorkTile& w, int hk,
@@ -102,7 +142,11 @@ __global__ void __launch_bounds__(Shape<HEAD_DIM, KV_TILE>::kThreads, 1)
       const WorkTile tile = WorkTile::of<Variant, S::kCtaQ>(item, p.group);
       typename Cons::State st;
       c.run(p, variant, tile, hk, sm, st, ps, turn);
-      store_output<T, HEAD_DIM, KV_TILE, Variant>(p, item, tile, hk, c, st, variant.softmax_scale_log2());
+      if (S::kStagedEpilogue && item.partial < 0)
+        store_output_staged<T, HEAD_DIM, KV_TILE, Variant>(p, item, tile, hk, c, st, variant.softmax_scale_log2(), sm,
+                                                           smem);
+      else
+        store_output<T, HEAD_DIM, KV_TILE, Variant>(p, item, tile, hk, c, st, variant.softmax_scale_log2());
       // Split tile: the last chunk to finish merges the tile's partial states.
       if (item.partial >= 0 && last_chunk_to_finish(p, item, hk, flag, tid == 0, consumers_sync)) {
         merge_split_tile<T, HEAD_DIM, S::kConsumers * 128>(p, item, tile.rows, tile.q_start, hk, tid);
