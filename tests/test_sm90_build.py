@@ -48,10 +48,12 @@ def _cuobjdump() -> str | None:
     return str(candidate) if candidate.exists() else None
 
 
-@pytest.mark.parametrize("head_dim, causal", [(128, True), (64, False)])
-def test_sm90_build_uses_hgmma_and_tma_without_spills(head_dim: int, causal: bool, monkeypatch, no_gpu) -> None:
+@pytest.mark.parametrize("layout, head_dim, causal", [("ragged", 128, True), ("ragged", 64, False),
+                                                     ("ragged", 256, True), ("paged", 256, False)])
+def test_sm90_build_uses_hgmma_and_tma_without_spills(layout: str, head_dim: int, causal: bool, monkeypatch,
+                                                       no_gpu) -> None:
     monkeypatch.setenv("FLASHINFER_JIT_ARCH", "90a")
-    spec = PrefillSpec("ragged", head_dim, "bf16", causal, backend="sm90")
+    spec = PrefillSpec(layout, head_dim, "bf16", causal, backend="sm90")
     kernel = loader.load(spec)
     tool = _cuobjdump()
     if tool is None:
@@ -61,7 +63,7 @@ def test_sm90_build_uses_hgmma_and_tma_without_spills(head_dim: int, causal: boo
     assert "sm_90a" in sass, "the library holds no sm_90a code"
     assert re.search(rf"HGMMA\.64x{spec.kv_tile}x16\.F32\.BF16", sass), "S = Q K^T is not an HGMMA"
     assert re.search(rf"HGMMA\.64x{head_dim}x16\.F32\.BF16", sass), "O += P V is not an HGMMA"
-    assert "UTMALDG" in sass, "no TMA loads"
+    assert ("UTMALDG.4D" if layout == "paged" else "UTMALDG.3D") in sass, "no TMA loads"
     assert "USETMAXREG" in sass, "no setmaxnreg (warp specialization)"
     spills = [line for line in sass.splitlines() if re.search(r"\b(LDL|STL)\b", line)]
     assert not spills, f"local-memory spills in the sm90 kernel: {spills[:5]}"

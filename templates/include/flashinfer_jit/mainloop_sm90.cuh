@@ -157,6 +157,7 @@ struct Producer {
       const int boxes = (rows + box_rows - 1) / box_rows;
       if (lane == 0) mbar_arrive_expect_tx(bar, uint32_t(boxes * box_rows) * HEAD_DIM * uint32_t(sizeof(T)));
       __syncwarp();
+#pragma unroll 1
       for (int i = lane; i < boxes; i += 32) {
         const uint32_t pos = uint32_t(pos0 + i * box_rows);
         const uint32_t entry = (__umulhi(pos, p.page_div_mul) + pos) >> p.page_div_shift;  // pos / page_size
@@ -192,6 +193,7 @@ struct Producer {
         tma_load_3d(sm.q() + b * S::kCtaQ * 128, &maps.q, b * 64, hk * p.group, token0, sm.q_full());
     }
     ps.q_uses += 1;
+#pragma unroll 1
     for (int j = 0; j < n; ++j) {
       const int t = ps.tiles + j;
       const int stage = t % S::kStages;
@@ -224,6 +226,7 @@ struct Producer {
     const int rows = KV_TILE - max(valid, 0);
     uint8_t* tile = sm.generic(smem, sm.v(stage));
     // 16-byte zero stores over whole 128-byte rows (the swizzle permutes chunks within a row only).
+#pragma unroll 1
     for (int i = lane; i < S::kBlocks * rows * 8; i += 32) {
       const int b = i / (rows * 8), r = (i / 8) % rows, chunk = i % 8;
       *reinterpret_cast<uint4*>(tile + b * KV_TILE * 128 + (KV_TILE - rows + r) * 128 + chunk * 16) =
