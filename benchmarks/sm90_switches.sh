@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A/B of the sm90 kernel's compile-time experiment switches on one device machine, in one call: for
 # each setting (FLASHINFER_JIT_EXTRA_CUDAFLAGS, part of the cache key, so each has its own kernels) the
-# sm90 ragged GPU suite (correctness first: a setting that fails is not benchmarked) and bench_prefill
+# ragged and paged GPU suites forced onto sm90 (correctness first: a setting that fails is not benchmarked) and bench_prefill
 # with our sm90 kernel and FA2 varlen, alternating settings for ROUNDS rounds.
 #
 #   PYTHONPATH=. bash benchmarks/sm90_switches.sh OUT_DIR [ROUNDS] [SETTING ...]
@@ -29,7 +29,7 @@ for setting in "${SETTINGS[@]}"; do
   export FLASHINFER_JIT_EXTRA_CUDAFLAGS="$setting" FLASHINFER_JIT_CACHE_DIR="$PWD/cache/switch-$t"
   timeout 120 "$PY" -m flashinfer_jit prebuild --family prefill --layout ragged --backend sm90,fa2 | tail -1
   if FIJ_TEST_PREFILL_BACKEND=sm90 timeout 240 "$PY" -m pytest -m gpu -x -q -p no:cacheprovider \
-      tests/test_prefill_gpu.py > "$OUT/$t-tests.log" 2>&1; then
+      tests/test_prefill_gpu.py tests/test_paged_gpu.py > "$OUT/$t-tests.log" 2>&1; then
     OK[$t]=1
   else
     OK[$t]=0
