@@ -112,8 +112,13 @@ def _layer_report(layer: cache.CacheLayer) -> dict[str, Any]:
 def _gpus() -> list[dict[str, Any]]:
     if not torch.cuda.is_available():
         return []
+    from . import kernels
+
+    # "prefill_backend": what backend="auto" runs for a ragged prefill batch there (per-plan exceptions:
+    # kernels.resolve_backend)
     return [
-        {"index": i, "name": torch.cuda.get_device_name(i), "capability": "%d.%d" % torch.cuda.get_device_capability(i)}
+        {"index": i, "name": torch.cuda.get_device_name(i), "capability": "%d.%d" % torch.cuda.get_device_capability(i),
+         "prefill_backend": kernels.resolve_backend("auto", torch.device("cuda", i), "ragged")}
         for i in range(torch.cuda.device_count())
     ]
 
@@ -173,7 +178,8 @@ def format_config(report: dict[str, Any]) -> str:
     ]
     gpus = report["gpus"]
     if gpus:
-        lines.append(f"{'GPUs':<15}" + "; ".join(f"{g['index']}: {g['name']} (sm {g['capability']})" for g in gpus))
+        lines.append(f"{'GPUs':<15}" + "; ".join(f"{g['index']}: {g['name']} (sm {g['capability']}, prefill backend "
+                                                  f"{g['prefill_backend']})" for g in gpus))
     else:
         lines.append(f"{'GPUs':<15}none visible (torch.cuda.is_available() is False): kernels can be built, not run")
     lines.append("cache layers   (searched in this order)")

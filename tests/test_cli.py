@@ -45,6 +45,24 @@ def test_config_text_names_every_section(capsys, no_gpu):
     assert "90a (default: no GPU visible" in out
 
 
+def test_config_names_each_gpus_prefill_backend(capsys, monkeypatch):
+    """On a Hopper card `auto` runs the sm90 kernel, on others the FA2-class one: config says which."""
+    import torch
+
+    from flashinfer_jit import kernels
+    cards = {0: ("NVIDIA H200", (9, 0)), 1: ("NVIDIA A100", (8, 0))}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: cards[i][0])
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: cards[getattr(i, "index", i) or 0][1])
+    monkeypatch.setattr(kernels, "_capabilities", {})
+    code, out, _ = run_cli(capsys, "config", "--json")
+    assert code == 0
+    gpus = json.loads(out)["gpus"]
+    assert [(g["name"], g["capability"], g["prefill_backend"]) for g in gpus] == [
+        ("NVIDIA H200", "9.0", "sm90"), ("NVIDIA A100", "8.0", "fa2")]
+
+
 def test_config_counts_cache_entries(capsys, fake_nvcc, cache_root, no_gpu):
     loader.load(MergeStateSpec(128, "bf16"))
     code, out, _ = run_cli(capsys, "config", "--json")
