@@ -46,6 +46,7 @@ from .abi import PrefillParams
 from .batch_attention import (
     LN2,
     _BatchAttention,
+    _host_int,
     _PlanState,
     check_dtypes,
     check_heads,
@@ -287,7 +288,10 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchAttention):
         if last.numel() != batch:
             raise ValueError(f"paged_kv_last_page_len: expected {batch} entries (batch_size), got {last.numel()}")
         lens = _host_lengths("seq_lens", seq_lens) if seq_lens is not None else None
-        kernel = self._kernel("paged", head_dim_qk, q_dtype, causal, page_size=page_size)  # NHD and HND: one kernel
+        # The library _plan() will pick (NHD and HND share one kernel): decode-like plans load only fa2's.
+        group = num_qo_heads // num_kv_heads
+        kernel = self._kernel("paged", head_dim_qk, q_dtype, causal, group, page_size,
+                              _host_int(qo, batch) * group / max(batch, 1))
         try:
             kv_lens, max_page = paged_kv_lengths(kernel.kernel, indptr, last, indices, page_size, batch)
         except ValueError:
