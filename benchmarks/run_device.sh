@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one command for a GPU device run. From the repo root:
 #
-#   PYTHONPATH=. bash benchmarks/run_device.sh                 # all: measure build tests tests_fa2 bench bench_decode
+#   PYTHONPATH=. bash benchmarks/run_device.sh                 # all: measure build tests tests_fa2 bench bench_decode sanitizer
 #   PYTHONPATH=. bash benchmarks/run_device.sh tests bench     # only some steps (in the fixed order)
 #
 # Steps (each under `timeout`; a failing or timed-out step is recorded and the run goes on):
@@ -19,6 +19,9 @@
 #            PYTEST_FLAGS="-x -q" gives exactly `pytest -m gpu -x -q tests/`.
 #   bench    benchmarks/bench_prefill.py --out $OUT     (<card>-<date>-prefill.json/.md; ragged + paged rows)
 #   bench_decode  benchmarks/bench_decode.py --out $OUT (<card>-<date>-decode.json/.md)
+#   sanitizer  compute-sanitizer memcheck over benchmarks/sanitizer_fuzz.py (SANITIZER_CASES cases, default 60;
+#            ragged and 16-token-page paged cases forced onto SANITIZER_BACKEND, default sm90 on Hopper, else
+#            auto); kernels prebuilt outside the sanitizer ($OUT/sanitizer.log, sanitizer.json)
 #
 # Everything lands in $OUT (at most 8 files): run_device.log (this whole output), gpu_tests.log,
 # <card>-<date>-build.json (the measure step's report, with the build step's --warm-all report merged in
@@ -43,11 +46,12 @@ REPO=$PWD
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
 BUDGET_S=${BUDGET_S:-540}
-ALL_STEPS=(measure build tests tests_fa2 bench bench_decode)
+ALL_STEPS=(measure build tests tests_fa2 bench bench_decode sanitizer)
 # Defaults add up to more than the budget on purpose: step_timeout() shrinks a step's timeout so every
 # later wanted step keeps its minimum, and fast steps leave their unused time to the later ones.
-declare -A DEFAULT_T=([measure]=120 [build]=180 [tests]=220 [tests_fa2]=120 [bench]=150 [bench_decode]=100)
-declare -A MIN_T=([measure]=45 [build]=60 [tests]=90 [tests_fa2]=45 [bench]=60 [bench_decode]=45)
+declare -A DEFAULT_T=([measure]=120 [build]=180 [tests]=220 [tests_fa2]=120 [bench]=150 [bench_decode]=100
+                   [sanitizer]=150)
+declare -A MIN_T=([measure]=45 [build]=60 [tests]=90 [tests_fa2]=45 [bench]=60 [bench_decode]=45 [sanitizer]=60)
 
 STEPS=("$@")
 [ ${#STEPS[@]} -eq 0 ] && STEPS=("${ALL_STEPS[@]}")
@@ -235,6 +239,18 @@ EOF
     # shellcheck disable=SC2086
     run_step bench_decode - "$PY" benchmarks/bench_decode.py --out "$OUT" \
       --deadline $((TIMEOUT[bench_decode] > 50 ? TIMEOUT[bench_decode] - 25 : 25)) ${BENCH_DECODE_ARGS:-}
+  fi
+  if want sanitizer; then
+    TIMEOUT[sanitizer]=$(step_timeout sanitizer)
+    local backend=${SANITIZER_BACKEND:-}
+    if [ -z "$backend" ]; then
+      backend=auto
+      [ "$("$PY" -c 'import torch; print(torch.cuda.get_device_capability()[0])' 2>/dev/null)" = 9 ] && backend=sm90
+    fi
+    local fuzz=(benchmarks/sanitizer_fuzz.py --n "${SANITIZER_CASES:-60}" --prefill-backend "$backend")
+    "$PY" "${fuzz[@]}" --prebuild-only | tail -1
+    run_step sanitizer "$OUT/sanitizer.log" compute-sanitizer --tool memcheck --error-exitcode 1 \
+      "$PY" "${fuzz[@]}" --out "$OUT/sanitizer.json"
   fi
 
   local total=$(($(date +%s) - START))
