@@ -1,15 +1,17 @@
-// Mainloop of the sm90 (Hopper, sm_90a) prefill kernel: one work item's q tile against its KV range,
-// warp-specialized.
+// Mainloop of the sm90 (Hopper, sm_90a) prefill kernel: one work unit's q tile against its KV range,
+// warp-specialized; the barrier sequences continue across the units of a persistent CTA.
 //
 //   - Producer warp (warpgroup 0, which gives its registers to the consumers): brings the Q tile
 //     [128 packed rows, D] and kStages stages of K and V tiles [KV_TILE, D] into shared memory by TMA,
-//     each completing on its own mbarrier; waits for a stage's "empty" barrier before refilling it.
-//     All tiles use the 128-byte swizzle in blocks of 64 head dims ([D / 64][rows][64]).
+//     each completing on its own mbarrier; waits for a stage's "empty" barrier before refilling it
+//     (and for q_empty before the next unit's Q). All tiles use the 128-byte swizzle in blocks of 64
+//     head dims ([D / 64][rows][64]); paged K/V come one box per page.
 //   - Two consumer warpgroups, 64 q rows each: S = Q K^T by wgmma (both operands in shared memory),
 //     mask and online softmax in registers, O += P V by wgmma with P from registers (the S
 //     accumulator layout is the A-fragment layout once packed to 16 bits) and V N-major from shared
-//     memory. Within a warpgroup, tile j's QK^T is issued before tile j-1's PV, and tile j's softmax
-//     runs while that PV is in flight; the two warpgroups interleave on their own.
+//     memory. Within a warpgroup, tile j's QK^T is issued before tile j-1's PV and tile j's softmax is
+//     placed before the wait for that PV (ptxas currently hoists the wait above it: benchmarks/NOTES.md);
+//     the two warpgroups interleave on their own, or take turns (TurnTaking, an experiment switch).
 //   - The variant (variant.cuh) decides visible keys, mask and logits transform, as in the sm80 path;
 //     masks are applied only to tiles that can need them.
 //   - V rows past the request's last key (the tail tile) are zeroed in shared memory before use: TMA
