@@ -48,25 +48,34 @@ def _cuobjdump() -> str | None:
     return str(candidate) if candidate.exists() else None
 
 
+def built_sass(spec: PrefillSpec) -> str:
+    """Build (or load) `spec` and return its SASS; skip without a cuobjdump to read it with."""
+    kernel = loader.load(spec)
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump (CUDA binary utilities or triton's copy) to read the SASS with")
+    return subprocess.run([tool, "-sass", str(kernel.entry.library)], capture_output=True, text=True,
+                          check=True).stdout
+
+
+def spills(sass: str) -> list[str]:
+    """SASS lines touching local memory (register spills)."""
+    return [line for line in sass.splitlines() if re.search(r"\b(LDL|STL)\b", line)]
+
+
 @pytest.mark.parametrize("layout, head_dim, causal", [("ragged", 128, True), ("ragged", 64, False),
                                                      ("ragged", 256, True), ("paged", 256, False)])
 def test_sm90_build_uses_hgmma_and_tma_without_spills(layout: str, head_dim: int, causal: bool, monkeypatch,
                                                        no_gpu) -> None:
     monkeypatch.setenv("FLASHINFER_JIT_ARCH", "90a")
     spec = PrefillSpec(layout, head_dim, "bf16", causal, backend="sm90")
-    kernel = loader.load(spec)
-    tool = _cuobjdump()
-    if tool is None:
-        pytest.skip("no cuobjdump (CUDA binary utilities or triton's copy) to read the SASS with")
-    sass = subprocess.run([tool, "-sass", str(kernel.entry.library)], capture_output=True, text=True,
-                          check=True).stdout
+    sass = built_sass(spec)
     assert "sm_90a" in sass, "the library holds no sm_90a code"
     assert re.search(rf"HGMMA\.64x{spec.kv_tile}x16\.F32\.BF16", sass), "S = Q K^T is not an HGMMA"
     assert re.search(rf"HGMMA\.64x{head_dim}x16\.F32\.BF16", sass), "O += P V is not an HGMMA"
     assert ("UTMALDG.4D" if layout == "paged" else "UTMALDG.3D") in sass, "no TMA loads"
     assert "USETMAXREG" in sass, "no setmaxnreg (warp specialization)"
-    spills = [line for line in sass.splitlines() if re.search(r"\b(LDL|STL)\b", line)]
-    assert not spills, f"local-memory spills in the sm90 kernel: {spills[:5]}"
+    assert not spills(sass), f"local-memory spills in the sm90 kernel: {spills(sass)[:5]}"
 
 
 @pytest.mark.parametrize("flags, marker", [
@@ -82,11 +91,6 @@ def test_sm90_experiment_switches_build(flags: str, marker: str, monkeypatch, no
     plain = loader.compute_key(spec).key
     monkeypatch.setenv("FLASHINFER_JIT_EXTRA_CUDAFLAGS", flags)
     assert loader.compute_key(spec).key != plain
-    kernel = loader.load(spec)
-    tool = _cuobjdump()
-    if tool is None:
-        pytest.skip("no cuobjdump to read the SASS with")
-    sass = subprocess.run([tool, "-sass", str(kernel.entry.library)], capture_output=True, text=True,
-                          check=True).stdout
+    sass = built_sass(spec)
     assert marker in sass, f"{flags}: no {marker} in the SASS"
-    assert not [line for line in sass.splitlines() if re.search(r"\b(LDL|STL)\b", line)]
+    assert not spills(sass), f"{flags}: local-memory spills: {spills(sass)[:5]}"

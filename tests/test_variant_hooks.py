@@ -3,8 +3,9 @@
 The standard variants use none of the hooks, so nothing else instantiates them. A test variant here
 turns every one on: a sliding-window kv_range (begin > 0), a logits transform (soft-cap, so the
 softmax runs on transformed scores with scale log2(e)), an extra mask and a query transform. It is
-instantiated for the 64-row ragged kernel and the 16-row paged (KV-split warps) kernel and compiled
-to sm_90a machine code. Running such variants against a reference is the attention-variants
+instantiated for the 64-row ragged kernel and the 16-row paged (KV-split warps) kernel, and (without
+the query transform, which it lacks) for the sm90 ragged and paged kernels, and compiled to sm_90a
+machine code. Running such variants against a reference is the attention-variants
 issue's job; this test keeps the hook interface honest until then.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ pytestmark = [pytest.mark.slow, requires_nvcc]
 
 SOURCE = r"""
 #include "flashinfer_jit/prefill.cuh"
+#include "flashinfer_jit/prefill_sm90.cuh"
 
 struct WindowSoftCapVariant {
   static constexpr bool kCausal = true;
@@ -46,6 +48,16 @@ struct WindowSoftCapVariant {
 template int fij::launch_prefill<__nv_bfloat16, 128, 64, 64, WindowSoftCapVariant, false>(
     const fij::PrefillParams&, int, cudaStream_t);
 template int fij::launch_prefill<half, 64, 16, 64, WindowSoftCapVariant, true>(
+    const fij::PrefillParams&, int, cudaStream_t);
+
+// The sm90 kernel has every hook but the query transform (a static_assert says so).
+struct WindowSoftCapNoQuery : WindowSoftCapVariant {
+  static constexpr bool kTransformsQuery = false;
+  using WindowSoftCapVariant::WindowSoftCapVariant;
+};
+template int fij::sm90::launch_prefill<__nv_bfloat16, 128, 128, WindowSoftCapNoQuery, false>(
+    const fij::PrefillParams&, int, cudaStream_t);
+template int fij::sm90::launch_prefill<half, 64, 128, WindowSoftCapNoQuery, true>(
     const fij::PrefillParams&, int, cudaStream_t);
 """
 

@@ -15,6 +15,7 @@
 #include "flashinfer_jit/gqa.cuh"
 #include "flashinfer_jit/mma.cuh"
 #include "flashinfer_jit/prefill_params.h"
+#include "flashinfer_jit/score_mask.cuh"
 #include "flashinfer_jit/softmax.cuh"
 #include "flashinfer_jit/swizzle.cuh"
 #include "flashinfer_jit/tile_scheduler.cuh"
@@ -375,46 +376,16 @@ struct MainloopSm80 {
     cp_async_wait<0>();  // an empty KV range still issued the Q/K/V group
   }
 
-  // The variant's logits transform, then its mask: keys outside the row's kv_range (and the KV
-  // chunk) or refused by variant.mask get -inf. Only tiles that can hold such keys are masked.
+  // The variant's logits transform, then its mask (score_mask.cuh).
   __device__ __forceinline__ static void score_and_mask(const PrefillParams& p, const Variant& variant,
                                                         const WorkTile& w, int hk, const Coords& c, int pos0,
                                                         float (&s)[MQ][S::kNtS][4]) {
-    if constexpr (Variant::kTransformsLogits) {
+    PackedRow rows[MQ][2];
 #pragma unroll
-      for (int mi = 0; mi < MQ; ++mi)
+    for (int mi = 0; mi < MQ; ++mi)
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const PackedRow pr = unpack_row(w.row_begin + c.row(mi, h), p.group, hk);
-#pragma unroll
-          for (int nt = 0; nt < S::kNtS; ++nt)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const int key = pos0 + c.warp_key0 + nt * 8 + 2 * c.lane_t + e;
-              s[mi][nt][2 * h + e] = variant.transform_logits(s[mi][nt][2 * h + e], pr.token, key, pr.head);
-            }
-        }
-    }
-    const bool edge = pos0 + KV_TILE > w.unmasked.end || (Variant::kBoundedBelow && pos0 < w.unmasked.begin);
-    if (edge || Variant::kMasksLogits) {
-#pragma unroll
-      for (int mi = 0; mi < MQ; ++mi)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const PackedRow pr = unpack_row(w.row_begin + c.row(mi, h), p.group, hk);
-          const KvRange visible = Variant::kv_range(pr.token, w.q_len, w.kv_len);
-          const int end = min(w.kv.end, visible.end);
-#pragma unroll
-          for (int nt = 0; nt < S::kNtS; ++nt)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const int key = pos0 + c.warp_key0 + nt * 8 + 2 * c.lane_t + e;
-              const bool hidden = key >= end || (Variant::kBoundedBelow && key < visible.begin) ||
-                                  (Variant::kMasksLogits && !variant.mask(pr.token, key, pr.head));
-              if (hidden) s[mi][nt][2 * h + e] = neg_inf();
-            }
-        }
-    }
+      for (int h = 0; h < 2; ++h) rows[mi][h] = unpack_row(w.row_begin + c.row(mi, h), p.group, hk);
+    score_and_mask_fragments<Variant, KV_TILE>(variant, w, rows, pos0, pos0 + c.warp_key0 + 2 * c.lane_t, s);
   }
 };
 

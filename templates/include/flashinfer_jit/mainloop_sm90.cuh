@@ -23,6 +23,7 @@
 #include "flashinfer_jit/async_sm90.cuh"
 #include "flashinfer_jit/gqa.cuh"
 #include "flashinfer_jit/prefill_params.h"
+#include "flashinfer_jit/score_mask.cuh"
 #include "flashinfer_jit/softmax.cuh"
 #include "flashinfer_jit/tile_scheduler.cuh"
 #include "flashinfer_jit/variant.cuh"
@@ -272,6 +273,7 @@ struct TurnTaking {
 
 template <typename T, int HEAD_DIM, int KV_TILE, typename Variant>
 struct Consumer {
+  static_assert(!Variant::kTransformsQuery, "the sm90 kernel has no query transform yet (fused RoPE: issue #16)");
   using S = Shape<HEAD_DIM, KV_TILE>;
   using Softmax = OnlineSoftmax<T, 1, S::kNtS, S::kNtO, S::kLazyRescale>;
   using MmaS = Wgmma<KV_TILE, T>;
@@ -329,40 +331,13 @@ struct Consumer {
       for (int i = 0; i < 4; ++i) pf[kk][i] = Converter<T>::from_float2(s[8 * kk + 2 * i], s[8 * kk + 2 * i + 1]);
   }
 
-  // The variant's logits transform, then its mask (keys outside the row's kv_range or the chunk, or
-  // refused by variant.mask, get -inf); only tiles that can hold such keys are masked.
+  // The variant's logits transform, then its mask (score_mask.cuh).
   __device__ __forceinline__ void score_and_mask(const PrefillParams& p, const Variant& variant, const WorkTile& w,
                                                  int hk, int pos0, float (&s)[KV_TILE / 2]) const {
-    if constexpr (Variant::kTransformsLogits) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const PackedRow pr = unpack_row(w.row_begin + row(h), p.group, hk);
-#pragma unroll
-        for (int nt = 0; nt < S::kNtS; ++nt)
-#pragma unroll
-          for (int e = 0; e < 2; ++e)
-            s[4 * nt + 2 * h + e] =
-                variant.transform_logits(s[4 * nt + 2 * h + e], pr.token, pos0 + nt * 8 + 2 * lane_t + e, pr.head);
-      }
-    }
-    const bool edge = pos0 + KV_TILE > w.unmasked.end || (Variant::kBoundedBelow && pos0 < w.unmasked.begin);
-    if (edge || Variant::kMasksLogits) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const PackedRow pr = unpack_row(w.row_begin + row(h), p.group, hk);
-        const KvRange visible = Variant::kv_range(pr.token, w.q_len, w.kv_len);
-        const int end = min(w.kv.end, visible.end);
-#pragma unroll
-        for (int nt = 0; nt < S::kNtS; ++nt)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int key = pos0 + nt * 8 + 2 * lane_t + e;
-            const bool hidden = key >= end || (Variant::kBoundedBelow && key < visible.begin) ||
-                                (Variant::kMasksLogits && !variant.mask(pr.token, key, pr.head));
-            if (hidden) s[4 * nt + 2 * h + e] = neg_inf();
-          }
-      }
-    }
+    const PackedRow rows[1][2] = {{unpack_row(w.row_begin + row(0), p.group, hk),
+                                   unpack_row(w.row_begin + row(1), p.group, hk)}};
+    score_and_mask_fragments<Variant, KV_TILE>(variant, w, rows, pos0, pos0 + 2 * lane_t,
+                                               reinterpret_cast<float(&)[1][S::kNtS][4]>(s));
   }
 
   __device__ __forceinline__ void softmax_tile(const PrefillParams& p, const Variant& variant, const WorkTile& w,
