@@ -28,6 +28,12 @@ for setting in "${SETTINGS[@]}"; do
   t=$(tag "$setting")
   export FLASHINFER_JIT_EXTRA_CUDAFLAGS="$setting" FLASHINFER_JIT_CACHE_DIR="$PWD/cache/switch-$t"
   timeout 120 "$PY" -m flashinfer_jit prebuild --family prefill --layout ragged --backend sm90,fa2 | tail -1
+  # A wrong barrier hangs: a short smoke run first, so a hanging setting costs 60 s, not the suite's 240.
+  if ! timeout 60 "$PY" benchmarks/smoke_prefill.py --backend sm90 > "$OUT/$t-smoke.log" 2>&1; then
+    OK[$t]=0
+    echo "$t: smoke FAILED or hung ($(tail -1 "$OUT/$t-smoke.log"))"
+    continue
+  fi
   if FIJ_TEST_PREFILL_BACKEND=sm90 timeout 240 "$PY" -m pytest -m gpu -x -q -p no:cacheprovider \
       tests/test_prefill_gpu.py tests/test_paged_gpu.py > "$OUT/$t-tests.log" 2>&1; then
     OK[$t]=1
