@@ -353,10 +353,12 @@ struct Consumer {
     if (threadIdx.x % 32 == 0) mbar_arrive(empty_bar);
   }
 
-  // One work unit. Leaves O (unnormalised) and the softmax state for the epilogue.
+  // One work unit. Leaves O (unnormalised) and the softmax state for the epilogue. `q_landed` runs once
+  // the unit's Q tile is in shared memory (a trace hook; empty otherwise).
+  template <typename OnQ>
   __device__ __forceinline__ void run(const PrefillParams& p, const Variant& variant, const WorkTile& w, int hk,
-                                      const SmemLayout<S>& sm, State& st, PipelineState& ps,
-                                      const TurnTaking& turn) const {
+                                      const SmemLayout<S>& sm, State& st, PipelineState& ps, const TurnTaking& turn,
+                                      OnQ&& q_landed) const {
 #pragma unroll
     for (int i = 0; i < HEAD_DIM / 2; ++i) st.o[i] = 0.f;
     st.softmax.init();
@@ -366,6 +368,7 @@ struct Consumer {
     uint32_t pf[KV_TILE / 16][4];
     float correction[1][2];
     mbar_wait(sm.q_full(), ps.q_uses & 1);
+    q_landed();
     ps.q_uses += 1;
     const int t0 = ps.tiles;
     auto stage_of = [&](int j) { return (t0 + j) % S::kStages; };

@@ -119,7 +119,7 @@ __global__ void __launch_bounds__(Shape<HEAD_DIM, KV_TILE>::kThreads, 1)
   if (threadIdx.x < 128) {
     release_registers<producer_registers<HEAD_DIM>()>();
     if (threadIdx.x < 32) {
-      for (int unit = blockIdx.x; unit < units; unit += gridDim.x) {
+      for (int k = 0, unit; (unit = persistent_unit(k, units)) >= 0; ++k) {
         WorkItem item;
         const TileScheduler work = TileScheduler::at(p, unit, item);
         const WorkTile tile = WorkTile::of<Variant, S::kCtaQ>(item, p.group);
@@ -135,13 +135,16 @@ __global__ void __launch_bounds__(Shape<HEAD_DIM, KV_TILE>::kThreads, 1)
     int* flag = reinterpret_cast<int*>(sm.generic(smem, sm.flag()));
     const TurnTaking turn{c.consumer};
     turn.start();
-    for (int unit = blockIdx.x; unit < units; unit += gridDim.x) {
+    FIJ_TRACE_UNITS(tid == 0);
+    for (int k = 0, unit; (unit = persistent_unit(k, units)) >= 0; ++k) {
+      FIJ_TRACE_UNIT_MARK(0);
       WorkItem item;
       const TileScheduler work = TileScheduler::at(p, unit, item);
       const int hk = work.kv_head;
       const WorkTile tile = WorkTile::of<Variant, S::kCtaQ>(item, p.group);
       typename Cons::State st;
-      c.run(p, variant, tile, hk, sm, st, ps, turn);
+      c.run(p, variant, tile, hk, sm, st, ps, turn, [&] { FIJ_TRACE_UNIT_MARK(1); });
+      FIJ_TRACE_UNIT_MARK(2);
       if (S::kStagedEpilogue && item.partial < 0)
         store_output_staged<T, HEAD_DIM, KV_TILE, Variant>(p, item, tile, hk, c, st, variant.softmax_scale_log2(), sm,
                                                            smem);
@@ -152,6 +155,7 @@ __global__ void __launch_bounds__(Shape<HEAD_DIM, KV_TILE>::kThreads, 1)
         merge_split_tile<T, HEAD_DIM, S::kConsumers * 128>(p, item, tile.rows, tile.q_start, hk, tid);
         release_split_tile(p, item, hk, tid == 0);
       }
+      FIJ_TRACE_UNIT_END(unit, kv_tiles<KV_TILE>(tile));
     }
     turn.finish();
   }
