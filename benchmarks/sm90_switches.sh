@@ -6,8 +6,8 @@
 #
 #   PYTHONPATH=. bash benchmarks/sm90_switches.sh OUT_DIR [ROUNDS] [SETTING ...]
 #
-# Settings default to "" (the shipped kernel), "-DFIJ_SM90_PINGPONG=1", "-DFIJ_SM90_STAGED_EPILOGUE=1" and
-# both. Writes OUT_DIR/<tag>-tests.log
+# Settings default to "" (the shipped kernel: ping-pong, staged epilogue and snake order on) and each
+# switch turned off alone. Writes OUT_DIR/<tag>-smoke.log, OUT_DIR/<tag>-tests.log
 # and OUT_DIR/<tag>-r<round>/<card>-<date>-prefill.json (+ .md); ab_compare.py compares two of them.
 # Budget: ~25 s of builds + ~30 s of tests + ~60 s of bench per setting and round on an H200.
 set -u -o pipefail
@@ -17,8 +17,7 @@ OUT=$1
 ROUNDS=${2:-1}
 shift $(( $# >= 2 ? 2 : $# ))
 SETTINGS=("$@")
-[ ${#SETTINGS[@]} -eq 0 ] && SETTINGS=("" "-DFIJ_SM90_PINGPONG=1" "-DFIJ_SM90_STAGED_EPILOGUE=1"
-                                      "-DFIJ_SM90_PINGPONG=1 -DFIJ_SM90_STAGED_EPILOGUE=1")
+[ ${#SETTINGS[@]} -eq 0 ] && SETTINGS=("" "-DFIJ_SM90_PINGPONG=0" "-DFIJ_SM90_STAGED_EPILOGUE=0" "-DFIJ_SM90_SNAKE=0")
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 tag() { local t=${1//-D/}; t=${t//[^A-Za-z0-9_=]/_}; echo "${t:-default}"; }

@@ -11,7 +11,7 @@ Printed per workload:
   * the tail: the spread of the CTAs' end times and makespan / mean CTA busy time (static imbalance);
   * the steady-state TFLOP/s one tile's cost implies on all SMs, next to the measured run.
 
-    PYTHONPATH=. python3 benchmarks/sm90_trace.py [--flags "-DFIJ_SM90_PINGPONG=1"] [--workloads a,b] [--out DIR]
+    PYTHONPATH=. python3 benchmarks/sm90_trace.py [--flags "-DFIJ_SM90_PINGPONG=0"] [--workloads a,b] [--out DIR]
 """
 from __future__ import annotations
 

@@ -78,19 +78,25 @@ def test_sm90_build_uses_hgmma_and_tma_without_spills(layout: str, head_dim: int
     assert not spills(sass), f"local-memory spills in the sm90 kernel: {spills(sass)[:5]}"
 
 
-@pytest.mark.parametrize("flags, marker", [
-    ("-DFIJ_SM90_PINGPONG=1", "BAR.ARV"),                      # the warpgroups' turn-taking
-    ("-DFIJ_SM90_STAGED_EPILOGUE=1", "STG.E.128"),             # 16-byte row stores of O
-    ("-DFIJ_SM90_PINGPONG=1 -DFIJ_SM90_STAGED_EPILOGUE=1", "BAR.ARV"),
-], ids=["pingpong", "staged-epilogue", "both"])
-def test_sm90_experiment_switches_build(flags: str, marker: str, monkeypatch, no_gpu) -> None:
-    """The experiment switches (off by default, benchmarks/sm90_switches.sh A/Bs them on a GPU) build,
-    have their own cache keys, show their instructions in the SASS and do not spill."""
+@pytest.mark.parametrize("flags, present, absent", [
+    ("", ["BAR.ARV", "STG.E.128"], []),  # the defaults: the warpgroups' turn-taking, 16-byte O row stores
+    ("-DFIJ_SM90_PINGPONG=0", ["STG.E.128"], ["BAR.ARV"]),
+    ("-DFIJ_SM90_STAGED_EPILOGUE=0", ["BAR.ARV"], []),
+    ("-DFIJ_SM90_PINGPONG=0 -DFIJ_SM90_STAGED_EPILOGUE=0 -DFIJ_SM90_SNAKE=0", [], ["BAR.ARV"]),
+], ids=["defaults", "no-pingpong", "no-staged-epilogue", "all-off"])
+def test_sm90_switches_build(flags: str, present: list, absent: list, monkeypatch, no_gpu) -> None:
+    """The kernel's switches (ping-pong, staged epilogue, snake unit order: on by default, measured on the
+    H200; benchmarks/sm90_switches.sh A/Bs them) build either way, have their own cache keys, show or
+    lose their instructions in the SASS and do not spill."""
     monkeypatch.setenv("FLASHINFER_JIT_ARCH", "90a")
     spec = PrefillSpec("ragged", 128, "bf16", True, backend="sm90")
     plain = loader.compute_key(spec).key
-    monkeypatch.setenv("FLASHINFER_JIT_EXTRA_CUDAFLAGS", flags)
-    assert loader.compute_key(spec).key != plain
+    if flags:
+        monkeypatch.setenv("FLASHINFER_JIT_EXTRA_CUDAFLAGS", flags)
+        assert loader.compute_key(spec).key != plain
     sass = built_sass(spec)
-    assert marker in sass, f"{flags}: no {marker} in the SASS"
-    assert not spills(sass), f"{flags}: local-memory spills: {spills(sass)[:5]}"
+    for marker in present:
+        assert marker in sass, f"{flags or 'defaults'}: no {marker} in the SASS"
+    for marker in absent:
+        assert marker not in sass, f"{flags or 'defaults'}: {marker} in the SASS"
+    assert not spills(sass), f"{flags or 'defaults'}: local-memory spills: {spills(sass)[:5]}"

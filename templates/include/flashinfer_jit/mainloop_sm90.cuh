@@ -11,7 +11,7 @@
 //     accumulator layout is the A-fragment layout once packed to 16 bits) and V N-major from shared
 //     memory. Within a warpgroup, tile j's QK^T is issued before tile j-1's PV and tile j's softmax is
 //     placed before the wait for that PV (ptxas currently hoists the wait above it: benchmarks/NOTES.md);
-//     the two warpgroups interleave on their own, or take turns (TurnTaking, an experiment switch).
+//     the two warpgroups take turns issuing GEMMs (TurnTaking; -DFIJ_SM90_PINGPONG=0: they interleave freely).
 //   - The variant (variant.cuh) decides visible keys, mask and logits transform, as in the sm80 path;
 //     masks are applied only to tiles that can need them.
 //   - V rows past the request's last key (the tail tile) are zeroed in shared memory before use: TMA
@@ -28,11 +28,11 @@
 #include "flashinfer_jit/tile_scheduler.cuh"
 #include "flashinfer_jit/variant.cuh"
 
-// Experiment switch (FLASHINFER_JIT_EXTRA_CUDAFLAGS=-DFIJ_SM90_STAGED_EPILOGUE=1, part of the cache key):
-// final O rows go through shared memory and leave as 16-byte row stores instead of 4-byte fragment
-// stores. Off until measured on the device.
+// Switch (on; FLASHINFER_JIT_EXTRA_CUDAFLAGS=-DFIJ_SM90_STAGED_EPILOGUE=0 turns it off, part of the cache
+// key): final O rows go through shared memory and leave as 16-byte row stores instead of 4-byte fragment
+// stores. Measured with the ping-pong below (benchmarks/NOTES.md, "Hopper kernel, second look").
 #ifndef FIJ_SM90_STAGED_EPILOGUE
-#define FIJ_SM90_STAGED_EPILOGUE 0
+#define FIJ_SM90_STAGED_EPILOGUE 1
 #endif
 
 namespace fij {
@@ -56,7 +56,7 @@ struct Shape {
   static constexpr uint32_t kBarOffset = kVOffset + kStages * kTileBytes;
   static constexpr int kBarriers = 3 + 4 * kStages;
   static constexpr uint32_t kFlagOffset = kBarOffset + kBarriers * 8;
-  // Experiment (FIJ_SM90_STAGED_EPILOGUE): O rows staged in shared memory for 16-byte row stores; there
+  // FIJ_SM90_STAGED_EPILOGUE: O rows staged in shared memory for 16-byte row stores; there
   // is room for it up to head_dim 128.
   static constexpr bool kStagedEpilogue = FIJ_SM90_STAGED_EPILOGUE != 0 && HEAD_DIM <= 128;
   static constexpr uint32_t kOOffset = (kFlagOffset + 8 + 127) / 128 * 128;
@@ -241,11 +241,11 @@ struct Producer {
   }
 };
 
-// Experiment switch (FLASHINFER_JIT_EXTRA_CUDAFLAGS=-DFIJ_SM90_PINGPONG=1, part of the cache key): the two
-// consumer warpgroups take turns issuing their GEMMs (FA3's ping-pong), so one's softmax runs under the
-// other's tensor-core work. Off until measured on the device.
+// Switch (on; -DFIJ_SM90_PINGPONG=0 turns it off, part of the cache key): the two consumer warpgroups take
+// turns issuing their GEMMs (FA3's ping-pong), so one's softmax runs under the other's tensor-core work.
+// Measured on the H200: +2% (causal hd128) to +8% (hd64) over free interleaving (benchmarks/NOTES.md).
 #ifndef FIJ_SM90_PINGPONG
-#define FIJ_SM90_PINGPONG 0
+#define FIJ_SM90_PINGPONG 1
 #endif
 
 // Turn-taking between the two consumer warpgroups on named barriers 2 and 3 (256 threads: the waiting

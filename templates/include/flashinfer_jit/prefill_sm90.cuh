@@ -36,7 +36,7 @@ static_assert(producer_registers<128>() * 128 + consumer_registers<128>() * 256 
 constexpr int kConsumerBarrier = 1;      // named barrier of the consumer warps (epilogue, split merge)
 constexpr int kStagingBarrier = 4;       // + consumer: one consumer warpgroup's staged epilogue (2, 3: TurnTaking)
 
-// The staged epilogue (experiment, Shape::kStagedEpilogue) of a final (not split) item: each consumer
+// The staged epilogue (Shape::kStagedEpilogue) of a final (not split) item: each consumer
 // warpgroup writes its 64 normalised rows into its half of the staging buffer (16-byte chunks XORed with
 // row % 8 against bank conflicts), then copies them out as 16-byte row stores.
 template <typename T, int HEAD_DIM, int KV_TILE, typename Variant>
@@ -94,8 +94,8 @@ __device__ __forceinline__ void store_output(const PrefillParams& p, const WorkI
   }
 }
 
-// One persistent CTA per SM (grid = min(units, SMs)): CTA b runs work units b, b + gridDim.x, ...
-// (units in plan order, longest first). Each role walks the same sequence: the producer loads unit
+// One persistent CTA per SM (grid = min(units, SMs)): CTA b runs one unit of each band of gridDim.x
+// units (persistent_unit; units in plan order, longest first). Each role walks the same sequence: the producer loads unit
 // i + 1 while the consumers finish unit i and write its output.
 template <typename T, int HEAD_DIM, int KV_TILE, typename Variant, bool PAGED>
 __global__ void __launch_bounds__(Shape<HEAD_DIM, KV_TILE>::kThreads, 1)

@@ -2,7 +2,7 @@
 //
 // A work unit is one (work item, KV head), units in plan order (longest first). The FA2-class kernel
 // has one CTA per unit (the GPU dispatches blocks in index order, so the heavy ones start early); the
-// sm90 kernel has one persistent CTA per SM that runs units blockIdx.x, blockIdx.x + gridDim.x, ... (persistent_unit)
+// sm90 kernel has one persistent CTA per SM that runs a band of gridDim.x units at a time (persistent_unit).
 // Under CUDA graphs the grid is a capacity; units past the plan's item count are not run.
 //
 // A q tile split across KV chunks is finished by the chunk that completes last: each chunk writes
@@ -41,12 +41,13 @@ struct TileScheduler {
   __device__ __forceinline__ bool active() const { return item_index < num_items; }
 };
 
-// Experiment switch (FLASHINFER_JIT_EXTRA_CUDAFLAGS=-DFIJ_SM90_SNAKE=1, part of the cache key): persistent
-// CTAs take units in bands of gridDim.x, alternately forward and backward, so the CTA given a band's
-// longest unit gets the next band's shortest (units are longest first). Plain striding hands CTA 0 the
-// longest unit of every band: 1.6-4.3% above the mean by a host simulation of the benchmark batches.
+// Switch (on; FLASHINFER_JIT_EXTRA_CUDAFLAGS=-DFIJ_SM90_SNAKE=0 turns it off, part of the cache key):
+// persistent CTAs take units in bands of gridDim.x, alternately forward and backward, so the CTA given a
+// band's longest unit gets the next band's shortest (units are longest first). Plain striding hands CTA
+// 0 the longest unit of every band: the last CTA ended 2.1-4.5% after the mean CTA's busy time in the
+// H200 trace (benchmarks/sm90_trace.py), 0.7-1.7% with the snake.
 #ifndef FIJ_SM90_SNAKE
-#define FIJ_SM90_SNAKE 0
+#define FIJ_SM90_SNAKE 1
 #endif
 
 // The k-th unit of this persistent CTA, or -1 once none is left (only the last band is partial, and

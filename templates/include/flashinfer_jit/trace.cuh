@@ -40,8 +40,13 @@ struct UnitTrace {
   static constexpr int kMaxUnits = 256;
   int k = 0;
   bool on = false;
+  unsigned long long* base = nullptr;  // g_trace, read once: a load per mark would stall the marking warp
+  __device__ __forceinline__ void start(bool leader) {
+    base = g_trace;
+    on = leader && base != nullptr;
+  }
   __device__ __forceinline__ unsigned long long* slot() const {
-    return g_trace + 8 * (uint64_t(blockIdx.x) * kMaxUnits + k);
+    return base + 8 * (uint64_t(blockIdx.x) * kMaxUnits + k);
   }
   __device__ __forceinline__ void mark(int field) const {
     if (on && k < kMaxUnits) slot()[field] = TraceScope::now();
@@ -60,7 +65,7 @@ struct UnitTrace {
   }
 };
 }  // namespace fij
-#define FIJ_TRACE_UNITS(leader) ::fij::UnitTrace fij_unit_trace; fij_unit_trace.on = (leader) && ::fij::g_trace != nullptr
+#define FIJ_TRACE_UNITS(leader) ::fij::UnitTrace fij_unit_trace; fij_unit_trace.start(leader)
 #define FIJ_TRACE_UNIT_MARK(field) fij_unit_trace.mark(field)
 #define FIJ_TRACE_UNIT_END(unit, tiles) fij_unit_trace.finish(unit, tiles)
 #define FIJ_TRACE_SCOPE(item_expr) ::fij::TraceScope fij_trace_scope; fij_trace_scope.item = (item_expr)
