@@ -63,6 +63,13 @@ def spills(sass: str) -> list[str]:
     return [line for line in sass.splitlines() if re.search(r"\b(LDL|STL)\b", line)]
 
 
+def serialized_wgmma(sass: str) -> bool:
+    """ptxas serializes wgmma (C7518-C7520: each HGMMA then waits on its own scoreboard) when it cannot
+    prove the asynchronous pipeline safe: every HGMMA carries gsb0 instead of the last of a group."""
+    hgmma = [line for line in sass.splitlines() if "HGMMA" in line]
+    return len(hgmma) > 0 and sum("gsb0" in line for line in hgmma) > len(hgmma) // 4
+
+
 @pytest.mark.parametrize("layout, head_dim, causal", [("ragged", 128, True), ("ragged", 64, False),
                                                      ("ragged", 256, True), ("paged", 256, False)])
 def test_sm90_build_uses_hgmma_and_tma_without_spills(layout: str, head_dim: int, causal: bool, monkeypatch,
@@ -76,6 +83,7 @@ def test_sm90_build_uses_hgmma_and_tma_without_spills(layout: str, head_dim: int
     assert ("UTMALDG.4D" if layout == "paged" else "UTMALDG.3D") in sass, "no TMA loads"
     assert "USETMAXREG" in sass, "no setmaxnreg (warp specialization)"
     assert not spills(sass), f"local-memory spills in the sm90 kernel: {spills(sass)[:5]}"
+    assert not serialized_wgmma(sass), "ptxas serialized the wgmma pipeline"
 
 
 @pytest.mark.parametrize("flags, present, absent", [
@@ -83,7 +91,8 @@ def test_sm90_build_uses_hgmma_and_tma_without_spills(layout: str, head_dim: int
     ("-DFIJ_SM90_PINGPONG=0", ["STG.E.128"], ["BAR.ARV"]),
     ("-DFIJ_SM90_STAGED_EPILOGUE=0", ["BAR.ARV"], []),
     ("-DFIJ_SM90_PINGPONG=0 -DFIJ_SM90_STAGED_EPILOGUE=0 -DFIJ_SM90_SNAKE=0", [], ["BAR.ARV"]),
-], ids=["defaults", "no-pingpong", "no-staged-epilogue", "all-off"])
+    ("-DFIJ_SM90_DOUBLE_Q=1 -DFIJ_SM90_STORE_WARPS=1", ["BAR.ARV", "STG.E.128"], []),
+], ids=["defaults", "no-pingpong", "no-staged-epilogue", "all-off", "double-q-store-warps"])
 def test_sm90_switches_build(flags: str, present: list, absent: list, monkeypatch, no_gpu) -> None:
     """The kernel's switches (ping-pong, staged epilogue, snake unit order: on by default, measured on the
     H200; benchmarks/sm90_switches.sh A/Bs them) build either way, have their own cache keys, show or
@@ -100,3 +109,16 @@ def test_sm90_switches_build(flags: str, present: list, absent: list, monkeypatc
     for marker in absent:
         assert marker not in sass, f"{flags or 'defaults'}: {marker} in the SASS"
     assert not spills(sass), f"{flags or 'defaults'}: local-memory spills: {spills(sass)[:5]}"
+    assert not serialized_wgmma(sass), f"{flags or 'defaults'}: ptxas serialized the wgmma pipeline"
+
+
+@pytest.mark.parametrize("layout, head_dim", [("ragged", 64), ("paged", 128), ("ragged", 256)])
+def test_sm90_double_q_and_store_warps_build_for_other_shapes(layout: str, head_dim: int, monkeypatch,
+                                                               no_gpu) -> None:
+    """The two switches under A/B (off by default) fit shared memory and registers at every head_dim and
+    layout: hd256 keeps one Q buffer and no staging (no room), the others build spill-free and pipelined."""
+    monkeypatch.setenv("FLASHINFER_JIT_ARCH", "90a")
+    monkeypatch.setenv("FLASHINFER_JIT_EXTRA_CUDAFLAGS", "-DFIJ_SM90_DOUBLE_Q=1 -DFIJ_SM90_STORE_WARPS=1")
+    sass = built_sass(PrefillSpec(layout, head_dim, "bf16", True, backend="sm90"))
+    assert not spills(sass), f"local-memory spills: {spills(sass)[:5]}"
+    assert not serialized_wgmma(sass), "ptxas serialized the wgmma pipeline"

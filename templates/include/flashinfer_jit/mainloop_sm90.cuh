@@ -35,6 +35,20 @@
 #define FIJ_SM90_STAGED_EPILOGUE 1
 #endif
 
+// Switch (off until measured on the device; -DFIJ_SM90_DOUBLE_Q=1, part of the cache key): two Q buffers
+// where shared memory has room (head_dim <= 128: 224 KB at 128), so the producer loads unit i+1's Q
+// while unit i runs instead of after its last Q K^T (the trace showed ~0.5 us of Q wait per unit).
+#ifndef FIJ_SM90_DOUBLE_Q
+#define FIJ_SM90_DOUBLE_Q 0
+#endif
+
+// Switch (off until measured; -DFIJ_SM90_STORE_WARPS=1): with the staged epilogue, warps 1 and 2 of the
+// producer warpgroup (idle otherwise) copy each consumer warpgroup's staged O rows to global memory,
+// so the consumers only write shared memory and go on (the trace showed ~2 us of epilogue per unit).
+#ifndef FIJ_SM90_STORE_WARPS
+#define FIJ_SM90_STORE_WARPS 0
+#endif
+
 namespace fij {
 namespace sm90 {
 
@@ -50,11 +64,13 @@ struct Shape {
   static constexpr int kNtO = HEAD_DIM / 8;        // n8 tiles of O
   static constexpr uint32_t kQBytes = kCtaQ * HEAD_DIM * 2;
   static constexpr uint32_t kTileBytes = KV_TILE * HEAD_DIM * 2;
-  // Q, K stages, V stages, the mbarriers, the split-merge flag; +1024 to align the start to a swizzle atom.
-  static constexpr uint32_t kKOffset = kQBytes;
+  static constexpr int kQBuffers = FIJ_SM90_DOUBLE_Q != 0 && HEAD_DIM <= 128 ? 2 : 1;
+  // Q buffers, K stages, V stages, the mbarriers, the split-merge flag, the O staging buffer; +1024 to
+  // align the start to a swizzle atom.
+  static constexpr uint32_t kKOffset = kQBuffers * kQBytes;
   static constexpr uint32_t kVOffset = kKOffset + kStages * kTileBytes;
   static constexpr uint32_t kBarOffset = kVOffset + kStages * kTileBytes;
-  static constexpr int kBarriers = 3 + 4 * kStages;
+  static constexpr int kBarriers = 2 * kQBuffers + 1 + 4 * kStages + 2 * kConsumers;
   static constexpr uint32_t kFlagOffset = kBarOffset + kBarriers * 8;
   // FIJ_SM90_STAGED_EPILOGUE: O rows staged in shared memory for 16-byte row stores; there
   // is room for it up to head_dim 128.
@@ -62,6 +78,8 @@ struct Shape {
   static constexpr uint32_t kOOffset = (kFlagOffset + 8 + 127) / 128 * 128;
   static constexpr uint32_t kOBytes = kStagedEpilogue ? kCtaQ * HEAD_DIM * 2 : 0;
   static constexpr uint32_t kSmemBytes = kOOffset + kOBytes + 1024;
+  static_assert(kSmemBytes <= 227 * 1024, "more shared memory than an sm_90 CTA may have");
+  static constexpr bool kStoreWarps = FIJ_SM90_STORE_WARPS != 0 && kStagedEpilogue;
   static constexpr bool kLazyRescale = HEAD_DIM >= 128;
   static_assert(HEAD_DIM % 64 == 0 && KV_TILE % 16 == 0 && KV_TILE <= 256, "unsupported sm90 tile shape");
 };
@@ -70,17 +88,21 @@ struct Shape {
 template <typename S>
 struct SmemLayout {
   uint32_t base;  // 1024-byte aligned
-  __device__ __forceinline__ uint32_t q() const { return base; }
+  __device__ __forceinline__ uint32_t q(int buffer) const { return base + buffer * S::kQBytes; }
   __device__ __forceinline__ uint32_t k(int stage) const { return base + S::kKOffset + stage * S::kTileBytes; }
   __device__ __forceinline__ uint32_t v(int stage) const { return base + S::kVOffset + stage * S::kTileBytes; }
   __device__ __forceinline__ uint32_t bar(int i) const { return base + S::kBarOffset + 8 * i; }
-  __device__ __forceinline__ uint32_t q_full() const { return bar(0); }
-  __device__ __forceinline__ uint32_t q_empty() const { return bar(1); }
-  __device__ __forceinline__ uint32_t v_tail() const { return bar(2); }
-  __device__ __forceinline__ uint32_t k_full(int stage) const { return bar(3 + stage); }
-  __device__ __forceinline__ uint32_t k_empty(int stage) const { return bar(3 + S::kStages + stage); }
-  __device__ __forceinline__ uint32_t v_full(int stage) const { return bar(3 + 2 * S::kStages + stage); }
-  __device__ __forceinline__ uint32_t v_empty(int stage) const { return bar(3 + 3 * S::kStages + stage); }
+  __device__ __forceinline__ uint32_t q_full(int buffer) const { return bar(buffer); }
+  __device__ __forceinline__ uint32_t q_empty(int buffer) const { return bar(S::kQBuffers + buffer); }
+  static constexpr int kKvBar = 2 * S::kQBuffers + 1;  // first K/V barrier
+  __device__ __forceinline__ uint32_t v_tail() const { return bar(kKvBar - 1); }
+  __device__ __forceinline__ uint32_t k_full(int stage) const { return bar(kKvBar + stage); }
+  __device__ __forceinline__ uint32_t k_empty(int stage) const { return bar(kKvBar + S::kStages + stage); }
+  __device__ __forceinline__ uint32_t v_full(int stage) const { return bar(kKvBar + 2 * S::kStages + stage); }
+  __device__ __forceinline__ uint32_t v_empty(int stage) const { return bar(kKvBar + 3 * S::kStages + stage); }
+  // Store warps (kStoreWarps): consumer warpgroup c's half of the O staging buffer is full / copied out.
+  __device__ __forceinline__ uint32_t o_full(int c) const { return bar(kKvBar + 4 * S::kStages + c); }
+  __device__ __forceinline__ uint32_t o_empty(int c) const { return bar(kKvBar + 4 * S::kStages + S::kConsumers + c); }
   __device__ __forceinline__ uint32_t flag() const { return base + S::kFlagOffset; }
   __device__ __forceinline__ uint32_t o_stage() const { return base + S::kOOffset; }
 
@@ -93,9 +115,15 @@ struct SmemLayout {
   }
   // One thread, before the CTA barrier that starts the roles.
   __device__ __forceinline__ void init_barriers() const {
-    mbar_init(q_full(), 1);
-    mbar_init(q_empty(), S::kConsumers * 4);  // one arrival per consumer warp
+    for (int b = 0; b < S::kQBuffers; ++b) {
+      mbar_init(q_full(b), 1);
+      mbar_init(q_empty(b), S::kConsumers * 4);  // one arrival per consumer warp
+    }
     mbar_init(v_tail(), 1);
+    for (int c = 0; c < S::kConsumers; ++c) {
+      mbar_init(o_full(c), 128);  // every thread of the consumer warpgroup, after its own stores
+      mbar_init(o_empty(c), 32);  // every lane of its store warp, after its own loads
+    }
     for (int s = 0; s < S::kStages; ++s) {
       mbar_init(k_full(s), 1);
       mbar_init(v_full(s), 1);
@@ -120,8 +148,14 @@ struct TensorMaps {
 // and the consumers each keep one and advance it identically (units with no KV tile use no barrier).
 struct PipelineState {
   int tiles = 0;   // K/V tiles so far: tile t uses stage t % kStages in phase (t / kStages) & 1
-  int q_uses = 0;  // Q tiles so far: use u completes q_full's phase u & 1
+  int q_uses = 0;  // Q tiles so far: use u is buffer u % kQBuffers, phase (u / kQBuffers) & 1
   int tails = 0;   // producer: V tail tiles so far (v_tail's phases)
+  int outputs = 0; // staged outputs so far (store warps: o_full / o_empty phases)
+
+  template <typename S>
+  __device__ __forceinline__ int q_buffer() const { return q_uses % S::kQBuffers; }
+  template <typename S>
+  __device__ __forceinline__ uint32_t q_phase() const { return uint32_t(q_uses / S::kQBuffers) & 1; }
 };
 
 // The KV tiles of an item: [kv.begin, kv.end) in steps of KV_TILE (kv.begin is tile-aligned).
@@ -187,13 +221,14 @@ struct Producer {
     if (lane == 0) {
       // Q: packed rows [row_begin, row_begin + 128) are tokens row_begin / G .. and heads hk * G ..:
       // a box of G heads x 128 / G tokens lands in packed-row order. The previous unit's consumers
-      // must be done with the Q buffer.
-      if (ps.q_uses > 0) mbar_wait(sm.q_empty(), (ps.q_uses - 1) & 1);
-      mbar_arrive_expect_tx(sm.q_full(), S::kQBytes);
+      // must be done with the Q buffer (the unit kQBuffers before this one).
+      const int qb = ps.q_buffer<S>();
+      if (ps.q_uses >= S::kQBuffers) mbar_wait(sm.q_empty(qb), ps.q_phase<S>() ^ 1);
+      mbar_arrive_expect_tx(sm.q_full(qb), S::kQBytes);
       const int token0 = int(w.q_start) + w.row_begin / p.group;
 #pragma unroll
       for (int b = 0; b < S::kBlocks; ++b)
-        tma_load_3d(sm.q() + b * S::kCtaQ * 128, &maps.q, b * 64, hk * p.group, token0, sm.q_full());
+        tma_load_3d(sm.q(qb) + b * S::kCtaQ * 128, &maps.q, b * 64, hk * p.group, token0, sm.q_full(qb));
     }
     ps.q_uses += 1;
 #pragma unroll 1
@@ -302,8 +337,9 @@ struct Consumer {
   }
 
   // S = Q K^T of one stage: D / 16 k-steps; a step advances 32 bytes within a 128-byte block.
-  __device__ __forceinline__ void issue_qk(float (&s)[KV_TILE / 2], const SmemLayout<S>& sm, int stage) const {
-    const uint32_t q0 = sm.q() + consumer * S::kRowsPerConsumer * 128;
+  __device__ __forceinline__ void issue_qk(float (&s)[KV_TILE / 2], const SmemLayout<S>& sm, int q_buffer,
+                                           int stage) const {
+    const uint32_t q0 = sm.q(q_buffer) + consumer * S::kRowsPerConsumer * 128;
     const uint32_t k0 = sm.k(stage);
 #pragma unroll
     for (int ks = 0; ks < HEAD_DIM / 16; ++ks) {
@@ -367,7 +403,8 @@ struct Consumer {
     float s[KV_TILE / 2];
     uint32_t pf[KV_TILE / 16][4];
     float correction[1][2];
-    mbar_wait(sm.q_full(), ps.q_uses & 1);
+    const int qb = ps.q_buffer<S>();
+    mbar_wait(sm.q_full(qb), ps.q_phase<S>());
     q_landed();
     ps.q_uses += 1;
     const int t0 = ps.tiles;
@@ -378,7 +415,7 @@ struct Consumer {
     turn.wait();
     mbar_wait(sm.k_full(stage_of(0)), phase_of(0));
     wgmma_fence();
-    issue_qk(s, sm, stage_of(0));
+    issue_qk(s, sm, qb, stage_of(0));
     wgmma_commit();
     turn.pass();
     wgmma_wait<0>();
@@ -393,7 +430,7 @@ struct Consumer {
       mbar_wait(sm.k_full(stage), phase_of(j));
       fence_operands(s);
       wgmma_fence();
-      issue_qk(s, sm, stage);
+      issue_qk(s, sm, qb, stage);
       wgmma_commit();
       mbar_wait(sm.v_full(prev), phase_of(j - 1));
       fence_operands(st.o);
@@ -410,7 +447,7 @@ struct Consumer {
       st.softmax.rescale(reinterpret_cast<float(&)[1][S::kNtO][4]>(st.o), correction);
       pack_p(s, pf);
     }
-    release(sm.q_empty());  // every Q K^T of the unit has completed: the next unit's Q may land
+    release(sm.q_empty(qb));  // every Q K^T of the unit has completed: the next unit's Q may land
 
     const int last = stage_of(n - 1);
     turn.wait();

@@ -36,18 +36,41 @@ static_assert(producer_registers<128>() * 128 + consumer_registers<128>() * 256 
 constexpr int kConsumerBarrier = 1;      // named barrier of the consumer warps (epilogue, split merge)
 constexpr int kStagingBarrier = 4;       // + consumer: one consumer warpgroup's staged epilogue (2, 3: TurnTaking)
 
-// The staged epilogue (Shape::kStagedEpilogue) of a final (not split) item: each consumer
-// warpgroup writes its 64 normalised rows into its half of the staging buffer (16-byte chunks XORed with
-// row % 8 against bank conflicts), then copies them out as 16-byte row stores.
+// The staged epilogue (Shape::kStagedEpilogue) of a final (not split) item: each consumer warpgroup
+// writes its 64 normalised rows into its half of the staging buffer (16-byte chunks XORed with row % 8
+// against bank conflicts); the rows leave as 16-byte row stores, copied out by the warpgroup itself or
+// (Shape::kStoreWarps) by its store warp while it goes on to the next unit.
+
+// Copy staged rows [0, 64) of consumer half `half` to the output, by `threads` threads numbered `tid`.
+template <typename T, int HEAD_DIM>
+__device__ __forceinline__ void copy_staged_rows(const PrefillParams& p, const WorkItem& item, const WorkTile& w,
+                                                 int hk, int half, const uint8_t* stage, int tid, int threads) {
+  constexpr int kChunks = HEAD_DIM / 8;  // 16-byte chunks of a row
+  constexpr int kRowBytes = HEAD_DIM * 2;
+#pragma unroll 1
+  for (int i = tid; i < 64 * kChunks; i += threads) {
+    const int local = i / kChunks, chunk = i % kChunks;
+    const int r = half * 64 + local;
+    if (r >= w.rows) break;  // i only grows: every later row is past the tile too
+    const uint4 v = *reinterpret_cast<const uint4*>(stage + local * kRowBytes + ((chunk ^ (local & 7)) * 16));
+    *reinterpret_cast<uint4*>(FinalRow<T, HEAD_DIM>::at(p, w.q_start, item.row_begin + r, hk).o + chunk * 8) = v;
+  }
+}
+
 template <typename T, int HEAD_DIM, int KV_TILE, typename Variant>
 __device__ __forceinline__ void store_output_staged(const PrefillParams& p, const WorkItem& item, const WorkTile& w,
                                                     int hk, const Consumer<T, HEAD_DIM, KV_TILE, Variant>& c,
                                                     const typename Consumer<T, HEAD_DIM, KV_TILE, Variant>::State& st,
                                                     float scale, const SmemLayout<Shape<HEAD_DIM, KV_TILE>>& sm,
-                                                    uint8_t* smem) {
-  constexpr int kChunks = HEAD_DIM / 8;  // 16-byte chunks of a row
+                                                    uint8_t* smem, PipelineState& ps) {
+  using S = Shape<HEAD_DIM, KV_TILE>;
+  constexpr int kChunks = HEAD_DIM / 8;
   constexpr int kRowBytes = HEAD_DIM * 2;
   uint8_t* stage = sm.generic(smem, sm.o_stage()) + c.consumer * 64 * kRowBytes;
+  // Store warps: the half must have been copied out of (its previous output). For the first output the
+  // parity is that of the phase before a fresh barrier's first, which counts as complete: no branch
+  // (a divergent wait here makes ptxas serialize every wgmma, C7520).
+  if constexpr (S::kStoreWarps) mbar_wait(sm.o_empty(c.consumer), (uint32_t(ps.outputs) & 1) ^ 1);
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const float sum = st.softmax.total_sum(0, h);
@@ -63,16 +86,38 @@ __device__ __forceinline__ void store_output_staged(const PrefillParams& p, cons
       FinalRow<T, HEAD_DIM>::at(p, w.q_start, item.row_begin + r, hk)
           .store_lse(sum > 0.f ? st.softmax.row_max[0][h] * scale + log2f(sum) : neg_inf());
   }
-  named_barrier_sync(kStagingBarrier + c.consumer, 128);
-  const int tid = (c.warp * 32) + c.lane_g * 4 + c.lane_t;  // 0..127 within the warpgroup
-  for (int i = tid; i < 64 * kChunks; i += 128) {
-    const int local = i / kChunks, chunk = i % kChunks;
-    const int r = c.consumer * 64 + local;
-    if (r >= w.rows) continue;
-    const uint4 v = *reinterpret_cast<const uint4*>(stage + local * kRowBytes + ((chunk ^ (local & 7)) * 16));
-    *reinterpret_cast<uint4*>(FinalRow<T, HEAD_DIM>::at(p, w.q_start, item.row_begin + r, hk).o + chunk * 8) = v;
+  ps.outputs += 1;
+  if constexpr (S::kStoreWarps) {
+    mbar_arrive(sm.o_full(c.consumer));  // release: this thread's staged rows are visible to the store warp
+    // The warpgroup reconverges here: without it ptxas places its own warpgroup.arrive for the next
+    // unit's first wgmma in a divergent path and serializes every wgmma of the kernel (C7520).
+    named_barrier_sync(kStagingBarrier + c.consumer, 128);
+  } else {
+    named_barrier_sync(kStagingBarrier + c.consumer, 128);
+    copy_staged_rows<T, HEAD_DIM>(p, item, w, hk, c.consumer, stage, (c.warp * 32) + c.lane_g * 4 + c.lane_t, 128);
+    named_barrier_sync(kStagingBarrier + c.consumer, 128);  // the buffer is free for the next unit
   }
-  named_barrier_sync(kStagingBarrier + c.consumer, 128);  // the buffer is free for the next unit
+}
+
+// Store warp of consumer half `half` (Shape::kStoreWarps): walks the CTA's units like the other roles and
+// copies each staged output of its half out once the consumers have written it.
+template <typename T, int HEAD_DIM, int KV_TILE, typename Variant>
+__device__ __forceinline__ void run_store_warp(const PrefillParams& p, const SmemLayout<Shape<HEAD_DIM, KV_TILE>>& sm,
+                                               uint8_t* smem, int units, int half) {
+  using S = Shape<HEAD_DIM, KV_TILE>;
+  const int lane = threadIdx.x % 32;
+  const uint8_t* stage = sm.generic(smem, sm.o_stage()) + half * 64 * HEAD_DIM * 2;
+  int outputs = 0;
+  for (int k = 0, unit; (unit = persistent_unit(k, units)) >= 0; ++k) {
+    WorkItem item;
+    const TileScheduler work = TileScheduler::at(p, unit, item);
+    if (item.partial >= 0) continue;  // split chunks write partial rows themselves
+    const WorkTile tile = WorkTile::of<Variant, S::kCtaQ>(item, p.group);
+    mbar_wait(sm.o_full(half), uint32_t(outputs) & 1);
+    copy_staged_rows<T, HEAD_DIM>(p, item, tile, work.kv_head, half, stage, lane, 32);
+    mbar_arrive(sm.o_empty(half));  // release: this lane's loads of the half are done
+    ++outputs;
+  }
 }
 
 template <typename T, int HEAD_DIM, int KV_TILE, typename Variant>
@@ -118,7 +163,10 @@ __global__ void __launch_bounds__(Shape<HEAD_DIM, KV_TILE>::kThreads, 1)
   PipelineState ps;
   if (threadIdx.x < 128) {
     release_registers<producer_registers<HEAD_DIM>()>();
-    if (threadIdx.x < 32) {
+    const int warp = threadIdx.x / 32;
+    if (S::kStoreWarps && warp >= 1 && warp <= S::kConsumers) {
+      run_store_warp<T, HEAD_DIM, KV_TILE, Variant>(p, sm, smem, units, warp - 1);
+    } else if (warp == 0) {
       for (int k = 0, unit; (unit = persistent_unit(k, units)) >= 0; ++k) {
         WorkItem item;
         const TileScheduler work = TileScheduler::at(p, unit, item);
@@ -147,7 +195,7 @@ __global__ void __launch_bounds__(Shape<HEAD_DIM, KV_TILE>::kThreads, 1)
       FIJ_TRACE_UNIT_MARK(2);
       if (S::kStagedEpilogue && item.partial < 0)
         store_output_staged<T, HEAD_DIM, KV_TILE, Variant>(p, item, tile, hk, c, st, variant.softmax_scale_log2(), sm,
-                                                           smem);
+                                                           smem, ps);
       else
         store_output<T, HEAD_DIM, KV_TILE, Variant>(p, item, tile, hk, c, st, variant.softmax_scale_log2());
       // Split tile: the last chunk to finish merges the tile's partial states.
