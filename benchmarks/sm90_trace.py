@@ -11,7 +11,8 @@ Printed per workload:
   * the tail: the spread of the CTAs' end times and makespan / mean CTA busy time (static imbalance);
   * the steady-state TFLOP/s one tile's cost implies on all SMs, next to the measured run.
 
-    PYTHONPATH=. python3 benchmarks/sm90_trace.py [--flags "-DFIJ_SM90_PINGPONG=0"] [--workloads a,b] [--out DIR]
+    PYTHONPATH=. python3 benchmarks/sm90_trace.py [--flags "-DFIJ_SM90_PINGPONG=0"] [--workloads a,b] [--paged]
+                                                  [--out DIR]
 """
 from __future__ import annotations
 
@@ -32,7 +33,10 @@ MAX_UNITS = 256  # trace.cuh UnitTrace::kMaxUnits
 FIELDS = 8
 
 
-def trace_workload(wl: common.Workload) -> dict:
+PAGE_SIZE = 16  # --paged: bench_prefill's page size, pages shuffled
+
+
+def trace_workload(wl: common.Workload, paged: bool = False) -> dict:
     import flashinfer_jit
 
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -40,11 +44,23 @@ def trace_workload(wl: common.Workload) -> dict:
     k = torch.randn(wl.total_kv, wl.num_kv_heads, wl.head_dim, device="cuda", dtype=common.DTYPE, generator=g)
     v = torch.randn_like(k)
     workspace = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
-    w = flashinfer_jit.BatchPrefillWithRaggedKVCacheWrapper(workspace, kv_layout="NHD", backend="sm90")
-    w.plan(reference.make_indptr(wl.q_lens), reference.make_indptr(wl.kv_lens), wl.num_qo_heads, wl.num_kv_heads,
-           wl.head_dim, causal=wl.causal, q_data_type=common.DTYPE)
+    qo = reference.make_indptr(wl.q_lens)
     out = torch.empty_like(q)
-    run = lambda: w.run(q, k, v, out=out)  # noqa: E731
+    if paged:
+        table = reference.make_page_table(wl.kv_lens, PAGE_SIZE, extra_pages=16, seed=1)
+        cache = reference.new_paged_cache(table.num_pages, PAGE_SIZE, wl.num_kv_heads, wl.head_dim, common.DTYPE,
+                                          "cuda", "NHD", fill=0.0)
+        pages, slots = reference.token_page_slots(table.indptr, table.indices, wl.kv_lens, PAGE_SIZE)
+        reference.scatter_to_pages(cache, k, v, pages, slots, "NHD")
+        w = flashinfer_jit.BatchPrefillWithPagedKVCacheWrapper(workspace, kv_layout="NHD", backend="sm90")
+        w.plan(qo, table.indptr, table.indices, table.last_page_len, wl.num_qo_heads, wl.num_kv_heads, wl.head_dim,
+               PAGE_SIZE, causal=wl.causal, q_data_type=common.DTYPE)
+        run = lambda: w.run(q, cache, out=out)  # noqa: E731
+    else:
+        w = flashinfer_jit.BatchPrefillWithRaggedKVCacheWrapper(workspace, kv_layout="NHD", backend="sm90")
+        w.plan(qo, reference.make_indptr(wl.kv_lens), wl.num_qo_heads, wl.num_kv_heads, wl.head_dim,
+               causal=wl.causal, q_data_type=common.DTYPE)
+        run = lambda: w.run(q, k, v, out=out)  # noqa: E731
     untraced_ms = common.bench_ms(run, warmup=10, rep=30)
     s = w._state
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -79,7 +95,7 @@ def trace_workload(wl: common.Workload) -> dict:
     flops_tile = 4 * 128 * 128 * wl.head_dim  # one full 128 x 128 tile, both products
     units = int(done.sum())
     report = {
-        "workload": wl.name, "units": units, "ctas": int(active.sum()),
+        "workload": wl.name, "kv": f"paged NHD, page {PAGE_SIZE}, shuffled" if paged else "ragged", "units": units, "ctas": int(active.sum()),
         "untraced_ms": round(untraced_ms, 4), "traced_ms": round(traced_ms, 4),
         "per_tile_us": round(b, 3), "per_unit_loop_fixed_us": round(a, 3),
         "wait_q_us_median": round(float(wait.median()), 3), "epilogue_us_median": round(float(epi.median()), 3),
@@ -100,6 +116,7 @@ def main(argv: "list[str] | None" = None) -> int:
     ap.add_argument("--flags", default="", help="extra -D switches besides -DFIJ_TRACE")
     ap.add_argument("--workloads", default="chat16_causal_hd128,chat16_full_hd128,dense8x4096_causal_hd128,"
                                            "long1+short31_causal_hd128,append32_prefix_causal_hd128")
+    ap.add_argument("--paged", action="store_true", help="also trace the paged kernel (page 16, shuffled)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -107,7 +124,8 @@ def main(argv: "list[str] | None" = None) -> int:
         return 2
     os.environ["FLASHINFER_JIT_EXTRA_CUDAFLAGS"] = f"-DFIJ_TRACE {args.flags}".strip()
     wanted = args.workloads.split(",")
-    rows = [trace_workload(wl) for wl in common.workloads() if wl.name in wanted]
+    rows = [trace_workload(wl, paged) for wl in common.workloads() if wl.name in wanted
+            for paged in ((False, True) if args.paged else (False,))]
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         common.write_json(args.out / f"{common.card_slug()}-{common.today()}-sm90-trace.json",

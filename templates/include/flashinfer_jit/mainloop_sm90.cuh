@@ -49,6 +49,29 @@
 #define FIJ_SM90_STORE_WARPS 0
 #endif
 
+// Switch (off until measured; -DFIJ_SM90_TAIL_WARP=1): warp 3 of the producer warpgroup zeroes the V rows
+// past a request's end (the tail tile), so the producer warp issues the next loads instead of waiting
+// for the tail's bytes to land (the trace showed ~2.7 us per unit in non-causal batches, whose every
+// unit ends in a tail).
+#ifndef FIJ_SM90_TAIL_WARP
+#define FIJ_SM90_TAIL_WARP 0
+#endif
+
+// Switch (off until measured; -DFIJ_SM90_PAGE_PREFETCH=1): paged K and V of a tile share one page-table
+// lookup per lane, and the next tile's lookup is issued before the waits for free stages, so its load
+// latency is hidden (paged ran at 0.83 of ragged with a lookup per K and per V tile, each waited for).
+#ifndef FIJ_SM90_PAGE_PREFETCH
+#define FIJ_SM90_PAGE_PREFETCH 0
+#endif
+
+// Switch (off until measured; -DFIJ_SM90_ITEM_PREFETCH=1): once a unit's Q tile has landed the consumers
+// prefetch their next unit's work item into L1 (the trace showed ~0.5 us from a unit's start to its Q
+// tile even with Q double-buffered: the item's load from L2). Issued there because at the unit's
+// start the same prefetch makes ptxas serialize every wgmma (C7520) and spill.
+#ifndef FIJ_SM90_ITEM_PREFETCH
+#define FIJ_SM90_ITEM_PREFETCH 0
+#endif
+
 namespace fij {
 namespace sm90 {
 
@@ -70,7 +93,7 @@ struct Shape {
   static constexpr uint32_t kKOffset = kQBuffers * kQBytes;
   static constexpr uint32_t kVOffset = kKOffset + kStages * kTileBytes;
   static constexpr uint32_t kBarOffset = kVOffset + kStages * kTileBytes;
-  static constexpr int kBarriers = 2 * kQBuffers + 1 + 4 * kStages + 2 * kConsumers;
+  static constexpr int kBarriers = 2 * kQBuffers + kStages + 4 * kStages + 2 * kConsumers;
   static constexpr uint32_t kFlagOffset = kBarOffset + kBarriers * 8;
   // FIJ_SM90_STAGED_EPILOGUE: O rows staged in shared memory for 16-byte row stores; there
   // is room for it up to head_dim 128.
@@ -80,6 +103,10 @@ struct Shape {
   static constexpr uint32_t kSmemBytes = kOOffset + kOBytes + 1024;
   static_assert(kSmemBytes <= 227 * 1024, "more shared memory than an sm_90 CTA may have");
   static constexpr bool kStoreWarps = FIJ_SM90_STORE_WARPS != 0 && kStagedEpilogue;
+  static constexpr bool kTailWarp = FIJ_SM90_TAIL_WARP != 0;
+  static constexpr bool kPagePrefetch = FIJ_SM90_PAGE_PREFETCH != 0;
+  static constexpr bool kItemPrefetch = FIJ_SM90_ITEM_PREFETCH != 0;
+  static_assert(!(kStoreWarps && kTailWarp) || kConsumers <= 2, "store warps 1..kConsumers and tail warp 3 overlap");
   static constexpr bool kLazyRescale = HEAD_DIM >= 128;
   static_assert(HEAD_DIM % 64 == 0 && KV_TILE % 16 == 0 && KV_TILE <= 256, "unsupported sm90 tile shape");
 };
@@ -94,8 +121,11 @@ struct SmemLayout {
   __device__ __forceinline__ uint32_t bar(int i) const { return base + S::kBarOffset + 8 * i; }
   __device__ __forceinline__ uint32_t q_full(int buffer) const { return bar(buffer); }
   __device__ __forceinline__ uint32_t q_empty(int buffer) const { return bar(S::kQBuffers + buffer); }
-  static constexpr int kKvBar = 2 * S::kQBuffers + 1;  // first K/V barrier
-  __device__ __forceinline__ uint32_t v_tail() const { return bar(kKvBar - 1); }
+  // V tail tiles land on a barrier of their own: one per stage with the tail warp (two tails can be in
+  // flight then), else one (the producer waits for each tail before the next load).
+  __device__ __forceinline__ static int tail_slot(int stage) { return S::kTailWarp ? stage : 0; }
+  __device__ __forceinline__ uint32_t v_tail(int stage) const { return bar(2 * S::kQBuffers + tail_slot(stage)); }
+  static constexpr int kKvBar = 2 * S::kQBuffers + S::kStages;  // first K/V barrier
   __device__ __forceinline__ uint32_t k_full(int stage) const { return bar(kKvBar + stage); }
   __device__ __forceinline__ uint32_t k_empty(int stage) const { return bar(kKvBar + S::kStages + stage); }
   __device__ __forceinline__ uint32_t v_full(int stage) const { return bar(kKvBar + 2 * S::kStages + stage); }
@@ -119,7 +149,7 @@ struct SmemLayout {
       mbar_init(q_full(b), 1);
       mbar_init(q_empty(b), S::kConsumers * 4);  // one arrival per consumer warp
     }
-    mbar_init(v_tail(), 1);
+    for (int s = 0; s < S::kStages; ++s) mbar_init(v_tail(s), 1);
     for (int c = 0; c < S::kConsumers; ++c) {
       mbar_init(o_full(c), 128);  // every thread of the consumer warpgroup, after its own stores
       mbar_init(o_empty(c), 32);  // every lane of its store warp, after its own loads
@@ -149,7 +179,7 @@ struct TensorMaps {
 struct PipelineState {
   int tiles = 0;   // K/V tiles so far: tile t uses stage t % kStages in phase (t / kStages) & 1
   int q_uses = 0;  // Q tiles so far: use u is buffer u % kQBuffers, phase (u / kQBuffers) & 1
-  int tails = 0;   // producer: V tail tiles so far (v_tail's phases)
+  uint32_t tail_parity = 0;  // bit i: the parity of tail barrier i's next V tail (SmemLayout::tail_slot)
   int outputs = 0; // staged outputs so far (store warps: o_full / o_empty phases)
 
   template <typename S>
@@ -172,7 +202,7 @@ struct Producer {
   // `bar` (expected bytes included). Whole warp. Ragged: one box per 64 head dims, issued by lane 0.
   // Paged: one box per page (or per tile, for pages longer than it) and 64 head dims, lane i issuing
   // the i-th page's; pages past the request's last key are not read (their rows stay stale: masked
-  // for K, zeroed for V by load_v_tail).
+  // for K, zeroed for V by zero_v_tail).
   __device__ __forceinline__ static void load_tile(const PrefillParams& p, const CUtensorMap* map, bool rows_inner,
                                                    int box_rows, uint32_t dst, uint32_t bar, const WorkTile& w,
                                                    int hk, int pos0) {
@@ -212,6 +242,43 @@ struct Producer {
     }
   }
 
+  // Paged, one box per lane (kPagePrefetch, when a tile has at most 32 boxes): lane i's box of the tile
+  // at pos0, looked up once for K and V.
+  struct PageBox {
+    int page = 0, slot = 0;
+  };
+  __device__ __forceinline__ static PageBox page_box(const PrefillParams& p, const WorkTile& w, int box_rows,
+                                                     int pos0) {
+    const int lane = threadIdx.x % 32;
+    PageBox b;
+    if (pos0 + lane * box_rows < w.kv_len) {
+      const uint32_t pos = uint32_t(pos0 + lane * box_rows);
+      const uint32_t entry = (__umulhi(pos, p.page_div_mul) + pos) >> p.page_div_shift;  // pos / page_size
+      b.page = p.page_indices[w.page_start + int(entry)];
+      b.slot = int(pos - entry * uint32_t(p.page_size));
+    }
+    return b;
+  }
+  __device__ __forceinline__ static void load_paged_tile(const CUtensorMap* map, bool rows_inner, int box_rows,
+                                                         uint32_t dst, uint32_t bar, const WorkTile& w, int hk,
+                                                         int pos0, const PageBox& box) {
+    const int lane = threadIdx.x % 32;
+    const int rows = min(KV_TILE, w.kv_len - pos0);
+    const int boxes = (rows + box_rows - 1) / box_rows;
+    if (lane == 0) mbar_arrive_expect_tx(bar, uint32_t(boxes * box_rows) * HEAD_DIM * uint32_t(sizeof(T)));
+    __syncwarp();
+    if (lane < boxes) {
+#pragma unroll
+      for (int b = 0; b < S::kBlocks; ++b) {
+        const uint32_t to = dst + b * KV_TILE * 128 + lane * box_rows * 128;
+        if (rows_inner)
+          tma_load_4d(to, map, b * 64, box.slot, hk, box.page, bar);
+        else
+          tma_load_4d(to, map, b * 64, hk, box.slot, box.page, bar);
+      }
+    }
+  }
+
   // One work unit, run by one whole warp.
   __device__ __forceinline__ static void run(const PrefillParams& p, const TensorMaps& maps, const WorkTile& w,
                                              int hk, const SmemLayout<S>& sm, uint8_t* smem, PipelineState& ps) {
@@ -231,26 +298,57 @@ struct Producer {
         tma_load_3d(sm.q(qb) + b * S::kCtaQ * 128, &maps.q, b * 64, hk * p.group, token0, sm.q_full(qb));
     }
     ps.q_uses += 1;
+    // Paged with kPagePrefetch: this tile's boxes, looked up one tile ahead.
+    const bool box_per_lane = PAGED && S::kPagePrefetch && KV_TILE <= 32 * maps.box_rows;
+    PageBox box;
+    if (box_per_lane) box = page_box(p, w, maps.box_rows, w.kv.begin);
+    auto load = [&](const CUtensorMap* map, bool rows_inner, uint32_t dst, uint32_t bar, int pos0) {
+      if (box_per_lane)
+        load_paged_tile(map, rows_inner, maps.box_rows, dst, bar, w, hk, pos0, box);
+      else
+        load_tile(p, map, rows_inner, maps.box_rows, dst, bar, w, hk, pos0);
+    };
 #pragma unroll 1
     for (int j = 0; j < n; ++j) {
       const int t = ps.tiles + j;
       const int stage = t % S::kStages;
       const uint32_t phase = (t / S::kStages) & 1;
       const int pos0 = w.kv.begin + j * KV_TILE;
+      PageBox next;
+      if (box_per_lane && j + 1 < n) next = page_box(p, w, maps.box_rows, pos0 + KV_TILE);  // in flight over the waits
       if (t >= S::kStages && lane == 0) mbar_wait(sm.k_empty(stage), phase ^ 1);
       __syncwarp();
-      load_tile(p, &maps.k, maps.k_rows_inner, maps.box_rows, sm.k(stage), sm.k_full(stage), w, hk, pos0);
+      load(&maps.k, maps.k_rows_inner, sm.k(stage), sm.k_full(stage), pos0);
       if (t >= S::kStages && lane == 0) mbar_wait(sm.v_empty(stage), phase ^ 1);
       __syncwarp();
-      // Keys of the tile that exist in the request; past them V is zeroed (see the file comment).
+      // Keys of the tile that exist in the request; past them V is zeroed (see the file comment), here
+      // or (kTailWarp) by the tail warp.
       const int valid = min(KV_TILE, w.kv_len - pos0);
       if (valid >= KV_TILE) {
-        load_tile(p, &maps.v, maps.v_rows_inner, maps.box_rows, sm.v(stage), sm.v_full(stage), w, hk, pos0);
+        load(&maps.v, maps.v_rows_inner, sm.v(stage), sm.v_full(stage), pos0);
       } else {
-        load_tile(p, &maps.v, maps.v_rows_inner, maps.box_rows, sm.v(stage), sm.v_tail(), w, hk, pos0);
-        zero_v_tail(sm, smem, stage, valid, ps.tails & 1);
-        ps.tails += 1;
+        load(&maps.v, maps.v_rows_inner, sm.v(stage), sm.v_tail(stage), pos0);
+        const int slot = SmemLayout<S>::tail_slot(stage);
+        if constexpr (!S::kTailWarp) zero_v_tail(sm, smem, stage, valid, (ps.tail_parity >> slot) & 1);
+        ps.tail_parity ^= 1u << slot;
       }
+      box = next;
+    }
+    ps.tiles += n;
+  }
+
+  // Tail warp (kTailWarp): walks the same units and zeroes each tail tile's V rows once they land.
+  // Only a unit's last tile can hold the request's last key.
+  __device__ __forceinline__ static void zero_unit_tail(const WorkTile& w, const SmemLayout<S>& sm, uint8_t* smem,
+                                                        PipelineState& ps) {
+    const int n = kv_tiles<KV_TILE>(w);
+    if (n == 0) return;
+    const int stage = (ps.tiles + n - 1) % S::kStages;
+    const int valid = min(KV_TILE, w.kv_len - (w.kv.begin + (n - 1) * KV_TILE));
+    if (valid < KV_TILE) {
+      const int slot = SmemLayout<S>::tail_slot(stage);
+      zero_v_tail(sm, smem, stage, valid, (ps.tail_parity >> slot) & 1);
+      ps.tail_parity ^= 1u << slot;
     }
     ps.tiles += n;
   }
@@ -260,7 +358,7 @@ struct Producer {
   __device__ __forceinline__ static void zero_v_tail(const SmemLayout<S>& sm, uint8_t* smem, int stage, int valid,
                                                      uint32_t parity) {
     const int lane = threadIdx.x % 32;
-    mbar_wait(sm.v_tail(), parity);
+    mbar_wait(sm.v_tail(stage), parity);
     const int rows = KV_TILE - max(valid, 0);
     uint8_t* tile = sm.generic(smem, sm.v(stage));
     // 16-byte zero stores over whole 128-byte rows (the swizzle permutes chunks within a row only).

@@ -166,6 +166,13 @@ __global__ void __launch_bounds__(Shape<HEAD_DIM, KV_TILE>::kThreads, 1)
     const int warp = threadIdx.x / 32;
     if (S::kStoreWarps && warp >= 1 && warp <= S::kConsumers) {
       run_store_warp<T, HEAD_DIM, KV_TILE, Variant>(p, sm, smem, units, warp - 1);
+    } else if (S::kTailWarp && warp == 3) {
+      for (int k = 0, unit; (unit = persistent_unit(k, units)) >= 0; ++k) {
+        WorkItem item;
+        TileScheduler::at(p, unit, item);
+        Producer<T, HEAD_DIM, KV_TILE, PAGED>::zero_unit_tail(WorkTile::of<Variant, S::kCtaQ>(item, p.group), sm, smem,
+                                                              ps);
+      }
     } else if (warp == 0) {
       for (int k = 0, unit; (unit = persistent_unit(k, units)) >= 0; ++k) {
         WorkItem item;
@@ -191,7 +198,10 @@ __global__ void __launch_bounds__(Shape<HEAD_DIM, KV_TILE>::kThreads, 1)
       const int hk = work.kv_head;
       const WorkTile tile = WorkTile::of<Variant, S::kCtaQ>(item, p.group);
       typename Cons::State st;
-      c.run(p, variant, tile, hk, sm, st, ps, turn, [&] { FIJ_TRACE_UNIT_MARK(1); });
+      c.run(p, variant, tile, hk, sm, st, ps, turn, [&] {
+        FIJ_TRACE_UNIT_MARK(1);
+        if constexpr (S::kItemPrefetch) TileScheduler::prefetch(p, persistent_unit_or_any(k + 1, units));
+      });
       FIJ_TRACE_UNIT_MARK(2);
       if (S::kStagedEpilogue && item.partial < 0)
         store_output_staged<T, HEAD_DIM, KV_TILE, Variant>(p, item, tile, hk, c, st, variant.softmax_scale_log2(), sm,

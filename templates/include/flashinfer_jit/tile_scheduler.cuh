@@ -39,6 +39,11 @@ struct TileScheduler {
     return s;
   }
   __device__ __forceinline__ bool active() const { return item_index < num_items; }
+  // Bring unit `unit`'s work item into L1 ahead of at() (a 64-byte item sits in one 128-byte line): a
+  // persistent CTA's next item then arrives in L1 time rather than L2 time at the unit boundary.
+  __device__ __forceinline__ static void prefetch(const PrefillParams& p, int unit) {
+    asm volatile("prefetch.global.L1 [%0];\n" ::"l"(p.items + unit / p.num_kv_heads));
+  }
 };
 
 // Switch (on; FLASHINFER_JIT_EXTRA_CUDAFLAGS=-DFIJ_SM90_SNAKE=0 turns it off, part of the cache key):
@@ -58,6 +63,15 @@ __device__ __forceinline__ int persistent_unit(int k, int units) {
   const int size = min(int(gridDim.x), units - first);
   if (int(blockIdx.x) >= size) return -1;
   return first + ((FIJ_SM90_SNAKE && (k & 1)) ? size - 1 - int(blockIdx.x) : int(blockIdx.x));
+}
+
+// persistent_unit without its branches, clamped into [0, units) when there is no k-th unit: for
+// prefetches only (a branch at the prefetch makes ptxas serialize the sm90 kernel's wgmmas).
+__device__ __forceinline__ int persistent_unit_or_any(int k, int units) {
+  const int first = k * int(gridDim.x);
+  const int size = min(int(gridDim.x), units - first);
+  const int i = (FIJ_SM90_SNAKE && (k & 1)) ? size - 1 - int(blockIdx.x) : int(blockIdx.x);
+  return min(max(first + i, 0), units - 1);
 }
 
 // What one work item covers, derived once from its WorkItem and the variant: the rows of its q
