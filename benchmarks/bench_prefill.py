@@ -545,8 +545,11 @@ def main(argv=None) -> int:
                 torch.cuda.synchronize()
                 out = prep.to_ragged(result)
                 setup_s = time.perf_counter() - t0
+                timed_from = time.time()
                 ms = common.bench_ms(prep.fn, warmup=warmup, rep=rep)
                 row = _row(wl, impl, ms, "; ".join(prep.notes))
+                # Wall-clock span of the timing, to line up with a clock / power log (sm90_switches.sh).
+                row["timed_unix_s"] = [round(timed_from, 2), round(time.time(), 2)]
                 row.update(prep.extra)
                 row["setup_s"] = round(setup_s, 3)
                 row["max_abs_vs_ref"] = max_abs_vs_ref(data, out)

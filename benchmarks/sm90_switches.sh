@@ -24,6 +24,14 @@ PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 tag() { local t=${1//-D/}; t=${t//[^A-Za-z0-9_=]/_}; echo "${t:-default}"; }
 
+# SM clock, power and temperature every 200 ms while the script runs (bench figures of one kernel moved by
+# up to 15% between scripts: clocks under the power cap are the first suspect).
+if command -v nvidia-smi > /dev/null; then
+  nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active \
+    --format=csv -lms 200 > "$OUT/clocks.csv" 2>/dev/null &
+  SAMPLER=$!
+  trap 'kill $SAMPLER 2>/dev/null' EXIT
+fi
 declare -A OK
 for setting in "${SETTINGS[@]}"; do
   t=$(tag "$setting")
