@@ -93,7 +93,9 @@ def test_sm90_build_uses_hgmma_and_tma_without_spills(layout: str, head_dim: int
     ("-DFIJ_SM90_PINGPONG=0 -DFIJ_SM90_STAGED_EPILOGUE=0 -DFIJ_SM90_SNAKE=0", [], ["BAR.ARV"]),
     ("-DFIJ_SM90_DOUBLE_Q=1 -DFIJ_SM90_STORE_WARPS=1", ["BAR.ARV", "STG.E.128"], []),
     ("-DFIJ_SM90_TAIL_WARP=1", ["BAR.ARV", "STG.E.128"], []),
-], ids=["defaults", "no-pingpong", "no-staged-epilogue", "all-off", "double-q-store-warps", "tail-warp"])
+    ("-DFIJ_SM90_TMA_STORE=1", ["UTMASTG.3D", "STG.E.128"], []),  # TMA for whole halves, rows for the rest
+], ids=["defaults", "no-pingpong", "no-staged-epilogue", "all-off", "double-q-store-warps", "tail-warp",
+        "tma-store"])
 def test_sm90_switches_build(flags: str, present: list, absent: list, monkeypatch, no_gpu) -> None:
     """The kernel's switches (ping-pong, staged epilogue, snake unit order: on by default, measured on the
     H200; benchmarks/sm90_switches.sh A/Bs them) build either way, have their own cache keys, show or
@@ -115,15 +117,18 @@ def test_sm90_switches_build(flags: str, present: list, absent: list, monkeypatc
 
 UNDER_AB = ("-DFIJ_SM90_DOUBLE_Q=1 -DFIJ_SM90_STORE_WARPS=1 -DFIJ_SM90_TAIL_WARP=1 -DFIJ_SM90_PAGE_PREFETCH=1 "
             "-DFIJ_SM90_ITEM_PREFETCH=1")
+UNDER_AB_TMA = UNDER_AB.replace("-DFIJ_SM90_STORE_WARPS=1", "-DFIJ_SM90_TMA_STORE=1")  # the two exclude each other
 
 
+@pytest.mark.parametrize("flags", [UNDER_AB, UNDER_AB_TMA], ids=["store-warps", "tma-store"])
 @pytest.mark.parametrize("layout, head_dim", [("ragged", 64), ("paged", 128), ("paged", 64), ("ragged", 256)])
-def test_sm90_switches_under_ab_build_for_other_shapes(layout: str, head_dim: int, monkeypatch, no_gpu) -> None:
-    """The switches still under A/B (off by default: double Q, store warps, tail warp, page prefetch) fit
-    shared memory and registers at every head_dim and layout together: hd256 keeps one Q buffer and no
-    staging (no room); every build is spill-free and keeps the wgmma pipeline."""
+def test_sm90_switches_under_ab_build_for_other_shapes(layout: str, head_dim: int, flags: str, monkeypatch,
+                                                       no_gpu) -> None:
+    """The switches still under A/B (off by default: double Q, store warps or TMA store, tail warp, page
+    and item prefetch) fit shared memory and registers at every head_dim and layout together: hd256 keeps
+    one Q buffer and no staging (no room); every build is spill-free and keeps the wgmma pipeline."""
     monkeypatch.setenv("FLASHINFER_JIT_ARCH", "90a")
-    monkeypatch.setenv("FLASHINFER_JIT_EXTRA_CUDAFLAGS", UNDER_AB)
+    monkeypatch.setenv("FLASHINFER_JIT_EXTRA_CUDAFLAGS", flags)
     sass = built_sass(PrefillSpec(layout, head_dim, "bf16", True, backend="sm90"))
     assert not spills(sass), f"local-memory spills: {spills(sass)[:5]}"
     assert not serialized_wgmma(sass), "ptxas serialized the wgmma pipeline"

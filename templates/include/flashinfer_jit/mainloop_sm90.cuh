@@ -72,6 +72,15 @@
 #define FIJ_SM90_ITEM_PREFETCH 0
 #endif
 
+// Switch (off until measured; -DFIJ_SM90_TMA_STORE=1): with the staged epilogue, a consumer warpgroup's
+// 64 staged rows leave by one TMA store per 64 head dims (the staging buffer then holds them in the
+// TMA's swizzled layout) when all 64 belong to the tile; a half holding the tile's end (whose box would
+// reach into the next request's rows) keeps the row stores. The warpgroup goes on while the copy engine
+// writes; the next epilogue first waits for the store to have read the buffer.
+#ifndef FIJ_SM90_TMA_STORE
+#define FIJ_SM90_TMA_STORE 0
+#endif
+
 namespace fij {
 namespace sm90 {
 
@@ -98,11 +107,15 @@ struct Shape {
   // FIJ_SM90_STAGED_EPILOGUE: O rows staged in shared memory for 16-byte row stores; there
   // is room for it up to head_dim 128.
   static constexpr bool kStagedEpilogue = FIJ_SM90_STAGED_EPILOGUE != 0 && HEAD_DIM <= 128;
-  static constexpr uint32_t kOOffset = (kFlagOffset + 8 + 127) / 128 * 128;
+  static constexpr bool kTmaStore = FIJ_SM90_TMA_STORE != 0 && kStagedEpilogue;
+  // The TMA's 128-byte swizzle is a function of the address: its source must be 1024-byte aligned.
+  static constexpr uint32_t kOAlign = kTmaStore ? 1024 : 128;
+  static constexpr uint32_t kOOffset = (kFlagOffset + 8 + kOAlign - 1) / kOAlign * kOAlign;
   static constexpr uint32_t kOBytes = kStagedEpilogue ? kCtaQ * HEAD_DIM * 2 : 0;
   static constexpr uint32_t kSmemBytes = kOOffset + kOBytes + 1024;
   static_assert(kSmemBytes <= 227 * 1024, "more shared memory than an sm_90 CTA may have");
   static constexpr bool kStoreWarps = FIJ_SM90_STORE_WARPS != 0 && kStagedEpilogue;
+  static_assert(!(kStoreWarps && kTmaStore), "the store warps and the TMA store are two ways to do one thing");
   static constexpr bool kTailWarp = FIJ_SM90_TAIL_WARP != 0;
   static constexpr bool kPagePrefetch = FIJ_SM90_PAGE_PREFETCH != 0;
   static constexpr bool kItemPrefetch = FIJ_SM90_ITEM_PREFETCH != 0;
@@ -168,6 +181,8 @@ struct SmemLayout {
 // the order of their outer coordinates.
 struct TensorMaps {
   CUtensorMap q, k, v;
+  CUtensorMap o;     // Shape::kTmaStore: the output, boxes of 64 head dims x G heads x 64 / G tokens
+  int32_t o_by_tma;  // o is encoded (kTmaStore and 64 % G == 0)
   // Ragged: k / v maps are (head dims, rows, heads) for head-major tensors, else (head dims, heads, rows).
   // Paged: (head dims, slots, heads, pages) for HND caches, else (head dims, heads, slots, pages).
   int32_t k_rows_inner, v_rows_inner;

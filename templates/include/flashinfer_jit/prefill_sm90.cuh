@@ -41,18 +41,30 @@ constexpr int kStagingBarrier = 4;       // + consumer: one consumer warpgroup's
 // against bank conflicts); the rows leave as 16-byte row stores, copied out by the warpgroup itself or
 // (Shape::kStoreWarps) by its store warp while it goes on to the next unit.
 
-// Copy staged rows [0, 64) of consumer half `half` to the output, by `threads` threads numbered `tid`.
-template <typename T, int HEAD_DIM>
+// Where 16-byte chunk `chunk` of staged row `local` (0..63) of a half lives, from the half's start: rows
+// of HEAD_DIM * 2 bytes with the chunk XORed with row % 8 (against bank conflicts), or (kTmaStore) the
+// TMA's layout, one block of 64 rows x 128 bytes per 64 head dims, each 128-byte swizzled the same way.
+template <typename S>
+__device__ __forceinline__ uint32_t staged_offset(int local, int chunk) {
+  if constexpr (S::kTmaStore)
+    return uint32_t((chunk / 8) * 64 * 128 + local * 128 + (((chunk % 8) ^ (local & 7)) * 16));
+  else
+    return uint32_t(local * S::kBlocks * 128 + ((chunk ^ (local & 7)) * 16));
+}
+
+// Copy staged rows [0, rows) of consumer half `half` to the output (those inside the tile), by `threads`
+// threads numbered `tid`.
+template <typename T, int HEAD_DIM, typename S>
 __device__ __forceinline__ void copy_staged_rows(const PrefillParams& p, const WorkItem& item, const WorkTile& w,
-                                                 int hk, int half, const uint8_t* stage, int tid, int threads) {
+                                                 int hk, int half, const uint8_t* stage, int tid, int threads,
+                                                 int rows = 64) {
   constexpr int kChunks = HEAD_DIM / 8;  // 16-byte chunks of a row
-  constexpr int kRowBytes = HEAD_DIM * 2;
 #pragma unroll 1
-  for (int i = tid; i < 64 * kChunks; i += threads) {
+  for (int i = tid; i < rows * kChunks; i += threads) {
     const int local = i / kChunks, chunk = i % kChunks;
     const int r = half * 64 + local;
     if (r >= w.rows) break;  // i only grows: every later row is past the tile too
-    const uint4 v = *reinterpret_cast<const uint4*>(stage + local * kRowBytes + ((chunk ^ (local & 7)) * 16));
+    const uint4 v = *reinterpret_cast<const uint4*>(stage + staged_offset<S>(local, chunk));
     *reinterpret_cast<uint4*>(FinalRow<T, HEAD_DIM>::at(p, w.q_start, item.row_begin + r, hk).o + chunk * 8) = v;
   }
 }
@@ -62,11 +74,19 @@ __device__ __forceinline__ void store_output_staged(const PrefillParams& p, cons
                                                     int hk, const Consumer<T, HEAD_DIM, KV_TILE, Variant>& c,
                                                     const typename Consumer<T, HEAD_DIM, KV_TILE, Variant>::State& st,
                                                     float scale, const SmemLayout<Shape<HEAD_DIM, KV_TILE>>& sm,
-                                                    uint8_t* smem, PipelineState& ps) {
+                                                    uint8_t* smem, PipelineState& ps, const TensorMaps& maps) {
   using S = Shape<HEAD_DIM, KV_TILE>;
   constexpr int kChunks = HEAD_DIM / 8;
   constexpr int kRowBytes = HEAD_DIM * 2;
-  uint8_t* stage = sm.generic(smem, sm.o_stage()) + c.consumer * 64 * kRowBytes;
+  const uint32_t stage_addr = sm.o_stage() + c.consumer * 64 * kRowBytes;
+  uint8_t* stage = sm.generic(smem, stage_addr);
+  const int tid = (c.warp * 32) + c.lane_g * 4 + c.lane_t;  // 0..127 within the warpgroup
+  const bool by_tma = S::kTmaStore && maps.o_by_tma && w.rows >= (c.consumer + 1) * 64;
+  if constexpr (S::kTmaStore) {
+    // The half's previous TMA store has read the buffer (its issuer waits; the barrier tells the rest).
+    if (tid == 0) bulk_wait_group_read<0>();
+    named_barrier_sync(kStagingBarrier + c.consumer, 128);
+  }
   // Store warps: the half must have been copied out of (its previous output). For the first output the
   // parity is that of the phase before a fresh barrier's first, which counts as complete: no branch
   // (a divergent wait here makes ptxas serialize every wgmma, C7520).
@@ -79,7 +99,7 @@ __device__ __forceinline__ void store_output_staged(const PrefillParams& p, cons
 #pragma unroll
     for (int nt = 0; nt < kChunks; ++nt) {
       const uint32_t pair = Converter<T>::from_float2(st.o[4 * nt + 2 * h] * inv, st.o[4 * nt + 2 * h + 1] * inv);
-      *reinterpret_cast<uint32_t*>(stage + local * kRowBytes + ((nt ^ (local & 7)) * 16) + 4 * c.lane_t) = pair;
+      *reinterpret_cast<uint32_t*>(stage + staged_offset<S>(local, nt) + 4 * c.lane_t) = pair;
     }
     const int r = c.row(h);
     if (r < w.rows && c.lane_t == 0)
@@ -87,14 +107,28 @@ __device__ __forceinline__ void store_output_staged(const PrefillParams& p, cons
           .store_lse(sum > 0.f ? st.softmax.row_max[0][h] * scale + log2f(sum) : neg_inf());
   }
   ps.outputs += 1;
-  if constexpr (S::kStoreWarps) {
+  if constexpr (S::kTmaStore) {
+    // One path for both ways out, the choice made by predicates, not branches: a warpgroup-divergent
+    // branch here makes ptxas serialize every wgmma of the kernel (C7520).
+    fence_proxy_async();  // this thread's staged rows, visible to the copy engine
+    named_barrier_sync(kStagingBarrier + c.consumer, 128);
+    if (by_tma && tid == 0) {
+      const int token0 = int(w.q_start) + (item.row_begin + c.consumer * 64) / p.group;
+#pragma unroll
+      for (int b = 0; b < S::kBlocks; ++b)
+        tma_store_3d(&maps.o, b * 64, hk * p.group, token0, stage_addr + b * 64 * 128);
+      bulk_commit_group();
+    }
+    copy_staged_rows<T, HEAD_DIM, S>(p, item, w, hk, c.consumer, stage, tid, 128, by_tma ? 0 : 64);
+    named_barrier_sync(kStagingBarrier + c.consumer, 128);
+  } else if constexpr (S::kStoreWarps) {
     mbar_arrive(sm.o_full(c.consumer));  // release: this thread's staged rows are visible to the store warp
     // The warpgroup reconverges here: without it ptxas places its own warpgroup.arrive for the next
     // unit's first wgmma in a divergent path and serializes every wgmma of the kernel (C7520).
     named_barrier_sync(kStagingBarrier + c.consumer, 128);
   } else {
     named_barrier_sync(kStagingBarrier + c.consumer, 128);
-    copy_staged_rows<T, HEAD_DIM>(p, item, w, hk, c.consumer, stage, (c.warp * 32) + c.lane_g * 4 + c.lane_t, 128);
+    copy_staged_rows<T, HEAD_DIM, S>(p, item, w, hk, c.consumer, stage, tid, 128);
     named_barrier_sync(kStagingBarrier + c.consumer, 128);  // the buffer is free for the next unit
   }
 }
@@ -114,7 +148,7 @@ __device__ __forceinline__ void run_store_warp(const PrefillParams& p, const Sme
     if (item.partial >= 0) continue;  // split chunks write partial rows themselves
     const WorkTile tile = WorkTile::of<Variant, S::kCtaQ>(item, p.group);
     mbar_wait(sm.o_full(half), uint32_t(outputs) & 1);
-    copy_staged_rows<T, HEAD_DIM>(p, item, tile, work.kv_head, half, stage, lane, 32);
+    copy_staged_rows<T, HEAD_DIM, S>(p, item, tile, work.kv_head, half, stage, lane, 32);
     mbar_arrive(sm.o_empty(half));  // release: this lane's loads of the half are done
     ++outputs;
   }
@@ -205,7 +239,7 @@ __global__ void __launch_bounds__(Shape<HEAD_DIM, KV_TILE>::kThreads, 1)
       FIJ_TRACE_UNIT_MARK(2);
       if (S::kStagedEpilogue && item.partial < 0)
         store_output_staged<T, HEAD_DIM, KV_TILE, Variant>(p, item, tile, hk, c, st, variant.softmax_scale_log2(), sm,
-                                                           smem, ps);
+                                                           smem, ps, maps);
       else
         store_output<T, HEAD_DIM, KV_TILE, Variant>(p, item, tile, hk, c, st, variant.softmax_scale_log2());
       // Split tile: the last chunk to finish merges the tile's partial states.
@@ -216,6 +250,9 @@ __global__ void __launch_bounds__(Shape<HEAD_DIM, KV_TILE>::kThreads, 1)
       FIJ_TRACE_UNIT_END(unit, kv_tiles<KV_TILE>(tile));
     }
     turn.finish();
+    if constexpr (S::kTmaStore) {
+      if (tid % 128 == 0) bulk_wait_group<0>();  // the last TMA stores are done before the CTA ends
+    }
   }
 #else
   __trap();  // not an sm_90a pass: the host never launches this
@@ -233,6 +270,12 @@ inline int encode_tensor_maps(const PrefillParams& p, TensorMaps* maps) {
   if (S::kCtaQ % p.group != 0) return int(cudaErrorInvalidValue);  // a Q box is G heads x 128 / G tokens
   int err = encode_row_map<T>(&maps->q, p.q, p.q_rows, p.num_qo_heads, HEAD_DIM, p.q_stride_n, p.q_stride_h,
                               p.group, S::kCtaQ / p.group, false);
+  maps->o_by_tma = 0;
+  if (S::kTmaStore && err == 0 && 64 % p.group == 0) {  // the output, in boxes of 64 packed rows
+    err = encode_row_map<T>(&maps->o, p.o, p.q_rows, p.num_qo_heads, HEAD_DIM, p.o_stride_n, p.o_stride_h, p.group,
+                            64 / p.group, false);
+    maps->o_by_tma = err == 0;
+  }
   maps->k_rows_inner = p.k_stride_n < p.k_stride_h;
   maps->v_rows_inner = p.v_stride_n < p.v_stride_h;
   if constexpr (PAGED) {
