@@ -5,7 +5,7 @@ so calls/second is bounded by the host: the per-call time is Python dispatch + a
 the tensor-map encoding + the launch. Printed side by side for fa2 and sm90 (ragged and paged, NHD) and
 written as JSON with --out.
 
-    PYTHONPATH=. python benchmarks/host_overhead.py [--calls 2000] [--out DIR]
+    PYTHONPATH=. python benchmarks/host_overhead.py [--calls 2000] [--profile] [--out DIR]
 """
 from __future__ import annotations
 
@@ -37,6 +37,25 @@ def _per_call_us(fn, calls: int) -> dict[str, float]:
         samples.append((time.perf_counter_ns() - t0) / 1e3 / calls)
     samples.sort()
     return {"median_us": round(samples[len(samples) // 2], 2), "min_us": round(samples[0], 2)}
+
+
+PROFILE = False  # --profile: where run()'s host time goes (cProfile, top entries by own time)
+
+
+def _profile(label: str, fn, calls: int) -> None:
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(18)
+    print(f"--- {label}: {calls} calls, cProfile by own time (profiler overhead included)\n{out.getvalue()}")
 
 
 def _kernel_us(fn) -> float:
@@ -79,6 +98,8 @@ def measure(backend: str, layout: str, calls: int) -> dict:
 
     plan()
     torch.cuda.synchronize()
+    if PROFILE:
+        _profile(f"{backend} {layout} run()", run, calls)
     plan_times = []
     for _ in range(200):
         t0 = time.perf_counter_ns()
@@ -93,8 +114,11 @@ def measure(backend: str, layout: str, calls: int) -> dict:
 def main(argv: "list[str] | None" = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--calls", type=int, default=2000)
+    ap.add_argument("--profile", action="store_true", help="also print a cProfile of run() per case")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
+    global PROFILE
+    PROFILE = args.profile
     if not torch.cuda.is_available():
         print("host_overhead.py needs a CUDA GPU", file=sys.stderr)
         return 2
