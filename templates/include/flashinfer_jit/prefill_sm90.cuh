@@ -142,16 +142,13 @@ __device__ __forceinline__ void run_store_warp(const PrefillParams& p, const Sme
   const int lane = threadIdx.x % 32;
   const uint8_t* stage = sm.generic(smem, sm.o_stage()) + half * 64 * HEAD_DIM * 2;
   int outputs = 0;
-  for (int k = 0, unit; (unit = persistent_unit(k, units)) >= 0; ++k) {
-    WorkItem item;
-    const TileScheduler work = TileScheduler::at(p, unit, item);
-    if (item.partial >= 0) continue;  // split chunks write partial rows themselves
-    const WorkTile tile = WorkTile::of<Variant, S::kCtaQ>(item, p.group);
+  for_each_unit<Variant, S::kCtaQ>(p, units, [&](int, const WorkItem& item, int hk, const WorkTile& tile) {
+    if (item.partial >= 0) return;  // split chunks write partial rows themselves
     mbar_wait(sm.o_full(half), uint32_t(outputs) & 1);
-    copy_staged_rows<T, HEAD_DIM, S>(p, item, tile, work.kv_head, half, stage, lane, 32);
+    copy_staged_rows<T, HEAD_DIM, S>(p, item, tile, hk, half, stage, lane, 32);
     mbar_arrive(sm.o_empty(half));  // release: this lane's loads of the half are done
     ++outputs;
-  }
+  });
 }
 
 template <typename T, int HEAD_DIM, int KV_TILE, typename Variant>
@@ -174,8 +171,8 @@ __device__ __forceinline__ void store_output(const PrefillParams& p, const WorkI
 }
 
 // One persistent CTA per SM (grid = min(units, SMs)): CTA b runs one unit of each band of gridDim.x
-// units (persistent_unit; units in plan order, longest first). Each role walks the same sequence: the producer loads unit
-// i + 1 while the consumers finish unit i and write its output.
+// units (persistent_unit; units in plan order, longest first). Each role walks the same sequence
+// (for_each_unit): the producer loads unit i + 1 while the consumers finish unit i and write its output.
 template <typename T, int HEAD_DIM, int KV_TILE, typename Variant, bool PAGED>
 __global__ void __launch_bounds__(Shape<HEAD_DIM, KV_TILE>::kThreads, 1)
     prefill_kernel(const __grid_constant__ PrefillParams p, const __grid_constant__ TensorMaps maps) {
@@ -198,22 +195,17 @@ __global__ void __launch_bounds__(Shape<HEAD_DIM, KV_TILE>::kThreads, 1)
   if (threadIdx.x < 128) {
     release_registers<producer_registers<HEAD_DIM>()>();
     const int warp = threadIdx.x / 32;
+    using Prod = Producer<T, HEAD_DIM, KV_TILE, PAGED>;
     if (S::kStoreWarps && warp >= 1 && warp <= S::kConsumers) {
       run_store_warp<T, HEAD_DIM, KV_TILE, Variant>(p, sm, smem, units, warp - 1);
     } else if (S::kTailWarp && warp == 3) {
-      for (int k = 0, unit; (unit = persistent_unit(k, units)) >= 0; ++k) {
-        WorkItem item;
-        TileScheduler::at(p, unit, item);
-        Producer<T, HEAD_DIM, KV_TILE, PAGED>::zero_unit_tail(WorkTile::of<Variant, S::kCtaQ>(item, p.group), sm, smem,
-                                                              ps);
-      }
+      for_each_unit<Variant, S::kCtaQ>(p, units, [&](int, const WorkItem&, int, const WorkTile& tile) {
+        Prod::zero_unit_tail(tile, sm, smem, ps);
+      });
     } else if (warp == 0) {
-      for (int k = 0, unit; (unit = persistent_unit(k, units)) >= 0; ++k) {
-        WorkItem item;
-        const TileScheduler work = TileScheduler::at(p, unit, item);
-        const WorkTile tile = WorkTile::of<Variant, S::kCtaQ>(item, p.group);
-        Producer<T, HEAD_DIM, KV_TILE, PAGED>::run(p, maps, tile, work.kv_head, sm, smem, ps);
-      }
+      for_each_unit<Variant, S::kCtaQ>(p, units, [&](int, const WorkItem&, int hk, const WorkTile& tile) {
+        Prod::run(p, maps, tile, hk, sm, smem, ps);
+      });
     }
   } else {
     claim_registers<consumer_registers<HEAD_DIM>()>();
@@ -270,12 +262,11 @@ inline int encode_tensor_maps(const PrefillParams& p, TensorMaps* maps) {
   if (S::kCtaQ % p.group != 0) return int(cudaErrorInvalidValue);  // a Q box is G heads x 128 / G tokens
   int err = encode_row_map<T>(&maps->q, p.q, p.q_rows, p.num_qo_heads, HEAD_DIM, p.q_stride_n, p.q_stride_h,
                               p.group, S::kCtaQ / p.group, false);
-  maps->o_by_tma = 0;
-  if (S::kTmaStore && err == 0 && 64 % p.group == 0) {  // the output, in boxes of 64 packed rows
-    err = encode_row_map<T>(&maps->o, p.o, p.q_rows, p.num_qo_heads, HEAD_DIM, p.o_stride_n, p.o_stride_h, p.group,
-                            64 / p.group, false);
-    maps->o_by_tma = err == 0;
-  }
+  // The output, in boxes of 64 packed rows; where it cannot be (64 % G, an output the encoder refuses)
+  // every half keeps the row stores.
+  maps->o_by_tma = S::kTmaStore && 64 % p.group == 0 &&
+                   encode_row_map<T>(&maps->o, p.o, p.q_rows, p.num_qo_heads, HEAD_DIM, p.o_stride_n, p.o_stride_h,
+                                     p.group, 64 / p.group, false) == 0;
   maps->k_rows_inner = p.k_stride_n < p.k_stride_h;
   maps->v_rows_inner = p.v_stride_n < p.v_stride_h;
   if constexpr (PAGED) {

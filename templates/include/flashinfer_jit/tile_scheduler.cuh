@@ -105,6 +105,17 @@ struct WorkTile {
   }
 };
 
+// The persistent CTA's units in order, each as fn(k, item, kv_head, tile): the walk every role of the
+// sm90 kernel makes (the consumers' own loop also prefetches and traces around the same steps).
+template <typename Variant, int CTA_Q, typename Fn>
+__device__ __forceinline__ void for_each_unit(const PrefillParams& p, int units, Fn&& fn) {
+  for (int k = 0, unit; (unit = persistent_unit(k, units)) >= 0; ++k) {
+    WorkItem item;
+    const TileScheduler work = TileScheduler::at(p, unit, item);
+    fn(k, item, work.kv_head, WorkTile::of<Variant, CTA_Q>(item, p.group));
+  }
+}
+
 // Split chunks only: after this chunk's partial rows are written, is it the tile's last to finish?
 // Every thread taking part gets the answer (through `flag`, one int of shared memory no longer in
 // use); `sync` is their barrier (the whole CTA, or the consumer warps of a warp-specialized kernel)
