@@ -94,8 +94,9 @@ def test_sm90_build_uses_hgmma_and_tma_without_spills(layout: str, head_dim: int
     ("-DFIJ_SM90_DOUBLE_Q=1 -DFIJ_SM90_STORE_WARPS=1", ["BAR.ARV", "STG.E.128"], []),
     ("-DFIJ_SM90_TAIL_WARP=1", ["BAR.ARV", "STG.E.128"], []),
     ("-DFIJ_SM90_TMA_STORE=1", ["UTMASTG.3D", "STG.E.128"], []),  # TMA for whole halves, rows for the rest
+    ("-DFIJ_SM90_PAGED_GATHER=1", ["BAR.ARV", "UTMALDG.3D"], []),  # ragged: unchanged (gathers are paged)
 ], ids=["defaults", "no-pingpong", "no-staged-epilogue", "all-off", "double-q-store-warps", "tail-warp",
-        "tma-store"])
+        "tma-store", "paged-gather-ragged"])
 def test_sm90_switches_build(flags: str, present: list, absent: list, monkeypatch, no_gpu) -> None:
     """The kernel's switches (ping-pong, staged epilogue, snake unit order: on by default, measured on the
     H200; benchmarks/sm90_switches.sh A/Bs them) build either way, have their own cache keys, show or
@@ -118,9 +119,25 @@ def test_sm90_switches_build(flags: str, present: list, absent: list, monkeypatc
 UNDER_AB = ("-DFIJ_SM90_DOUBLE_Q=1 -DFIJ_SM90_STORE_WARPS=1 -DFIJ_SM90_TAIL_WARP=1 -DFIJ_SM90_PAGE_PREFETCH=1 "
             "-DFIJ_SM90_ITEM_PREFETCH=1")
 UNDER_AB_TMA = UNDER_AB.replace("-DFIJ_SM90_STORE_WARPS=1", "-DFIJ_SM90_TMA_STORE=1")  # the two exclude each other
+# The gather takes the whole producer warpgroup: no store or tail warps beside it.
+UNDER_AB_GATHER = UNDER_AB_TMA.replace("-DFIJ_SM90_TAIL_WARP=1", "-DFIJ_SM90_PAGED_GATHER=1")
 
 
-@pytest.mark.parametrize("flags", [UNDER_AB, UNDER_AB_TMA], ids=["store-warps", "tma-store"])
+def test_sm90_paged_gather_builds_cp_async_loads(monkeypatch, no_gpu) -> None:
+    """-DFIJ_SM90_PAGED_GATHER=1 (off by default): paged K/V come by cp.async (LDGSTS) completing on the
+    stage barriers (ARRIVES.LDGSTSBAR), no per-page TMA boxes (UTMALDG.4D), a proxy fence before the wgmmas
+    read them; Q still by TMA; spill-free and pipelined."""
+    monkeypatch.setenv("FLASHINFER_JIT_ARCH", "90a")
+    monkeypatch.setenv("FLASHINFER_JIT_EXTRA_CUDAFLAGS", "-DFIJ_SM90_PAGED_GATHER=1")
+    sass = built_sass(PrefillSpec("paged", 128, "bf16", False, backend="sm90"))
+    for marker in ("LDGSTS", "ARRIVES.LDGSTSBAR", "FENCE.VIEW.ASYNC.S", "UTMALDG.3D"):
+        assert marker in sass, f"no {marker} in the gathering kernel's SASS"
+    assert "UTMALDG.4D" not in sass, "the gathering kernel still loads pages by TMA"
+    assert not spills(sass), f"local-memory spills: {spills(sass)[:5]}"
+    assert not serialized_wgmma(sass), "ptxas serialized the wgmma pipeline"
+
+
+@pytest.mark.parametrize("flags", [UNDER_AB, UNDER_AB_TMA, UNDER_AB_GATHER], ids=["store-warps", "tma-store", "gather"])
 @pytest.mark.parametrize("layout, head_dim", [("ragged", 64), ("paged", 128), ("paged", 64), ("ragged", 256)])
 def test_sm90_switches_under_ab_build_for_other_shapes(layout: str, head_dim: int, flags: str, monkeypatch,
                                                        no_gpu) -> None:

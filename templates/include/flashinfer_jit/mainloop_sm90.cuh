@@ -81,6 +81,14 @@
 #define FIJ_SM90_TMA_STORE 0
 #endif
 
+// Switch (off until measured; -DFIJ_SM90_PAGED_GATHER=1): paged K and V tiles gathered by the producer
+// warpgroup's 128 threads with cp.async (16 bytes each, consecutive threads along a row, each row from
+// its page) instead of one TMA box per page: any page size, rows past the request's end zero-filled (no
+// tail to zero), completion by cp.async-tracked arrivals. The issue asks for the measured choice.
+#ifndef FIJ_SM90_PAGED_GATHER
+#define FIJ_SM90_PAGED_GATHER 0
+#endif
+
 namespace fij {
 namespace sm90 {
 
@@ -157,7 +165,7 @@ struct SmemLayout {
     return smem + (addr - static_cast<uint32_t>(__cvta_generic_to_shared(smem)));
   }
   // One thread, before the CTA barrier that starts the roles.
-  __device__ __forceinline__ void init_barriers() const {
+  __device__ __forceinline__ void init_barriers(uint32_t kv_full_arrivals = 1) const {
     for (int b = 0; b < S::kQBuffers; ++b) {
       mbar_init(q_full(b), 1);
       mbar_init(q_empty(b), S::kConsumers * 4);  // one arrival per consumer warp
@@ -168,8 +176,8 @@ struct SmemLayout {
       mbar_init(o_empty(c), 32);  // every lane of its store warp, after its own loads
     }
     for (int s = 0; s < S::kStages; ++s) {
-      mbar_init(k_full(s), 1);
-      mbar_init(v_full(s), 1);
+      mbar_init(k_full(s), kv_full_arrivals);  // 1 (a TMA issuer) or every gathering thread
+      mbar_init(v_full(s), kv_full_arrivals);
       mbar_init(k_empty(s), S::kConsumers * 4);  // one arrival per consumer warp
       mbar_init(v_empty(s), S::kConsumers * 4);
     }
@@ -212,6 +220,35 @@ __device__ __forceinline__ int kv_tiles(const WorkTile& w) {
 template <typename T, int HEAD_DIM, int KV_TILE, bool PAGED>
 struct Producer {
   using S = Shape<HEAD_DIM, KV_TILE>;
+  static constexpr bool kGather = PAGED && FIJ_SM90_PAGED_GATHER != 0;
+  static constexpr int kThreads = kGather ? 128 : 32;  // the threads running run(): a warpgroup or a warp
+  static constexpr uint32_t kFullArrivals = kGather ? 128 : 1;  // per K / V full phase: gatherers or the TMA issuer
+  static_assert(!kGather || (!S::kStoreWarps && !S::kTailWarp), "the gather takes the whole producer warpgroup");
+
+  // One paged K or V tile gathered by the warpgroup (kGather), keys [pos0, pos0 + KV_TILE) into the stage at
+  // `dst` in the 128-byte swizzled layout the TMA would give; `tid` 0..127. Thread tid always copies
+  // 16-byte chunk tid % kChunks of rows tid / kChunks, + 128 / kChunks, ...: one page lookup per row.
+  __device__ __forceinline__ static void gather_tile(const PrefillParams& p, const T* base, uint32_t dst, uint32_t bar,
+                                                     const WorkTile& w, int hk, int pos0, int tid) {
+    constexpr int kChunks = HEAD_DIM / 8;  // 16-byte chunks of a row
+    const int chunk = tid % kChunks;
+    const T* head = base + int64_t(hk) * p.k_stride_h + chunk * 8;  // K and V share their strides
+    const uint32_t block = dst + (chunk / 8) * KV_TILE * 128;  // the chunk's 64-head-dim block
+#pragma unroll 4
+    for (int r = tid / kChunks; r < KV_TILE; r += 128 / kChunks) {
+      const int pos = pos0 + r;
+      const bool valid = pos < w.kv_len;
+      const T* src = base;  // read nothing past the request's end: the row is zero-filled
+      if (valid) {
+        const uint32_t entry = (__umulhi(uint32_t(pos), p.page_div_mul) + uint32_t(pos)) >> p.page_div_shift;
+        const int page = p.page_indices[w.page_start + int(entry)];
+        const int slot = pos - int(entry) * p.page_size;
+        src = head + int64_t(page) * p.stride_page + int64_t(slot) * p.k_stride_n;
+      }
+      cp_async_16(block + r * 128 + (((chunk % 8) ^ (r & 7)) * 16), src, valid);
+    }
+    mbar_arrive_after_cp_async(bar);
+  }
 
   // One K or V tile, keys [pos0, pos0 + KV_TILE) of the request, into the stage at `dst`, completing on
   // `bar` (expected bytes included). Whole warp. Ragged: one box per 64 head dims, issued by lane 0.
@@ -294,13 +331,13 @@ struct Producer {
     }
   }
 
-  // One work unit, run by one whole warp.
+  // One work unit, run by one whole warp (kGather: by the whole warpgroup).
   __device__ __forceinline__ static void run(const PrefillParams& p, const TensorMaps& maps, const WorkTile& w,
                                              int hk, const SmemLayout<S>& sm, uint8_t* smem, PipelineState& ps) {
     const int lane = threadIdx.x % 32;
     const int n = kv_tiles<KV_TILE>(w);
     if (n == 0) return;  // the consumers skip the mainloop: nothing to load
-    if (lane == 0) {
+    if (threadIdx.x % kThreads == 0) {
       // Q: packed rows [row_begin, row_begin + 128) are tokens row_begin / G .. and heads hk * G ..:
       // a box of G heads x 128 / G tokens lands in packed-row order. The previous unit's consumers
       // must be done with the Q buffer (the unit kQBuffers before this one).
@@ -333,6 +370,14 @@ struct Producer {
       if (box_per_lane && j + 1 < n) next = page_box(p, w, maps.box_rows, pos0 + KV_TILE);  // in flight over the waits
       if (t >= S::kStages && lane == 0) mbar_wait(sm.k_empty(stage), phase ^ 1);
       __syncwarp();
+      if constexpr (kGather) {
+        const int tid = threadIdx.x % kThreads;
+        gather_tile(p, static_cast<const T*>(p.k), sm.k(stage), sm.k_full(stage), w, hk, pos0, tid);
+        if (t >= S::kStages && lane == 0) mbar_wait(sm.v_empty(stage), phase ^ 1);
+        __syncwarp();
+        gather_tile(p, static_cast<const T*>(p.v), sm.v(stage), sm.v_full(stage), w, hk, pos0, tid);
+        continue;  // rows past the request's end came zero-filled: no tail
+      }
       load(&maps.k, maps.k_rows_inner, sm.k(stage), sm.k_full(stage), pos0);
       if (t >= S::kStages && lane == 0) mbar_wait(sm.v_empty(stage), phase ^ 1);
       __syncwarp();
@@ -504,10 +549,16 @@ struct Consumer {
 
   // One work unit. Leaves O (unnormalised) and the softmax state for the epilogue. `q_landed` runs once
   // the unit's Q tile is in shared memory (a trace hook; empty otherwise).
-  template <typename OnQ>
+  // kGathered: K and V came by cp.async (Producer::kGather), ordinary writes that the wgmma (async
+  // proxy) may read only after a proxy fence by the reading thread.
+  template <bool kGathered = false, typename OnQ>
   __device__ __forceinline__ void run(const PrefillParams& p, const Variant& variant, const WorkTile& w, int hk,
                                       const SmemLayout<S>& sm, State& st, PipelineState& ps, const TurnTaking& turn,
                                       OnQ&& q_landed) const {
+    auto wait_kv = [&](uint32_t bar, uint32_t parity) {
+      mbar_wait(bar, parity);
+      if constexpr (kGathered) fence_proxy_async();
+    };
 #pragma unroll
     for (int i = 0; i < HEAD_DIM / 2; ++i) st.o[i] = 0.f;
     st.softmax.init();
@@ -526,7 +577,7 @@ struct Consumer {
 
     // Tile 0: S, softmax, P.
     turn.wait();
-    mbar_wait(sm.k_full(stage_of(0)), phase_of(0));
+    wait_kv(sm.k_full(stage_of(0)), phase_of(0));
     wgmma_fence();
     issue_qk(s, sm, qb, stage_of(0));
     wgmma_commit();
@@ -540,12 +591,12 @@ struct Consumer {
     for (int j = 1; j < n; ++j) {
       const int stage = stage_of(j), prev = stage_of(j - 1);
       turn.wait();
-      mbar_wait(sm.k_full(stage), phase_of(j));
+      wait_kv(sm.k_full(stage), phase_of(j));
       fence_operands(s);
       wgmma_fence();
       issue_qk(s, sm, qb, stage);
       wgmma_commit();
-      mbar_wait(sm.v_full(prev), phase_of(j - 1));
+      wait_kv(sm.v_full(prev), phase_of(j - 1));
       fence_operands(st.o);
       issue_pv(st.o, pf, sm, prev);
       wgmma_commit();
@@ -564,7 +615,7 @@ struct Consumer {
 
     const int last = stage_of(n - 1);
     turn.wait();
-    mbar_wait(sm.v_full(last), phase_of(n - 1));
+    wait_kv(sm.v_full(last), phase_of(n - 1));
     fence_operands(st.o);
     wgmma_fence();
     issue_pv(st.o, pf, sm, last);

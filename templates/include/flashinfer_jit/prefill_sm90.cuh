@@ -183,8 +183,9 @@ __global__ void __launch_bounds__(Shape<HEAD_DIM, KV_TILE>::kThreads, 1)
   const SmemLayout<S> sm = SmemLayout<S>::of(smem);
   const int units = p.counts[0] * p.num_kv_heads;
   if (int(blockIdx.x) >= units) return;
+  using Prod = Producer<T, HEAD_DIM, KV_TILE, PAGED>;
   if (threadIdx.x == 0) {
-    sm.init_barriers();
+    sm.init_barriers(Prod::kFullArrivals);
     prefetch_tensor_map(&maps.q);
     prefetch_tensor_map(&maps.k);
     prefetch_tensor_map(&maps.v);
@@ -195,14 +196,13 @@ __global__ void __launch_bounds__(Shape<HEAD_DIM, KV_TILE>::kThreads, 1)
   if (threadIdx.x < 128) {
     release_registers<producer_registers<HEAD_DIM>()>();
     const int warp = threadIdx.x / 32;
-    using Prod = Producer<T, HEAD_DIM, KV_TILE, PAGED>;
     if (S::kStoreWarps && warp >= 1 && warp <= S::kConsumers) {
       run_store_warp<T, HEAD_DIM, KV_TILE, Variant>(p, sm, smem, units, warp - 1);
     } else if (S::kTailWarp && warp == 3) {
       for_each_unit<Variant, S::kCtaQ>(p, units, [&](int, const WorkItem&, int, const WorkTile& tile) {
         Prod::zero_unit_tail(tile, sm, smem, ps);
       });
-    } else if (warp == 0) {
+    } else if (warp == 0 || Prod::kGather) {
       for_each_unit<Variant, S::kCtaQ>(p, units, [&](int, const WorkItem&, int hk, const WorkTile& tile) {
         Prod::run(p, maps, tile, hk, sm, smem, ps);
       });
@@ -224,7 +224,7 @@ __global__ void __launch_bounds__(Shape<HEAD_DIM, KV_TILE>::kThreads, 1)
       const int hk = work.kv_head;
       const WorkTile tile = WorkTile::of<Variant, S::kCtaQ>(item, p.group);
       typename Cons::State st;
-      c.run(p, variant, tile, hk, sm, st, ps, turn, [&] {
+      c.template run<Prod::kGather>(p, variant, tile, hk, sm, st, ps, turn, [&] {
         FIJ_TRACE_UNIT_MARK(1);
         if constexpr (S::kItemPrefetch) TileScheduler::prefetch(p, persistent_unit_or_any(k + 1, units));
       });
@@ -269,7 +269,9 @@ inline int encode_tensor_maps(const PrefillParams& p, TensorMaps* maps) {
                                      p.group, 64 / p.group, false) == 0;
   maps->k_rows_inner = p.k_stride_n < p.k_stride_h;
   maps->v_rows_inner = p.v_stride_n < p.v_stride_h;
-  if constexpr (PAGED) {
+  if constexpr (Producer<T, HEAD_DIM, KV_TILE, PAGED>::kGather) {
+    maps->box_rows = 0;  // gathered by cp.async: no K / V maps, any page size
+  } else if constexpr (PAGED) {
     if (!pages_fit_boxes<KV_TILE>(p.page_size)) return int(cudaErrorInvalidValue);
     maps->box_rows = p.page_size < KV_TILE ? p.page_size : KV_TILE;
     if (err == 0)
