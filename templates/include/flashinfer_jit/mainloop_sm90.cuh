@@ -17,6 +17,8 @@
 //   - V rows past the request's last key (the tail tile) are zeroed in shared memory before use: TMA
 //     reads whatever follows in the tensor (another request's rows, or unwritten memory), and a NaN
 //     there would survive P = 0 in the PV product.
+//   - Compile-time switches (ping-pong, staged epilogue, unit order, and the ones still under A/B such
+//     as the cp.async gather for paged K/V): switches_sm90.h.
 #pragma once
 #include <cuda.h>  // CUtensorMap
 
@@ -25,69 +27,9 @@
 #include "flashinfer_jit/prefill_params.h"
 #include "flashinfer_jit/score_mask.cuh"
 #include "flashinfer_jit/softmax.cuh"
+#include "flashinfer_jit/switches_sm90.h"
 #include "flashinfer_jit/tile_scheduler.cuh"
 #include "flashinfer_jit/variant.cuh"
-
-// Switch (on; FLASHINFER_JIT_EXTRA_CUDAFLAGS=-DFIJ_SM90_STAGED_EPILOGUE=0 turns it off, part of the cache
-// key): final O rows go through shared memory and leave as 16-byte row stores instead of 4-byte fragment
-// stores. Measured with the ping-pong below (benchmarks/NOTES.md, "Hopper kernel, second look").
-#ifndef FIJ_SM90_STAGED_EPILOGUE
-#define FIJ_SM90_STAGED_EPILOGUE 1
-#endif
-
-// Switch (off until measured on the device; -DFIJ_SM90_DOUBLE_Q=1, part of the cache key): two Q buffers
-// where shared memory has room (head_dim <= 128: 224 KB at 128), so the producer loads unit i+1's Q
-// while unit i runs instead of after its last Q K^T (the trace showed ~0.5 us of Q wait per unit).
-#ifndef FIJ_SM90_DOUBLE_Q
-#define FIJ_SM90_DOUBLE_Q 0
-#endif
-
-// Switch (off until measured; -DFIJ_SM90_STORE_WARPS=1): with the staged epilogue, warps 1 and 2 of the
-// producer warpgroup (idle otherwise) copy each consumer warpgroup's staged O rows to global memory,
-// so the consumers only write shared memory and go on (the trace showed ~2 us of epilogue per unit).
-#ifndef FIJ_SM90_STORE_WARPS
-#define FIJ_SM90_STORE_WARPS 0
-#endif
-
-// Switch (off until measured; -DFIJ_SM90_TAIL_WARP=1): warp 3 of the producer warpgroup zeroes the V rows
-// past a request's end (the tail tile), so the producer warp issues the next loads instead of waiting
-// for the tail's bytes to land (the trace showed ~2.7 us per unit in non-causal batches, whose every
-// unit ends in a tail).
-#ifndef FIJ_SM90_TAIL_WARP
-#define FIJ_SM90_TAIL_WARP 0
-#endif
-
-// Switch (off until measured; -DFIJ_SM90_PAGE_PREFETCH=1): paged K and V of a tile share one page-table
-// lookup per lane, and the next tile's lookup is issued before the waits for free stages, so its load
-// latency is hidden (paged ran at 0.83 of ragged with a lookup per K and per V tile, each waited for).
-#ifndef FIJ_SM90_PAGE_PREFETCH
-#define FIJ_SM90_PAGE_PREFETCH 0
-#endif
-
-// Switch (off until measured; -DFIJ_SM90_ITEM_PREFETCH=1): once a unit's Q tile has landed the consumers
-// prefetch their next unit's work item into L1 (the trace showed ~0.5 us from a unit's start to its Q
-// tile even with Q double-buffered: the item's load from L2). Issued there because at the unit's
-// start the same prefetch makes ptxas serialize every wgmma (C7520) and spill.
-#ifndef FIJ_SM90_ITEM_PREFETCH
-#define FIJ_SM90_ITEM_PREFETCH 0
-#endif
-
-// Switch (off until measured; -DFIJ_SM90_TMA_STORE=1): with the staged epilogue, a consumer warpgroup's
-// 64 staged rows leave by one TMA store per 64 head dims (the staging buffer then holds them in the
-// TMA's swizzled layout) when all 64 belong to the tile; a half holding the tile's end (whose box would
-// reach into the next request's rows) keeps the row stores. The warpgroup goes on while the copy engine
-// writes; the next epilogue first waits for the store to have read the buffer.
-#ifndef FIJ_SM90_TMA_STORE
-#define FIJ_SM90_TMA_STORE 0
-#endif
-
-// Switch (off until measured; -DFIJ_SM90_PAGED_GATHER=1): paged K and V tiles gathered by the producer
-// warpgroup's 128 threads with cp.async (16 bytes each, consecutive threads along a row, each row from
-// its page) instead of one TMA box per page: any page size, rows past the request's end zero-filled (no
-// tail to zero), completion by cp.async-tracked arrivals. The issue asks for the measured choice.
-#ifndef FIJ_SM90_PAGED_GATHER
-#define FIJ_SM90_PAGED_GATHER 0
-#endif
 
 namespace fij {
 namespace sm90 {
@@ -433,13 +375,6 @@ struct Producer {
     if (lane == 0) mbar_arrive(sm.v_full(stage));
   }
 };
-
-// Switch (on; -DFIJ_SM90_PINGPONG=0 turns it off, part of the cache key): the two consumer warpgroups take
-// turns issuing their GEMMs (FA3's ping-pong), so one's softmax runs under the other's tensor-core work.
-// Measured on the H200: +2% (causal hd128) to +8% (hd64) over free interleaving (benchmarks/NOTES.md).
-#ifndef FIJ_SM90_PINGPONG
-#define FIJ_SM90_PINGPONG 1
-#endif
 
 // Turn-taking between the two consumer warpgroups on named barriers 2 and 3 (256 threads: the waiting
 // warpgroup and the one handing over). Every GEMM-issue phase is wait() ... pass(); both warpgroups run

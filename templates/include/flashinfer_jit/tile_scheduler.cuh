@@ -11,6 +11,7 @@
 #pragma once
 #include "flashinfer_jit/mma.cuh"
 #include "flashinfer_jit/prefill_params.h"
+#include "flashinfer_jit/switches_sm90.h"
 #include "flashinfer_jit/variant.cuh"
 
 namespace fij {
@@ -45,15 +46,6 @@ struct TileScheduler {
     asm volatile("prefetch.global.L1 [%0];\n" ::"l"(p.items + unit / p.num_kv_heads));
   }
 };
-
-// Switch (on; FLASHINFER_JIT_EXTRA_CUDAFLAGS=-DFIJ_SM90_SNAKE=0 turns it off, part of the cache key):
-// persistent CTAs take units in bands of gridDim.x, alternately forward and backward, so the CTA given a
-// band's longest unit gets the next band's shortest (units are longest first). Plain striding hands CTA
-// 0 the longest unit of every band: the last CTA ended 2.1-4.5% after the mean CTA's busy time in the
-// H200 trace (benchmarks/sm90_trace.py), 0.7-1.7% with the snake.
-#ifndef FIJ_SM90_SNAKE
-#define FIJ_SM90_SNAKE 1
-#endif
 
 // The k-th unit of this persistent CTA, or -1 once none is left (only the last band is partial, and
 // in a partial band exactly the CTAs below its size have a unit, in either direction).
