@@ -11,7 +11,7 @@
 # and OUT_DIR/<tag>-r<round>/<card>-<date>-prefill.json (+ .md); ab_compare.py compares two of them.
 # SUITES=0 skips the GPU suites (smoke only: for screening; a setting that ships needs them).
 # IMPLS (default flashinfer_jit,fa2_varlen) picks bench_prefill's implementations, e.g. add flashinfer_jit_paged.
-# Budget: ~25 s of builds + ~30 s of tests + ~60 s of bench per setting and round on an H200.
+# Budget: ~40 s of builds (ragged and paged) + ~30 s of tests + ~60 s of bench per setting and round on an H200.
 set -u -o pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -36,7 +36,7 @@ declare -A OK
 for setting in "${SETTINGS[@]}"; do
   t=$(tag "$setting")
   export FLASHINFER_JIT_EXTRA_CUDAFLAGS="$setting" FLASHINFER_JIT_CACHE_DIR="$PWD/cache/switch-$t"
-  timeout 120 "$PY" -m flashinfer_jit prebuild --family prefill --layout ragged --backend sm90,fa2 | tail -1
+  timeout 120 "$PY" -m flashinfer_jit prebuild --family prefill --layout ragged,paged --backend sm90,fa2 | tail -1
   # A wrong barrier hangs: a short smoke run first, so a hanging setting costs 60 s, not the suite's 240.
   if ! timeout 60 "$PY" benchmarks/smoke_prefill.py --backend sm90 > "$OUT/$t-smoke.log" 2>&1; then
     OK[$t]=0
