@@ -51,6 +51,23 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
   } while (!done);
 }
 
+// mbar_wait for helper warps off the critical path (store, tail and gathering warps): sleeps between
+// tries, so that a waiting warp does not take issue slots from the consumer warps on its scheduler.
+__device__ __forceinline__ void mbar_wait_sleeping(uint32_t bar, uint32_t parity) {
+  uint32_t done;
+  unsigned sleep_ns = 32;
+  for (;;) {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.test_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+    if (done) return;
+    __nanosleep(sleep_ns);
+    sleep_ns = sleep_ns < 512 ? 2 * sleep_ns : 512;
+  }
+}
+
 // ---- TMA -------------------------------------------------------------------------------------------
 
 // Box of a 3-D tensor map at coordinates (c0 innermost, c1, c2) into shared memory at `dst`;

@@ -310,16 +310,19 @@ struct Producer {
       const int pos0 = w.kv.begin + j * KV_TILE;
       PageBox next;
       if (box_per_lane && j + 1 < n) next = page_box(p, w, maps.box_rows, pos0 + KV_TILE);  // in flight over the waits
-      if (t >= S::kStages && lane == 0) mbar_wait(sm.k_empty(stage), phase ^ 1);
-      __syncwarp();
       if constexpr (kGather) {
+        // Four warps wait here: they sleep between tries (two stages ahead, the wake-up costs nothing).
         const int tid = threadIdx.x % kThreads;
+        if (t >= S::kStages && lane == 0) mbar_wait_sleeping(sm.k_empty(stage), phase ^ 1);
+        __syncwarp();
         gather_tile(p, static_cast<const T*>(p.k), sm.k(stage), sm.k_full(stage), w, hk, pos0, tid);
-        if (t >= S::kStages && lane == 0) mbar_wait(sm.v_empty(stage), phase ^ 1);
+        if (t >= S::kStages && lane == 0) mbar_wait_sleeping(sm.v_empty(stage), phase ^ 1);
         __syncwarp();
         gather_tile(p, static_cast<const T*>(p.v), sm.v(stage), sm.v_full(stage), w, hk, pos0, tid);
         continue;  // rows past the request's end came zero-filled: no tail
       }
+      if (t >= S::kStages && lane == 0) mbar_wait(sm.k_empty(stage), phase ^ 1);
+      __syncwarp();
       load(&maps.k, maps.k_rows_inner, sm.k(stage), sm.k_full(stage), pos0);
       if (t >= S::kStages && lane == 0) mbar_wait(sm.v_empty(stage), phase ^ 1);
       __syncwarp();
@@ -360,7 +363,10 @@ struct Producer {
   __device__ __forceinline__ static void zero_v_tail(const SmemLayout<S>& sm, uint8_t* smem, int stage, int valid,
                                                      uint32_t parity) {
     const int lane = threadIdx.x % 32;
-    mbar_wait(sm.v_tail(stage), parity);
+    if constexpr (S::kTailWarp)
+      mbar_wait_sleeping(sm.v_tail(stage), parity);  // the tail warp, off the critical path
+    else
+      mbar_wait(sm.v_tail(stage), parity);
     const int rows = KV_TILE - max(valid, 0);
     uint8_t* tile = sm.generic(smem, sm.v(stage));
     // 16-byte zero stores over whole 128-byte rows (the swizzle permutes chunks within a row only).

@@ -144,7 +144,7 @@ __device__ __forceinline__ void run_store_warp(const PrefillParams& p, const Sme
   int outputs = 0;
   for_each_unit<Variant, S::kCtaQ>(p, units, [&](int, const WorkItem& item, int hk, const WorkTile& tile) {
     if (item.partial >= 0) return;  // split chunks write partial rows themselves
-    mbar_wait(sm.o_full(half), uint32_t(outputs) & 1);
+    mbar_wait_sleeping(sm.o_full(half), uint32_t(outputs) & 1);
     copy_staged_rows<T, HEAD_DIM, S>(p, item, tile, hk, half, stage, lane, 32);
     mbar_arrive(sm.o_empty(half));  // release: this lane's loads of the half are done
     ++outputs;
