@@ -9,6 +9,7 @@
 # Settings default to "" (the shipped kernel: ping-pong, staged epilogue and snake order on) and each
 # switch turned off alone. Writes OUT_DIR/<tag>-smoke.log, OUT_DIR/<tag>-tests.log
 # and OUT_DIR/<tag>-r<round>/<card>-<date>-prefill.json (+ .md); ab_compare.py compares two of them.
+# BENCH_ARGS adds bench_prefill arguments (e.g. "--workloads chat16_causal_hd128,chat16_full_hd128 --quick").
 # SUITES=0 skips the GPU suites (smoke only: for screening; a setting that ships needs them).
 # IMPLS (default flashinfer_jit,fa2_varlen) picks bench_prefill's implementations, e.g. add flashinfer_jit_paged.
 # Budget: ~40 s of builds (ragged and paged) + ~30 s of tests + ~60 s of bench per setting and round on an H200.
@@ -61,7 +62,8 @@ for round in $(seq 1 "$ROUNDS"); do
     t=$(tag "$setting")
     [ "${OK[$t]}" = 1 ] || continue
     export FLASHINFER_JIT_EXTRA_CUDAFLAGS="$setting" FLASHINFER_JIT_CACHE_DIR="$PWD/cache/switch-$t"
-    timeout 200 "$PY" benchmarks/bench_prefill.py --impls "${IMPLS:-flashinfer_jit,fa2_varlen}" --deadline 170 \
+    # shellcheck disable=SC2086  # BENCH_ARGS is a list of arguments
+    timeout 200 "$PY" benchmarks/bench_prefill.py --impls "${IMPLS:-flashinfer_jit,fa2_varlen}" --deadline 170 ${BENCH_ARGS:-} \
       --out "$OUT/$t-r$round" | grep -E "^==|flashinfer_jit " | cut -c1-110
   done
 done
