@@ -91,9 +91,13 @@ class BatchPrefillWithRaggedKVCacheWrapper(_BatchAttention):
         qo_indptr_buf, kv_indptr_buf, custom_mask_buf, mask_indptr_buf: FlashInfer's CUDA-graph staging
             buffers; accepted and not needed (the plan lives in the wrapper's own buffers). A custom
             mask itself is refused at plan().
-        backend: "auto" or "fa2" (our FA2-class kernel; `wrapper.backend` says which ran). "fa3" raises
-            NotSupportedError on every card until our Hopper kernel exists (FlashInfer does not fall back
-            on a non-Hopper card either); "cudnn", "cutlass", "trtllm-gen", "cute-dsl" raise too.
+        backend: "auto", "fa2" (our FA2-class kernel) or "sm90" (our Hopper kernel: wgmma, TMA,
+            warp-specialized, persistent; FlashInfer's name "fa3" selects it). "auto" runs sm90 on compute
+            capability 9.x when the batch suits it (a GQA group dividing 128, at least 64 packed q rows per
+            request on average) and fa2 elsewhere; plan() decides and `wrapper.backend` says which ran. An
+            explicit "sm90" / "fa3" that cannot run (another card, a group size that does not divide 128)
+            raises NotSupportedError at plan(), not later at build or launch as in FlashInfer; "cudnn",
+            "cutlass", "trtllm-gen", "cute-dsl" raise NotSupportedError too.
         jit_args, jit_kwargs, variant_owns_mask: FlashInfer's custom JIT variants: None / False only.
     """
 
@@ -225,7 +229,9 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchAttention):
     [num_pages, page_size, Hkv, D] / [num_pages, Hkv, page_size, D] tensors with equal strides.
     Constructor arguments as for the ragged wrapper; with use_cuda_graph=True, paged_kv_indices_buf's
     length sets the page-table room of later plans (the other *_buf arguments are accepted, only their
-    lengths matter: the metadata is kept in the wrapper's own buffers).
+    lengths matter: the metadata is kept in the wrapper's own buffers). The sm90 backend copies whole
+    pages by TMA: it takes page sizes of at least 8 that divide its 128-key tile or are multiples of it
+    ("auto" runs fa2 for the others; an explicit "sm90" / "fa3" raises NotSupportedError at plan()).
     """
 
     _kv_kind = "paged"
