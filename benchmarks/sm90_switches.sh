@@ -6,6 +6,11 @@
 #
 #   PYTHONPATH=. bash benchmarks/sm90_switches.sh OUT_DIR [ROUNDS] [SETTING ...]
 #
+# It writes more than the device tool brings back (8 files, 2 folders deep): give it a scratch OUT_DIR
+# and tar that into the tool's $OUT, e.g.
+#   mkdir -p /tmp/sw && bash benchmarks/sm90_switches.sh /tmp/sw 1 "" -DFIJ_SM90_TAIL_WARP=1 > $OUT/sw.log 2>&1;
+#   tar czf $OUT/sw.tar.gz -C /tmp sw
+#
 # Settings default to "" (the shipped kernel: ping-pong, staged epilogue and snake order on) and each
 # switch turned off alone. Writes OUT_DIR/<tag>-smoke.log, OUT_DIR/<tag>-tests.log
 # and OUT_DIR/<tag>-r<round>/<card>-<date>-prefill.json (+ .md); ab_compare.py compares two of them.
