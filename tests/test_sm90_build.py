@@ -117,7 +117,7 @@ def test_sm90_switches_build(flags: str, present: list, absent: list, monkeypatc
 
 
 UNDER_AB = ("-DFIJ_SM90_DOUBLE_Q=1 -DFIJ_SM90_STORE_WARPS=1 -DFIJ_SM90_TAIL_WARP=1 -DFIJ_SM90_PAGE_PREFETCH=1 "
-            "-DFIJ_SM90_ITEM_PREFETCH=1")
+            "-DFIJ_SM90_ITEM_PREFETCH=1 -DFIJ_SM90_HD64_STAGES=4")
 UNDER_AB_TMA = UNDER_AB.replace("-DFIJ_SM90_STORE_WARPS=1", "-DFIJ_SM90_TMA_STORE=1")  # the two exclude each other
 # The gather takes the whole producer warpgroup: no store or tail warps beside it.
 UNDER_AB_GATHER = UNDER_AB_TMA.replace("-DFIJ_SM90_TAIL_WARP=1", "-DFIJ_SM90_PAGED_GATHER=1")

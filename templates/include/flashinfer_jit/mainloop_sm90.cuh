@@ -41,7 +41,7 @@ struct Shape {
   static constexpr int kCtaQ = kConsumers * kRowsPerConsumer;
   static constexpr int kThreads = 128 * (kConsumers + 1);
   static constexpr int kBlocks = HEAD_DIM / 64;    // 128-byte column blocks of a row
-  static constexpr int kStages = HEAD_DIM <= 64 ? 3 : 2;
+  static constexpr int kStages = HEAD_DIM <= 64 ? FIJ_SM90_HD64_STAGES : 2;
   static constexpr int kNtS = KV_TILE / 8;         // n8 tiles of S
   static constexpr int kNtO = HEAD_DIM / 8;        // n8 tiles of O
   static constexpr uint32_t kQBytes = kCtaQ * HEAD_DIM * 2;

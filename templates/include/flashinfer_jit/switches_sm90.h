@@ -86,3 +86,11 @@
 #ifndef FIJ_SM90_ITEM_PREFETCH
 #define FIJ_SM90_ITEM_PREFETCH 0
 #endif
+
+// Switch (off; -DFIJ_SM90_HD64_STAGES=4): K/V ring depth at head_dim 64 (default 3). hd64 tiles are half
+// the bytes of hd128's for the same tensor-core work, so the loads have less time to hide in: a
+// deeper ring (4 stages: 144 KB with the staging buffer) is the cheapest thing to try there (1.51x FA2
+// against FlashInfer fa3's 1.56x).
+#ifndef FIJ_SM90_HD64_STAGES
+#define FIJ_SM90_HD64_STAGES 3
+#endif
