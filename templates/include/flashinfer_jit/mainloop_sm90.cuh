@@ -167,6 +167,15 @@ struct Producer {
   static constexpr uint32_t kFullArrivals = kGather ? 128 : 1;  // per K / V full phase: gatherers or the TMA issuer
   static_assert(!kGather || (!S::kStoreWarps && !S::kTailWarp), "the gather takes the whole producer warpgroup");
 
+  // Paged: where key `pos` of the request lives (its page, and its slot in the page).
+  struct PageBox {
+    int page = 0, slot = 0;
+  };
+  __device__ __forceinline__ static PageBox locate(const PrefillParams& p, const WorkTile& w, uint32_t pos) {
+    const uint32_t entry = (__umulhi(pos, p.page_div_mul) + pos) >> p.page_div_shift;  // pos / page_size
+    return PageBox{p.page_indices[w.page_start + int(entry)], int(pos - entry * uint32_t(p.page_size))};
+  }
+
   // One paged K or V tile gathered by the warpgroup (kGather), keys [pos0, pos0 + KV_TILE) into the stage at
   // `dst` in the 128-byte swizzled layout the TMA would give; `tid` 0..127. Thread tid always copies
   // 16-byte chunk tid % kChunks of rows tid / kChunks, + 128 / kChunks, ...: one page lookup per row.
@@ -182,10 +191,8 @@ struct Producer {
       const bool valid = pos < w.kv_len;
       const T* src = base;  // read nothing past the request's end: the row is zero-filled
       if (valid) {
-        const uint32_t entry = (__umulhi(uint32_t(pos), p.page_div_mul) + uint32_t(pos)) >> p.page_div_shift;
-        const int page = p.page_indices[w.page_start + int(entry)];
-        const int slot = pos - int(entry) * p.page_size;
-        src = head + int64_t(page) * p.stride_page + int64_t(slot) * p.k_stride_n;
+        const PageBox at = locate(p, w, uint32_t(pos));
+        src = head + int64_t(at.page) * p.stride_page + int64_t(at.slot) * p.k_stride_n;
       }
       cp_async_16(block + r * 128 + (((chunk % 8) ^ (r & 7)) * 16), src, valid);
     }
@@ -220,10 +227,8 @@ struct Producer {
       __syncwarp();
 #pragma unroll 1
       for (int i = lane; i < boxes; i += 32) {
-        const uint32_t pos = uint32_t(pos0 + i * box_rows);
-        const uint32_t entry = (__umulhi(pos, p.page_div_mul) + pos) >> p.page_div_shift;  // pos / page_size
-        const int page = p.page_indices[w.page_start + int(entry)];
-        const int slot = int(pos - entry * uint32_t(p.page_size));
+        const PageBox at = locate(p, w, uint32_t(pos0 + i * box_rows));
+        const int page = at.page, slot = at.slot;
 #pragma unroll
         for (int b = 0; b < S::kBlocks; ++b) {
           const uint32_t to = dst + b * KV_TILE * 128 + i * box_rows * 128;
@@ -238,20 +243,10 @@ struct Producer {
 
   // Paged, one box per lane (kPagePrefetch, when a tile has at most 32 boxes): lane i's box of the tile
   // at pos0, looked up once for K and V.
-  struct PageBox {
-    int page = 0, slot = 0;
-  };
   __device__ __forceinline__ static PageBox page_box(const PrefillParams& p, const WorkTile& w, int box_rows,
                                                      int pos0) {
     const int lane = threadIdx.x % 32;
-    PageBox b;
-    if (pos0 + lane * box_rows < w.kv_len) {
-      const uint32_t pos = uint32_t(pos0 + lane * box_rows);
-      const uint32_t entry = (__umulhi(pos, p.page_div_mul) + pos) >> p.page_div_shift;  // pos / page_size
-      b.page = p.page_indices[w.page_start + int(entry)];
-      b.slot = int(pos - entry * uint32_t(p.page_size));
-    }
-    return b;
+    return pos0 + lane * box_rows < w.kv_len ? locate(p, w, uint32_t(pos0 + lane * box_rows)) : PageBox{};
   }
   __device__ __forceinline__ static void load_paged_tile(const CUtensorMap* map, bool rows_inner, int box_rows,
                                                          uint32_t dst, uint32_t bar, const WorkTile& w, int hk,
