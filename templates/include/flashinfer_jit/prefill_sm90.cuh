@@ -187,8 +187,10 @@ __global__ void __launch_bounds__(Shape<HEAD_DIM, KV_TILE>::kThreads, 1)
   if (threadIdx.x == 0) {
     sm.init_barriers(Prod::kFullArrivals);
     prefetch_tensor_map(&maps.q);
-    prefetch_tensor_map(&maps.k);
-    prefetch_tensor_map(&maps.v);
+    if constexpr (!Prod::kGather) {  // gathered K / V have no maps
+      prefetch_tensor_map(&maps.k);
+      prefetch_tensor_map(&maps.v);
+    }
   }
   __syncthreads();
 
@@ -325,7 +327,7 @@ inline int launch_prefill(const PrefillParams& p, int grid_items, cudaStream_t s
   if (p.cta_q != S::kCtaQ) return int(cudaErrorInvalidValue);
   int err = set_smem_attribute<T, HEAD_DIM, KV_TILE, Variant, PAGED>();
   if (err != 0 || grid_items <= 0) return err;
-  TensorMaps maps;
+  TensorMaps maps{};  // zeroed: the maps a setting does not use (gathered K / V, no TMA store) stay defined
   err = encode_tensor_maps<T, HEAD_DIM, KV_TILE, PAGED>(p, &maps);
   if (err != 0) return err;
   const int64_t units = int64_t(grid_items) * p.num_kv_heads;
