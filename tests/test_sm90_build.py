@@ -87,19 +87,20 @@ def test_sm90_build_uses_hgmma_and_tma_without_spills(layout: str, head_dim: int
 
 
 @pytest.mark.parametrize("flags, present, absent", [
-    ("", ["BAR.ARV", "STG.E.128"], []),  # the defaults: the warpgroups' turn-taking, 16-byte O row stores
-    ("-DFIJ_SM90_PINGPONG=0", ["STG.E.128"], ["BAR.ARV"]),
-    ("-DFIJ_SM90_STAGED_EPILOGUE=0", ["BAR.ARV"], []),
-    ("-DFIJ_SM90_PINGPONG=0 -DFIJ_SM90_STAGED_EPILOGUE=0 -DFIJ_SM90_SNAKE=0", [], ["BAR.ARV"]),
-    ("-DFIJ_SM90_DOUBLE_Q=1 -DFIJ_SM90_STORE_WARPS=1", ["BAR.ARV", "STG.E.128"], []),
-    ("-DFIJ_SM90_TAIL_WARP=1", ["BAR.ARV", "STG.E.128"], []),
-    ("-DFIJ_SM90_TMA_STORE=1", ["UTMASTG.3D", "STG.E.128"], []),  # TMA for whole halves, rows for the rest
+    # the defaults: the warpgroups' turn-taking, O by TMA for whole halves and 16-byte row stores for the rest
+    ("", ["BAR.ARV", "UTMASTG.3D", "STG.E.128"], []),
+    ("-DFIJ_SM90_PINGPONG=0", ["STG.E.128", "UTMASTG.3D"], ["BAR.ARV"]),
+    ("-DFIJ_SM90_STAGED_EPILOGUE=0", ["BAR.ARV"], ["UTMASTG.3D"]),  # no staging buffer, no TMA store
+    ("-DFIJ_SM90_PINGPONG=0 -DFIJ_SM90_STAGED_EPILOGUE=0 -DFIJ_SM90_SNAKE=0", [], ["BAR.ARV", "UTMASTG.3D"]),
+    ("-DFIJ_SM90_TMA_STORE=0", ["BAR.ARV", "STG.E.128"], ["UTMASTG.3D"]),
+    ("-DFIJ_SM90_DOUBLE_Q=1 -DFIJ_SM90_STORE_WARPS=1", ["BAR.ARV", "STG.E.128"], ["UTMASTG.3D"]),  # replaces it
+    ("-DFIJ_SM90_TAIL_WARP=1", ["BAR.ARV", "UTMASTG.3D"], []),
     ("-DFIJ_SM90_PAGED_GATHER=1", ["BAR.ARV", "UTMALDG.3D"], []),  # ragged: unchanged (gathers are paged)
-], ids=["defaults", "no-pingpong", "no-staged-epilogue", "all-off", "double-q-store-warps", "tail-warp",
-        "tma-store", "paged-gather-ragged"])
+], ids=["defaults", "no-pingpong", "no-staged-epilogue", "all-off", "no-tma-store", "double-q-store-warps",
+        "tail-warp", "paged-gather-ragged"])
 def test_sm90_switches_build(flags: str, present: list, absent: list, monkeypatch, no_gpu) -> None:
-    """The kernel's switches (ping-pong, staged epilogue, snake unit order: on by default, measured on the
-    H200; benchmarks/sm90_switches.sh A/Bs them) build either way, have their own cache keys, show or
+    """The kernel's switches (ping-pong, staged epilogue, snake unit order, TMA store: on by default,
+    measured on the H200; benchmarks/sm90_switches.sh A/Bs them) build either way, have their own cache keys, show or
     lose their instructions in the SASS and do not spill."""
     monkeypatch.setenv("FLASHINFER_JIT_ARCH", "90a")
     spec = PrefillSpec("ragged", 128, "bf16", True, backend="sm90")
@@ -118,7 +119,7 @@ def test_sm90_switches_build(flags: str, present: list, absent: list, monkeypatc
 
 UNDER_AB = ("-DFIJ_SM90_DOUBLE_Q=1 -DFIJ_SM90_STORE_WARPS=1 -DFIJ_SM90_TAIL_WARP=1 -DFIJ_SM90_PAGE_PREFETCH=1 "
             "-DFIJ_SM90_ITEM_PREFETCH=1 -DFIJ_SM90_HD64_STAGES=4")
-UNDER_AB_TMA = UNDER_AB.replace("-DFIJ_SM90_STORE_WARPS=1", "-DFIJ_SM90_TMA_STORE=1")  # the two exclude each other
+UNDER_AB_TMA = UNDER_AB.replace(" -DFIJ_SM90_STORE_WARPS=1", "")  # with the default TMA store (they exclude each other)
 # The gather takes the whole producer warpgroup: no store or tail warps beside it.
 UNDER_AB_GATHER = UNDER_AB_TMA.replace("-DFIJ_SM90_TAIL_WARP=1", "-DFIJ_SM90_PAGED_GATHER=1")
 
@@ -141,9 +142,10 @@ def test_sm90_paged_gather_builds_cp_async_loads(monkeypatch, no_gpu) -> None:
 @pytest.mark.parametrize("layout, head_dim", [("ragged", 64), ("paged", 128), ("paged", 64), ("ragged", 256)])
 def test_sm90_switches_under_ab_build_for_other_shapes(layout: str, head_dim: int, flags: str, monkeypatch,
                                                        no_gpu) -> None:
-    """The switches still under A/B (off by default: double Q, store warps or TMA store, tail warp, page
-    and item prefetch) fit shared memory and registers at every head_dim and layout together: hd256 keeps
-    one Q buffer and no staging (no room); every build is spill-free and keeps the wgmma pipeline."""
+    """The switches still under A/B (off by default: double Q, store warps (replacing the default TMA
+    store), tail warp, page and item prefetch) fit shared memory and registers at every head_dim and
+    layout together: hd256 keeps one Q buffer and no staging (no room); every build is spill-free and
+    keeps the wgmma pipeline."""
     monkeypatch.setenv("FLASHINFER_JIT_ARCH", "90a")
     monkeypatch.setenv("FLASHINFER_JIT_EXTRA_CUDAFLAGS", flags)
     sass = built_sass(PrefillSpec(layout, head_dim, "bf16", True, backend="sm90"))

@@ -57,15 +57,15 @@ struct Shape {
   // FIJ_SM90_STAGED_EPILOGUE: O rows staged in shared memory for 16-byte row stores; there
   // is room for it up to head_dim 128.
   static constexpr bool kStagedEpilogue = FIJ_SM90_STAGED_EPILOGUE != 0 && HEAD_DIM <= 128;
-  static constexpr bool kTmaStore = FIJ_SM90_TMA_STORE != 0 && kStagedEpilogue;
+  static constexpr bool kStoreWarps = FIJ_SM90_STORE_WARPS != 0 && kStagedEpilogue;
+  // Store warps and the TMA store are two ways to do one thing: the store warps, asked for, replace it.
+  static constexpr bool kTmaStore = FIJ_SM90_TMA_STORE != 0 && kStagedEpilogue && !kStoreWarps;
   // The TMA's 128-byte swizzle is a function of the address: its source must be 1024-byte aligned.
   static constexpr uint32_t kOAlign = kTmaStore ? 1024 : 128;
   static constexpr uint32_t kOOffset = (kFlagOffset + 8 + kOAlign - 1) / kOAlign * kOAlign;
   static constexpr uint32_t kOBytes = kStagedEpilogue ? kCtaQ * HEAD_DIM * 2 : 0;
   static constexpr uint32_t kSmemBytes = kOOffset + kOBytes + 1024;
   static_assert(kSmemBytes <= 227 * 1024, "more shared memory than an sm_90 CTA may have");
-  static constexpr bool kStoreWarps = FIJ_SM90_STORE_WARPS != 0 && kStagedEpilogue;
-  static_assert(!(kStoreWarps && kTmaStore), "the store warps and the TMA store are two ways to do one thing");
   static constexpr bool kTailWarp = FIJ_SM90_TAIL_WARP != 0;
   static constexpr bool kPagePrefetch = FIJ_SM90_PAGE_PREFETCH != 0;
   static constexpr bool kItemPrefetch = FIJ_SM90_ITEM_PREFETCH != 0;

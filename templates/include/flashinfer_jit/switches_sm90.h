@@ -30,6 +30,18 @@
 #define FIJ_SM90_SNAKE 1
 #endif
 
+// Switch (on; -DFIJ_SM90_TMA_STORE=0 turns it off, part of the cache key): with the staged epilogue, a
+// consumer warpgroup's 64 staged rows leave by one TMA store per 64 head dims (the staging buffer then
+// holds them in the TMA's swizzled layout) when all 64 belong to the tile; a half holding the tile's end
+// (whose box would reach into the next request's rows) keeps the row stores. The warpgroup goes on while
+// the copy engine writes; the next epilogue first waits for the store to have read the buffer. Measured
+// on the H200 (2026-12-04, ragged and paged suites passed): +1.5-3% on chat16 full, long1+short31, hd64
+// and dense 8x4096, flat on hd256 and paged (benchmarks/NOTES.md, "Hopper kernel, third look").
+// -DFIJ_SM90_STORE_WARPS=1 (the other way to do the same thing) replaces it.
+#ifndef FIJ_SM90_TMA_STORE
+#define FIJ_SM90_TMA_STORE 1
+#endif
+
 // ---- off: not (yet) measured faster; built and SASS-checked on the CPU -------------------------
 
 // Switch (off; -DFIJ_SM90_DOUBLE_Q=1): two Q buffers where shared memory has room (head_dim <= 128: 224 KB
@@ -47,14 +59,6 @@
 #define FIJ_SM90_STORE_WARPS 0
 #endif
 
-// Switch (off until measured; -DFIJ_SM90_TMA_STORE=1): with the staged epilogue, a consumer warpgroup's
-// 64 staged rows leave by one TMA store per 64 head dims (the staging buffer then holds them in the
-// TMA's swizzled layout) when all 64 belong to the tile; a half holding the tile's end (whose box would
-// reach into the next request's rows) keeps the row stores. The warpgroup goes on while the copy engine
-// writes; the next epilogue first waits for the store to have read the buffer.
-#ifndef FIJ_SM90_TMA_STORE
-#define FIJ_SM90_TMA_STORE 0
-#endif
 
 // Switch (off until measured; -DFIJ_SM90_TAIL_WARP=1): warp 3 of the producer warpgroup zeroes the V rows
 // past a request's end (the tail tile), so the producer warp issues the next loads instead of waiting
