@@ -7,8 +7,9 @@
 #   PYTHONPATH=. bash benchmarks/ncu_sm90.sh OUT_DIR [WORKLOAD] [FLAGS]
 #
 # WORKLOAD: a bench_prefill workload (default chat16_causal_hd128); FLAGS: FLASHINFER_JIT_EXTRA_CUDAFLAGS
-# (default: the shipped kernel). Writes OUT_DIR/ncu-<workload>.csv (ncu's details page, CSV) and
-# OUT_DIR/ncu-<workload>.txt (the same, readable). About 30-60 s on an H200 (ncu replays the launch once
+# (default: the shipped kernel). IMPL=flashinfer_jit_paged profiles the paged kernel (page 16, shuffled)
+# instead; FORMATS="txt" skips the CSV pass (half the time). Writes OUT_DIR/ncu-<impl>-<workload>.csv (ncu's details page, CSV) and
+# OUT_DIR/ncu-<impl>-<workload>.txt (the same, readable). About 30-60 s on an H200 (ncu replays the launch once
 # per metric pass).
 set -u -o pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
@@ -19,19 +20,21 @@ export FLASHINFER_JIT_EXTRA_CUDAFLAGS=${3:-}
 export FLASHINFER_JIT_CACHE_DIR=${FLASHINFER_JIT_CACHE_DIR:-$PWD/cache/ncu}
 NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
 PY=${PYTHON:-python3}
+IMPL=${IMPL:-flashinfer_jit}
+NAME=$IMPL-$WORKLOAD
 mkdir -p "$OUT"
 # Build (and warm) outside the profiler, so ncu sees only the timed kernel.
-timeout 120 "$PY" benchmarks/bench_prefill.py --impls flashinfer_jit --workloads "$WORKLOAD" --quick > /dev/null
+timeout 120 "$PY" benchmarks/bench_prefill.py --impls "$IMPL" --workloads "$WORKLOAD" --quick > /dev/null
 SECTIONS=(--section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis
           --section MemoryWorkloadAnalysis_Tables --section WarpStateStats --section SchedulerStats
           --section Occupancy --section LaunchStats)
-for fmt in csv txt; do
+for fmt in ${FORMATS:-csv txt}; do
   extra=()
   [ "$fmt" = csv ] && extra=(--csv)
   timeout 240 "$NCU" --target-processes all -k regex:prefill_kernel -c 1 "${SECTIONS[@]}" "${extra[@]}" \
-    --page details "$PY" benchmarks/bench_prefill.py --impls flashinfer_jit --workloads "$WORKLOAD" --quick \
-    > "$OUT/ncu-$WORKLOAD.$fmt" 2> "$OUT/ncu-$WORKLOAD.$fmt.err"
-  echo "ncu ($fmt): exit $? -> $OUT/ncu-$WORKLOAD.$fmt"
+    --page details "$PY" benchmarks/bench_prefill.py --impls "$IMPL" --workloads "$WORKLOAD" --quick \
+    > "$OUT/ncu-$NAME.$fmt" 2> "$OUT/ncu-$NAME.$fmt.err"
+  echo "ncu ($fmt): exit $? -> $OUT/ncu-$NAME.$fmt"
 done
 grep -E "Duration|Compute \(SM\) Throughput|Memory Throughput|Shared|Bank|Tensor|Issue Slots|Stall|No Eligible" \
-  "$OUT/ncu-$WORKLOAD.txt" | head -60
+  "$OUT/ncu-$NAME.txt" | head -60

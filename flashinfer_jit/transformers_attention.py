@@ -1,8 +1,8 @@
 """flashinfer-jit as a Hugging Face transformers attention implementation.
 
     import flashinfer_jit.transformers_attention as fij_attention
-    fij_attention.register()                    # name "flashinfer_jit" (transformers' AttentionInterface)
-    model.set_attn_implementation("flashinfer_jit")   # or config._attn_implementation on older versions
+    fij_attention.register()                    # name "fij_varlen" (transformers' AttentionInterface)
+    model.set_attn_implementation("fij_varlen")  # or config._attn_implementation on older versions
     logits = model(input_ids, position_ids=position_ids, **fij_attention.packed_kwargs(seq_lens)).logits
 
 It runs the ragged prefill wrapper (BatchPrefillWithRaggedKVCacheWrapper: the sm90 kernel on Hopper, the
@@ -29,7 +29,9 @@ import torch
 from .errors import NotSupportedError
 from .prefill import BatchPrefillWithRaggedKVCacheWrapper
 
-NAME = "flashinfer_jit"
+# Not "flashinfer_jit": transformers 5 takes any implementation whose name contains "flash" for a
+# FlashAttention package and tries to import one (is_flash_attention_requested), so register() refuses it.
+NAME = "fij_varlen"
 _WHERE = "flashinfer_jit.transformers_attention"
 _PLANS_KEPT = 8
 _WORKSPACE_BYTES = 128 << 20
@@ -147,6 +149,10 @@ def register(name: str = NAME) -> str:
         from transformers import AttentionInterface
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError(f"{_WHERE}.register() needs transformers: pip install 'flashinfer-jit[transformers]'") from exc
+    if "flash" in name.lower():
+        raise ValueError(f"{_WHERE}.register(name={name!r}): transformers takes any attention implementation "
+                         "whose name contains 'flash' for a FlashAttention package and tries to import it; "
+                         f"choose a name without it (the default is {NAME!r})")
     AttentionInterface.register(name, attention_forward)
     try:
         from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
