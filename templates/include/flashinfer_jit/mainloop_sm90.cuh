@@ -176,24 +176,51 @@ struct Producer {
     return PageBox{p.page_indices[w.page_start + int(entry)], int(pos - entry * uint32_t(p.page_size))};
   }
 
+  // Gather geometry (kGather): thread tid copies 16-byte chunk tid % kChunks of rows tid / kChunks +
+  // i * kRowsPerPass, pass i = 0 .. kPasses - 1; a warp covers kRowsPerWarpPass rows per pass, so its
+  // kPasses * kRowsPerWarpPass rows (at most 32) are one per lane.
+  static constexpr int kChunks = HEAD_DIM / 8;  // 16-byte chunks of a row
+  static constexpr int kRowsPerPass = 128 / kChunks;
+  static constexpr int kRowsPerWarpPass = 32 / kChunks;
+  static constexpr int kPasses = KV_TILE / kRowsPerPass;
+  static_assert(!kGather || (kChunks <= 32 && kPasses * kRowsPerWarpPass <= 32), "a gathered tile's rows: one per lane");
+
+  // Where the row a lane looks up lives: page -1 past the request's end (the copy zero-fills it).
+  struct GatherRow {
+    int page = -1, slot = 0;
+  };
+  // One page-table lookup per lane and tile, shared by K and V (the tile's first pass row of lane L is
+  // looked up by lane L; gather_tile hands it to the copying lanes by shuffles). The single dependent load
+  // of the tile, issued one tile ahead by run().
+  __device__ __forceinline__ static GatherRow gather_lookup(const PrefillParams& p, const WorkTile& w, int pos0, int tid) {
+    const int lane = tid % 32, warp = tid / 32;
+    GatherRow g;
+    const int r = warp * kRowsPerWarpPass + lane % kRowsPerWarpPass + (lane / kRowsPerWarpPass) * kRowsPerPass;
+    if (lane < kPasses * kRowsPerWarpPass && pos0 + r < w.kv_len) {
+      const PageBox at = locate(p, w, uint32_t(pos0 + r));
+      g.page = at.page;
+      g.slot = at.slot;
+    }
+    return g;
+  }
+
   // One paged K or V tile gathered by the warpgroup (kGather), keys [pos0, pos0 + KV_TILE) into the stage at
-  // `dst` in the 128-byte swizzled layout the TMA would give; `tid` 0..127. Thread tid always copies
-  // 16-byte chunk tid % kChunks of rows tid / kChunks, + 128 / kChunks, ...: one page lookup per row.
+  // `dst` in the 128-byte swizzled layout the TMA would give; `tid` 0..127, `row` its warp's lookups
+  // (gather_lookup of this tile). No memory access but the copies: the rows' pages come by shuffle.
   __device__ __forceinline__ static void gather_tile(const PrefillParams& p, const T* base, uint32_t dst, uint32_t bar,
-                                                     const WorkTile& w, int hk, int pos0, int tid) {
-    constexpr int kChunks = HEAD_DIM / 8;  // 16-byte chunks of a row
-    const int chunk = tid % kChunks;
+                                                     int hk, int tid, const GatherRow& row) {
+    const int chunk = tid % kChunks, lane = tid % 32;
     const T* head = base + int64_t(hk) * p.k_stride_h + chunk * 8;  // K and V share their strides
     const uint32_t block = dst + (chunk / 8) * KV_TILE * 128;  // the chunk's 64-head-dim block
-#pragma unroll 4
-    for (int r = tid / kChunks; r < KV_TILE; r += 128 / kChunks) {
-      const int pos = pos0 + r;
-      const bool valid = pos < w.kv_len;
-      const T* src = base;  // read nothing past the request's end: the row is zero-filled
-      if (valid) {
-        const PageBox at = locate(p, w, uint32_t(pos));
-        src = head + int64_t(at.page) * p.stride_page + int64_t(at.slot) * p.k_stride_n;
-      }
+#pragma unroll 4  // fully unrolled, 16 passes spill in the producer's 56 registers
+    for (int i = 0; i < kPasses; ++i) {
+      const int r = tid / kChunks + i * kRowsPerPass;
+      const int from = i * kRowsPerWarpPass + lane / kChunks;
+      const int page = __shfl_sync(0xffffffffu, row.page, from);
+      const int slot = __shfl_sync(0xffffffffu, row.slot, from);
+      const bool valid = page >= 0;
+      // read nothing past the request's end: the row is zero-filled
+      const T* src = valid ? head + int64_t(page) * p.stride_page + int64_t(slot) * p.k_stride_n : base;
       cp_async_16(block + r * 128 + (((chunk % 8) ^ (r & 7)) * 16), src, valid);
     }
     mbar_arrive_after_cp_async(bar);
@@ -291,6 +318,8 @@ struct Producer {
     const bool box_per_lane = PAGED && S::kPagePrefetch && KV_TILE <= 32 * maps.box_rows;
     PageBox box;
     if (box_per_lane) box = page_box(p, w, maps.box_rows, w.kv.begin);
+    GatherRow rows;  // kGather: the current tile's lookups
+    if constexpr (kGather) rows = gather_lookup(p, w, w.kv.begin, threadIdx.x % kThreads);
     auto load = [&](const CUtensorMap* map, bool rows_inner, uint32_t dst, uint32_t bar, int pos0) {
       if (box_per_lane)
         load_paged_tile(map, rows_inner, maps.box_rows, dst, bar, w, hk, pos0, box);
@@ -308,12 +337,15 @@ struct Producer {
       if constexpr (kGather) {
         // Four warps wait here: they sleep between tries (two stages ahead, the wake-up costs nothing).
         const int tid = threadIdx.x % kThreads;
+        GatherRow ahead;  // the next tile's lookups, in flight over the waits and copies
+        if (j + 1 < n) ahead = gather_lookup(p, w, pos0 + KV_TILE, tid);
         if (t >= S::kStages && lane == 0) mbar_wait_sleeping(sm.k_empty(stage), phase ^ 1);
         __syncwarp();
-        gather_tile(p, static_cast<const T*>(p.k), sm.k(stage), sm.k_full(stage), w, hk, pos0, tid);
+        gather_tile(p, static_cast<const T*>(p.k), sm.k(stage), sm.k_full(stage), hk, tid, rows);
         if (t >= S::kStages && lane == 0) mbar_wait_sleeping(sm.v_empty(stage), phase ^ 1);
         __syncwarp();
-        gather_tile(p, static_cast<const T*>(p.v), sm.v(stage), sm.v_full(stage), w, hk, pos0, tid);
+        gather_tile(p, static_cast<const T*>(p.v), sm.v(stage), sm.v_full(stage), hk, tid, rows);
+        rows = ahead;
         continue;  // rows past the request's end came zero-filled: no tail
       }
       if (t >= S::kStages && lane == 0) mbar_wait(sm.k_empty(stage), phase ^ 1);
