@@ -79,8 +79,9 @@
 // threads with cp.async (16 bytes each, consecutive threads along a row, each row from its page) instead of
 // one TMA box per page: any page size, rows past the request's end zero-filled (no tail to zero),
 // completion by cp.async-tracked arrivals. First version (a page lookup per row and thread, 4 in flight)
-// measured 0.40-0.48 of ragged on the H200 against per-page TMA's 0.82-0.86 (2026-12-04); now one lookup
-// per lane and tile, shared by K and V, issued a tile ahead, handed out by shuffles: to measure.
+// measured 0.40-0.48 of ragged on the H200 against per-page TMA's 0.82-0.86 (2026-12-04); the second (one
+// lookup per lane and tile, shared by K and V, issued a tile ahead, handed out by shuffles) 0.58-0.62
+// against 0.81-0.83: per-page TMA is the measured choice.
 #ifndef FIJ_SM90_PAGED_GATHER
 #define FIJ_SM90_PAGED_GATHER 0
 #endif
