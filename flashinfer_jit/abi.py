@@ -45,7 +45,7 @@ MERGE_INTS = ctypes.sizeof(MergeEntry) // 4
 
 class PlanConfig(ctypes.Structure):
     _fields_ = _ints(_i32, "batch", "group", "num_kv_heads", "cta_q", "kv_tile", "target_ctas", "min_chunk_tiles",
-                     "split_tiles")
+                     "split_tiles", "window_left")
 
 
 class PlanResult(ctypes.Structure):
@@ -88,6 +88,7 @@ class PrefillParams(ctypes.Structure):
         ("page_div_mul", _u32), ("page_div_shift", _i32),
         ("merge_counters", _ptr),
         *_ints(_i32, "page_row_shift", "page_row_mask"),  # set by the C launcher
+        ("window_left", _i32), ("soft_cap_pre_tanh", _f32),  # variants: sliding window, logits soft-cap
     ]
 
 

@@ -29,7 +29,7 @@ from .errors import NotSupportedError
 from .planner import MIN_CHUNK_TILES, PLAN_OK, PLAN_WORKSPACE, check_indptrs, plan_and_upload
 from .workspace import IntLayout, Workspace
 
-LOG2E = 1.4426950408889634
+LOG2E = options.LOG2E
 
 
 def page_divider(page_size: int) -> tuple[int, int]:
@@ -143,28 +143,33 @@ def resolve_head_dim(where: str, head_dim_qk: Optional[int], head_dim: Optional[
 def check_plan_options(where: str, *, custom_mask: Any = None, packed_custom_mask: Any = None,
                        pos_encoding_mode: Any = "NONE", use_fp16_qk_reduction: Any = False, window_left: Any = -1,
                        logits_soft_cap: Any = None, prefix_len_ptr: Any = None, token_pos_in_items_ptr: Any = None,
-                       max_item_len_ptr: Any = None) -> None:
-    """FlashInfer plan() options that change the result: each must be off (NotSupportedError otherwise).
+                       max_item_len_ptr: Any = None) -> options.AttentionVariant:
+    """FlashInfer plan() options that change the result. The sliding window and the logits soft-cap are
+    parsed into the plan's variant (options.attention_variant: bad values raise ValueError); the others
+    must be off (NotSupportedError otherwise).
 
     The others are accepted as FlashInfer's fa2 path treats them: rope_scale / rope_theta only act with RoPE
     (off); non_blocking, token_pos_in_items_len (without token_pos_in_items_ptr), max_token_per_sequence,
     max_sequence_kv, seq_lens_q and block_tables only matter to other backends or to performance."""
     options.no_custom_mask(where, custom_mask=custom_mask, packed_custom_mask=packed_custom_mask)
-    options.standard_attention(where, pos_encoding_mode=pos_encoding_mode, use_fp16_qk_reduction=use_fp16_qk_reduction,
-                               window_left=window_left, logits_soft_cap=logits_soft_cap)
+    options.standard_attention(where, pos_encoding_mode=pos_encoding_mode, use_fp16_qk_reduction=use_fp16_qk_reduction)
     options.no_tensor(where, "prefix_len_ptr", prefix_len_ptr, "multi-item scoring")
     options.no_tensor(where, "token_pos_in_items_ptr", token_pos_in_items_ptr, "multi-item scoring")
     options.no_tensor(where, "max_item_len_ptr", max_item_len_ptr, "multi-item scoring")
+    return options.attention_variant(where, window_left, logits_soft_cap)
 
 
 def run_options(where: str, args: tuple, *, q_scale: Any = None, k_scale: Any = None, v_scale: Any = None,
                 o_scale: Any = None, lse_base: Any = "log2", lse_layout: Any = "NH", window_left: Any = None,
-                sinks: Any = None, kv_cache_sf: Any = None, skip_softmax_threshold_scale_factor: Any = None) -> bool:
+                sinks: Any = None, kv_cache_sf: Any = None, skip_softmax_threshold_scale_factor: Any = None,
+                planned_window_left: int = -1) -> bool:
     """FlashInfer run() options (checked only when one is given). Returns True for lse_base="ln"."""
     options.no_extra_args(where, args)
     for name, value in (("q_scale", q_scale), ("k_scale", k_scale), ("v_scale", v_scale), ("o_scale", o_scale)):
         options.scale(where, name, value)
-    options.window_left(where, window_left)  # a per-call override: only -1 (or None, the plan's) here
+    if window_left is not None and window_left != planned_window_left:  # a per-call override: the plan's only
+        raise ValueError(f"{where}: window_left={window_left!r} differs from plan()'s {planned_window_left} (the "
+                         f"window is chosen by plan(): plan again to change it)")
     options.no_tensor(where, "sinks", sinks, "attention sinks")
     options.no_tensor(where, "kv_cache_sf", kv_cache_sf, "NVFP4 KV caches")
     if skip_softmax_threshold_scale_factor is not None:
@@ -287,10 +292,11 @@ class _BatchAttention:
         updated in place; a different `causal` re-plans from the last plan()'s arguments (its CPU index
         tensors are read again), which cannot happen during CUDA graph capture (ValueError)."""
         options.standard_attention(where, pos_encoding_mode=pos_encoding_mode,
-                                   use_fp16_qk_reduction=use_fp16_qk_reduction, window_left=window_left,
-                                   logits_soft_cap=logits_soft_cap)
+                                   use_fp16_qk_reduction=use_fp16_qk_reduction)
         if self._state is None or self._plan_args is None:
             raise RuntimeError(f"{where} called before plan()")
+        planned = self._plan_args["variant"]
+        options.same_variant(where, options.attention_variant(where, window_left, logits_soft_cap), planned)
         if bool(causal) != self._causal:
             if torch.cuda.is_current_stream_capturing():
                 raise ValueError(
@@ -300,63 +306,79 @@ class _BatchAttention:
             self._plan(**{**self._plan_args, "causal": bool(causal), "sm_scale": sm_scale})
         elif sm_scale != self._sm_scale:
             s = self._state
-            self._params.scale_log2 = (sm_scale if sm_scale is not None else 1.0 / math.sqrt(s.head_dim)) * LOG2E
+            scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(s.head_dim)
+            self._params.scale_log2, self._params.soft_cap_pre_tanh = options.variant_scales(scale, planned)
             self._sm_scale = sm_scale
         self._remember_options(pos_encoding_mode, use_fp16_qk_reduction, window_left, logits_soft_cap, rope_scale,
                                rope_theta)
         self._logits_soft_cap = logits_soft_cap  # FlashInfer's forward() stores it as given
 
+    @property
+    def _planned_window_left(self) -> int:
+        return self._plan_args["variant"].window_left if self._plan_args is not None else -1
+
     def _kernel(self, layout: str, head_dim: int, dtype: torch.dtype, causal: bool, group: Optional[int] = None,
-                page_size: Optional[int] = None, rows_per_request: Optional[float] = None) -> PrefillKernel:
+                page_size: Optional[int] = None, rows_per_request: Optional[float] = None,
+                variant: options.AttentionVariant = options.PLAIN) -> PrefillKernel:
         """The kernel for layout "ragged" | "paged" (NHD and HND share it: the layout is only strides), of
         the backend this wrapper's choice resolves to for that layout, GQA group and page size on its device."""
         # A CUDA-graph wrapper keeps its first plan's kernel family: a captured graph replays that kernel.
         choice = self._graph_backend or self._backend_choice
         backend = resolve_backend(choice, self._device, layout, group, f"{type(self).__name__}.plan()",
                                   self._graph_backend or self._backend_requested, page_size, rows_per_request)
-        return prefill_kernel(backend, layout, head_dim, dtype, bool(causal))
+        return prefill_kernel(backend, layout, head_dim, dtype, bool(causal), sliding_window=variant.sliding_window,
+                              soft_cap=variant.soft_cap)
 
     def _plan(self, layout: str, qo_host: torch.Tensor, kv_lens_indptr: torch.Tensor,
               num_qo_heads: int, num_kv_heads: int, head_dim: int, causal: bool, sm_scale: Optional[float],
               q_data_type: Union[str, torch.dtype], kv_data_type: Optional[Union[str, torch.dtype]],
               fixed_split_size: Optional[int], disable_split_kv: bool,
-              pages: Optional[tuple[torch.Tensor, torch.Tensor, int, int]] = None) -> None:
+              pages: Optional[tuple[torch.Tensor, torch.Tensor, int, int]] = None,
+              variant: options.AttentionVariant = options.PLAIN) -> None:
         """Plan from host int32 tensors: qo_indptr and the cumulative KV lengths (+ page table).
-        fixed_split_size None or <= 0 (FlashInfer's -1) means: split automatically."""
+        fixed_split_size None or <= 0 (FlashInfer's -1) means: split automatically. `variant`: the sliding
+        window and soft-cap (options.attention_variant), each its own kernel when on."""
         q_dtype = check_dtypes(q_data_type, kv_data_type)
         plan_args = dict(layout=layout, qo_host=qo_host, kv_lens_indptr=kv_lens_indptr, num_qo_heads=num_qo_heads,
                          num_kv_heads=num_kv_heads, head_dim=head_dim, causal=causal, sm_scale=sm_scale,
                          q_data_type=q_data_type, kv_data_type=kv_data_type, fixed_split_size=fixed_split_size,
-                         disable_split_kv=disable_split_kv, pages=pages)
+                         disable_split_kv=disable_split_kv, pages=pages, variant=variant)
+        if (self._use_cuda_graph and self._plan_args is not None
+                and (self._plan_args["variant"].sliding_window, self._plan_args["variant"].soft_cap)
+                != (variant.sliding_window, variant.soft_cap)):
+            raise ValueError(f"{type(self).__name__}.plan(): a CUDA-graph wrapper keeps its first plan's kernel (a "
+                             f"captured graph replays it); window_left / logits_soft_cap switch a variant on or off "
+                             f"here: use a separate wrapper")
         batch = qo_host.numel() - 1
         total_q = _host_int(qo_host, batch)
         total_kv = _host_int(kv_lens_indptr, batch)
         group = num_qo_heads // num_kv_heads
-        variant = self._kernel(layout, head_dim, q_dtype, causal, group, pages[2] if pages is not None else None,
-                               total_q * group / max(batch, 1))
+        kernel = self._kernel(layout, head_dim, q_dtype, causal, group, pages[2] if pages is not None else None,
+                              total_q * group / max(batch, 1), variant)
         workspace = self._workspace
 
         cta_q = workspace.fixed_cta_q
         if cta_q is None:
-            cta_q = _choose_cta_q(variant.spec.cta_q_options, total_q * group, batch)
+            cta_q = _choose_cta_q(kernel.spec.cta_q_options, total_q * group, batch)
         # Split KV only as far as one CTA per SM: measured on H100 decode, more and shorter chunks
         # lose more to merging and per-CTA start-up than they gain in parallelism.
         # Host-side checks first (the indptrs, in C: microseconds), then the device: without a GPU
         # the first error still names a bad indptr.
-        check_indptrs(variant.kernel, qo_host, kv_lens_indptr, batch)
+        check_indptrs(kernel.kernel, qo_host, kv_lens_indptr, batch)
         if disable_split_kv:
             split_tiles = -1
         elif fixed_split_size is not None and fixed_split_size > 0:
-            if fixed_split_size % variant.kv_tile:
-                raise ValueError(f"fixed_split_size: expected a positive multiple of {variant.kv_tile}, "
+            if fixed_split_size % kernel.kv_tile:
+                raise ValueError(f"fixed_split_size: expected a positive multiple of {kernel.kv_tile}, "
                                  f"got {fixed_split_size}")
-            split_tiles = fixed_split_size // variant.kv_tile
+            split_tiles = fixed_split_size // kernel.kv_tile
         else:
             split_tiles = 0
         validate.workspace_buffer("float_workspace_buffer", workspace.float_buffer)
-        sms, slots_per_gpu = variant.gpu_slots(self._device, cta_q)
-        config = PlanConfig(batch=batch, group=group, num_kv_heads=num_kv_heads, cta_q=cta_q, kv_tile=variant.kv_tile,
-                            target_ctas=sms, min_chunk_tiles=MIN_CHUNK_TILES, split_tiles=split_tiles)
+        sms, slots_per_gpu = kernel.gpu_slots(self._device, cta_q)
+        config = PlanConfig(batch=batch, group=group, num_kv_heads=num_kv_heads, cta_q=cta_q, kv_tile=kernel.kv_tile,
+                            target_ctas=sms, min_chunk_tiles=MIN_CHUNK_TILES, split_tiles=split_tiles,
+                            window_left=variant.window_left)
         num_pages = _host_int(pages[0], batch) if pages is not None else 0
         max_page_index = pages[3] if pages is not None else -1
         items_cap, merges_cap, pages_cap, limits = workspace.capacities(
@@ -380,7 +402,7 @@ class _BatchAttention:
             call.host, call.host_free = workspace.pinned_buffer(int_layout.total_ints)
             device_ints = workspace.device_buffer(int_layout.total_ints)
             call.device = device_ints.data_ptr()
-            status, plan = plan_and_upload(variant.kernel, call, qo_host, kv_lens_indptr)
+            status, plan = plan_and_upload(kernel.kernel, call, qo_host, kv_lens_indptr)
             if status == PLAN_OK:
                 break
             if status == PLAN_WORKSPACE:
@@ -402,7 +424,9 @@ class _BatchAttention:
         params.partial_o = workspace.float_buffer.data_ptr()
         params.partial_lse = params.partial_o + partial_slots * head_dim * 4
         params.num_qo_heads, params.num_kv_heads, params.group = num_qo_heads, num_kv_heads, group
-        params.scale_log2 = (sm_scale if sm_scale is not None else 1.0 / math.sqrt(head_dim)) * LOG2E
+        scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(head_dim)
+        params.scale_log2, params.soft_cap_pre_tanh = options.variant_scales(scale, variant)
+        params.window_left = variant.window_left
         params.cta_q = cta_q
         page_size = 0
         if pages is not None:
@@ -411,13 +435,13 @@ class _BatchAttention:
             params.page_div_mul, params.page_div_shift = page_divider(page_size)
             params.page_indices = base + 4 * int_layout.page_indices
         self._state = _PlanState(
-            kernel=variant.kernel, run_fn=variant.run_fn, params=params,
+            kernel=kernel.kernel, run_fn=kernel.run_fn, params=params,
             grid_items=items_cap if self._use_cuda_graph else plan.num_items,
             dtype=q_dtype, batch=batch, total_q=total_q, total_kv=total_kv, num_qo_heads=num_qo_heads,
             num_kv_heads=num_kv_heads, head_dim=head_dim, page_size=page_size, max_page_index=max_page_index)
         self._plan_args = plan_args
         self._causal, self._sm_scale = bool(causal), sm_scale
-        self._backend = variant.spec.backend
+        self._backend = kernel.spec.backend
         if self._use_cuda_graph:
             self._graph_backend = self._backend
 

@@ -32,7 +32,6 @@ from typing import Any, Optional, Union
 import torch
 
 from . import options, validate
-from .batch_attention import LOG2E
 from .errors import NotSupportedError
 from .kernels import select_backend
 from .page import get_seq_lens
@@ -172,6 +171,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
         self._window_left = -1
         self._window_right = 0
         self._logits_soft_cap = 0.0
+        self._variant = options.PLAIN  # the plan's window and soft-cap
         self._sm_scale: Optional[float] = None
         self._rope_scale: Optional[float] = None
         self._rope_theta: Optional[float] = None
@@ -242,10 +242,9 @@ class BatchDecodeWithPagedKVCacheWrapper:
                    fixed_split_size: Optional[int], disable_split_kv: bool, q_len_per_req: Any,
                    window_right: Any, where: str, is_causal: Optional[bool] = None) -> None:
         options.pos_encoding_mode(where, pos_encoding_mode)
-        options.window_left(where, window_left)
         options.off_value(where, "window_right", window_right, 0,
                           supported="0 (a right window bound is not implemented)")
-        options.logits_soft_cap(where, logits_soft_cap)
+        variant = options.attention_variant(where, window_left, logits_soft_cap)
         q_dtype, kv_dtype = resolve_dtypes(where, q_data_type, kv_data_type, data_type)
         options.dtype_like(where, "o_data_type", o_data_type, q_dtype)
         if isinstance(q_len_per_req, bool) or not isinstance(q_len_per_req, int) or q_len_per_req < 1:
@@ -293,12 +292,14 @@ class BatchDecodeWithPagedKVCacheWrapper:
             split = -(-split // tile) * tile
         self._inner.plan(qo, indptr_h, indices_h, last_h, num_qo_heads, num_kv_heads, head_dim, page_size,
                          causal=causal, sm_scale=sm_scale, q_data_type=q_dtype, kv_data_type=kv_dtype,
-                         fixed_split_size=split, disable_split_kv=bool(disable_split_kv))
+                         fixed_split_size=split, disable_split_kv=bool(disable_split_kv),
+                         window_left=variant.window_left, logits_soft_cap=variant.logits_soft_cap)
         self._qo_indptr_host = qo
         self._cached_q_data_type, self._cached_kv_data_type, self._cached_o_data_type = q_dtype, kv_dtype, q_dtype
         self._pos_encoding_mode = "NONE"
-        self._window_left, self._window_right = -1, 0
-        self._logits_soft_cap = 0.0
+        self._window_left, self._window_right = variant.window_left, 0
+        self._logits_soft_cap = variant.logits_soft_cap
+        self._variant = variant
         self._sm_scale, self._rope_scale, self._rope_theta = sm_scale, rope_scale, rope_theta
         self._q_len_per_req, self._causal = q_len_per_req, causal
         self._batch_size, self._total_q, self._head_dim = batch, batch * q_len_per_req, head_dim
@@ -379,8 +380,8 @@ class BatchDecodeWithPagedKVCacheWrapper:
         for name, value in (("q_scale", q_scale), ("k_scale", k_scale), ("v_scale", v_scale)):
             options.scale(where, name, value)
         if window_left is not None and window_left != self._window_left:
-            options.window_left(where, window_left)
-            raise ValueError(f"{where}: window_left={window_left} differs from plan()'s {self._window_left}")
+            raise ValueError(f"{where}: window_left={window_left} differs from plan()'s {self._window_left} (the "
+                             f"window is chosen by plan(): plan again to change it)")
         options.no_tensor(where, "sinks", sinks, "attention sinks")
         if skip_softmax is not None:
             raise NotSupportedError("skip_softmax_threshold_scale_factor", skip_softmax,
@@ -417,15 +418,14 @@ class BatchDecodeWithPagedKVCacheWrapper:
     def _apply_forward_options(self, where: str, pos_encoding_mode: Any, window_left: Any, logits_soft_cap: Any,
                                sm_scale: Optional[float], rope_scale: Any, rope_theta: Any) -> None:
         options.pos_encoding_mode(where, pos_encoding_mode)
-        options.window_left(where, window_left)
-        options.logits_soft_cap(where, logits_soft_cap)
         state = getattr(self._inner, "_state", None)
         if state is None:
             raise RuntimeError(f"{where} called before plan()")
+        options.same_variant(where, options.attention_variant(where, window_left, logits_soft_cap), self._variant)
         options.finite_or_none("sm_scale", sm_scale)
-        scale_log2 = (sm_scale if sm_scale is not None else 1.0 / math.sqrt(self._head_dim)) * LOG2E
-        if state.params.scale_log2 != scale_log2:
-            state.params.scale_log2 = scale_log2  # read at each launch: the next run() uses it
+        scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(self._head_dim)
+        # read at each launch: the next run() uses them
+        state.params.scale_log2, state.params.soft_cap_pre_tanh = options.variant_scales(scale, self._variant)
         self._sm_scale, self._rope_scale, self._rope_theta = sm_scale, rope_scale, rope_theta
 
     def prewarm_paged_kv_stride_variant(self, variant: str = "independent") -> None:

@@ -129,16 +129,18 @@ class PrefillKernel:
         return slots
 
 
-_variants: dict[tuple[str, str, int, torch.dtype, bool], PrefillKernel] = {}
+_variants: dict[tuple[str, str, int, torch.dtype, bool, bool, bool], PrefillKernel] = {}
 
 
-def prefill_kernel(backend: str, layout: str, head_dim: int, dtype: torch.dtype, causal: bool) -> PrefillKernel:
-    """The kernel of (backend, layout "ragged" | "paged", head_dim, dtype, causal), loaded on first use."""
-    key = (backend, layout, head_dim, dtype, causal)
+def prefill_kernel(backend: str, layout: str, head_dim: int, dtype: torch.dtype, causal: bool, *,
+                   sliding_window: bool = False, soft_cap: bool = False) -> PrefillKernel:
+    """The kernel of (backend, layout "ragged" | "paged", head_dim, dtype, causal, variant switches),
+    loaded on first use."""
+    key = (backend, layout, head_dim, dtype, causal, sliding_window, soft_cap)
     variant = _variants.get(key)
     if variant is None:
         spec = PrefillSpec(kv_layout=layout, head_dim=head_dim, dtype=dtype_name(dtype), causal=causal,
-                           backend=backend)
+                           backend=backend, sliding_window=sliding_window, soft_cap=soft_cap)
         variant = _variants[key] = PrefillKernel(spec)
     return variant
 

@@ -125,6 +125,8 @@ def prebuild_command(spec: KernelSpec, archs: Sequence[str], cache_dir: Path | s
     parts = ["flashinfer-jit prebuild", f"--family {spec.family}"]
     for f in matrix_fields(type(spec)):
         name, value = f.name, getattr(spec, f.name)
+        if f.metadata["opt_in"] and value == f.default:
+            continue  # the matrix holds an opt-in field's default unless it is named
         flag = name.replace("_", "-")
         parts.append(f"--{flag} {str(value).lower() if isinstance(value, bool) else value}")
     parts.append(f"--arch {shlex.quote(','.join(archs))}")

@@ -10,11 +10,14 @@ launch; it is never ignored when it would change the result. Options that do not
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 import torch
 
 from .errors import NotSupportedError
+
+LOG2E = 1.4426950408889634  # the kernels' softmax is in base 2: exp(x) = exp2(x * LOG2E)
 
 
 def off_value(where: str, name: str, value: Any, *off: Any, supported: Optional[str] = None) -> None:
@@ -95,6 +98,70 @@ def quantized_dtype(where: str, name: str, value: Any) -> None:
 
 
 _check_pos_encoding_mode, _check_window_left, _check_logits_soft_cap = pos_encoding_mode, window_left, logits_soft_cap
+
+
+@dataclass(frozen=True)
+class AttentionVariant:
+    """The built-in attention variants a plan asks for (variant.cuh), FlashInfer's semantics.
+
+    window_left: -1 no sliding window; k >= 0: a query at position p (bottom-right aligned: token i of a
+    request with q_len queries and kv_len keys is at p = kv_len - q_len + i) sees keys j >= p - k, so a
+    causal query sees k + 1 keys. logits_soft_cap: 0.0 none; c > 0: scores c * tanh(sm_scale * q.k / c)
+    (Gemma 2). Each is a compile-time switch of the kernel (its own cache entry) and a run-time value."""
+
+    window_left: int = -1
+    logits_soft_cap: float = 0.0
+
+    @property
+    def sliding_window(self) -> bool:
+        return self.window_left >= 0
+
+    @property
+    def soft_cap(self) -> bool:
+        return self.logits_soft_cap > 0.0
+
+
+PLAIN = AttentionVariant()
+
+
+def attention_variant(where: str, window_left: Any = -1, logits_soft_cap: Any = None) -> AttentionVariant:
+    """Parse plan()'s window_left and logits_soft_cap. Stricter than FlashInfer, which takes any negative
+    window or cap for "off": None, -1 (window) and None, 0.0 (cap, vLLM's default) mean off; other
+    negative values, NaN, infinities and non-numbers raise ValueError before anything is planned."""
+    if window_left is None:
+        window = -1
+    elif isinstance(window_left, bool) or not isinstance(window_left, int) or window_left < -1:
+        raise ValueError(f"{where}: window_left={window_left!r}: expected -1 (no sliding window) or a number of "
+                         f"keys >= 0 before each query's position")
+    else:
+        window = int(window_left)
+    if logits_soft_cap is None:
+        cap = 0.0
+    elif (isinstance(logits_soft_cap, bool) or not isinstance(logits_soft_cap, (int, float))
+          or not math.isfinite(logits_soft_cap) or logits_soft_cap < 0):
+        raise ValueError(f"{where}: logits_soft_cap={logits_soft_cap!r}: expected None or 0.0 (no soft-cap) or a "
+                         f"finite cap > 0 (scores become cap * tanh(logit / cap))")
+    else:
+        cap = float(logits_soft_cap)
+    return AttentionVariant(window, cap)
+
+
+def same_variant(where: str, asked: AttentionVariant, planned: AttentionVariant) -> None:
+    """forward()-style calls pass window_left / logits_soft_cap again; they choose the kernel, which
+    plan() did: anything but the plan's values is NotSupportedError."""
+    for name, value, plan_value in (("window_left", asked.window_left, planned.window_left),
+                                    ("logits_soft_cap", asked.logits_soft_cap, planned.logits_soft_cap)):
+        if value != plan_value:
+            raise NotSupportedError(name, value, f"plan()'s {plan_value!r} (the attention variant is chosen by "
+                                    f"plan(): call it with the new value)", where)
+
+
+def variant_scales(sm_scale: float, variant: AttentionVariant) -> tuple[float, float]:
+    """(scale_log2, soft_cap_pre_tanh) of the launch params: sm_scale * log2(e) and 0, or with a soft-cap
+    cap * log2(e) and sm_scale / cap (the kernel computes tanh(q.k * pre_tanh) and exp2 scales by the first)."""
+    if variant.soft_cap:
+        return variant.logits_soft_cap * LOG2E, sm_scale / variant.logits_soft_cap
+    return sm_scale * LOG2E, 0.0
 
 
 def standard_attention(where: str, *, pos_encoding_mode: Any = "NONE", use_fp16_qk_reduction: Any = False,

@@ -167,7 +167,7 @@ def expand(families: Iterable[str] | None = None, filters: dict[str, Any] | None
             raise ValueError(f"--{name.replace('_', '-')} does not apply to the selected families ({have})")
     specs: list[KernelSpec] = []
     for cls, constraints in selected:
-        for spec in cls.supported():
+        for spec in cls.supported(opt_in=[n for n in (*parsed, *constraints) if n in fields_of[cls]]):
             values = spec.to_dict()
             if any(name in values and values[name] not in allowed for name, allowed in constraints.items()):
                 continue

@@ -15,6 +15,14 @@ Semantics follow FlashInfer: LSE is base 2 (lse_base="ln" gives natural log); ca
 bottom-right aligned (query i of a request sees keys j <= kv_len - q_len + i); sm_scale defaults to
 1/sqrt(head_dim). A paged request with n pages holds (n - 1) * page_size + last_page_len tokens.
 
+Attention variants on plan() (both wrappers and the decode wrapper; each its own compiled kernel,
+built on first use, `flashinfer-jit prebuild --sliding-window true --soft-cap true` for images):
+  - window_left=k >= 0, a sliding window: query i (position p = kv_len - q_len + i) sees keys
+    j >= p - k (and j <= p when causal: k + 1 keys). KV tiles outside every row's window are skipped.
+  - logits_soft_cap=c > 0: scores c * tanh(sm_scale * q.k / c) (Gemma 2), LSE over those scores.
+  Stricter than FlashInfer: window_left below -1, a negative, NaN or infinite cap raise ValueError (FlashInfer
+  reads any negative as off); forward() and run(window_left=...) cannot change the plan's variant.
+
 Stricter than FlashInfer, and documented here:
   - every tensor is checked (dtype, device, shape, strides, 16-byte aligned rows) before launch, and
     run() must be called with exactly the dtypes and sizes given to plan();
@@ -128,17 +136,19 @@ class BatchPrefillWithRaggedKVCacheWrapper(_BatchAttention):
         """Plan a batch. qo_indptr, kv_indptr: int32 [batch + 1], on the CPU (no device sync) or CUDA.
 
         FlashInfer's parameters, in its order. head_dim= is accepted as another name for head_dim_qk
-        (keyword only). Off values only for the variant options (see the module docstring);
+        (keyword only). window_left and logits_soft_cap select a variant (see the module docstring);
+        off values only for the other variant options;
         fixed_split_size (KV tokens per chunk, a multiple of the KV tile; None or <= 0: automatic) and
         disable_split_kv make the split decision independent of the batch (batch-invariant results).
         seq_lens, seq_lens_q, max_token_per_sequence, max_sequence_kv (cuDNN's) and non_blocking are
         accepted and not needed; v_indptr / o_indptr only as None or equal to kv_indptr / qo_indptr."""
         where = f"{_RAGGED}.plan()"
         head_dim_qk = resolve_head_dim(where, head_dim_qk, head_dim)
-        check_plan_options(where, custom_mask=custom_mask, packed_custom_mask=packed_custom_mask,
-                           pos_encoding_mode=pos_encoding_mode, use_fp16_qk_reduction=use_fp16_qk_reduction,
-                           window_left=window_left, logits_soft_cap=logits_soft_cap, prefix_len_ptr=prefix_len_ptr,
-                           token_pos_in_items_ptr=token_pos_in_items_ptr, max_item_len_ptr=max_item_len_ptr)
+        variant = check_plan_options(where, custom_mask=custom_mask, packed_custom_mask=packed_custom_mask,
+                                     pos_encoding_mode=pos_encoding_mode, use_fp16_qk_reduction=use_fp16_qk_reduction,
+                                     window_left=window_left, logits_soft_cap=logits_soft_cap,
+                                     prefix_len_ptr=prefix_len_ptr, token_pos_in_items_ptr=token_pos_in_items_ptr,
+                                     max_item_len_ptr=max_item_len_ptr)
         check_heads(num_qo_heads, num_kv_heads, head_dim_qk, head_dim_vo)
         q_dtype = check_dtypes(q_data_type, kv_data_type, where)
         options.dtype_like(where, "o_data_type", o_data_type, q_dtype)
@@ -149,7 +159,7 @@ class BatchPrefillWithRaggedKVCacheWrapper(_BatchAttention):
         _same_offsets(where, "v_indptr", v_indptr, kv, "kv_indptr")
         _same_offsets(where, "o_indptr", o_indptr, qo, "qo_indptr")
         self._plan("ragged", qo, kv, num_qo_heads, num_kv_heads, head_dim_qk, causal, sm_scale, q_dtype,
-                   kv_data_type, fixed_split_size, disable_split_kv)
+                   kv_data_type, fixed_split_size, disable_split_kv, variant=variant)
         self._remember_options(pos_encoding_mode, use_fp16_qk_reduction, window_left, logits_soft_cap, rope_scale,
                                rope_theta)
 
@@ -275,10 +285,11 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchAttention):
         head_dim_qk = resolve_head_dim(where, head_dim_qk, head_dim)
         if page_size is None:
             raise TypeError(f"{where}: missing required argument 'page_size'")
-        check_plan_options(where, custom_mask=custom_mask, packed_custom_mask=packed_custom_mask,
-                           pos_encoding_mode=pos_encoding_mode, use_fp16_qk_reduction=use_fp16_qk_reduction,
-                           window_left=window_left, logits_soft_cap=logits_soft_cap, prefix_len_ptr=prefix_len_ptr,
-                           token_pos_in_items_ptr=token_pos_in_items_ptr, max_item_len_ptr=max_item_len_ptr)
+        variant = check_plan_options(where, custom_mask=custom_mask, packed_custom_mask=packed_custom_mask,
+                                     pos_encoding_mode=pos_encoding_mode, use_fp16_qk_reduction=use_fp16_qk_reduction,
+                                     window_left=window_left, logits_soft_cap=logits_soft_cap,
+                                     prefix_len_ptr=prefix_len_ptr, token_pos_in_items_ptr=token_pos_in_items_ptr,
+                                     max_item_len_ptr=max_item_len_ptr)
         check_heads(num_qo_heads, num_kv_heads, head_dim_qk, head_dim_vo)
         if not isinstance(page_size, int) or page_size < 1:
             raise ValueError(f"page_size: expected a positive int, got {page_size!r}")
@@ -297,7 +308,7 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchAttention):
         # The library _plan() will pick (NHD and HND share one kernel): decode-like plans load only fa2's.
         group = num_qo_heads // num_kv_heads
         kernel = self._kernel("paged", head_dim_qk, q_dtype, causal, group, page_size,
-                              _host_int(qo, batch) * group / max(batch, 1))
+                              _host_int(qo, batch) * group / max(batch, 1), variant)
         try:
             kv_lens, max_page = paged_kv_lengths(kernel.kernel, indptr, last, indices, page_size, batch)
         except ValueError:
@@ -313,7 +324,8 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchAttention):
                                     "None or the page table's lengths ((pages - 1) * page_size + last_page_len)",
                                     where)
         self._plan("paged", qo, kv_lens, num_qo_heads, num_kv_heads, head_dim_qk, causal, sm_scale, q_dtype,
-                   kv_data_type, fixed_split_size, disable_split_kv, pages=(indptr, indices, page_size, max_page))
+                   kv_data_type, fixed_split_size, disable_split_kv, pages=(indptr, indices, page_size, max_page),
+                   variant=variant)
         self._remember_options(pos_encoding_mode, use_fp16_qk_reduction, window_left, logits_soft_cap, rope_scale,
                                rope_theta)
 
@@ -339,7 +351,8 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchAttention):
             ln = run_options(f"{_PAGED}.run()", args, q_scale=q_scale, k_scale=k_scale, v_scale=v_scale,
                              lse_base=lse_base, lse_layout=lse_layout, window_left=window_left, sinks=sinks,
                              kv_cache_sf=kv_cache_sf,
-                             skip_softmax_threshold_scale_factor=skip_softmax_threshold_scale_factor)
+                             skip_softmax_threshold_scale_factor=skip_softmax_threshold_scale_factor,
+                             planned_window_left=self._planned_window_left)
         s, out, lse = self._prepare_q_out(q, out, lse, return_lse)
         k, v = self._split_cache(s, paged_kv_cache)
         self._launch(s, q, k, v, out, lse)
@@ -542,8 +555,9 @@ def single_prefill_with_kv_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     once before it is captured (see the notes above _SINGLE_PLANS_KEPT in prefill.py)."""
     where = "single_prefill_with_kv_cache()"
     check_plan_options(where, custom_mask=custom_mask, packed_custom_mask=packed_custom_mask,
-                       pos_encoding_mode=pos_encoding_mode, use_fp16_qk_reduction=use_fp16_qk_reduction,
-                       window_left=window_left, logits_soft_cap=logits_soft_cap)
+                       pos_encoding_mode=pos_encoding_mode, use_fp16_qk_reduction=use_fp16_qk_reduction)
+    options.window_left(where, window_left)  # not through single prefill's op yet: the batch wrappers have them
+    options.logits_soft_cap(where, logits_soft_cap)
     for name, value in (("scale_q", scale_q), ("scale_k", scale_k), ("scale_v", scale_v), ("k_scale", k_scale),
                         ("v_scale", v_scale)):
         if value is not None:

@@ -9,6 +9,9 @@ Two kinds of fields:
   - matrix fields (`_uri_field`): a choice among supported values; `supported()` and the prebuild
     matrix range over them. A field may accept aliases, normalized on construction (a prefill
     kv_layout of "paged_nhd" or "paged_hnd" is "paged": the page layout is a run-time stride).
+    An opt-in matrix field (attention variants: sliding window, soft-cap) has a default the matrix
+    keeps unless asked: `supported()` and the default prebuild matrix hold its default only, a filter
+    naming it (`flashinfer-jit prebuild --soft-cap true`) ranges over its values.
   - derived fields (`_derived_field`, tile shapes): default to a value derived from the other fields
     (given None), may be set to another supported value, and are in the URI and the key like any
     field; `supported()` yields the derived defaults only.
@@ -18,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterator
+from typing import Any, Callable, ClassVar, Iterable, Iterator
 
 import torch
 
@@ -49,10 +52,12 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def _uri_field(fmt: str, choices: tuple, *, default: Any = dataclasses.MISSING,
-               aliases: dict[Any, Any] | None = None) -> Any:
+               aliases: dict[Any, Any] | None = None, opt_in: bool = False) -> Any:
     """A matrix field: `fmt` renders it in the URI, `choices` are the supported values, `aliases`
-    other spellings accepted for them."""
-    return field(default=default, metadata={"uri": fmt, "choices": choices, "aliases": aliases or {}})
+    other spellings accepted for them; `opt_in`: the matrix holds only `default` unless asked."""
+    if opt_in and default is dataclasses.MISSING:
+        raise TypeError("an opt-in matrix field needs a default")
+    return field(default=default, metadata={"uri": fmt, "choices": choices, "aliases": aliases or {}, "opt_in": opt_in})
 
 
 def _derived_field(fmt: str, choices: tuple, derive: Callable[[Any], Any], *, several: bool = False) -> Any:
@@ -135,10 +140,14 @@ class KernelSpec:
         return ctx
 
     @classmethod
-    def supported(cls) -> Iterator["KernelSpec"]:
-        """Every combination of the matrix fields' choices, derived fields at their defaults."""
+    def supported(cls, opt_in: Iterable[str] = ()) -> Iterator["KernelSpec"]:
+        """Every combination of the matrix fields' choices, derived fields at their defaults; opt-in
+        fields at their defaults unless named in `opt_in`."""
         fields = matrix_fields(cls)
-        for values in itertools.product(*(f.metadata["choices"] for f in fields)):
+        wanted = set(opt_in)
+        choices = [f.metadata["choices"] if not f.metadata["opt_in"] or f.name in wanted else (f.default,)
+                   for f in fields]
+        for values in itertools.product(*choices):
             named = {f.name: v for f, v in zip(fields, values)}
             if cls.combination_exists(named):
                 yield cls(**named)
@@ -197,6 +206,10 @@ class PrefillSpec(KernelSpec):
     dtype: str = _uri_field("{}", tuple(DTYPES))
     causal: bool = _uri_field("causal|full", (False, True))
     backend: str = _uri_field("{}", BACKENDS, default="fa2")
+    # Attention variants (variant.cuh), compile-time on/off; their run-time values (the window's size,
+    # the cap) are launch parameters. Opt-in: outside the default prebuild matrix.
+    sliding_window: bool = _uri_field("window|", (False, True), default=False, opt_in=True)
+    soft_cap: bool = _uri_field("softcap|", (False, True), default=False, opt_in=True)
     kv_tile: int = _derived_field("kv{}", KV_TILES, default_kv_tile)
     cta_q_options: tuple[int, ...] = _derived_field("q{}", CTA_Q_TILES, default_cta_q_options, several=True)
 
@@ -220,6 +233,8 @@ class PrefillSpec(KernelSpec):
     def template_context(self) -> dict[str, Any]:
         ctx = super().template_context()
         ctx["abi_structs"] = abi.layout_checks(*abi.PREFILL_STRUCTS)  # compile-time ABI checks
+        variant = "SoftCapAttention" if self.soft_cap else "StandardAttention"
+        ctx["variant_cpp"] = f"fij::{variant}<kCausal, {'true' if self.sliding_window else 'false'}>"
         return ctx
 
 

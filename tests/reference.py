@@ -46,8 +46,13 @@ def attention_ref(
     *,
     q_len: int | None = None,
     row_index: torch.Tensor | None = None,
+    window_left: int = -1,
+    logits_soft_cap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of one request in float32.
+
+    window_left >= 0: query row i (position p = kv_len - q_len + i) sees only keys j >= p - window_left.
+    logits_soft_cap > 0: scores cap * tanh(scale * q.k / cap) before the softmax. FlashInfer's meanings.
 
     q: [n, Hq, D]; k, v: [kv_len, Hkv, D] (NHD), any float dtype (converted to float32).
     By default q holds all q_len = n query rows of the request. To evaluate only some rows, pass the
@@ -83,9 +88,15 @@ def attention_ref(
     for start in range(0, n, rows_per_block):
         stop = min(n, start + rows_per_block)
         logits = torch.einsum("qhd,khd->hqk", qf[start:stop], kf) * scale  # [Hq, rows, kv_len]
+        if logits_soft_cap > 0:
+            logits = logits_soft_cap * torch.tanh(logits / logits_soft_cap)
+        pos = kv_len - q_len + row_index[start:stop]  # the rows' positions among the keys
+        visible = torch.ones((stop - start, kv_len), dtype=torch.bool, device=q.device)
         if causal:
-            limit = kv_len - q_len + row_index[start:stop]  # key j visible iff j <= limit
-            visible = key_pos[None, :] <= limit[:, None]  # [rows, kv_len]
+            visible &= key_pos[None, :] <= pos[:, None]  # key j visible iff j <= pos
+        if window_left >= 0:
+            visible &= key_pos[None, :] >= pos[:, None] - window_left
+        if causal or window_left >= 0:
             logits = logits.masked_fill(~visible[None], NEG_INF)
         lse_e = torch.logsumexp(logits, dim=-1)  # [Hq, rows]; -inf where no key is visible
         finite = torch.isfinite(lse_e)
@@ -128,8 +139,11 @@ def ragged_attention_ref(
     causal: bool = False,
     sm_scale: float | None = None,
     kv_layout: str = "NHD",
+    window_left: int = -1,
+    logits_soft_cap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference for a ragged batch: q [total_q, Hq, D], k/v ragged in kv_layout.
+    """Reference for a ragged batch: q [total_q, Hq, D], k/v ragged in kv_layout (window_left and
+    logits_soft_cap as in attention_ref).
 
     Returns (out float32 [total_q, Hq, D], lse float32 [total_q, Hq]). Rows of q past
     qo_indptr[-1] are left out (the result has exactly qo_indptr[-1] rows)."""
@@ -147,7 +161,8 @@ def ragged_attention_ref(
         assert qe >= qs and ke >= ks, f"indptr not non-decreasing at request {i}"
         if qe == qs:
             continue
-        o_i, l_i = attention_ref(q[qs:qe], k_nhd[ks:ke], v_nhd[ks:ke], causal, sm_scale)
+        o_i, l_i = attention_ref(q[qs:qe], k_nhd[ks:ke], v_nhd[ks:ke], causal, sm_scale, window_left=window_left,
+                                 logits_soft_cap=logits_soft_cap)
         out[qs:qe] = o_i
         lse[qs:qe] = l_i
     return out, lse

@@ -102,7 +102,7 @@ def _swapped(mirror: type, a: str, b: str) -> type:
      'static assertion failed with "fij::PrefillParams::v: offset is not 8'),
     # the last field missing: it sat in what the mirror sees as tail padding (the size still matches)
     ("PrefillParams", lambda m: _mirror(m.__name__, m._fields_[:-1]),
-     'static assertion failed with "fij::PrefillParams: the number of fields differs from its ctypes mirror (31'),
+     'static assertion failed with "fij::PrefillParams: the number of fields differs from its ctypes mirror (33'),
     # a field retyped to another of the same size
     ("PlanConfig", lambda m: _mirror(m.__name__, [(n, ctypes.c_float if n == "cta_q" else t) for n, t in m._fields_]),
      'static assertion failed with "fij::PlanConfig::cta_q: not float'),

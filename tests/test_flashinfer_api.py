@@ -435,10 +435,6 @@ FP8 = getattr(torch, "float8_e4m3fn")
 OFF_CASES = [  # (id, call, parameter named in the error)
     ("ragged plan pos_encoding_mode ROPE_LLAMA", ragged_plan(pos_encoding_mode="ROPE_LLAMA"), "pos_encoding_mode"),
     ("paged plan pos_encoding_mode ALIBI", paged_plan(pos_encoding_mode="ALIBI"), "pos_encoding_mode"),
-    ("ragged plan window_left 128", ragged_plan(window_left=128), "window_left"),
-    ("paged plan window_left 0", paged_plan(window_left=0), "window_left"),
-    ("ragged plan logits_soft_cap 30", ragged_plan(logits_soft_cap=30.0), "logits_soft_cap"),
-    ("paged plan logits_soft_cap 50", paged_plan(logits_soft_cap=50.0), "logits_soft_cap"),
     ("ragged plan custom_mask", ragged_plan(custom_mask=torch.ones(12 * 19, dtype=torch.bool)), "custom_mask"),
     ("paged plan packed_custom_mask", paged_plan(packed_custom_mask=torch.ones(8, dtype=torch.uint8)),
      "packed_custom_mask"),
@@ -470,13 +466,11 @@ OFF_CASES = [  # (id, call, parameter named in the error)
     ("paged run q_scale tensor 0.5", paged_run(q_scale=torch.tensor([0.5])), "q_scale"),
     ("paged run *args (JIT variant tensors)", paged_run(torch.zeros(1)), "*args"),
     ("paged run sinks", paged_run(sinks=torch.zeros(HQ)), "sinks"),
-    ("paged run window_left 64", paged_run(window_left=64), "window_left"),
     ("paged run kv_cache_sf", paged_run(kv_cache_sf=(torch.zeros(1), torch.zeros(1))), "kv_cache_sf"),
     ("paged run skip_softmax_threshold", paged_run(skip_softmax_threshold_scale_factor=0.1),
      "skip_softmax_threshold_scale_factor"),
     ("ragged run lse_layout HN", ragged_run(lse_layout="HN"), "lse_layout"),
     ("forward pos_encoding_mode ROPE_LLAMA", forward(pos_encoding_mode="ROPE_LLAMA"), "pos_encoding_mode"),
-    ("forward logits_soft_cap 30", forward(logits_soft_cap=30.0), "logits_soft_cap"),
     ("single custom_mask", single(custom_mask=torch.ones(5, 9, dtype=torch.bool)), "custom_mask"),
     ("single window_left 16", single(window_left=16), "window_left"),
     ("single backend fa3", single(backend="fa3"), "backend"),
@@ -503,7 +497,7 @@ def test_missing_feature_raises_not_supported(case, no_kernels) -> None:
 
 ON_VALUES_THAT_MEAN_OFF = [  # FlashInfer values meaning "off", each must pass the plan checks
     dict(pos_encoding_mode="NONE"), dict(pos_encoding_mode=0), dict(window_left=-1), dict(logits_soft_cap=0.0),
-    dict(logits_soft_cap=None), dict(logits_soft_cap=-1.0), dict(use_fp16_qk_reduction=False),
+    dict(logits_soft_cap=None), dict(use_fp16_qk_reduction=False),
     dict(custom_mask=None, packed_custom_mask=None), dict(o_data_type=DT), dict(o_data_type="bfloat16"),
     dict(head_dim_vo=D), dict(non_blocking=False), dict(rope_scale=8.0, rope_theta=5e5),
     dict(fixed_split_size=-1), dict(fixed_split_size=0), dict(kv_data_type="bfloat16", q_data_type="bfloat16"),
@@ -516,6 +510,32 @@ ON_VALUES_THAT_MEAN_OFF = [  # FlashInfer values meaning "off", each must pass t
 def test_off_values_pass_the_plan_checks(which: str, over: dict, no_kernels) -> None:
     with pytest.raises(ReachedKernel):
         (ragged_plan if which == "ragged" else paged_plan)(**over)(Args(real=True))
+
+
+VARIANT_PLANS = [  # (plan options, the kernel switches they select: sliding_window, soft_cap)
+    (dict(window_left=128), (True, False)), (dict(window_left=0), (True, False)),
+    (dict(logits_soft_cap=30.0), (False, True)), (dict(logits_soft_cap=50), (False, True)),
+    (dict(window_left=7, logits_soft_cap=20.0), (True, True)), (dict(window_left=-1, logits_soft_cap=0.0), (False, False)),
+]
+
+
+@pytest.mark.parametrize("over, switches", VARIANT_PLANS, ids=lambda o: str(o))
+@pytest.mark.parametrize("which", ["ragged", "paged"])
+def test_variant_options_choose_the_kernel(which: str, over: dict, switches: tuple, no_kernels, monkeypatch) -> None:
+    """window_left and logits_soft_cap (issue #12) pass the plan checks and select the sliding-window /
+    soft-cap kernel (its own spec, URI and cache key) instead of raising."""
+    loaded = []
+
+    def record(spec, *args, **kwargs):
+        loaded.append(spec)
+        raise ReachedKernel()
+
+    monkeypatch.setattr(loader, "load", record)
+    with pytest.raises(ReachedKernel):
+        (ragged_plan if which == "ragged" else paged_plan)(**over)(Args(real=True))
+    assert [(s.sliding_window, s.soft_cap) for s in loaded] == [switches]
+    assert loaded[0].kv_layout == which and ("window" in loaded[0].uri) == switches[0]
+    assert ("softcap" in loaded[0].uri) == switches[1]
 
 
 def test_cuda_only_paged_options_pass_too(no_kernels) -> None:

@@ -343,15 +343,34 @@ def test_decode_plan_positional_vllm_form_passes(no_kernels) -> None:
 MISSING = {  # (plan kwargs, parameter named in the error)
     "RoPE": ({"pos_encoding_mode": "ROPE_LLAMA"}, "pos_encoding_mode"),
     "ALiBi": ({"pos_encoding_mode": "ALIBI"}, "pos_encoding_mode"),
-    "sliding window": ({"window_left": 127}, "window_left"),
     "right window": ({"window_right": -1}, "window_right"),
-    "soft-cap": ({"logits_soft_cap": 30.0}, "logits_soft_cap"),
     "fp8 KV": ({"kv_data_type": torch.float8_e4m3fn}, "kv_data_type"),
     "fp8 KV by data_type": ({"data_type": torch.float8_e5m2, "q_data_type": torch.bfloat16}, "kv_data_type"),
     "NVFP4 KV": ({"kv_data_type": torch.uint8, "q_data_type": torch.bfloat16}, "kv_data_type"),
     "fp8 q": ({"q_data_type": "float8_e4m3fn"}, "q_data_type"),
     "o_data_type": ({"q_data_type": torch.bfloat16, "o_data_type": torch.float32}, "o_data_type"),
 }
+
+
+@pytest.mark.parametrize("kw, switches", [({"window_left": 127}, (True, False)), ({"logits_soft_cap": 30.0}, (False, True)),
+                                          ({"window_left": 0, "logits_soft_cap": 5}, (True, True))])
+def test_decode_plan_with_a_variant_loads_its_kernel(kw: dict, switches: tuple, monkeypatch) -> None:
+    """Sliding window and soft-cap (issue #12) on decode: the plan selects the variant's paged kernel."""
+    loaded = []
+
+    def record(spec, *args, **kwargs):
+        loaded.append(spec)
+        raise RuntimeError("reached the kernel")
+
+    monkeypatch.setattr(loader, "load", record)
+    with pytest.raises(RuntimeError, match="reached the kernel"):
+        decode_plan_call(**kw)()
+    assert [(s.kv_layout, s.sliding_window, s.soft_cap) for s in loaded] == [("paged", *switches)]
+
+
+def test_decode_run_window_must_be_the_plans(no_kernels) -> None:
+    with pytest.raises(ValueError, match="window_left=64 differs from plan"):
+        decode_wrapper().run(cuda_zeros(3, HQ, HD), cuda_zeros(6, 2, PS, HKV, HD), window_left=64)
 
 
 @pytest.mark.parametrize("case", list(MISSING), ids=list(MISSING))
@@ -393,7 +412,6 @@ RUN_MISSING = {
     "k_scale 0.5": (dict(k_scale=0.5), "k_scale"), "v_scale 2": (dict(v_scale=2.0), "v_scale"),
     "sinks": (dict(sinks=torch.zeros(HQ)), "sinks"), "kv_cache_sf": (dict(kv_cache_sf=torch.zeros(1)), "kv_cache_sf"),
     "skip-softmax": (dict(skip_softmax_threshold_scale_factor=0.1), "skip_softmax_threshold_scale_factor"),
-    "window_left 64": (dict(window_left=64), "window_left"),
 }
 
 
@@ -417,7 +435,7 @@ def test_decode_run_missing_features_raise_not_supported(case: str, no_kernels) 
 
 def test_forward_before_plan_and_its_missing_features(no_kernels) -> None:
     w = decode_wrapper()
-    with pytest.raises(NotSupportedError):
+    with pytest.raises(RuntimeError, match="before plan"):  # a soft-cap is a plan()'s choice; there is none
         w.forward(cuda_zeros(3, HQ, HD), cuda_zeros(6, 2, PS, HKV, HD), logits_soft_cap=50.0)
     with pytest.raises(NotSupportedError):
         w.forward_return_lse(cuda_zeros(3, HQ, HD), cuda_zeros(6, 2, PS, HKV, HD), pos_encoding_mode="ROPE_LLAMA")

@@ -44,9 +44,10 @@ def kernels(tmp_path_factory: pytest.TempPathFactory):
 
 
 def config(batch: int, group: int, num_kv_heads: int, cta_q: int, kv_tile: int, target_ctas: int,
-           min_chunk_tiles: int, split_tiles: int) -> PlanConfig:
+           min_chunk_tiles: int, split_tiles: int, window_left: int = -1) -> PlanConfig:
     return PlanConfig(batch=batch, group=group, num_kv_heads=num_kv_heads, cta_q=cta_q, kv_tile=kv_tile,
-                      target_ctas=target_ctas, min_chunk_tiles=min_chunk_tiles, split_tiles=split_tiles)
+                      target_ctas=target_ctas, min_chunk_tiles=min_chunk_tiles, split_tiles=split_tiles,
+                      window_left=window_left)
 
 
 def indptr(lengths: list[int]) -> torch.Tensor:
@@ -54,12 +55,14 @@ def indptr(lengths: list[int]) -> torch.Tensor:
 
 
 def visible_range(rb: int, cta_q: int, q_len: int, kv_len: int, group: int, causal: bool,
-                  window: int | None = None) -> tuple[int, int]:
+                  window_left: int = -1) -> tuple[int, int]:
     """Keys [begin, end) some query of the tile sees: its first token's begin, its last token's end
-    ((0, 0) when empty). `window`: a sliding window of that many keys (the test variant below)."""
+    ((0, 0) when empty). `window_left` >= 0: FlashInfer's sliding window (keys j >= pos - window_left,
+    pos = token + kv_len - q_len), written out here independently of variant.cuh."""
     def token_range(token: int) -> tuple[int, int]:
-        end = max(0, min(kv_len, token + kv_len - q_len + 1)) if causal else kv_len
-        return (max(0, end - window) if window else 0), end
+        pos = token + kv_len - q_len
+        end = max(0, min(kv_len, pos + 1)) if causal else kv_len
+        return (max(0, min(end, pos - window_left)) if window_left >= 0 else 0), end
 
     first, last = rb // group, (min(rb + cta_q, q_len * group) - 1) // group
     begin, end = token_range(first)[0], token_range(last)[1]
@@ -68,7 +71,7 @@ def visible_range(rb: int, cta_q: int, q_len: int, kv_len: int, group: int, caus
 
 def check_work_list(items: torch.Tensor, merges: torch.Tensor, plan: planner.Plan, q_lens: list[int],
                     kv_lens: list[int], group: int, cta_q: int, kv_tile: int, causal: bool,
-                    window: int | None = None) -> None:
+                    window_left: int = -1) -> None:
     rows = items.tolist()
     # Longest first: the GPU dispatches blocks in index order.
     costs = [math.ceil(max(ke - kb, 0) / kv_tile) for _, _, kb, ke, *_ in rows]
@@ -89,7 +92,7 @@ def check_work_list(items: torch.Tensor, merges: torch.Tensor, plan: planner.Pla
     merge_rows = {tuple(m) for m in merges.tolist()}
     assert len(merge_rows) == plan.num_merges == len(merges)
     for (r, rb), chunks in tiles.items():
-        begin, end = visible_range(rb, cta_q, q_lens[r], kv_lens[r], group, causal, window)
+        begin, end = visible_range(rb, cta_q, q_lens[r], kv_lens[r], group, causal, window_left)
         chunks.sort(key=lambda c: c[2])
         position = begin // kv_tile * kv_tile
         for c in chunks:  # chunks tile [begin rounded down to the KV tile, end) exactly, on KV-tile boundaries
@@ -132,19 +135,19 @@ def test_random_batches_are_covered_exactly_once(kernels, seed: int) -> None:
 WINDOW_PLANNER = r"""
 #include "flashinfer_jit/prefill_plan.h"
 
-// Causal with a sliding window of 100 keys (not a multiple of the KV tile): kv_range begins > 0.
-struct Window {
-  static fij::KvRange kv_range(int32_t token, int32_t q_len, int32_t kv_len) {
-    fij::KvRange r = fij::StandardAttention<true>::kv_range(token, q_len, kv_len);
-    r.begin = r.end > 100 ? r.end - 100 : 0;
-    return r;
-  }
-};
-
+// The library's sliding-window variants (variant.cuh), causal and not: the window's size comes from
+// PlanConfig::window_left at run time.
 extern "C" int window_plan(const int32_t* qo, const int32_t* kv, const fij::PlanConfig* cfg, fij::WorkItem* items,
                            int64_t item_capacity, fij::MergeEntry* merges, int64_t merge_capacity,
                            fij::PlanResult* result) {
-  return fij::plan_prefill<Window>(qo, kv, *cfg, items, item_capacity, merges, merge_capacity, result);
+  return fij::plan_prefill<fij::StandardAttention<true, true>>(qo, kv, *cfg, items, item_capacity, merges,
+                                                               merge_capacity, result);
+}
+extern "C" int window_full_plan(const int32_t* qo, const int32_t* kv, const fij::PlanConfig* cfg,
+                                fij::WorkItem* items, int64_t item_capacity, fij::MergeEntry* merges,
+                                int64_t merge_capacity, fij::PlanResult* result) {
+  return fij::plan_prefill<fij::SoftCapAttention<false, true>>(qo, kv, *cfg, items, item_capacity, merges,
+                                                               merge_capacity, result);
 }
 """
 
@@ -152,17 +155,18 @@ extern "C" int window_plan(const int32_t* qo, const int32_t* kv, const fij::Plan
 class _HostLibrary:
     """What planner.* call on a kernel library (`function`), for a host-only test library."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, prefix: str):
         self.lib = ctypes.CDLL(str(path))
+        self.prefix = prefix
 
     def function(self, name: str, argtypes: list) -> Any:
-        fn = getattr(self.lib, f"window_{name}")
+        fn = getattr(self.lib, f"{self.prefix}_{name}")
         fn.argtypes, fn.restype = argtypes, ctypes.c_int
         return fn
 
 
 @pytest.fixture(scope="module")
-def window_planner(tmp_path_factory: pytest.TempPathFactory) -> _HostLibrary:
+def window_library(tmp_path_factory: pytest.TempPathFactory) -> Path:
     compiler = shutil.which("c++")
     if compiler is None:
         pytest.skip("needs a host C++ compiler (c++) to build the sliding-window planner")
@@ -170,26 +174,49 @@ def window_planner(tmp_path_factory: pytest.TempPathFactory) -> _HostLibrary:
     (tmp / "window.cpp").write_text(WINDOW_PLANNER)
     subprocess.run([compiler, "-std=c++17", "-O1", "-shared", "-fPIC", "-I", str(codegen.include_dir()),
                     str(tmp / "window.cpp"), "-o", str(tmp / "window.so")], check=True)
-    return _HostLibrary(tmp / "window.so")
+    return tmp / "window.so"
+
+
+@pytest.fixture(scope="module")
+def window_planner(window_library: Path) -> _HostLibrary:
+    return _HostLibrary(window_library, "window")
 
 
 @pytest.mark.parametrize("seed", range(12))
 def test_a_variant_whose_range_begins_later_plans_from_its_begin(window_planner, seed: int) -> None:
-    """The planner takes each q tile's keys from the variant's kv_range: with a sliding window, a
-    tile's chunks start at its first token's begin rounded down to the KV tile, not at 0."""
+    """The planner takes each q tile's keys from the variant's kv_range: with a sliding window
+    (window_left 99: 100 keys), a tile's chunks start at its first token's begin rounded down to the KV
+    tile, not at 0."""
     rng = random.Random(seed)
     batch = rng.randint(1, 6)
     group = rng.choice([1, 2, 4])
     cta_q = rng.choice([16, 64])
     q_lens = [rng.choice([1, 5, 63, rng.randint(1, 600)]) for _ in range(batch)]
     kv_lens = [q + rng.choice([0, 1, 300, rng.randint(0, 3000)]) for q in q_lens]
-    cfg = config(batch, group, 2, cta_q, 64, rng.choice([1, 132]), planner.MIN_CHUNK_TILES, rng.choice([0, -1, 1]))
+    cfg = config(batch, group, 2, cta_q, 64, rng.choice([1, 132]), planner.MIN_CHUNK_TILES, rng.choice([0, -1, 1]),
+                 window_left=99)
     items, merges, plan = planner_tools.plan_to_tensors(window_planner, indptr(q_lens), indptr(kv_lens), cfg)
-    check_work_list(items, merges, plan, q_lens, kv_lens, group, cta_q, 64, True, window=100)
+    check_work_list(items, merges, plan, q_lens, kv_lens, group, cta_q, 64, True, window_left=99)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_a_non_causal_window_plans_from_each_tiles_begin(window_library: Path, seed: int) -> None:
+    """Non-causal with a window (and the soft-cap variant, which shares the key range): keys
+    [pos - window_left, kv_len); window sizes 0, 1, odd and longer than the requests."""
+    rng = random.Random(100 + seed)
+    batch = rng.randint(1, 5)
+    group = rng.choice([1, 4, 8])
+    window_left = rng.choice([0, 1, 77, 5000])
+    q_lens = [rng.choice([1, 5, 63, rng.randint(1, 400)]) for _ in range(batch)]
+    kv_lens = [q + rng.choice([0, 1, 300, rng.randint(0, 2000)]) for q in q_lens]
+    cfg = config(batch, group, 2, 64, 64, 132, planner.MIN_CHUNK_TILES, rng.choice([0, -1]), window_left=window_left)
+    items, merges, plan = planner_tools.plan_to_tensors(_HostLibrary(window_library, "window_full"), indptr(q_lens),
+                                                        indptr(kv_lens), cfg)
+    check_work_list(items, merges, plan, q_lens, kv_lens, group, 64, 64, False, window_left=window_left)
 
 
 def test_a_window_tile_starts_at_its_begin_rounded_down_to_the_kv_tile(window_planner) -> None:
-    cfg = config(1, 1, 1, 16, 64, 132, planner.MIN_CHUNK_TILES, -1)
+    cfg = config(1, 1, 1, 16, 64, 132, planner.MIN_CHUNK_TILES, -1, window_left=99)
     items, _, _ = planner_tools.plan_to_tensors(window_planner, indptr([1]), indptr([1000]), cfg)
     assert [row[2:4] for row in items.tolist()] == [[896, 1000]]  # keys [900, 1000): tiles from 896
 

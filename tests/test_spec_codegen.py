@@ -32,12 +32,16 @@ def test_uri_is_derived_from_the_fields():
 @pytest.mark.parametrize("cls", list(spec.FAMILIES.values()), ids=list(spec.FAMILIES))
 def test_uris_are_unique_and_file_name_safe(cls):
     """One URI per variant: a field missing from the URI would make two variants share a name."""
-    uris = [s.uri for s in cls.supported()]
-    assert len(uris) == len(set(uris))
     fields = spec.matrix_fields(cls)
+    opt_in = [f.name for f in fields if f.metadata["opt_in"]]
+    uris = [s.uri for s in cls.supported(opt_in=opt_in)]  # every variant, the opt-in ones too
+    assert len(uris) == len(set(uris))
     combinations = [dict(zip([f.name for f in fields], values))
                     for values in itertools.product(*(f.metadata["choices"] for f in fields))]
     assert len(uris) == sum(cls.combination_exists(c) for c in combinations)
+    # the default matrix: opt-in fields at their defaults only, so their URIs are the plain ones
+    plain = [s for s in cls.supported() if all(getattr(s, n) == cls.__dataclass_fields__[n].default for n in opt_in)]
+    assert plain == list(cls.supported())
     for uri in uris:
         assert re.fullmatch(r"[a-z0-9_]+", uri), uri
 
@@ -177,7 +181,11 @@ def test_abi_type_checks():
 def test_prefill_source_bakes_in_the_spec():
     text = codegen.render(spec.PrefillSpec("ragged", 256, "fp16", True))["prefill.cu"]
     assert "constexpr int kKvTile = 32;" in text and "FIJ_KV_TILE" not in text
-    assert "using Variant = fij::StandardAttention<kCausal>;" in text
+    assert "using Variant = fij::StandardAttention<kCausal, false>;" in text
+    assert spec.PrefillSpec("ragged", 256, "fp16", True).uri == "prefill_ragged_hd256_fp16_causal_fa2_kv32_q64"
+    both = spec.PrefillSpec("ragged", 256, "fp16", True, sliding_window=True, soft_cap=True)
+    assert both.uri == "prefill_ragged_hd256_fp16_causal_fa2_window_softcap_kv32_q64"
+    assert "using Variant = fij::SoftCapAttention<kCausal, true>;" in codegen.render(both)["prefill.cu"]
     assert "fij::plan_prefill<Variant>(" in text and "fij::plan_and_upload<Variant>(" in text
     assert "launch_prefill<DType, kHeadDim, 64, kKvTile, Variant, kPaged>" in text
     assert "launch_prefill<DType, kHeadDim, 128," not in text  # head_dim 256: 64-row tiles only

@@ -1,7 +1,7 @@
 """The prefill kernel's variant hooks compile into real kernels (CPU only: nvcc, no GPU).
 
-The standard variants use none of the hooks, so nothing else instantiates them. A test variant here
-turns every one on: a sliding-window kv_range (begin > 0), a logits transform (soft-cap, so the
+The library's variants (variant.cuh: sliding window, soft-cap) use some of the hooks; a test variant
+here turns every one on: a sliding-window kv_range (begin > 0), a logits transform (soft-cap, so the
 softmax runs on transformed scores with scale log2(e)), an extra mask and a query transform. It is
 instantiated for the 64-row ragged kernel and the 16-row paged (KV-split warps) kernel, and (without
 the query transform, which it lacks) for the sm90 ragged and paged kernels, and compiled to sm_90a
@@ -23,20 +23,14 @@ SOURCE = r"""
 #include "flashinfer_jit/prefill.cuh"
 #include "flashinfer_jit/prefill_sm90.cuh"
 
-struct WindowSoftCapVariant {
-  static constexpr bool kCausal = true;
-  static constexpr bool kBoundedBelow = true;
+struct WindowSoftCapVariant : fij::KeyRange<true, true> {  // causal, sliding window: kv_range begins > 0
+  using Range = fij::KeyRange<true, true>;
   static constexpr bool kTransformsLogits = true;
   static constexpr bool kMasksLogits = true;
   static constexpr bool kTransformsQuery = true;
   float cap;
   template <typename Params>
-  __host__ __device__ explicit WindowSoftCapVariant(const Params&) : cap(30.f) {}
-  static __host__ __device__ fij::KvRange kv_range(int token, int q_len, int kv_len) {
-    fij::KvRange r = fij::StandardAttention<true>::kv_range(token, q_len, kv_len);
-    r.begin = r.end > 128 ? r.end - 128 : 0;
-    return r;
-  }
+  __host__ __device__ explicit WindowSoftCapVariant(const Params& p) : Range(p), cap(30.f) {}
   __host__ __device__ float softmax_scale_log2() const { return 1.4426950408889634f; }
   __device__ float transform_logits(float qk, int, int, int) const { return cap * tanhf(qk / cap); }
   __device__ bool mask(int q, int kv, int) const { return ((q + kv) & 1) == 0; }

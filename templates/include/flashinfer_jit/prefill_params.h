@@ -43,6 +43,9 @@ struct PrefillParams {
   // pages after the tile's first, at (d & page_row_mask) past the tile's in-page position.
   int32_t page_row_shift;
   int32_t page_row_mask;
+  // Variants (variant.cuh): the sliding window's size (KeyRange), soft-capping's sm_scale / cap.
+  int32_t window_left;
+  float soft_cap_pre_tanh;
 };
 
 }  // namespace fij

@@ -64,6 +64,7 @@ struct PlanConfig {
   int32_t target_ctas;      // CTAs that fill the GPU (SMs x resident CTAs per SM)
   int32_t min_chunk_tiles;  // a split chunk spans at least this many KV tiles
   int32_t split_tiles;      // 0: choose; -1: never split; > 0: chunk size in KV tiles
+  int32_t window_left;      // sliding-window variants: keys before a query's position it sees (else -1)
 };
 
 struct PlanResult {
@@ -112,7 +113,7 @@ inline int32_t check_indptrs(const int32_t* qo_indptr, const int32_t* kv_indptr,
 }
 
 // Plans into `items` (and `merges`, unless null: the kernel does not read them). The keys a q tile
-// may see are the union of its tokens' Variant::kv_range, [begin, end), with begin rounded down to
+// may see are the union of its tokens' kv_range (Variant::Range), [begin, end), with begin rounded down to
 // the KV tile (the kernel masks the keys before a token's own begin).
 template <typename Variant>
 int32_t plan_prefill(const int32_t* qo_indptr, const int32_t* kv_indptr, const PlanConfig& cfg, WorkItem* items,
@@ -133,6 +134,7 @@ int32_t plan_prefill(const int32_t* qo_indptr, const int32_t* kv_indptr, const P
   // cta_q / group: no division per tile (this loop runs for every q tile of the batch).
   const bool whole_tokens = cta_q % g == 0;
   const int32_t tile_tokens = cta_q / g;
+  const typename Variant::Range rule(cfg);  // the keys a query sees (a window's size from the config)
 
   // Pass 1: every q tile's KV range and tile count; the total work decides the chunk size.
   struct Tile { int32_t request, row_begin, kv_begin, kv_end, tiles; };
@@ -148,7 +150,7 @@ int32_t plan_prefill(const int32_t* qo_indptr, const int32_t* kv_indptr, const P
       const int32_t re = rb + cta_q < packed ? rb + cta_q : packed;
       const int32_t first_token = whole_tokens ? tokens_begin : rb / g;
       const int32_t last_token = whole_tokens ? std::min(tokens_begin + tile_tokens, q_len) - 1 : (re - 1) / g;
-      const KvRange range = kv_range_union<Variant>(first_token, last_token, q_len, kv_len);
+      const KvRange range = kv_range_union(rule, first_token, last_token, q_len, kv_len);
       const int32_t end = clamp_to(range.end, 0, kv_len), begin = clamp_to(range.begin, 0, end);
       // [begin rounded down to the KV tile, end); an empty range is [0, 0): one item writing O = 0, LSE = -inf.
       const int32_t kv_begin = begin < end ? (begin >> tile_shift) << tile_shift : 0;

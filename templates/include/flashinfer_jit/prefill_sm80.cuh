@@ -25,7 +25,7 @@ __global__ void __launch_bounds__(PrefillShape<HEAD_DIM, CTA_Q, KV_TILE>::kThrea
   if (!work.active()) return;
   const int hk = work.kv_head;
   const Variant variant(p);
-  const WorkTile tile = WorkTile::of<Variant, CTA_Q>(item, p.group);
+  const WorkTile tile = WorkTile::of<Variant, CTA_Q>(item, variant, p.group);
 
   typename Mainloop::State state;
   Mainloop::run(p, variant, tile, hk, smem, state);

@@ -224,7 +224,7 @@ __global__ void __launch_bounds__(Shape<HEAD_DIM, KV_TILE>::kThreads, 1)
       WorkItem item;
       const TileScheduler work = TileScheduler::at(p, unit, item);
       const int hk = work.kv_head;
-      const WorkTile tile = WorkTile::of<Variant, S::kCtaQ>(item, p.group);
+      const WorkTile tile = WorkTile::of<Variant, S::kCtaQ>(item, variant, p.group);
       typename Cons::State st;
       c.template run<Prod::kGather>(p, variant, tile, hk, sm, st, ps, turn, [&] {
         FIJ_TRACE_UNIT_MARK(1);

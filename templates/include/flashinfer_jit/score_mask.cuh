@@ -34,7 +34,7 @@ __device__ __forceinline__ void score_and_mask_fragments(const Variant& variant,
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const PackedRow pr = rows[mi][h];
-        const KvRange visible = Variant::kv_range(pr.token, w.q_len, w.kv_len);
+        const KvRange visible = variant.kv_range(pr.token, w.q_len, w.kv_len);
         const int end = min(w.kv.end, visible.end);
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt)

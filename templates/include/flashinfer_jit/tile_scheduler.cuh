@@ -78,7 +78,7 @@ struct WorkTile {
   KvRange unmasked;  // within kv, the keys every row sees: KV tiles inside need no mask
 
   template <typename Variant, int CTA_Q>
-  __device__ __forceinline__ static WorkTile of(const WorkItem& item, int group) {
+  __device__ __forceinline__ static WorkTile of(const WorkItem& item, const Variant& variant, int group) {
     WorkTile w;
     w.row_begin = item.row_begin;
     w.q_start = item.q_start;
@@ -89,8 +89,8 @@ struct WorkTile {
     w.rows = min(CTA_Q, item.q_len * group - item.row_begin);
     const int first_token = item.row_begin / group;
     const int last_token = (item.row_begin + max(w.rows, 1) - 1) / group;
-    const KvRange some = kv_range_union<Variant>(first_token, last_token, item.q_len, item.kv_len);
-    const KvRange all = kv_range_common<Variant>(first_token, last_token, item.q_len, item.kv_len);
+    const KvRange some = kv_range_union(variant, first_token, last_token, item.q_len, item.kv_len);
+    const KvRange all = kv_range_common(variant, first_token, last_token, item.q_len, item.kv_len);
     w.kv = KvRange{item.kv_begin, min(item.kv_end, some.end)};
     w.unmasked = KvRange{all.begin, min(w.kv.end, all.end)};
     return w;
@@ -101,10 +101,11 @@ struct WorkTile {
 // sm90 kernel makes (the consumers' own loop also prefetches and traces around the same steps).
 template <typename Variant, int CTA_Q, typename Fn>
 __device__ __forceinline__ void for_each_unit(const PrefillParams& p, int units, Fn&& fn) {
+  const Variant variant(p);
   for (int k = 0, unit; (unit = persistent_unit(k, units)) >= 0; ++k) {
     WorkItem item;
     const TileScheduler work = TileScheduler::at(p, unit, item);
-    fn(k, item, work.kv_head, WorkTile::of<Variant, CTA_Q>(item, p.group));
+    fn(k, item, work.kv_head, WorkTile::of<Variant, CTA_Q>(item, variant, p.group));
   }
 }
 

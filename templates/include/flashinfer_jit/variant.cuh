@@ -1,9 +1,11 @@
 // Attention variants: *what* a kernel computes, apart from *how* (mainloop, softmax, epilogue).
 //
 // A variant is a struct the kernels and the host planner are templated on. It answers:
-//   - kv_range(token, q_len, kv_len): the keys [begin, end) one query token of a request may see.
-//     The planner (tile sizes, work split), the kernel's tile skipping and its mask all derive their
-//     ranges from this one function (host and device), so they cannot disagree. Ranges must be
+//   - kv_range(token, q_len, kv_len): the keys [begin, end) one query token of a request may see,
+//     from its key-range rule (Variant::Range: causal, sliding window), an object of run-time values
+//     (the window size) built from the plan's config on the host and from the launch's params on the
+//     device. The planner (tile sizes, work split), the kernel's tile skipping and its mask all derive
+//     their ranges from this one function (host and device), so they cannot disagree. Ranges must be
 //     monotone in the token (begin and end non-decreasing), which the causal mask and sliding windows
 //     are: the union and intersection over a tile's tokens then follow from its first and last token.
 //   - how raw logits q.k become the scores the softmax exponentiates (kTransformsLogits,
@@ -35,23 +37,44 @@ struct KvRange {
 FIJ_HOST_DEVICE int32_t clamp_to(int32_t x, int32_t lo, int32_t hi) { return x < lo ? lo : (x > hi ? hi : x); }
 
 // Keys some token of [first_token, last_token] sees (monotone variants: the first's begin, the last's end).
-template <typename Variant>
-FIJ_HOST_DEVICE KvRange kv_range_union(int32_t first_token, int32_t last_token, int32_t q_len, int32_t kv_len) {
-  return KvRange{Variant::kv_range(first_token, q_len, kv_len).begin, Variant::kv_range(last_token, q_len, kv_len).end};
+template <typename Range>
+FIJ_HOST_DEVICE KvRange kv_range_union(const Range& range, int32_t first_token, int32_t last_token, int32_t q_len,
+                                       int32_t kv_len) {
+  return KvRange{range.kv_range(first_token, q_len, kv_len).begin, range.kv_range(last_token, q_len, kv_len).end};
 }
 
 // Keys every token of [first_token, last_token] sees: tiles inside it need no mask.
-template <typename Variant>
-FIJ_HOST_DEVICE KvRange kv_range_common(int32_t first_token, int32_t last_token, int32_t q_len, int32_t kv_len) {
-  return KvRange{Variant::kv_range(last_token, q_len, kv_len).begin, Variant::kv_range(first_token, q_len, kv_len).end};
+template <typename Range>
+FIJ_HOST_DEVICE KvRange kv_range_common(const Range& range, int32_t first_token, int32_t last_token, int32_t q_len,
+                                        int32_t kv_len) {
+  return KvRange{range.kv_range(last_token, q_len, kv_len).begin, range.kv_range(first_token, q_len, kv_len).end};
 }
 
-// Plain softmax attention, optionally with FlashInfer's bottom-right aligned causal mask (query i
-// of a request with q_len queries and kv_len keys sees keys j <= kv_len - q_len + i).
-template <bool CAUSAL>
-struct StandardAttention {
+// The keys a query sees, FlashInfer's semantics. A query's position among its request's keys is
+// pos = token + kv_len - q_len (bottom-right aligned). CAUSAL: keys j <= pos. WINDOW (sliding window,
+// run-time size window_left >= 0): keys j >= pos - window_left, so a causal query sees window_left + 1
+// keys. `P` is the plan's config (host) or the launch's params (device): both carry window_left.
+template <bool CAUSAL, bool WINDOW>
+struct KeyRange {
   static constexpr bool kCausal = CAUSAL;
-  static constexpr bool kBoundedBelow = false;   // kv_range(t).begin is always 0
+  static constexpr bool kBoundedBelow = WINDOW;  // without a window kv_range(t).begin is always 0
+  int32_t window_left;
+
+  template <typename P>
+  FIJ_HOST_DEVICE explicit KeyRange(const P& p) : window_left(WINDOW ? p.window_left : -1) {}
+
+  FIJ_HOST_DEVICE KvRange kv_range(int32_t token, int32_t q_len, int32_t kv_len) const {
+    const int32_t pos = token + (kv_len - q_len);
+    const int32_t end = CAUSAL ? clamp_to(pos + 1, 0, kv_len) : kv_len;
+    const int32_t begin = WINDOW ? clamp_to(pos - window_left, 0, end) : 0;
+    return KvRange{begin, end};
+  }
+};
+
+// Plain softmax attention over the keys of KeyRange<CAUSAL, WINDOW>.
+template <bool CAUSAL, bool WINDOW = false>
+struct StandardAttention : KeyRange<CAUSAL, WINDOW> {
+  using Range = KeyRange<CAUSAL, WINDOW>;
   static constexpr bool kTransformsLogits = false;
   static constexpr bool kMasksLogits = false;
   static constexpr bool kTransformsQuery = false;
@@ -59,12 +82,7 @@ struct StandardAttention {
   float scale_log2;  // sm_scale * log2(e)
 
   template <typename Params>
-  FIJ_HOST_DEVICE explicit StandardAttention(const Params& p) : scale_log2(p.scale_log2) {}
-
-  static FIJ_HOST_DEVICE KvRange kv_range(int32_t token, int32_t q_len, int32_t kv_len) {
-    if (!CAUSAL) return KvRange{0, kv_len};
-    return KvRange{0, clamp_to(token + (kv_len - q_len) + 1, 0, kv_len)};
-  }
+  FIJ_HOST_DEVICE explicit StandardAttention(const Params& p) : Range(p), scale_log2(p.scale_log2) {}
 
   // The factor exp2 applies to the softmax input: raw logits here (the scale is folded in).
   FIJ_HOST_DEVICE float softmax_scale_log2() const { return scale_log2; }
@@ -74,6 +92,29 @@ struct StandardAttention {
   __device__ __forceinline__ bool mask(int32_t, int32_t, int32_t) const { return true; }
   // Dims [dim0, dim0 + 8) and [dim0 + D/2, dim0 + D/2 + 8) of query (token, head), in place.
   __device__ __forceinline__ void transform_query(float (&)[8], float (&)[8], int32_t, int32_t, int32_t) const {}
+#endif
+};
+
+// Logits soft-capping (Gemma 2; FlashInfer's logits_soft_cap): score = cap * tanh(sm_scale * q.k / cap).
+// The launch's params carry pre_tanh = sm_scale / cap in soft_cap_pre_tanh and cap * log2(e) in
+// scale_log2, so the kernel computes tanh(q.k * pre_tanh) and the softmax's exp2 scales by cap * log2(e)
+// (positive: its running maximum over the tanh values is the maximum of the scores).
+template <bool CAUSAL, bool WINDOW = false>
+struct SoftCapAttention : StandardAttention<CAUSAL, WINDOW> {
+  static constexpr bool kTransformsLogits = true;
+
+  float pre_tanh;
+
+  template <typename Params>
+  FIJ_HOST_DEVICE explicit SoftCapAttention(const Params& p)
+      : StandardAttention<CAUSAL, WINDOW>(p), pre_tanh(p.soft_cap_pre_tanh) {}
+
+#if defined(__CUDACC__)
+  __device__ __forceinline__ float transform_logits(float qk, int32_t, int32_t, int32_t) const {
+    float t;
+    asm("tanh.approx.f32 %0, %1;" : "=f"(t) : "f"(qk * pre_tanh));  // MUFU.TANH, what FlashInfer uses
+    return t;
+  }
 #endif
 };
 

@@ -1,0 +1,153 @@
+"""GPU tests of the built-in attention variants (issue #12): sliding window (`window_left`) and logits
+soft-cap (`logits_soft_cap`) on the ragged and paged prefill wrappers and the decode wrapper, against the
+float32 reference in tests/reference.py, which applies the window and the cap itself (written out there,
+not taken from the kernels' variant.cuh).
+
+Pinned down (FlashInfer's semantics): a query at position p = kv_len - q_len + i sees keys
+j >= p - window_left (and j <= p when causal); scores become cap * tanh(sm_scale * q.k / cap).
+Window sizes 0, 1, odd and longer than every request; causal and not; GQA groups 1/4/8; lengths that
+are not tile multiples, length 1 and empty requests; soft-cap with large logits (q scaled up); both
+together. Outputs poisoned with NaN; LSE checked (-inf exactly where no key is visible: a window of 0
+on a non-causal query past the keys, an empty request). forward() cannot change the plan's variant.
+
+Run: python -m pytest -m gpu -q tests/test_variants_gpu.py   (skipped, with the reason, without CUDA)
+"""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import flashinfer_jit
+
+import reference as ref
+from conftest import DEVICE, NAN, PREFILL_BACKEND
+
+pytestmark = pytest.mark.gpu
+
+WORKSPACE_BYTES = 128 << 20
+NUM_KV_HEADS = 2
+# (q_len, kv_len): not tile multiples, a prefix in the cache, q > kv, single tokens, empty requests.
+LENS = ((1, 1), (17, 17), (129, 1000), (0, 9), (63, 63), (5, 0), (300, 301), (1, 700), (40, 15))
+WINDOWS = (0, 1, 37, 5000)  # 0: the query's own key only (causal); 5000: longer than every request
+CAPS = (0.0, 30.0)
+
+
+def _ragged(lens, group: int, head_dim: int, dtype: torch.dtype, seed: int, q_scale: float = 1.0) -> ref.RaggedBatch:
+    batch = ref.make_ragged_batch([a for a, _ in lens], [b for _, b in lens], NUM_KV_HEADS * group, NUM_KV_HEADS,
+                                  head_dim, dtype, DEVICE, "NHD", seed)
+    if q_scale != 1.0:
+        batch.q.mul_(q_scale)  # large logits: the soft-cap saturates
+    return batch
+
+
+def _poisoned(total_q: int, num_qo_heads: int, head_dim: int, dtype: torch.dtype):
+    out = torch.full((total_q, num_qo_heads, head_dim), NAN, dtype=dtype, device=DEVICE)
+    lse = torch.full((total_q, num_qo_heads), NAN, dtype=torch.float32, device=DEVICE)
+    return out, lse
+
+
+def _check_ragged(batch: ref.RaggedBatch, causal: bool, window_left: int, cap: float, what: str) -> None:
+    workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=DEVICE)
+    w = flashinfer_jit.BatchPrefillWithRaggedKVCacheWrapper(workspace, kv_layout="NHD", backend=PREFILL_BACKEND)
+    w.plan(batch.qo_indptr, batch.kv_indptr, batch.num_qo_heads, batch.num_kv_heads, batch.head_dim, causal=causal,
+           window_left=window_left, logits_soft_cap=cap, q_data_type=batch.q.dtype)
+    out, lse = _poisoned(batch.total_q, batch.num_qo_heads, batch.head_dim, batch.q.dtype)
+    w.run(batch.q, batch.k, batch.v, out=out, lse=lse, return_lse=True)
+    ref_out, ref_lse = ref.ragged_attention_ref(batch.q, batch.k, batch.v, batch.qo_indptr, batch.kv_indptr, causal,
+                                                window_left=window_left, logits_soft_cap=cap)
+    ref.check_attention(out, ref_out, batch.q.dtype, f"{what} ({w.backend})", lse, ref_lse)
+
+
+CASES = list(itertools.product((64, 128, 256), (False, True), WINDOWS, CAPS))
+
+
+@pytest.mark.parametrize("head_dim, causal, window_left, cap", CASES,
+                         ids=[f"hd{d}-{'causal' if c else 'full'}-w{w}-cap{int(s)}" for d, c, w, s in CASES])
+def test_ragged_variant_matches_reference(head_dim: int, causal: bool, window_left: int, cap: float) -> None:
+    if window_left == 5000 and cap == 0.0 and head_dim != 128:
+        pytest.skip("a window longer than the requests is the plain kernel's result: one head_dim is enough")
+    for group in (1, 4, 8):
+        batch = _ragged(LENS, group, head_dim, torch.bfloat16, seed=head_dim + group + window_left)
+        _check_ragged(batch, causal, window_left, cap, f"ragged hd{head_dim} g{group} causal={causal} "
+                      f"window_left={window_left} cap={cap}")
+
+
+def test_window_off_equals_the_plain_kernel_bitwise() -> None:
+    """window_left=-1 / cap 0.0 select the plain kernel: identical bits to a plan without them."""
+    batch = _ragged(LENS, 4, 128, torch.float16, seed=3)
+    outs = []
+    for extra in ({}, dict(window_left=-1, logits_soft_cap=0.0)):
+        w = flashinfer_jit.BatchPrefillWithRaggedKVCacheWrapper(
+            torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=DEVICE), backend=PREFILL_BACKEND)
+        w.plan(batch.qo_indptr, batch.kv_indptr, batch.num_qo_heads, batch.num_kv_heads, 128, causal=True,
+               q_data_type=torch.float16, **extra)
+        outs.append(w.run(batch.q, batch.k, batch.v))
+    assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("cap", [5.0, 20.0])
+def test_soft_cap_with_large_logits(cap: float) -> None:
+    """q scaled by 8: raw logits reach ~100, far past the cap; tanh saturates and the softmax stays finite."""
+    for causal in (False, True):
+        batch = _ragged(LENS, 4, 128, torch.bfloat16, seed=11, q_scale=8.0)
+        _check_ragged(batch, causal, -1, cap, f"soft-cap {cap}, large logits, causal={causal}")
+
+
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("page_size", [1, 16])
+@pytest.mark.parametrize("window_left, cap", [(0, 0.0), (37, 0.0), (-1, 30.0), (100, 50.0)])
+def test_paged_variant_matches_reference(layout: str, page_size: int, window_left: int, cap: float) -> None:
+    for causal, group in ((True, 4), (False, 8), (True, 1)):
+        b = ref.make_paged_batch([a for a, _ in LENS], [k for _, k in LENS], NUM_KV_HEADS * group, NUM_KV_HEADS,
+                                 128, torch.float16, DEVICE, layout, page_size, seed=page_size + group)
+        workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=DEVICE)
+        w = flashinfer_jit.BatchPrefillWithPagedKVCacheWrapper(workspace, kv_layout=layout, backend=PREFILL_BACKEND)
+        t = b.table
+        w.plan(b.qo_indptr, t.indptr, t.indices, t.last_page_len, b.num_qo_heads, b.num_kv_heads, 128, page_size,
+               causal=causal, window_left=window_left, logits_soft_cap=cap, q_data_type=torch.float16)
+        out, lse = _poisoned(b.total_q, b.num_qo_heads, 128, torch.float16)
+        w.run(b.q, b.cache, out=out, lse=lse, return_lse=True)
+        k, v = b.gathered()
+        ref_out, ref_lse = ref.ragged_attention_ref(b.q, k, v, b.qo_indptr, b.kv_indptr, causal,
+                                                    window_left=window_left, logits_soft_cap=cap)
+        ref.check_attention(out, ref_out, torch.float16, f"paged {layout} page {page_size} g{group} causal={causal} "
+                            f"window_left={window_left} cap={cap} ({w.backend})", lse, ref_lse)
+        w.run(b.q, b.cache, window_left=window_left)  # run()'s per-call window: the plan's is accepted
+        with pytest.raises(ValueError, match="window_left"):  # and another refused (plan() chooses the kernel)
+            w.run(b.q, b.cache, window_left=window_left + 1)
+
+
+@pytest.mark.parametrize("window_left, cap", [(0, 0.0), (1, 0.0), (63, 0.0), (-1, 30.0), (200, 30.0)])
+def test_decode_variant_matches_reference(window_left: int, cap: float) -> None:
+    kv_lens = [1, 17, 300, 1000, 64, 2049]
+    group = 4
+    b = ref.make_paged_batch([1] * len(kv_lens), kv_lens, NUM_KV_HEADS * group, NUM_KV_HEADS, 128, torch.bfloat16,
+                             DEVICE, "NHD", 16, seed=5)
+    workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=DEVICE)
+    w = flashinfer_jit.BatchDecodeWithPagedKVCacheWrapper(workspace, kv_layout="NHD")
+    t = b.table
+    w.plan(t.indptr, t.indices, t.last_page_len, b.num_qo_heads, b.num_kv_heads, 128, 16,
+           window_left=window_left, logits_soft_cap=cap, q_data_type=torch.bfloat16)
+    assert (w._window_left, w._logits_soft_cap) == (window_left, cap)  # what FlashInfer keeps (vLLM asserts it)
+    out = torch.full((len(kv_lens), b.num_qo_heads, 128), NAN, dtype=torch.bfloat16, device=DEVICE)
+    w.run(b.q, b.cache, out=out)
+    k, v = b.gathered()
+    ref_out, _ = ref.ragged_attention_ref(b.q, k, v, b.qo_indptr, b.kv_indptr, False, window_left=window_left,
+                                          logits_soft_cap=cap)
+    ref.check_attention(out, ref_out, torch.bfloat16, f"decode window_left={window_left} cap={cap}")
+
+
+def test_forward_cannot_change_the_planned_variant() -> None:
+    batch = _ragged(LENS, 4, 128, torch.float16, seed=1)
+    w = flashinfer_jit.BatchPrefillWithRaggedKVCacheWrapper(
+        torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=DEVICE), backend=PREFILL_BACKEND)
+    w.plan(batch.qo_indptr, batch.kv_indptr, batch.num_qo_heads, batch.num_kv_heads, 128, causal=True,
+           window_left=37, q_data_type=torch.float16)
+    with pytest.raises(flashinfer_jit.NotSupportedError, match="window_left"):
+        w.forward(batch.q, batch.k, batch.v, causal=True)  # forward's window_left=-1 is not the plan's 37
+    out = w.forward(batch.q, batch.k, batch.v, causal=True, window_left=37)
+    ref_out, _ = ref.ragged_attention_ref(batch.q, batch.k, batch.v, batch.qo_indptr, batch.kv_indptr, True,
+                                          window_left=37)
+    ref.check_attention(out, ref_out, torch.float16, "forward() with the plan's window")
