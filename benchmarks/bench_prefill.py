@@ -99,7 +99,8 @@ def _sample_reference(data: Data, seed: int) -> None:
         picks = sorted({0, q_len // 2, q_len - 1, rng.randrange(q_len), rng.randrange(q_len)})
         idx = torch.tensor(picks, dtype=torch.long, device=data.q.device)
         out, _ = reference.attention_ref(data.q[qo[i] + idx], data.k[kv[i]:kv[i + 1]], data.v[kv[i]:kv[i + 1]],
-                                         data.wl.causal, data.scale, q_len=q_len, row_index=idx)
+                                         data.wl.causal, data.scale, q_len=q_len, row_index=idx,
+                                         window_left=data.wl.window_left, logits_soft_cap=data.wl.soft_cap)
         rows.append(idx + qo[i])
         refs.append(out)
     data.sample_rows = torch.cat(rows)
@@ -128,7 +129,7 @@ def setup_flashinfer_jit(data: Data, backend: str = "auto") -> Prepared:
     wrapper = flashinfer_jit.BatchPrefillWithRaggedKVCacheWrapper(workspace, kv_layout="NHD", backend=backend)
     t0 = time.perf_counter()
     wrapper.plan(data.qo_indptr, data.kv_indptr, wl.num_qo_heads, wl.num_kv_heads, wl.head_dim, causal=wl.causal,
-                 q_data_type=common.DTYPE)
+                 q_data_type=common.DTYPE, window_left=wl.window_left, logits_soft_cap=wl.soft_cap)
     plan_s = time.perf_counter() - t0
     out = torch.empty_like(data.q)
 
@@ -159,7 +160,8 @@ def setup_flashinfer_jit_paged(data: Data) -> Prepared:
     wrapper = flashinfer_jit.BatchPrefillWithPagedKVCacheWrapper(workspace, kv_layout="NHD")
     t0 = time.perf_counter()
     wrapper.plan(data.qo_indptr, table.indptr, table.indices, table.last_page_len, wl.num_qo_heads, wl.num_kv_heads,
-                 wl.head_dim, PAGE_SIZE, causal=wl.causal, q_data_type=common.DTYPE)
+                 wl.head_dim, PAGE_SIZE, causal=wl.causal, q_data_type=common.DTYPE, window_left=wl.window_left,
+                 logits_soft_cap=wl.soft_cap)
     plan_s = time.perf_counter() - t0
     out = torch.empty_like(data.q)
 
@@ -174,13 +176,16 @@ def setup_flashinfer_jit_paged(data: Data) -> Prepared:
 
 def setup_fa2_varlen(data: Data) -> Prepared:
     wl = data.wl
+    if wl.soft_cap > 0:
+        raise NotImplementedError("PyTorch's FA2 varlen op has no soft-cap")
     cu_q = data.qo_indptr.to("cuda")
     cu_k = data.kv_indptr.to("cuda")
     max_q, max_k = max(wl.q_lens), max(wl.kv_lens)
     notes = []
     k, v = data.k, data.v
+    window = wl.window_left
     try:
-        common.fa2_varlen_call(data.q, k, v, cu_q, cu_k, max_q, max_k, wl.causal, data.scale)
+        common.fa2_varlen_call(data.q, k, v, cu_q, cu_k, max_q, max_k, wl.causal, data.scale, window)
         torch.cuda.synchronize()
         notes.append(f"GQA native ({wl.num_kv_heads} kv heads)")
     except RuntimeError as exc:
@@ -193,8 +198,10 @@ def setup_fa2_varlen(data: Data) -> Prepared:
         notes.append(f"causal alignment: {FA2_ALIGNMENT.get('alignment', 'unchecked')}")
 
     def fn():
-        return common.fa2_varlen_call(data.q, k, v, cu_q, cu_k, max_q, max_k, wl.causal, data.scale)
+        return common.fa2_varlen_call(data.q, k, v, cu_q, cu_k, max_q, max_k, wl.causal, data.scale, window)
 
+    if window >= 0:
+        notes.append(f"window_size_left={window}")
     return Prepared(fn, lambda r: r, notes)
 
 
@@ -251,6 +258,8 @@ def setup_cudnn_padded(data: Data) -> Prepared:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     wl = data.wl
+    if wl.variant:
+        raise NotImplementedError(f"cuDNN through SDPA: no {wl.variant} here")
     max_q, max_k = max(wl.q_lens), max(wl.kv_lens)
     q_p = _pad_batch(data.q, wl.q_lens, max_q)
     k_p = _pad_batch(data.k, wl.kv_lens, max_k)
@@ -333,12 +342,26 @@ def setup_flex_docmask(data: Data) -> Prepared:
         qs += ql
         ks += kl
 
-    if wl.causal:
+    window = wl.window_left
+    if wl.causal and window >= 0:
+        def mask_mod(b, h, q_idx, kv_idx):
+            return ((q_doc[q_idx] == kv_doc[kv_idx]) & (kv_pos[kv_idx] <= q_limit[q_idx])
+                    & (kv_pos[kv_idx] >= q_limit[q_idx] - window))
+    elif wl.causal:
         def mask_mod(b, h, q_idx, kv_idx):
             return (q_doc[q_idx] == kv_doc[kv_idx]) & (kv_pos[kv_idx] <= q_limit[q_idx])
+    elif window >= 0:
+        def mask_mod(b, h, q_idx, kv_idx):
+            return (q_doc[q_idx] == kv_doc[kv_idx]) & (kv_pos[kv_idx] >= q_limit[q_idx] - window)
     else:
         def mask_mod(b, h, q_idx, kv_idx):
             return q_doc[q_idx] == kv_doc[kv_idx]
+    score_mod = None
+    if wl.soft_cap > 0:
+        cap = wl.soft_cap
+
+        def score_mod(score, b, h, q_idx, kv_idx):  # flex passes the scaled logit: cap * tanh(logit / cap)
+            return cap * torch.tanh(score / cap)
 
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -354,7 +377,7 @@ def setup_flex_docmask(data: Data) -> Prepared:
     flex = common.compiled_flex_attention()
 
     def fn():
-        return flex(q_f, k_f, v_f, block_mask=block_mask, scale=data.scale, enable_gqa=True)
+        return flex(q_f, k_f, v_f, score_mod=score_mod, block_mask=block_mask, scale=data.scale, enable_gqa=True)
 
     t0 = time.perf_counter()
     fn()
@@ -584,14 +607,33 @@ def main(argv=None) -> int:
         torch.cuda.empty_cache()
         save()
 
+    payload["variants"] = _variant_ratios(payload["rows"])
     payload["elapsed_s"] = round(time.perf_counter() - start, 1)
     save()
     print_table(payload["rows"])
+    for name, r in payload["variants"].items():
+        print(f"variant {name}: ours / same kernel without it {common.fmt(r['vs_plain'], '.3f')}, "
+              f"ours / FlexAttention (same score_mod / mask_mod) {common.fmt(r['vs_flex'], '.2f')}")
     if payload.get("paged_vs_ragged"):
         print("\npaged/ragged TFLOP/s (flashinfer_jit_paged / flashinfer_jit, page 16 NHD shuffled): " +
               ", ".join(f"{name} {ratio:.3f}" for name, ratio in payload["paged_vs_ragged"].items()))
     print(f"\nwrote {out_dir / (stem + '.json')} and .md ({payload['elapsed_s']} s)")
     return 0
+
+
+def _variant_ratios(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """For each variant workload (a *_softcap* / *_window* name): our TFLOP/s over our plain kernel's on
+    the workload it extends (issue #12: the soft-cap within 5% of it) and over FlexAttention's on the
+    same rows (faster than FlexAttention on every row)."""
+    tflops = {(r["workload"], r["impl"]): r.get("tflops") for r in rows}
+    ratios = {}
+    for (name, impl), ours in tflops.items():
+        if impl != "flashinfer_jit" or not ours or ("_softcap" not in name and "_window" not in name):
+            continue
+        plain = tflops.get((name.split("_softcap")[0].split("_window")[0], "flashinfer_jit"))
+        flex = tflops.get((name, "flex_docmask"))
+        ratios[name] = {"vs_plain": ours / plain if plain else None, "vs_flex": ours / flex if flex else None}
+    return ratios
 
 
 def _paged_vs_ragged(rows: list[dict[str, Any]]) -> float | None:

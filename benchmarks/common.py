@@ -40,7 +40,8 @@ NUM_KV_HEADS = 8
 DTYPE = torch.bfloat16
 FLOP_CONVENTION = (
     "useful ragged matmul FLOPs, identical for every impl: non-causal 4*q*k*D*Hq per request; causal "
-    "(bottom-right) 4*D*Hq*visible pairs = 4*D*Hq*(q*k - q*(q-1)/2) for q <= k; padding never counted"
+    "(bottom-right) 4*D*Hq*visible pairs = 4*D*Hq*(q*k - q*(q-1)/2) for q <= k; a sliding window counts the "
+    "pairs inside it (query i at p = k - q + i sees keys [p - window_left, p]); padding never counted"
 )
 
 
@@ -55,6 +56,14 @@ class Workload:
     head_dim: int
     num_qo_heads: int = NUM_QO_HEADS
     num_kv_heads: int = NUM_KV_HEADS
+    window_left: int = -1     # attention variants (issue #12): a sliding window, FlashInfer's window_left
+    soft_cap: float = 0.0     # logits_soft_cap
+
+    @property
+    def variant(self) -> str:
+        parts = ([f"window_left {self.window_left}"] if self.window_left >= 0 else []) + (
+            [f"soft-cap {self.soft_cap:g}"] if self.soft_cap > 0 else [])
+        return ", ".join(parts)
 
     @property
     def batch_size(self) -> int:
@@ -70,12 +79,14 @@ class Workload:
 
     @property
     def flops(self) -> int:
-        return attention_flops(self.q_lens, self.kv_lens, self.causal, self.head_dim, self.num_qo_heads)
+        return attention_flops(self.q_lens, self.kv_lens, self.causal, self.head_dim, self.num_qo_heads,
+                               self.window_left)
 
     def describe(self) -> str:
         return (f"{self.name}: batch {self.batch_size}, total q {self.total_q}, total kv {self.total_kv}, "
                 f"max q {max(self.q_lens)}, max kv {max(self.kv_lens)}, {'causal' if self.causal else 'non-causal'}, "
-                f"D={self.head_dim}, Hq={self.num_qo_heads}, Hkv={self.num_kv_heads}, {self.flops / 1e12:.3f} TFLOP")
+                f"D={self.head_dim}, Hq={self.num_qo_heads}, Hkv={self.num_kv_heads}, {self.flops / 1e12:.3f} TFLOP"
+                + (f", {self.variant}" if self.variant else ""))
 
 
 def draw_lengths() -> dict[str, list[int]]:
@@ -104,16 +115,37 @@ def workloads() -> list[Workload]:
         Workload("chat16_causal_hd64", chat, chat, True, 64),
         Workload("chat16_causal_hd256", chat, chat, True, 256),
         Workload("dense8x4096_causal_hd128", (4096,) * 8, (4096,) * 8, True, 128),
+        # Attention variants (issue #12): against FlexAttention with the same score_mod / mask_mod; the
+        # soft-cap row is compared with chat16_causal_hd128 (the same kernel without the cap). chat16's
+        # requests are shorter than 4096: that window changes nothing but the kernel; the 16k request
+        # of long1+short31 is where a 4096-key window skips tiles.
+        Workload("chat16_causal_hd128_softcap50", chat, chat, True, 128, soft_cap=50.0),
+        Workload("chat16_causal_hd128_window4096", chat, chat, True, 128, window_left=4096),
+        Workload("long1+short31_causal_hd128_window4096", mix, mix, True, 128, window_left=4096),
     ]
 
 
 def attention_flops(q_lens: Sequence[int], kv_lens: Sequence[int], causal: bool, head_dim: int,
-                    num_qo_heads: int) -> int:
+                    num_qo_heads: int, window_left: int = -1) -> int:
     """Exact useful FLOPs of a ragged batch (integer arithmetic)."""
     pairs = 0
     for q, k in zip(q_lens, kv_lens):
-        pairs += reference.causal_visible_keys(q, k) if causal else q * k
+        if window_left >= 0:
+            pairs += windowed_pairs(q, k, causal, window_left)
+        else:
+            pairs += reference.causal_visible_keys(q, k) if causal else q * k
     return 4 * head_dim * num_qo_heads * pairs
+
+
+def windowed_pairs(q_len: int, kv_len: int, causal: bool, window_left: int) -> int:
+    """(query, key) pairs one request keeps under a sliding window: query i at p = kv_len - q_len + i sees
+    keys [max(0, p - window_left), min(p + 1, kv_len) if causal else kv_len)."""
+    pairs = 0
+    for i in range(q_len):
+        p = kv_len - q_len + i
+        end = max(0, min(p + 1, kv_len)) if causal else kv_len
+        pairs += max(0, end - max(0, p - window_left))
+    return pairs
 
 
 # ---- timing --------------------------------------------------------------------------------------
@@ -231,11 +263,16 @@ def fmt(value: Any, spec: str) -> str:
 
 # ---- helpers shared by the benchmarks --------------------------------------------------------------
 
-def fa2_varlen_call(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
-    """PyTorch's FA2 varlen forward across torch versions (scale= is keyword-only since 2.1)."""
+def fa2_varlen_call(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, window_left: int = -1):
+    """PyTorch's FA2 varlen forward across torch versions (scale= is keyword-only since 2.1); a sliding
+    window through the op's window_size_left / window_size_right."""
     op = getattr(torch.ops.aten, "_flash_attention_forward", None)
     if op is None:
         raise RuntimeError("torch.ops.aten._flash_attention_forward is missing in this torch")
+    if window_left >= 0:
+        res = op(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False, scale=scale, window_size_left=window_left,
+                 window_size_right=0 if causal else -1)
+        return res[0] if isinstance(res, (tuple, list)) else res
     try:
         res = op(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False, scale=scale)
     except TypeError:

@@ -7,7 +7,8 @@
 # Steps (each under `timeout`; a failing or timed-out step is recorded and the run goes on):
 #   measure  benchmarks/measure_build.py: cold nvcc build and warm load (fresh processes) of
 #            MergeStateSpec(128,bf16) and PrefillSpec(ragged,128,bf16,causal), in the fresh cache
-#   build    benchmarks/measure_build.py --warm-all over EVERY supported spec of spec.FAMILIES (prefill
+#   build    benchmarks/measure_build.py --warm-all over EVERY supported spec of spec.FAMILIES and the hd128
+#            attention variants (sliding window, soft-cap) the tests and benches use (prefill
 #            ragged / paged (NHD and HND share one kernel), merge_state, append_paged: what all GPU tests and benches
 #            load), built in parallel (ProcessPoolExecutor); measure_build's own list is ragged + merge only,
 #            so this step swaps in the full list (inline Python below)
@@ -76,14 +77,23 @@ import os, sys
 from benchmarks import measure_build as mb
 from flashinfer_jit.spec import FAMILIES
 
+from flashinfer_jit.spec import PrefillSpec
+
+# The attention variants the GPU tests and benches use (opt-in: outside supported()): hd128 of both
+# backends and layouts, bf16 (benches) and fp16 (tests), causal or not.
+VARIANTS = [PrefillSpec(layout, 128, dtype, causal, backend=backend, sliding_window=window, soft_cap=cap)
+            for layout in ("ragged", "paged") for dtype in ("bf16", "fp16") for causal in (False, True)
+            for backend in ("fa2", "sm90") for window, cap in ((True, False), (False, True), (True, True))]
+
 def all_specs(families=None):
-    specs = [s for cls in FAMILIES.values() for s in cls.supported()]
+    specs = [s for cls in FAMILIES.values() for s in cls.supported()] + VARIANTS
     if families:
         specs = [s for s in specs if s.family in families]
     return sorted(specs, key=lambda s: (s.family != "prefill", -s.head_dim, s.uri))  # longest builds first
 
 mb.test_specs = all_specs
-print(f"build: {len(all_specs())} specs (every supported spec of {', '.join(FAMILIES)})", flush=True)
+print(f"build: {len(all_specs())} specs (every supported spec of {', '.join(FAMILIES)}, and {len(VARIANTS)} "
+      f"attention variants at hd128)", flush=True)
 code = mb.main()
 sys.stdout.flush()
 sys.stderr.flush()

@@ -14,7 +14,6 @@ Run: python -m pytest -m gpu -q tests/test_variants_gpu.py   (skipped, with the 
 """
 from __future__ import annotations
 
-import itertools
 
 import pytest
 import torch
@@ -60,14 +59,15 @@ def _check_ragged(batch: ref.RaggedBatch, causal: bool, window_left: int, cap: f
     ref.check_attention(out, ref_out, batch.q.dtype, f"{what} ({w.backend})", lse, ref_lse)
 
 
-CASES = list(itertools.product((64, 128, 256), (False, True), WINDOWS, CAPS))
+# Every window and cap at hd128; hd64 and hd256 (their own tile shapes) with the window and the cap
+# together and a window of 0 (fewer kernels to build on the device).
+CASES = ([(128, causal, w, cap) for causal in (False, True) for w in WINDOWS for cap in CAPS]
+         + [(d, causal, w, cap) for d in (64, 256) for causal in (False, True) for w, cap in ((37, 30.0), (0, 0.0))])
 
 
 @pytest.mark.parametrize("head_dim, causal, window_left, cap", CASES,
                          ids=[f"hd{d}-{'causal' if c else 'full'}-w{w}-cap{int(s)}" for d, c, w, s in CASES])
 def test_ragged_variant_matches_reference(head_dim: int, causal: bool, window_left: int, cap: float) -> None:
-    if window_left == 5000 and cap == 0.0 and head_dim != 128:
-        pytest.skip("a window longer than the requests is the plain kernel's result: one head_dim is enough")
     for group in (1, 4, 8):
         batch = _ragged(LENS, group, head_dim, torch.bfloat16, seed=head_dim + group + window_left)
         _check_ragged(batch, causal, window_left, cap, f"ragged hd{head_dim} g{group} causal={causal} "
