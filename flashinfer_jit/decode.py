@@ -489,13 +489,13 @@ def single_decode_with_kv_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     with q_len 1; the options are FlashInfer's (see BatchDecodeWithPagedKVCacheWrapper)."""
     where = "single_decode_with_kv_cache()"
     options.pos_encoding_mode(where, pos_encoding_mode)
-    options.window_left(where, window_left)
-    options.logits_soft_cap(where, logits_soft_cap)
+    variant = options.attention_variant(where, window_left, logits_soft_cap)
     for name, value in (("q_scale", q_scale), ("k_scale", k_scale), ("v_scale", v_scale)):
         options.scale(where, name, value)
     q = validate.cuda_tensor("q", q, dtypes=validate.ATTENTION_DTYPES, ndim=2)
     result = single_prefill_with_kv_cache(q.unsqueeze(0), k, v, causal=False, sm_scale=sm_scale, kv_layout=kv_layout,
-                                          return_lse=return_lse)
+                                          return_lse=return_lse, window_left=variant.window_left,
+                                          logits_soft_cap=variant.logits_soft_cap)
     if return_lse:
         out, lse = result
         return out.squeeze(0), lse.squeeze(0)

@@ -461,7 +461,7 @@ _plan_streams: dict[torch.device, torch.cuda.Stream] = {}
 
 
 def _plan_single(key: tuple, q: torch.Tensor, kv_len: int, num_kv_heads: int, causal: bool, sm_scale: float,
-                 kv_layout: str, backend: str) -> _SinglePlan:
+                 kv_layout: str, backend: str, window_left: int, logits_soft_cap: float) -> _SinglePlan:
     device = q.device
     side = _plan_streams.get(device)
     if side is None:
@@ -478,7 +478,8 @@ def _plan_single(key: tuple, q: torch.Tensor, kv_len: int, num_kv_heads: int, ca
                                                                      device=device)
             wrapper = BatchPrefillWithRaggedKVCacheWrapper(workspace, kv_layout, backend=backend)
             wrapper.plan(torch.tensor([0, q_len], dtype=torch.int32), torch.tensor([0, kv_len], dtype=torch.int32),
-                         num_qo_heads, num_kv_heads, head_dim, causal=causal, sm_scale=sm_scale, q_data_type=dtype)
+                         num_qo_heads, num_kv_heads, head_dim, causal=causal, sm_scale=sm_scale, q_data_type=dtype,
+                         window_left=window_left, logits_soft_cap=logits_soft_cap)
         return wrapper
 
     wrapper = _planner_thread().submit(plan_on_side_stream).result()
@@ -501,9 +502,11 @@ def _planner_thread() -> concurrent.futures.ThreadPoolExecutor:
 
 
 def _single_prefill_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                         lse: Optional[torch.Tensor], causal: bool, sm_scale: float, hnd: bool, backend: str) -> None:
+                         lse: Optional[torch.Tensor], causal: bool, sm_scale: float, hnd: bool, backend: str,
+                         window_left: int, logits_soft_cap: float) -> None:
     kv_len, num_kv_heads = (k.shape[1], k.shape[0]) if hnd else (k.shape[0], k.shape[1])
-    key = (q.device, tuple(q.shape), kv_len, num_kv_heads, q.dtype, causal, sm_scale, hnd, backend)
+    key = (q.device, tuple(q.shape), kv_len, num_kv_heads, q.dtype, causal, sm_scale, hnd, backend, window_left,
+           logits_soft_cap)
     capturing = torch.cuda.is_current_stream_capturing()
     entry = _single_plans.get(key)
     if entry is None:
@@ -511,7 +514,8 @@ def _single_prefill_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: t
             raise RuntimeError(
                 f"single_prefill_with_kv_cache: shape q {tuple(q.shape)}, kv_len {kv_len} (causal={causal}) is "
                 f"first seen during CUDA graph capture, where it cannot be planned; run it once before capturing")
-        entry = _plan_single(key, q, kv_len, num_kv_heads, causal, sm_scale, "HND" if hnd else "NHD", backend)
+        entry = _plan_single(key, q, kv_len, num_kv_heads, causal, sm_scale, "HND" if hnd else "NHD", backend,
+                             window_left, logits_soft_cap)
     else:
         _single_plans.move_to_end(key)
     if capturing:
@@ -528,7 +532,7 @@ def _single_prefill_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: t
 
 _single_prefill_op = define(
     "single_prefill_run(Tensor q, Tensor k, Tensor v, Tensor(a!) o, Tensor(b!)? lse, bool causal, float sm_scale, "
-    "bool hnd, str backend) -> ()",
+    "bool hnd, str backend, int window_left, float logits_soft_cap) -> ()",
     _single_prefill_cuda, lambda *args: None,
 )
 
@@ -546,18 +550,17 @@ def single_prefill_with_kv_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                                  k_scale: Optional[float] = None, v_scale: Optional[float] = None):
     """Attention for one request: q [q_len, Hq, D]; k, v [kv_len, Hkv, D] (NHD) or [Hkv, kv_len, D] (HND).
 
-    FlashInfer's parameters, in its order; the options as for the wrappers (off values only for RoPE /
-    ALiBi, sliding window, soft-cap, custom masks, fp16 QK reduction, fp8 scales and o_dtype other than
-    q's; backend "auto" / "fa2"). Returns out, or (out, lse) with return_lse=True (LSE base 2).
+    FlashInfer's parameters, in its order; the options as for the wrappers (window_left and
+    logits_soft_cap select the sliding-window / soft-cap kernels; off values only for RoPE / ALiBi,
+    custom masks, fp16 QK reduction, fp8 scales and o_dtype other than q's; backend "auto" / "fa2"). Returns out, or (out, lse) with return_lse=True (LSE base 2).
 
     Works under torch.compile (fullgraph=True, mode="reduce-overhead" included) and CUDA graph capture:
     the plan of each shape is made once and kept in buffers that outlive the graph; a shape must be run
     once before it is captured (see the notes above _SINGLE_PLANS_KEPT in prefill.py)."""
     where = "single_prefill_with_kv_cache()"
-    check_plan_options(where, custom_mask=custom_mask, packed_custom_mask=packed_custom_mask,
-                       pos_encoding_mode=pos_encoding_mode, use_fp16_qk_reduction=use_fp16_qk_reduction)
-    options.window_left(where, window_left)  # not through single prefill's op yet: the batch wrappers have them
-    options.logits_soft_cap(where, logits_soft_cap)
+    variant = check_plan_options(where, custom_mask=custom_mask, packed_custom_mask=packed_custom_mask,
+                                 pos_encoding_mode=pos_encoding_mode, use_fp16_qk_reduction=use_fp16_qk_reduction,
+                                 window_left=window_left, logits_soft_cap=logits_soft_cap)
     for name, value in (("scale_q", scale_q), ("scale_k", scale_k), ("scale_v", scale_v), ("k_scale", k_scale),
                         ("v_scale", v_scale)):
         if value is not None:
@@ -589,7 +592,8 @@ def single_prefill_with_kv_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(q.shape[2])
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((q.shape[0], q.shape[1]), dtype=torch.float32, device=q.device) if return_lse else None
-    _single_prefill_op(q, k, v, out, lse, bool(causal), scale, kv_layout == "HND", resolved_backend)
+    _single_prefill_op(q, k, v, out, lse, bool(causal), scale, kv_layout == "HND", resolved_backend,
+                       variant.window_left, variant.logits_soft_cap)
     return (out, lse) if return_lse else out
 
 

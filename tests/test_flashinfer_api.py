@@ -472,7 +472,6 @@ OFF_CASES = [  # (id, call, parameter named in the error)
     ("ragged run lse_layout HN", ragged_run(lse_layout="HN"), "lse_layout"),
     ("forward pos_encoding_mode ROPE_LLAMA", forward(pos_encoding_mode="ROPE_LLAMA"), "pos_encoding_mode"),
     ("single custom_mask", single(custom_mask=torch.ones(5, 9, dtype=torch.bool)), "custom_mask"),
-    ("single window_left 16", single(window_left=16), "window_left"),
     ("single backend fa3", single(backend="fa3"), "backend"),
     ("single k_scale 2", single(k_scale=2.0), "k_scale"),
     ("single scale_q tensor", single(scale_q=torch.full((HQ,), 0.5)), "scale_q"),

@@ -447,12 +447,13 @@ def test_forward_before_plan_and_its_missing_features(no_kernels) -> None:
 def test_single_decode_options(no_kernels) -> None:
     q, k = cuda_zeros(HQ, HD), cuda_zeros(40, HKV, HD)
     for kw in ({}, dict(pos_encoding_mode="NONE", logits_soft_cap=0.0), dict(use_tensor_cores=True),
-               dict(q_scale=1.0, k_scale=None, v_scale=1.0, window_left=-1), dict(rope_scale=1.0, rope_theta=1e4)):
+               dict(q_scale=1.0, k_scale=None, v_scale=1.0, window_left=-1), dict(rope_scale=1.0, rope_theta=1e4),
+               dict(logits_soft_cap=30.0), dict(window_left=10)):  # the variants (issue #12) go through too
         with pytest.raises(ReachedKernel):
             flashinfer_jit.decode.single_decode_with_kv_cache(q, k, k, **kw)
-    for kw, parameter in ((dict(pos_encoding_mode="ROPE_LLAMA"), "pos_encoding_mode"),
-                          (dict(logits_soft_cap=30.0), "logits_soft_cap"), (dict(window_left=10), "window_left"),
-                          (dict(k_scale=0.5), "k_scale")):
+    with pytest.raises(ValueError, match="logits_soft_cap=-3.0"):
+        flashinfer_jit.decode.single_decode_with_kv_cache(q, k, k, logits_soft_cap=-3.0)
+    for kw, parameter in ((dict(pos_encoding_mode="ROPE_LLAMA"), "pos_encoding_mode"), (dict(k_scale=0.5), "k_scale")):
         with pytest.raises(NotSupportedError) as info:
             flashinfer_jit.decode.single_decode_with_kv_cache(q, k, k, **kw)
         assert info.value.parameter == parameter

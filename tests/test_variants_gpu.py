@@ -151,3 +151,22 @@ def test_forward_cannot_change_the_planned_variant() -> None:
     ref_out, _ = ref.ragged_attention_ref(batch.q, batch.k, batch.v, batch.qo_indptr, batch.kv_indptr, True,
                                           window_left=37)
     ref.check_attention(out, ref_out, torch.float16, "forward() with the plan's window")
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_single_prefill_and_decode_variants(causal: bool) -> None:
+    """single_prefill_with_kv_cache / single_decode_with_kv_cache take window_left and logits_soft_cap too
+    (one plan per shape and variant, through their torch op)."""
+    torch.manual_seed(0)
+    q = torch.randn(77, 16, 128, device=DEVICE, dtype=torch.bfloat16)
+    k = torch.randn(300, 4, 128, device=DEVICE, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    for window_left, cap in ((20, 0.0), (-1, 30.0), (5, 10.0)):
+        out, lse = flashinfer_jit.single_prefill_with_kv_cache(q, k, v, causal=causal, window_left=window_left,
+                                                               logits_soft_cap=cap, return_lse=True)
+        ref_out, ref_lse = ref.attention_ref(q, k, v, causal, window_left=window_left, logits_soft_cap=cap)
+        ref.check_attention(out, ref_out, torch.bfloat16, f"single prefill w{window_left} cap{cap}", lse, ref_lse)
+        if not causal:
+            one = flashinfer_jit.single_decode_with_kv_cache(q[-1], k, v, window_left=window_left, logits_soft_cap=cap)
+            ref_one, _ = ref.attention_ref(q[-1:], k, v, False, window_left=window_left, logits_soft_cap=cap)
+            ref.check_attention(one, ref_one[0], torch.bfloat16, f"single decode w{window_left} cap{cap}")
