@@ -13,9 +13,11 @@ them, the starts of the sequences read off `position_ids`. A batch of several ro
 taken as that many equal-length sequences. The mask registered with it is transformers' FlashAttention
 one (None when nothing is padded).
 
-Stricter than transformers' FlashAttention-2 integration: a padding mask, dropout, a KV cache
-(decoding), attention weights (`output_attentions`) or sliding windows / soft-caps raise
-NotSupportedError before any kernel runs instead of being ignored; pack the batch instead of padding it.
+Sliding windows (`sliding_window` W: a query sees its last W keys, itself included, as in
+transformers' masks: window_left = W - 1) and logit soft-caps (`softcap`, Gemma 2) run as the kernels'
+variants. Stricter than transformers' FlashAttention-2 integration: a padding mask, dropout, a KV cache
+(decoding) or attention weights (`output_attentions`) raise NotSupportedError before any kernel runs
+instead of being ignored; pack the batch instead of padding it.
 One plan per distinct batch (lengths, heads, head_dim, dtype, scale, device) is kept and shared by every
 layer of a forward pass, so plan() runs once per forward, not once per layer.
 """
@@ -63,6 +65,18 @@ def _lengths_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
     return cu
 
 
+def _variant(module: torch.nn.Module, kwargs: dict[str, Any]) -> tuple[int, float]:
+    """(window_left, logits_soft_cap) from transformers' sliding_window / softcap (the call's, else the
+    module's): W keys up to and including the query's own -> window_left W - 1."""
+    window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
+    cap = kwargs.get("softcap", getattr(module, "softcap", None))
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(f"{_WHERE}: sliding_window={window!r}: expected None or a number of keys >= 1")
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap > 0):
+        raise ValueError(f"{_WHERE}: softcap={cap!r}: expected None or a cap > 0")
+    return (window - 1 if window is not None else -1), (float(cap) if cap is not None else 0.0)
+
+
 def _check(module: torch.nn.Module, attention_mask: Optional[torch.Tensor], dropout: float,
            kwargs: dict[str, Any]) -> None:
     if attention_mask is not None:
@@ -72,16 +86,14 @@ def _check(module: torch.nn.Module, attention_mask: Optional[torch.Tensor], drop
         raise NotSupportedError("dropout", dropout, "0.0 (inference kernels)", _WHERE)
     if kwargs.get("output_attentions"):
         raise NotSupportedError("output_attentions", True, "False (the kernel never forms the weights)", _WHERE)
-    for name in ("sliding_window", "softcap"):
-        if kwargs.get(name) or getattr(module, name, None):
-            raise NotSupportedError(name, kwargs.get(name) or getattr(module, name), "None (not implemented yet)",
-                                    _WHERE)
 
 
 def _wrapper(device: torch.device, cu: torch.Tensor, num_qo_heads: int, num_kv_heads: int, head_dim: int,
-             dtype: torch.dtype, scale: float, causal: bool) -> BatchPrefillWithRaggedKVCacheWrapper:
+             dtype: torch.dtype, scale: float, causal: bool,
+             variant: tuple[int, float] = (-1, 0.0)) -> BatchPrefillWithRaggedKVCacheWrapper:
     cu_host = cu.to("cpu", torch.int32)
-    key = (device, tuple(cu_host.tolist()), num_qo_heads, num_kv_heads, head_dim, dtype, float(scale), causal)
+    key = (device, tuple(cu_host.tolist()), num_qo_heads, num_kv_heads, head_dim, dtype, float(scale), causal,
+           variant)
     wrapper = _plans.get(key)
     if wrapper is not None:
         _plans.move_to_end(key)
@@ -92,7 +104,7 @@ def _wrapper(device: torch.device, cu: torch.Tensor, num_qo_heads: int, num_kv_h
     # One workspace per device: the kept plans run one after another on the caller's stream.
     wrapper = BatchPrefillWithRaggedKVCacheWrapper(workspace, kv_layout="NHD")
     wrapper.plan(cu_host, cu_host, num_qo_heads, num_kv_heads, head_dim, causal=causal, sm_scale=scale,
-                 q_data_type=dtype)
+                 q_data_type=dtype, window_left=variant[0], logits_soft_cap=variant[1])
     _plans[key] = wrapper
     if len(_plans) > _PLANS_KEPT:
         _plans.popitem(last=False)
@@ -124,6 +136,7 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     [batch, Hkv, tokens, D]; returns ([batch, tokens, Hq, D], None). cu_seq_lens_q on the CPU saves a
     device-to-host copy per layer (packed_kwargs makes them there)."""
     _check(module, attention_mask, dropout, kwargs)
+    variant = _variant(module, kwargs)
     batch, num_qo_heads, tokens, head_dim = query.shape
     if key.shape[2] != tokens:  # a KV cache in use: decoding, or a prefix in the cache
         raise NotSupportedError("key", f"{key.shape[2]} cached + new tokens for {tokens} queries",
@@ -136,7 +149,7 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     q = query.transpose(1, 2).reshape(batch * tokens, num_qo_heads, head_dim)
     k = key.transpose(1, 2).reshape(batch * tokens, num_kv_heads, head_dim)
     v = value.transpose(1, 2).reshape(batch * tokens, num_kv_heads, head_dim)
-    wrapper = _wrapper(query.device, cu, num_qo_heads, num_kv_heads, head_dim, query.dtype, scale, causal)
+    wrapper = _wrapper(query.device, cu, num_qo_heads, num_kv_heads, head_dim, query.dtype, scale, causal, variant)
     out = wrapper.run(q, k, v)
     return out.view(batch, tokens, num_qo_heads, head_dim), None
 

@@ -61,8 +61,6 @@ def test_position_ids_must_start_at_zero() -> None:
     (dict(attention_mask=torch.ones(1, 10, dtype=torch.bool)), "attention_mask"),
     (dict(dropout=0.1), "dropout"),
     (dict(output_attentions=True), "output_attentions"),
-    (dict(sliding_window=4096), "sliding_window"),
-    (dict(softcap=50.0), "softcap"),
     (dict(kv_tokens=14), "key"),  # a KV cache: more keys than queries
     (dict(cu_seq_lens_q=torch.tensor([0, 4, 10], dtype=torch.int32),
           cu_seq_lens_k=torch.tensor([0, 5, 10], dtype=torch.int32)), "cu_seq_lens_k"),
@@ -77,6 +75,44 @@ def test_refusals_name_the_argument_before_any_kernel(change: dict, name: str) -
     # argument shows the refusal comes first.
     with pytest.raises(NotSupportedError, match=name):
         ta.attention_forward(_Module(), q, k, v, mask, dropout=dropout, **change)
+
+
+@pytest.mark.parametrize("kwargs, module_attrs, expected", [
+    ({}, {}, (-1, 0.0)),
+    ({"sliding_window": 4096}, {}, (4095, 0.0)),  # W keys, the query's own included
+    ({"softcap": 50.0}, {}, (-1, 50.0)),
+    ({"sliding_window": None, "softcap": None}, {"sliding_window": 8}, (-1, 0.0)),  # the call's None wins
+    ({}, {"sliding_window": 1, "softcap": 30}, (0, 30.0)),  # else the module's
+])
+def test_sliding_window_and_softcap_become_the_plans_variant(kwargs: dict, module_attrs: dict, expected: tuple,
+                                                             monkeypatch) -> None:
+    planned = []
+
+    class FakeWrapper:
+        def __init__(self, *args, **kw):
+            pass
+
+        def plan(self, *args, **kw):
+            planned.append((kw["window_left"], kw["logits_soft_cap"]))
+
+        def run(self, q, k, v):
+            return torch.zeros_like(q)
+
+    monkeypatch.setattr(ta, "BatchPrefillWithRaggedKVCacheWrapper", FakeWrapper)
+    monkeypatch.setattr(ta, "_plans", ta.OrderedDict())
+    module = _Module()
+    for name, value in module_attrs.items():
+        setattr(module, name, value)
+    q, k, v = _qkv()
+    ta.attention_forward(module, q, k, v, None, **kwargs)
+    assert planned == [expected]
+
+
+@pytest.mark.parametrize("kwargs", [{"sliding_window": 0}, {"sliding_window": 2.5}, {"softcap": -1.0}])
+def test_bad_sliding_window_or_softcap_raise(kwargs: dict) -> None:
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        ta.attention_forward(_Module(), q, k, v, None, **kwargs)
 
 
 def test_register_adds_the_function_and_the_flash_attention_mask(monkeypatch) -> None:
