@@ -22,6 +22,7 @@ from .errors import (
     MissingKernelError,
     NotSupportedError,
     ToolchainNotFoundError,
+    VariantCompileError,
 )
 from .decode import (
     BatchDecodeWithPagedKVCacheWrapper,
@@ -36,12 +37,14 @@ from .prefill import (
     single_prefill_with_kv_cache,
     single_prefill_with_kv_cache_return_lse,
 )
+from .variants import AttentionVariant
 from .version import __version__
 
 # Library logging: silent unless the application configures logging (builds log at INFO).
 _logging.getLogger("flashinfer_jit").addHandler(_logging.NullHandler())
 
 __all__ = [
+    "AttentionVariant",
     "BatchAttention",
     "BatchDecodeWithPagedKVCacheWrapper",
     "BatchDecodeWithSharedPrefixPagedKVCacheWrapper",
@@ -61,6 +64,7 @@ __all__ = [
     "MissingKernelError",
     "NotSupportedError",
     "ToolchainNotFoundError",
+    "VariantCompileError",
     "__version__",
     "append_paged_kv_cache",
     "fast_decode_plan",

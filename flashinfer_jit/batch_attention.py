@@ -24,6 +24,7 @@ import torch
 from . import loader, options, validate
 from .abi import PlanCall, PlanConfig, PlanResult, PrefillParams
 from .kernels import PrefillKernel, prefill_kernel, resolve_backend, select_backend
+from .variants import AttentionVariant
 from .ops import define, device_guard, stream_of
 from .errors import NotSupportedError
 from .planner import MIN_CHUNK_TILES, PLAN_OK, PLAN_WORKSPACE, check_indptrs, plan_and_upload
@@ -143,7 +144,7 @@ def resolve_head_dim(where: str, head_dim_qk: Optional[int], head_dim: Optional[
 def check_plan_options(where: str, *, custom_mask: Any = None, packed_custom_mask: Any = None,
                        pos_encoding_mode: Any = "NONE", use_fp16_qk_reduction: Any = False, window_left: Any = -1,
                        logits_soft_cap: Any = None, prefix_len_ptr: Any = None, token_pos_in_items_ptr: Any = None,
-                       max_item_len_ptr: Any = None) -> options.AttentionVariant:
+                       max_item_len_ptr: Any = None) -> options.VariantOptions:
     """FlashInfer plan() options that change the result. The sliding window and the logits soft-cap are
     parsed into the plan's variant (options.attention_variant: bad values raise ValueError); the others
     must be off (NotSupportedError otherwise).
@@ -319,7 +320,8 @@ class _BatchAttention:
 
     def _kernel(self, layout: str, head_dim: int, dtype: torch.dtype, causal: bool, group: Optional[int] = None,
                 page_size: Optional[int] = None, rows_per_request: Optional[float] = None,
-                variant: options.AttentionVariant = options.PLAIN) -> PrefillKernel:
+                variant: options.VariantOptions = options.PLAIN, custom: Optional[AttentionVariant] = None
+                ) -> PrefillKernel:
         """The kernel for layout "ragged" | "paged" (NHD and HND share it: the layout is only strides), of
         the backend this wrapper's choice resolves to for that layout, GQA group and page size on its device."""
         # A CUDA-graph wrapper keeps its first plan's kernel family: a captured graph replays that kernel.
@@ -327,34 +329,42 @@ class _BatchAttention:
         backend = resolve_backend(choice, self._device, layout, group, f"{type(self).__name__}.plan()",
                                   self._graph_backend or self._backend_requested, page_size, rows_per_request)
         return prefill_kernel(backend, layout, head_dim, dtype, bool(causal), sliding_window=variant.sliding_window,
-                              soft_cap=variant.soft_cap)
+                              soft_cap=variant.soft_cap, custom=custom.code if custom is not None else None)
 
     def _plan(self, layout: str, qo_host: torch.Tensor, kv_lens_indptr: torch.Tensor,
               num_qo_heads: int, num_kv_heads: int, head_dim: int, causal: bool, sm_scale: Optional[float],
               q_data_type: Union[str, torch.dtype], kv_data_type: Optional[Union[str, torch.dtype]],
               fixed_split_size: Optional[int], disable_split_kv: bool,
               pages: Optional[tuple[torch.Tensor, torch.Tensor, int, int]] = None,
-              variant: options.AttentionVariant = options.PLAIN) -> None:
+              variant: options.VariantOptions = options.PLAIN, custom: Optional[AttentionVariant] = None) -> None:
         """Plan from host int32 tensors: qo_indptr and the cumulative KV lengths (+ page table).
         fixed_split_size None or <= 0 (FlashInfer's -1) means: split automatically. `variant`: the sliding
-        window and soft-cap (options.attention_variant), each its own kernel when on."""
+        window and soft-cap (options.attention_variant), each its own kernel when on; `custom`: a
+        user-defined variant (variants.AttentionVariant), its own kernel."""
+        if custom is not None and not isinstance(custom, AttentionVariant):
+            raise TypeError(f"variant: expected a flashinfer_jit.AttentionVariant or None, got {type(custom).__name__}")
+        if custom is not None and variant.soft_cap:
+            raise ValueError("variant and logits_soft_cap do not combine: write the cap into the variant's score_mod")
         q_dtype = check_dtypes(q_data_type, kv_data_type)
         plan_args = dict(layout=layout, qo_host=qo_host, kv_lens_indptr=kv_lens_indptr, num_qo_heads=num_qo_heads,
                          num_kv_heads=num_kv_heads, head_dim=head_dim, causal=causal, sm_scale=sm_scale,
                          q_data_type=q_data_type, kv_data_type=kv_data_type, fixed_split_size=fixed_split_size,
-                         disable_split_kv=disable_split_kv, pages=pages, variant=variant)
+                         disable_split_kv=disable_split_kv, pages=pages, variant=variant, custom=custom)
+
+        def kernel_choice(v: options.VariantOptions, c: Optional[AttentionVariant]) -> tuple:
+            return v.sliding_window, v.soft_cap, c.code if c is not None else None
+
         if (self._use_cuda_graph and self._plan_args is not None
-                and (self._plan_args["variant"].sliding_window, self._plan_args["variant"].soft_cap)
-                != (variant.sliding_window, variant.soft_cap)):
+                and kernel_choice(self._plan_args["variant"], self._plan_args["custom"]) != kernel_choice(variant, custom)):
             raise ValueError(f"{type(self).__name__}.plan(): a CUDA-graph wrapper keeps its first plan's kernel (a "
-                             f"captured graph replays it); window_left / logits_soft_cap switch a variant on or off "
-                             f"here: use a separate wrapper")
+                             f"captured graph replays it); window_left / logits_soft_cap / variant switch another "
+                             f"kernel in here: use a separate wrapper")
         batch = qo_host.numel() - 1
         total_q = _host_int(qo_host, batch)
         total_kv = _host_int(kv_lens_indptr, batch)
         group = num_qo_heads // num_kv_heads
         kernel = self._kernel(layout, head_dim, q_dtype, causal, group, pages[2] if pages is not None else None,
-                              total_q * group / max(batch, 1), variant)
+                              total_q * group / max(batch, 1), variant, custom)
         workspace = self._workspace
 
         cta_q = workspace.fixed_cta_q
@@ -427,6 +437,8 @@ class _BatchAttention:
         scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(head_dim)
         params.scale_log2, params.soft_cap_pre_tanh = options.variant_scales(scale, variant)
         params.window_left = variant.window_left
+        self._variant_tensors = custom.bind(params, num_qo_heads, self._device, f"{type(self).__name__}.plan()") \
+            if custom is not None else []
         params.cta_q = cta_q
         page_size = 0
         if pages is not None:

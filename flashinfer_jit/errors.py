@@ -33,6 +33,22 @@ class KernelCompileError(FlashInferJITError):
         )
 
 
+class VariantCompileError(KernelCompileError):
+    """A user-defined attention variant's snippet (flashinfer_jit.AttentionVariant score_mod / mask_mod)
+    does not compile: names the variant, the snippet, its line and the compiler's message, and quotes
+    the line. Still a KernelCompileError (generated sources and log kept)."""
+
+    def __init__(self, variant: str, snippet: str, line: int, message: str, text: str, cause: KernelCompileError):
+        self.variant, self.snippet, self.line, self.message, self.text = variant, snippet, line, message, text
+        self.uri, self.source_dir, self.log_path, self.tail = cause.uri, cause.source_dir, cause.log_path, cause.tail
+        FlashInferJITError.__init__(
+            self,
+            f"attention variant '{variant}': its {snippet} does not compile: line {line}: {message}\n"
+            f"  {snippet} line {line}: {text.strip()}\n"
+            f"  generated sources: {self.source_dir}\n"
+            f"  full build log:    {self.log_path}")
+
+
 class BuildLockTimeout(FlashInferJITError):
     """Another process held the build lock of a kernel for longer than the timeout."""
 

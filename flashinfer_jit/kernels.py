@@ -9,6 +9,7 @@ that decides which kernel family a wrapper or single_prefill runs.
 from __future__ import annotations
 
 import ctypes
+from typing import Optional
 
 import torch
 
@@ -16,7 +17,7 @@ from . import loader
 from .abi import PrefillParams
 from .errors import NotSupportedError
 from .ops import device_guard
-from .spec import BACKEND_LAYOUTS, BACKENDS, PrefillSpec, dtype_name
+from .spec import BACKEND_LAYOUTS, BACKENDS, CustomVariant, PrefillSpec, dtype_name
 
 _RUN_ARGTYPES = [ctypes.POINTER(PrefillParams), ctypes.c_int, ctypes.c_void_p]
 
@@ -129,18 +130,19 @@ class PrefillKernel:
         return slots
 
 
-_variants: dict[tuple[str, str, int, torch.dtype, bool, bool, bool], PrefillKernel] = {}
+_variants: dict[tuple, PrefillKernel] = {}
 
 
 def prefill_kernel(backend: str, layout: str, head_dim: int, dtype: torch.dtype, causal: bool, *,
-                   sliding_window: bool = False, soft_cap: bool = False) -> PrefillKernel:
-    """The kernel of (backend, layout "ragged" | "paged", head_dim, dtype, causal, variant switches),
-    loaded on first use."""
-    key = (backend, layout, head_dim, dtype, causal, sliding_window, soft_cap)
+                   sliding_window: bool = False, soft_cap: bool = False,
+                   custom: Optional[CustomVariant] = None) -> PrefillKernel:
+    """The kernel of (backend, layout "ragged" | "paged", head_dim, dtype, causal, variant switches, a
+    user variant's code), loaded on first use."""
+    key = (backend, layout, head_dim, dtype, causal, sliding_window, soft_cap, custom)
     variant = _variants.get(key)
     if variant is None:
         spec = PrefillSpec(kv_layout=layout, head_dim=head_dim, dtype=dtype_name(dtype), causal=causal,
-                           backend=backend, sliding_window=sliding_window, soft_cap=soft_cap)
+                           backend=backend, sliding_window=sliding_window, soft_cap=soft_cap, custom=custom)
         variant = _variants[key] = PrefillKernel(spec)
     return variant
 

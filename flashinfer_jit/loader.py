@@ -29,6 +29,7 @@ from . import build, cache, env, toolchain
 from .codegen import headers_digest, render
 from .errors import (
     CacheIntegrityError, KernelCompileError, KernelLaunchError, KernelLoadError, MissingKernelError,
+    VariantCompileError,
 )
 from .spec import KernelSpec, matrix_fields
 
@@ -385,11 +386,25 @@ def _build(spec: KernelSpec, info: KeyInfo, layer: cache.CacheLayer) -> cache.En
                                   f"{_noexec_hint(why)}", layer.root) from None
         read_only = any(text in exc.tail for text in cache.READ_ONLY_TEXTS)
         if build_dir is None or not (read_only or any(text in exc.tail for text in cache.SPACE_TEXTS)):
+            _raise_for_user_code(spec, exc)
             raise
         # The compiler could not write its output: a half-written object is no use for inspection.
         shutil.rmtree(build_dir, ignore_errors=True)
         raise cache.write_error(layer, f"kernel '{spec.uri}'", errno.EROFS if read_only else None,
                                 f"--- compiler output (last lines) ---\n{exc.tail}") from None
+
+
+def _raise_for_user_code(spec: KernelSpec, exc: KernelCompileError) -> None:
+    """A compile error inside a user variant's snippet becomes a VariantCompileError quoting it (the
+    whole log is read: the snippet's line may lie above the tail's instantiation notes)."""
+    try:
+        log = exc.log_path.read_text(errors="replace")
+    except OSError:
+        log = exc.tail
+    found = spec.explain_compile_error(log)
+    if found is not None:
+        snippet, line, message, text = found
+        raise VariantCompileError(spec.custom.name, snippet, line, message, text, exc) from None
 
 
 def _build_in(spec: KernelSpec, info: KeyInfo, layer: cache.CacheLayer, build_dir: Path) -> cache.Entry:

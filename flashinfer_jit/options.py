@@ -101,7 +101,7 @@ _check_pos_encoding_mode, _check_window_left, _check_logits_soft_cap = pos_encod
 
 
 @dataclass(frozen=True)
-class AttentionVariant:
+class VariantOptions:
     """The built-in attention variants a plan asks for (variant.cuh), FlashInfer's semantics.
 
     window_left: -1 no sliding window; k >= 0: a query at position p (bottom-right aligned: token i of a
@@ -121,10 +121,10 @@ class AttentionVariant:
         return self.logits_soft_cap > 0.0
 
 
-PLAIN = AttentionVariant()
+PLAIN = VariantOptions()
 
 
-def attention_variant(where: str, window_left: Any = -1, logits_soft_cap: Any = None) -> AttentionVariant:
+def attention_variant(where: str, window_left: Any = -1, logits_soft_cap: Any = None) -> VariantOptions:
     """Parse plan()'s window_left and logits_soft_cap. Stricter than FlashInfer, which takes any negative
     window or cap for "off": None, -1 (window) and None, 0.0 (cap, vLLM's default) mean off; other
     negative values, NaN, infinities and non-numbers raise ValueError before anything is planned."""
@@ -143,10 +143,10 @@ def attention_variant(where: str, window_left: Any = -1, logits_soft_cap: Any = 
                          f"finite cap > 0 (scores become cap * tanh(logit / cap))")
     else:
         cap = float(logits_soft_cap)
-    return AttentionVariant(window, cap)
+    return VariantOptions(window, cap)
 
 
-def same_variant(where: str, asked: AttentionVariant, planned: AttentionVariant) -> None:
+def same_variant(where: str, asked: VariantOptions, planned: VariantOptions) -> None:
     """forward()-style calls pass window_left / logits_soft_cap again; they choose the kernel, which
     plan() did: anything but the plan's values is NotSupportedError."""
     for name, value, plan_value in (("window_left", asked.window_left, planned.window_left),
@@ -156,7 +156,7 @@ def same_variant(where: str, asked: AttentionVariant, planned: AttentionVariant)
                                     f"plan(): call it with the new value)", where)
 
 
-def variant_scales(sm_scale: float, variant: AttentionVariant) -> tuple[float, float]:
+def variant_scales(sm_scale: float, variant: VariantOptions) -> tuple[float, float]:
     """(scale_log2, soft_cap_pre_tanh) of the launch params: sm_scale * log2(e) and 0, or with a soft-cap
     cap * log2(e) and sm_scale / cap (the kernel computes tanh(q.k * pre_tanh) and exp2 scales by the first)."""
     if variant.soft_cap:

@@ -67,6 +67,7 @@ from .errors import NotSupportedError
 from .kernels import resolve_backend, select_backend
 from .ops import define
 from .planner import paged_kv_lengths
+from .variants import AttentionVariant
 
 _RAGGED = "BatchPrefillWithRaggedKVCacheWrapper"
 _PAGED = "BatchPrefillWithPagedKVCacheWrapper"
@@ -132,11 +133,12 @@ class BatchPrefillWithRaggedKVCacheWrapper(_BatchAttention):
              seq_lens: Optional[torch.Tensor] = None, seq_lens_q: Optional[torch.Tensor] = None,
              max_token_per_sequence: Optional[int] = None, max_sequence_kv: Optional[int] = None,
              v_indptr: Optional[torch.Tensor] = None, o_indptr: Optional[torch.Tensor] = None, *,
-             head_dim: Optional[int] = None) -> None:
+             head_dim: Optional[int] = None, variant: Optional[AttentionVariant] = None) -> None:
         """Plan a batch. qo_indptr, kv_indptr: int32 [batch + 1], on the CPU (no device sync) or CUDA.
 
         FlashInfer's parameters, in its order. head_dim= is accepted as another name for head_dim_qk
-        (keyword only). window_left and logits_soft_cap select a variant (see the module docstring);
+        (keyword only). window_left and logits_soft_cap select a variant (see the module docstring), and
+        variant= (keyword only, flashinfer-jit's) a user-defined flashinfer_jit.AttentionVariant;
         off values only for the other variant options;
         fixed_split_size (KV tokens per chunk, a multiple of the KV tile; None or <= 0: automatic) and
         disable_split_kv make the split decision independent of the batch (batch-invariant results).
@@ -144,6 +146,7 @@ class BatchPrefillWithRaggedKVCacheWrapper(_BatchAttention):
         accepted and not needed; v_indptr / o_indptr only as None or equal to kv_indptr / qo_indptr."""
         where = f"{_RAGGED}.plan()"
         head_dim_qk = resolve_head_dim(where, head_dim_qk, head_dim)
+        custom = variant  # plan(variant=): a user-defined AttentionVariant (flashinfer_jit.variants)
         variant = check_plan_options(where, custom_mask=custom_mask, packed_custom_mask=packed_custom_mask,
                                      pos_encoding_mode=pos_encoding_mode, use_fp16_qk_reduction=use_fp16_qk_reduction,
                                      window_left=window_left, logits_soft_cap=logits_soft_cap,
@@ -159,7 +162,7 @@ class BatchPrefillWithRaggedKVCacheWrapper(_BatchAttention):
         _same_offsets(where, "v_indptr", v_indptr, kv, "kv_indptr")
         _same_offsets(where, "o_indptr", o_indptr, qo, "qo_indptr")
         self._plan("ragged", qo, kv, num_qo_heads, num_kv_heads, head_dim_qk, causal, sm_scale, q_dtype,
-                   kv_data_type, fixed_split_size, disable_split_kv, variant=variant)
+                   kv_data_type, fixed_split_size, disable_split_kv, variant=variant, custom=custom)
         self._remember_options(pos_encoding_mode, use_fp16_qk_reduction, window_left, logits_soft_cap, rope_scale,
                                rope_theta)
 
@@ -273,7 +276,8 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchAttention):
              seq_lens: Optional[torch.Tensor] = None, seq_lens_q: Optional[torch.Tensor] = None,
              block_tables: Optional[torch.Tensor] = None, max_token_per_sequence: Optional[int] = None,
              max_sequence_kv: Optional[int] = None, fixed_split_size: Optional[int] = None,
-             disable_split_kv: bool = False, *, head_dim: Optional[int] = None) -> None:
+             disable_split_kv: bool = False, *, head_dim: Optional[int] = None,
+             variant: Optional[AttentionVariant] = None) -> None:
         """Plan a batch over a page table (CSR: indptr [batch + 1], indices, last_page_len [batch]).
         All int32; CPU tensors avoid any device sync.
 
@@ -285,6 +289,7 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchAttention):
         head_dim_qk = resolve_head_dim(where, head_dim_qk, head_dim)
         if page_size is None:
             raise TypeError(f"{where}: missing required argument 'page_size'")
+        custom = variant  # plan(variant=): a user-defined AttentionVariant (flashinfer_jit.variants)
         variant = check_plan_options(where, custom_mask=custom_mask, packed_custom_mask=packed_custom_mask,
                                      pos_encoding_mode=pos_encoding_mode, use_fp16_qk_reduction=use_fp16_qk_reduction,
                                      window_left=window_left, logits_soft_cap=logits_soft_cap,
@@ -308,7 +313,7 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchAttention):
         # The library _plan() will pick (NHD and HND share one kernel): decode-like plans load only fa2's.
         group = num_qo_heads // num_kv_heads
         kernel = self._kernel("paged", head_dim_qk, q_dtype, causal, group, page_size,
-                              _host_int(qo, batch) * group / max(batch, 1), variant)
+                              _host_int(qo, batch) * group / max(batch, 1), variant, custom)
         try:
             kv_lens, max_page = paged_kv_lengths(kernel.kernel, indptr, last, indices, page_size, batch)
         except ValueError:
@@ -325,7 +330,7 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchAttention):
                                     where)
         self._plan("paged", qo, kv_lens, num_qo_heads, num_kv_heads, head_dim_qk, causal, sm_scale, q_dtype,
                    kv_data_type, fixed_split_size, disable_split_kv, pages=(indptr, indices, page_size, max_page),
-                   variant=variant)
+                   variant=variant, custom=custom)
         self._remember_options(pos_encoding_mode, use_fp16_qk_reduction, window_left, logits_soft_cap, rope_scale,
                                rope_theta)
 

@@ -19,7 +19,10 @@ Two kinds of fields:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
+import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterable, Iterator
 
@@ -67,8 +70,68 @@ def _derived_field(fmt: str, choices: tuple, derive: Callable[[Any], Any], *, se
 
 
 def matrix_fields(cls: type["KernelSpec"]) -> list[dataclasses.Field]:
-    """The fields `supported()` and the prebuild matrix range over (not the derived ones)."""
-    return [f for f in dataclasses.fields(cls) if "derive" not in f.metadata]
+    """The fields `supported()` and the prebuild matrix range over (not the derived or code ones)."""
+    return [f for f in dataclasses.fields(cls) if "derive" not in f.metadata and "code" not in f.metadata]
+
+
+# The names a user variant's snippets may use besides its parameters (see CustomVariant).
+SNIPPET_NAMES = ("score", "q_idx", "kv_idx", "head", "request", "q_len", "kv_len", "q_pos")
+_IDENTIFIER = re.compile(r"[a-z][a-z0-9_]{0,31}")
+MAX_SCALAR_PARAMS, MAX_TENSOR_PARAMS = 8, 4  # PrefillParams::user_scalars, user_tensor0..3
+
+
+@dataclass(frozen=True)
+class CustomVariant:
+    """The code of a user-defined attention variant (flashinfer_jit.AttentionVariant): what the kernel
+    is compiled from, so it is in the spec, the URI (name and a digest of the code) and the cache key.
+    Parameter values are launch parameters, not code.
+
+    score_mod: a CUDA float expression of `score` (the scaled logit sm_scale * q.k), `q_idx` and
+    `kv_idx` (query and key index within the request), `head` (query head), `request`, `q_len`,
+    `kv_len`, `q_pos` (= q_idx + kv_len - q_len: the query's bottom-right aligned position) and the
+    parameters. mask_mod: a CUDA bool expression of the same names but `score`: keys it refuses are
+    masked (on top of causal and the window). scalars: float parameters; tensors: per-query-head float
+    arrays, read as name[head]."""
+
+    name: str
+    score_mod: str = ""
+    mask_mod: str = ""
+    scalars: tuple[str, ...] = ()
+    tensors: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not _IDENTIFIER.fullmatch(self.name):
+            raise ValueError(f"AttentionVariant name {self.name!r}: expected a lower-case identifier "
+                             f"([a-z][a-z0-9_]*, at most 32 characters)")
+        for what in ("score_mod", "mask_mod"):
+            text = getattr(self, what)
+            if not isinstance(text, str):
+                raise TypeError(f"AttentionVariant {self.name}: {what} must be a string of CUDA code, got "
+                                f"{type(text).__name__}")
+            if any(c in text for c in ";{}#"):
+                raise ValueError(f"AttentionVariant {self.name}: {what} must be one expression (no ';', '{{', "
+                                 f"'}}' or preprocessor lines), got {text!r}")
+        if not (self.score_mod.strip() or self.mask_mod.strip()):
+            raise ValueError(f"AttentionVariant {self.name}: give a score_mod, a mask_mod or both")
+        names = (*self.scalars, *self.tensors)
+        for n in names:
+            if not isinstance(n, str) or not _IDENTIFIER.fullmatch(n) or n in SNIPPET_NAMES:
+                raise ValueError(f"AttentionVariant {self.name}: parameter name {n!r} must be a lower-case "
+                                 f"identifier other than {', '.join(SNIPPET_NAMES)}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"AttentionVariant {self.name}: parameter names repeat: {names}")
+        if len(self.scalars) > MAX_SCALAR_PARAMS or len(self.tensors) > MAX_TENSOR_PARAMS:
+            raise ValueError(f"AttentionVariant {self.name}: at most {MAX_SCALAR_PARAMS} scalar and "
+                             f"{MAX_TENSOR_PARAMS} tensor parameters, got {len(self.scalars)} and {len(self.tensors)}")
+
+    @property
+    def digest(self) -> str:
+        code = json.dumps(dataclasses.asdict(self), sort_keys=True)
+        return hashlib.sha256(code.encode()).hexdigest()[:10]
+
+    @property
+    def uri_part(self) -> str:
+        return f"{self.name}{self.digest}"
 
 
 @dataclass(frozen=True)
@@ -116,7 +179,9 @@ class KernelSpec:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             fmt = f.metadata["uri"]
-            if isinstance(value, bool):
+            if "code" in f.metadata:
+                parts.append(value.uri_part if value is not None else "")
+            elif isinstance(value, bool):
                 yes, no = fmt.split("|")
                 parts.append(yes if value else no)
             elif isinstance(value, tuple):
@@ -160,6 +225,11 @@ class KernelSpec:
     def runs_on(self, archs: tuple[str, ...]) -> bool:
         """Whether a library built for `archs` (toolchain's normalized names) can run this variant."""
         return True
+
+    def explain_compile_error(self, log: str) -> tuple[str, int, str, str] | None:
+        """User code in the spec that a compile error points into: (snippet, line, message, the line's
+        text), or None (the error is the library's)."""
+        return None
 
 
 @dataclass(frozen=True)
@@ -210,6 +280,8 @@ class PrefillSpec(KernelSpec):
     # the cap) are launch parameters. Opt-in: outside the default prebuild matrix.
     sliding_window: bool = _uri_field("window|", (False, True), default=False, opt_in=True)
     soft_cap: bool = _uri_field("softcap|", (False, True), default=False, opt_in=True)
+    # A user-defined variant's code (flashinfer_jit.AttentionVariant): outside every matrix.
+    custom: CustomVariant | None = field(default=None, metadata={"uri": "{}", "code": True})
     kv_tile: int = _derived_field("kv{}", KV_TILES, default_kv_tile)
     cta_q_options: tuple[int, ...] = _derived_field("q{}", CTA_Q_TILES, default_cta_q_options, several=True)
 
@@ -218,6 +290,11 @@ class PrefillSpec(KernelSpec):
         if self.kv_layout not in BACKEND_LAYOUTS[self.backend]:
             raise ValueError(f"PrefillSpec: backend {self.backend!r} has no {self.kv_layout!r} kernel; "
                              f"it has: {', '.join(BACKEND_LAYOUTS[self.backend])}")
+        if self.custom is not None and not isinstance(self.custom, CustomVariant):
+            raise TypeError(f"PrefillSpec.custom: expected a CustomVariant or None, got {type(self.custom).__name__}")
+        if self.custom is not None and self.soft_cap:
+            raise ValueError("PrefillSpec: a user variant and the built-in soft-cap do not combine (write the cap "
+                             "into the score_mod)")
         if self.backend == "sm90" and (self.cta_q_options != (128,) or self.kv_tile not in (64, 128)):
             raise ValueError(f"PrefillSpec: the sm90 backend runs 128-row q tiles and 64 or 128-key KV tiles, "
                              f"got cta_q_options={self.cta_q_options}, kv_tile={self.kv_tile}")
@@ -233,9 +310,25 @@ class PrefillSpec(KernelSpec):
     def template_context(self) -> dict[str, Any]:
         ctx = super().template_context()
         ctx["abi_structs"] = abi.layout_checks(*abi.PREFILL_STRUCTS)  # compile-time ABI checks
-        variant = "SoftCapAttention" if self.soft_cap else "StandardAttention"
-        ctx["variant_cpp"] = f"fij::{variant}<kCausal, {'true' if self.sliding_window else 'false'}>"
+        window = "true" if self.sliding_window else "false"
+        if self.custom is not None:
+            ctx["variant_cpp"] = f"UserVariant<kCausal, {window}>"
+        else:
+            variant = "SoftCapAttention" if self.soft_cap else "StandardAttention"
+            ctx["variant_cpp"] = f"fij::{variant}<kCausal, {window}>"
         return ctx
+
+    def explain_compile_error(self, log: str) -> tuple[str, int, str, str] | None:
+        """A compile error inside the user's snippet (the template numbers them as files score_mod and
+        mask_mod): (snippet name, its line, the compiler's message, the snippet's line), else None."""
+        if self.custom is None:
+            return None
+        found = re.search(r"\b(score_mod|mask_mod)\((\d+)\): (?:catastrophic )?error: ([^\n]*)", log)
+        if found is None:
+            return None
+        which, line = found.group(1), int(found.group(2))
+        lines = getattr(self.custom, which).splitlines() or [""]
+        return which, line, found.group(3).strip(), lines[min(max(line, 1), len(lines)) - 1]
 
 
 @dataclass(frozen=True)
@@ -262,4 +355,8 @@ def spec_from_dict(data: dict[str, Any]) -> KernelSpec:
     family = data.pop("family")
     if family not in FAMILIES:
         raise ValueError(f"unknown kernel family {family!r}; known: {', '.join(FAMILIES)}")
-    return FAMILIES[family](**data)
+    cls = FAMILIES[family]
+    for f in dataclasses.fields(cls):  # a code field comes back from JSON as a dict of lists
+        if "code" in f.metadata and isinstance(data.get(f.name), dict):
+            data[f.name] = CustomVariant(**{k: tuple(v) if isinstance(v, list) else v for k, v in data[f.name].items()})
+    return cls(**data)

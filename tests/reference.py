@@ -48,8 +48,15 @@ def attention_ref(
     row_index: torch.Tensor | None = None,
     window_left: int = -1,
     logits_soft_cap: float = 0.0,
+    score_fn=None,
+    mask_fn=None,
+    request: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of one request in float32.
+
+    score_fn(score, q_idx, kv_idx, head, q_pos, request) / mask_fn(q_idx, kv_idx, head, q_pos, request):
+    a user variant's score and mask in torch (score [Hq, rows, kv_len] scaled logits; the index tensors
+    broadcast against it: q_idx, q_pos [1, rows, 1], kv_idx [1, 1, kv_len], head [Hq, 1, 1]).
 
     window_left >= 0: query row i (position p = kv_len - q_len + i) sees only keys j >= p - window_left.
     logits_soft_cap > 0: scores cap * tanh(scale * q.k / cap) before the softmax. FlashInfer's meanings.
@@ -91,6 +98,16 @@ def attention_ref(
         if logits_soft_cap > 0:
             logits = logits_soft_cap * torch.tanh(logits / logits_soft_cap)
         pos = kv_len - q_len + row_index[start:stop]  # the rows' positions among the keys
+        if score_fn is not None or mask_fn is not None:
+            qi = row_index[start:stop].view(1, -1, 1)
+            qp = pos.view(1, -1, 1)
+            ki = key_pos.view(1, 1, -1)
+            hd = torch.arange(num_qo_heads, device=q.device).view(-1, 1, 1)
+            if score_fn is not None:
+                logits = score_fn(logits, qi, ki, hd, qp, request).float()
+            if mask_fn is not None:
+                keep = torch.broadcast_to(mask_fn(qi, ki, hd, qp, request), logits.shape)
+                logits = logits.masked_fill(~keep, NEG_INF)
         visible = torch.ones((stop - start, kv_len), dtype=torch.bool, device=q.device)
         if causal:
             visible &= key_pos[None, :] <= pos[:, None]  # key j visible iff j <= pos
@@ -141,9 +158,11 @@ def ragged_attention_ref(
     kv_layout: str = "NHD",
     window_left: int = -1,
     logits_soft_cap: float = 0.0,
+    score_fn=None,
+    mask_fn=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference for a ragged batch: q [total_q, Hq, D], k/v ragged in kv_layout (window_left and
-    logits_soft_cap as in attention_ref).
+    """Reference for a ragged batch: q [total_q, Hq, D], k/v ragged in kv_layout (window_left,
+    logits_soft_cap, score_fn and mask_fn as in attention_ref).
 
     Returns (out float32 [total_q, Hq, D], lse float32 [total_q, Hq]). Rows of q past
     qo_indptr[-1] are left out (the result has exactly qo_indptr[-1] rows)."""
@@ -162,7 +181,7 @@ def ragged_attention_ref(
         if qe == qs:
             continue
         o_i, l_i = attention_ref(q[qs:qe], k_nhd[ks:ke], v_nhd[ks:ke], causal, sm_scale, window_left=window_left,
-                                 logits_soft_cap=logits_soft_cap)
+                                 logits_soft_cap=logits_soft_cap, score_fn=score_fn, mask_fn=mask_fn, request=i)
         out[qs:qe] = o_i
         lse[qs:qe] = l_i
     return out, lse

@@ -50,7 +50,13 @@ def test_every_spec_field_changes_the_key(cls):
     base = next(iter(cls.supported()))
     derived = [f.name for f in dataclasses.fields(cls) if "derive" in f.metadata]
     for f in dataclasses.fields(cls):
-        for other in f.metadata["choices"]:
+        # a code field (a user variant): two snippets that differ by one character, and their parameters
+        choices = f.metadata["choices"] if "code" not in f.metadata else (
+            spec.CustomVariant("v", score_mod="score * 2.f"), spec.CustomVariant("v", score_mod="score * 3.f"),
+            spec.CustomVariant("v", score_mod="score * 2.f", scalars=("a",)),
+            spec.CustomVariant("v", mask_mod="kv_idx <= q_pos"), spec.CustomVariant("w", mask_mod="kv_idx <= q_pos"))
+        keys = set()
+        for other in choices:
             if other == getattr(base, f.name):
                 continue
             if f.name in derived:
@@ -61,6 +67,8 @@ def test_every_spec_field_changes_the_key(cls):
             else:  # tile shapes re-derived for the new value (the sm90 backend has its own)
                 changed = dataclasses.replace(base, **{f.name: other}, **{d: None for d in derived})
             assert key(changed) != key(base), f"{cls.__name__}.{f.name}: {getattr(base, f.name)} -> {other}"
+            keys.add(key(changed))
+        assert len(keys) == len([c for c in choices if c != getattr(base, f.name)]), f"{cls.__name__}.{f.name}"
 
 
 @pytest.fixture

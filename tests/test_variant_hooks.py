@@ -32,8 +32,10 @@ struct WindowSoftCapVariant : fij::KeyRange<true, true> {  // causal, sliding wi
   template <typename Params>
   __host__ __device__ explicit WindowSoftCapVariant(const Params& p) : Range(p), cap(30.f) {}
   __host__ __device__ float softmax_scale_log2() const { return 1.4426950408889634f; }
-  __device__ float transform_logits(float qk, int, int, int) const { return cap * tanhf(qk / cap); }
-  __device__ bool mask(int q, int kv, int) const { return ((q + kv) & 1) == 0; }
+  template <typename Tile>
+  __device__ float transform_logits(float qk, int, int, int, const Tile&) const { return cap * tanhf(qk / cap); }
+  template <typename Tile>
+  __device__ bool mask(int q, int kv, int, const Tile& w) const { return ((q + kv + w.request) & 1) == 0; }
   __device__ void transform_query(float (&lo)[8], float (&hi)[8], int, int, int) const {
     for (int i = 0; i < 8; ++i) lo[i] *= 0.5f, hi[i] *= 0.5f;
   }

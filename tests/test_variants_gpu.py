@@ -170,3 +170,59 @@ def test_single_prefill_and_decode_variants(causal: bool) -> None:
             one = flashinfer_jit.single_decode_with_kv_cache(q[-1], k, v, window_left=window_left, logits_soft_cap=cap)
             ref_one, _ = ref.attention_ref(q[-1:], k, v, False, window_left=window_left, logits_soft_cap=cap)
             ref.check_attention(one, ref_one[0], torch.bfloat16, f"single decode w{window_left} cap{cap}")
+
+
+# ---- user-defined variants (flashinfer_jit.AttentionVariant) ----------------------------------------
+
+def _example():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "custom_variants.py"
+    spec = importlib.util.spec_from_file_location("custom_variants", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("index", [0, 1, 2], ids=["alibi", "prefix_lm", "sigmoid_score"])
+def test_example_snippets_match_reference(index: int) -> None:
+    """examples/custom_variants.py's ALiBi, prefix-LM and sigmoid-style variants on a ragged batch."""
+    example = _example()
+    variant, causal, score_fn, mask_fn = example.variants(DEVICE)[index]
+    assert example.run(variant, causal, score_fn, mask_fn) <= 1.0
+
+
+def test_a_mask_that_hides_whole_rows_gives_zero_and_minus_inf() -> None:
+    """mask_mod refusing every key of some rows: those rows give O = 0 and LSE = -inf, the others match."""
+    every_third = flashinfer_jit.AttentionVariant("every_third", mask_mod="(q_idx % 3) != 0")
+    batch = _ragged(LENS, 4, 128, torch.float16, seed=9)
+    w = flashinfer_jit.BatchPrefillWithRaggedKVCacheWrapper(
+        torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=DEVICE), backend=PREFILL_BACKEND)
+    w.plan(batch.qo_indptr, batch.kv_indptr, batch.num_qo_heads, batch.num_kv_heads, 128, causal=True,
+           window_left=40, q_data_type=torch.float16, variant=every_third)
+    out, lse = _poisoned(batch.total_q, batch.num_qo_heads, 128, torch.float16)
+    w.run(batch.q, batch.k, batch.v, out=out, lse=lse, return_lse=True)
+    ref_out, ref_lse = ref.ragged_attention_ref(batch.q, batch.k, batch.v, batch.qo_indptr, batch.kv_indptr, True,
+                                                window_left=40, mask_fn=lambda qi, ki, h, qp, r: (qi % 3) != 0)
+    ref.check_attention(out, ref_out, torch.float16, f"whole rows masked ({w.backend})", lse, ref_lse)
+    assert bool(torch.isneginf(ref_lse).any()), "the test needs rows that see no key"
+
+
+def test_paged_user_variant_and_new_parameter_values() -> None:
+    """A user variant on the paged wrapper; a re-plan with other parameter values uses them (same kernel)."""
+    lens = LENS
+    b = ref.make_paged_batch([a for a, _ in lens], [k for _, k in lens], 16, 4, 128, torch.bfloat16, DEVICE, "NHD", 16,
+                             seed=4)
+    w = flashinfer_jit.BatchPrefillWithPagedKVCacheWrapper(
+        torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=DEVICE), kv_layout="NHD", backend=PREFILL_BACKEND)
+    t = b.table
+    k, v = b.gathered()
+    for scale in (0.5, 2.0):
+        temp = flashinfer_jit.AttentionVariant("temperature", score_mod="score * t", params={"t": scale})
+        w.plan(b.qo_indptr, t.indptr, t.indices, t.last_page_len, 16, 4, 128, 16, causal=True,
+               q_data_type=torch.bfloat16, variant=temp)
+        out = w.run(b.q, b.cache)
+        ref_out, _ = ref.ragged_attention_ref(b.q, k, v, b.qo_indptr, b.kv_indptr, True,
+                                              score_fn=lambda s, qi, ki, h, qp, r: s * scale)
+        ref.check_attention(out, ref_out, torch.bfloat16, f"paged temperature {scale} ({w.backend})")

@@ -46,6 +46,12 @@ struct PrefillParams {
   // Variants (variant.cuh): the sliding window's size (KeyRange), soft-capping's sm_scale / cap.
   int32_t window_left;
   float soft_cap_pre_tanh;
+  // A user variant's parameters (flashinfer_jit.AttentionVariant): scalars, and per-query-head float arrays.
+  float user_scalars[8];
+  const void* user_tensor0;
+  const void* user_tensor1;
+  const void* user_tensor2;
+  const void* user_tensor3;
 };
 
 }  // namespace fij

@@ -25,7 +25,7 @@ __device__ __forceinline__ void score_and_mask_fragments(const Variant& variant,
 #pragma unroll
           for (int e = 0; e < 2; ++e)
             s[mi][nt][2 * h + e] =
-                variant.transform_logits(s[mi][nt][2 * h + e], rows[mi][h].token, key0 + nt * 8 + e, rows[mi][h].head);
+                variant.transform_logits(s[mi][nt][2 * h + e], rows[mi][h].token, key0 + nt * 8 + e, rows[mi][h].head, w);
   }
   const bool edge = pos0 + KV_TILE > w.unmasked.end || (Variant::kBoundedBelow && pos0 < w.unmasked.begin);
   if (edge || Variant::kMasksLogits) {
@@ -42,7 +42,7 @@ __device__ __forceinline__ void score_and_mask_fragments(const Variant& variant,
           for (int e = 0; e < 2; ++e) {
             const int key = key0 + nt * 8 + e;
             const bool hidden = key >= end || (Variant::kBoundedBelow && key < visible.begin) ||
-                                (Variant::kMasksLogits && !variant.mask(pr.token, key, pr.head));
+                                (Variant::kMasksLogits && !variant.mask(pr.token, key, pr.head, w));
             if (hidden) s[mi][nt][2 * h + e] = neg_inf();
           }
       }

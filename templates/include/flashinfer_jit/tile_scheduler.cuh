@@ -69,6 +69,7 @@ __device__ __forceinline__ int persistent_unit_or_any(int k, int units) {
 // What one work item covers, derived once from its WorkItem and the variant: the rows of its q
 // tile and the keys its CTA visits.
 struct WorkTile {
+  int request;    // the request's index in the batch
   int row_begin;  // first packed row of the tile
   int rows;       // packed rows in the tile (<= CTA_Q)
   int64_t q_start, kv_start;  // the request's first q token and (ragged) first KV row
@@ -80,6 +81,7 @@ struct WorkTile {
   template <typename Variant, int CTA_Q>
   __device__ __forceinline__ static WorkTile of(const WorkItem& item, const Variant& variant, int group) {
     WorkTile w;
+    w.request = item.request;
     w.row_begin = item.row_begin;
     w.q_start = item.q_start;
     w.q_len = item.q_len;

@@ -13,7 +13,8 @@
 //     folded into exp2 (one FFMA), and the running maximum may be taken over raw logits because the
 //     scale is positive; a non-linear transform (soft-cap, ALiBi, user snippets) is applied first and
 //     the softmax then scales by log2(e) alone, so its maximum is over the transformed scores.
-//   - mask(q, kv, head): an extra per-element mask (kMasksLogits), on top of kv_range.
+//   - mask(q, kv, head, tile): an extra per-element mask (kMasksLogits), on top of kv_range. The hooks
+//     get the work tile (its request, q_len, kv_len) as their last argument.
 //   - the query transform (kTransformsQuery) for RoPE-like variants.
 // New variants are new structs here (or rendered from a spec), not branches in the kernels.
 //
@@ -88,8 +89,12 @@ struct StandardAttention : KeyRange<CAUSAL, WINDOW> {
   FIJ_HOST_DEVICE float softmax_scale_log2() const { return scale_log2; }
 
 #if defined(__CUDACC__)
-  __device__ __forceinline__ float transform_logits(float qk, int32_t, int32_t, int32_t) const { return qk; }
-  __device__ __forceinline__ bool mask(int32_t, int32_t, int32_t) const { return true; }
+  template <typename Tile>
+  __device__ __forceinline__ float transform_logits(float qk, int32_t, int32_t, int32_t, const Tile&) const {
+    return qk;
+  }
+  template <typename Tile>
+  __device__ __forceinline__ bool mask(int32_t, int32_t, int32_t, const Tile&) const { return true; }
   // Dims [dim0, dim0 + 8) and [dim0 + D/2, dim0 + D/2 + 8) of query (token, head), in place.
   __device__ __forceinline__ void transform_query(float (&)[8], float (&)[8], int32_t, int32_t, int32_t) const {}
 #endif
@@ -110,7 +115,8 @@ struct SoftCapAttention : StandardAttention<CAUSAL, WINDOW> {
       : StandardAttention<CAUSAL, WINDOW>(p), pre_tanh(p.soft_cap_pre_tanh) {}
 
 #if defined(__CUDACC__)
-  __device__ __forceinline__ float transform_logits(float qk, int32_t, int32_t, int32_t) const {
+  template <typename Tile>
+  __device__ __forceinline__ float transform_logits(float qk, int32_t, int32_t, int32_t, const Tile&) const {
     float t;
     asm("tanh.approx.f32 %0, %1;" : "=f"(t) : "f"(qk * pre_tanh));  // MUFU.TANH, what FlashInfer uses
     return t;
