@@ -81,6 +81,8 @@ class Case:
     tuple_cache: bool = False
     host_indices: bool = False
     seed: int = 0
+    window_left: int = -1     # attention variants (issue #12): sliding window, soft-cap
+    soft_cap: float = 0.0
 
     @property
     def num_qo_heads(self) -> int:
@@ -93,7 +95,9 @@ class Case:
             return f"{what} page={self.page_size} prefix={self.kv_lens} append={self.append_lens}"
         pairs = ", ".join(f"{q}/{k}" for q, k in zip(self.q_lens, self.kv_lens))
         paged = f" page={self.page_size}{' (k,v) tuple' if self.tuple_cache else ''}" if self.page_size else ""
-        return f"{what}{paged} q/kv: [{pairs}]"
+        variant = (f" window_left={self.window_left}" if self.window_left >= 0 else "") + (
+            f" soft_cap={self.soft_cap:g}" if self.soft_cap > 0 else "")
+        return f"{what}{paged}{variant} q/kv: [{pairs}]"
 
     def backend(self, prefill_backend: str) -> str:
         """The backend= of this case's wrapper: --prefill-backend for ragged cases and paged ones with pages
@@ -110,7 +114,8 @@ class Case:
         backend = self.backend(prefill_backend)
         backends = ("fa2", "sm90") if backend == "auto" and self.kind != "decode" else (
             ("fa2",) if backend == "auto" else (backend,))
-        return [PrefillSpec(layout, self.head_dim, self.dtype, self.causal and self.kind != "decode", backend=b)
+        return [PrefillSpec(layout, self.head_dim, self.dtype, self.causal and self.kind != "decode", backend=b,
+                            sliding_window=self.window_left >= 0, soft_cap=self.soft_cap > 0)
                 for b in backends]
 
 
@@ -136,6 +141,9 @@ def make_cases(n: int, seed: int) -> list[Case]:
         if kind == "append":
             case.append_lens = [rng.choice((0, 1, 1, 3, rng.randint(1, MAX_Q))) for _ in range(batch)]
             case.host_indices = rng.random() < 0.5
+        if kind != "append":  # the variants' kernels too (their masks and skipped tiles touch memory differently)
+            case.window_left = rng.choice((0, 1, 5, 40)) if rng.random() < 0.3 else -1
+            case.soft_cap = rng.choice((5.0, 30.0)) if rng.random() < 0.25 else 0.0
         cases.append(case)
     return cases
 
@@ -217,7 +225,8 @@ class Runner:
 
     def _check(self, case: Case, out: torch.Tensor, lse: torch.Tensor, q, k, v) -> None:
         ref_out, ref_lse = ref.ragged_attention_ref(q, k, v, ref.make_indptr(case.q_lens),
-                                                    ref.make_indptr(case.kv_lens), case.causal)
+                                                    ref.make_indptr(case.kv_lens), case.causal,
+                                                    window_left=case.window_left, logits_soft_cap=case.soft_cap)
         ref.check_attention(out.cpu(), ref_out, DTYPES[case.dtype], case.describe(), lse.cpu(), ref_lse)
 
     def _ragged(self, case: Case) -> None:
@@ -225,7 +234,8 @@ class Runner:
         q, k, v = self._dense(case, gen)
         w = self.wrapper("ragged", case.kv_layout, case.backend(self.prefill_backend))
         w.plan(ref.make_indptr(case.q_lens), ref.make_indptr(case.kv_lens), case.num_qo_heads, case.num_kv_heads,
-               case.head_dim, causal=case.causal, q_data_type=DTYPES[case.dtype])
+               case.head_dim, causal=case.causal, q_data_type=DTYPES[case.dtype], window_left=case.window_left,
+               logits_soft_cap=case.soft_cap)
         dev = self.device
         out, lse = w.run(q.to(dev), ref.from_nhd(k, case.kv_layout).to(dev), ref.from_nhd(v, case.kv_layout).to(dev),
                          return_lse=True)
@@ -246,7 +256,8 @@ class Runner:
         q, k, v, pages, paged = self._paged_inputs(case)
         w = self.wrapper("paged", case.kv_layout, case.backend(self.prefill_backend))
         w.plan(ref.make_indptr(case.q_lens), pages.indptr, pages.indices, pages.last_page_len, case.num_qo_heads,
-               case.num_kv_heads, case.head_dim, case.page_size, causal=case.causal, q_data_type=DTYPES[case.dtype])
+               case.num_kv_heads, case.head_dim, case.page_size, causal=case.causal, q_data_type=DTYPES[case.dtype],
+               window_left=case.window_left, logits_soft_cap=case.soft_cap)
         out, lse = w.run(q.to(self.device), paged, return_lse=True)
         self._check(case, out, lse, q, k, v)
 
@@ -254,7 +265,8 @@ class Runner:
         q, k, v, pages, paged = self._paged_inputs(case)
         w = self.wrapper("decode", case.kv_layout)
         w.plan(pages.indptr, pages.indices, pages.last_page_len, case.num_qo_heads, case.num_kv_heads,
-               case.head_dim, case.page_size, q_data_type=DTYPES[case.dtype])
+               case.head_dim, case.page_size, q_data_type=DTYPES[case.dtype], window_left=case.window_left,
+               logits_soft_cap=case.soft_cap)
         out, lse = w.run(q.to(self.device), paged, return_lse=True)
         self._check(case, out, lse, q, k, v)
 

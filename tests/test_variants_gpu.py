@@ -226,3 +226,20 @@ def test_paged_user_variant_and_new_parameter_values() -> None:
         ref_out, _ = ref.ragged_attention_ref(b.q, k, v, b.qo_indptr, b.kv_indptr, True,
                                               score_fn=lambda s, qi, ki, h, qp, r: s * scale)
         ref.check_attention(out, ref_out, torch.bfloat16, f"paged temperature {scale} ({w.backend})")
+
+
+def test_variant_plans_run_under_torch_compile_fullgraph() -> None:
+    """run() of wrappers planned with a window + soft-cap and with a user variant, inside
+    torch.compile(fullgraph=True) (planned outside): no graph break, the eager result."""
+    batch = _ragged(LENS, 4, 128, torch.bfloat16, seed=21)
+    alibi_like = flashinfer_jit.AttentionVariant("slope_bias", score_mod="score - s * float(q_pos - kv_idx)",
+                                                 params={"s": 0.01})
+    for plan_kwargs in (dict(window_left=64, logits_soft_cap=20.0), dict(variant=alibi_like)):
+        w = flashinfer_jit.BatchPrefillWithRaggedKVCacheWrapper(
+            torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=DEVICE), backend=PREFILL_BACKEND)
+        w.plan(batch.qo_indptr, batch.kv_indptr, batch.num_qo_heads, batch.num_kv_heads, 128, causal=True,
+               q_data_type=torch.bfloat16, **plan_kwargs)
+        eager = w.run(batch.q, batch.k, batch.v)
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda q, k, v: w.run(q, k, v) * 1.0, fullgraph=True)
+        torch.testing.assert_close(compiled(batch.q, batch.k, batch.v), eager, atol=0, rtol=0)
