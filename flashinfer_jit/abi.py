@@ -90,6 +90,7 @@ class PrefillParams(ctypes.Structure):
         *_ints(_i32, "page_row_shift", "page_row_mask"),  # set by the C launcher
         ("window_left", _i32), ("soft_cap_pre_tanh", _f32),  # variants: sliding window, logits soft-cap
         ("user_scalars", _f32 * 8), *[(f"user_tensor{i}", _ptr) for i in range(4)],  # user variants' parameters
+        ("custom_mask", _ptr), ("mask_offsets", _ptr),  # custom masks: packed bits, per-request byte offsets
     ]
 
 

@@ -13,6 +13,7 @@ checks come before the first use of a kernel library, so they run (and are teste
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import itertools
 import math
 import weakref
@@ -21,7 +22,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from . import loader, options, validate
+from . import loader, masks, options, validate
 from .abi import PlanCall, PlanConfig, PlanResult, PrefillParams
 from .kernels import PrefillKernel, prefill_kernel, resolve_backend, select_backend
 from .variants import AttentionVariant
@@ -145,19 +146,21 @@ def check_plan_options(where: str, *, custom_mask: Any = None, packed_custom_mas
                        pos_encoding_mode: Any = "NONE", use_fp16_qk_reduction: Any = False, window_left: Any = -1,
                        logits_soft_cap: Any = None, prefix_len_ptr: Any = None, token_pos_in_items_ptr: Any = None,
                        max_item_len_ptr: Any = None) -> options.VariantOptions:
-    """FlashInfer plan() options that change the result. The sliding window and the logits soft-cap are
-    parsed into the plan's variant (options.attention_variant: bad values raise ValueError); the others
-    must be off (NotSupportedError otherwise).
+    """FlashInfer plan() options that change the result. The sliding window, the logits soft-cap and
+    whether a custom mask is given are parsed into the plan's variant (options.attention_variant: bad
+    values raise ValueError; the mask tensors are checked by _plan, masks.py); the others must be off
+    (NotSupportedError otherwise).
 
     The others are accepted as FlashInfer's fa2 path treats them: rope_scale / rope_theta only act with RoPE
     (off); non_blocking, token_pos_in_items_len (without token_pos_in_items_ptr), max_token_per_sequence,
     max_sequence_kv, seq_lens_q and block_tables only matter to other backends or to performance."""
-    options.no_custom_mask(where, custom_mask=custom_mask, packed_custom_mask=packed_custom_mask)
     options.standard_attention(where, pos_encoding_mode=pos_encoding_mode, use_fp16_qk_reduction=use_fp16_qk_reduction)
     options.no_tensor(where, "prefix_len_ptr", prefix_len_ptr, "multi-item scoring")
     options.no_tensor(where, "token_pos_in_items_ptr", token_pos_in_items_ptr, "multi-item scoring")
     options.no_tensor(where, "max_item_len_ptr", max_item_len_ptr, "multi-item scoring")
-    return options.attention_variant(where, window_left, logits_soft_cap)
+    parsed = options.attention_variant(where, window_left, logits_soft_cap)
+    has_mask = custom_mask is not None or packed_custom_mask is not None
+    return dataclasses.replace(parsed, custom_mask=has_mask) if has_mask else parsed
 
 
 def run_options(where: str, args: tuple, *, q_scale: Any = None, k_scale: Any = None, v_scale: Any = None,
@@ -329,14 +332,16 @@ class _BatchAttention:
         backend = resolve_backend(choice, self._device, layout, group, f"{type(self).__name__}.plan()",
                                   self._graph_backend or self._backend_requested, page_size, rows_per_request)
         return prefill_kernel(backend, layout, head_dim, dtype, bool(causal), sliding_window=variant.sliding_window,
-                              soft_cap=variant.soft_cap, custom=custom.code if custom is not None else None)
+                              soft_cap=variant.soft_cap, custom_mask=variant.custom_mask,
+                              custom=custom.code if custom is not None else None)
 
     def _plan(self, layout: str, qo_host: torch.Tensor, kv_lens_indptr: torch.Tensor,
               num_qo_heads: int, num_kv_heads: int, head_dim: int, causal: bool, sm_scale: Optional[float],
               q_data_type: Union[str, torch.dtype], kv_data_type: Optional[Union[str, torch.dtype]],
               fixed_split_size: Optional[int], disable_split_kv: bool,
               pages: Optional[tuple[torch.Tensor, torch.Tensor, int, int]] = None,
-              variant: options.VariantOptions = options.PLAIN, custom: Optional[AttentionVariant] = None) -> None:
+              variant: options.VariantOptions = options.PLAIN, custom: Optional[AttentionVariant] = None,
+              mask: tuple[Optional[torch.Tensor], Optional[torch.Tensor]] = (None, None)) -> None:
         """Plan from host int32 tensors: qo_indptr and the cumulative KV lengths (+ page table).
         fixed_split_size None or <= 0 (FlashInfer's -1) means: split automatically. `variant`: the sliding
         window and soft-cap (options.attention_variant), each its own kernel when on; `custom`: a
@@ -345,14 +350,30 @@ class _BatchAttention:
             raise TypeError(f"variant: expected a flashinfer_jit.AttentionVariant or None, got {type(custom).__name__}")
         if custom is not None and variant.soft_cap:
             raise ValueError("variant and logits_soft_cap do not combine: write the cap into the variant's score_mod")
+        if variant.custom_mask:
+            # Stricter than FlashInfer, which ignores causal=True under a custom mask, and whose CUDA-graph
+            # plans copy the mask into fixed buffers (here the captured kernel would read a freed mask).
+            if causal:
+                raise ValueError("custom_mask replaces the causal mask (FlashInfer then ignores causal=True): put "
+                                 "the causal part into the mask and pass causal=False")
+            if custom is not None:
+                raise ValueError("custom_mask and variant do not combine: write the mask as the variant's mask_mod")
+            if self._use_cuda_graph:
+                raise NotSupportedError("custom_mask", "a mask", "None with use_cuda_graph=True (a captured graph "
+                                        "keeps the first plan's mask pointer)", f"{type(self).__name__}.plan()")
+        packed_mask = None
+        if variant.custom_mask:  # checked and packed before any kernel is loaded
+            q_lens = (qo_host[1:] - qo_host[:-1]).tolist()
+            kv_lens = (kv_lens_indptr[1:] - kv_lens_indptr[:-1]).tolist()
+            packed_mask = masks.prepare(mask[0], mask[1], q_lens, kv_lens, f"{type(self).__name__}.plan()")
         q_dtype = check_dtypes(q_data_type, kv_data_type)
         plan_args = dict(layout=layout, qo_host=qo_host, kv_lens_indptr=kv_lens_indptr, num_qo_heads=num_qo_heads,
                          num_kv_heads=num_kv_heads, head_dim=head_dim, causal=causal, sm_scale=sm_scale,
                          q_data_type=q_data_type, kv_data_type=kv_data_type, fixed_split_size=fixed_split_size,
-                         disable_split_kv=disable_split_kv, pages=pages, variant=variant, custom=custom)
+                         disable_split_kv=disable_split_kv, pages=pages, variant=variant, custom=custom, mask=mask)
 
         def kernel_choice(v: options.VariantOptions, c: Optional[AttentionVariant]) -> tuple:
-            return v.sliding_window, v.soft_cap, c.code if c is not None else None
+            return v.sliding_window, v.soft_cap, v.custom_mask, c.code if c is not None else None
 
         if (self._use_cuda_graph and self._plan_args is not None
                 and kernel_choice(self._plan_args["variant"], self._plan_args["custom"]) != kernel_choice(variant, custom)):
@@ -439,6 +460,10 @@ class _BatchAttention:
         params.window_left = variant.window_left
         self._variant_tensors = custom.bind(params, num_qo_heads, self._device, f"{type(self).__name__}.plan()") \
             if custom is not None else []
+        if packed_mask is not None:
+            packed_mask = packed_mask.to(self._device)
+            params.custom_mask, params.mask_offsets = packed_mask.bits.data_ptr(), packed_mask.offsets.data_ptr()
+            self._variant_tensors.append(packed_mask)
         params.cta_q = cta_q
         page_size = 0
         if pages is not None:

@@ -134,15 +134,16 @@ _variants: dict[tuple, PrefillKernel] = {}
 
 
 def prefill_kernel(backend: str, layout: str, head_dim: int, dtype: torch.dtype, causal: bool, *,
-                   sliding_window: bool = False, soft_cap: bool = False,
+                   sliding_window: bool = False, soft_cap: bool = False, custom_mask: bool = False,
                    custom: Optional[CustomVariant] = None) -> PrefillKernel:
     """The kernel of (backend, layout "ragged" | "paged", head_dim, dtype, causal, variant switches, a
     user variant's code), loaded on first use."""
-    key = (backend, layout, head_dim, dtype, causal, sliding_window, soft_cap, custom)
+    key = (backend, layout, head_dim, dtype, causal, sliding_window, soft_cap, custom_mask, custom)
     variant = _variants.get(key)
     if variant is None:
         spec = PrefillSpec(kv_layout=layout, head_dim=head_dim, dtype=dtype_name(dtype), causal=causal,
-                           backend=backend, sliding_window=sliding_window, soft_cap=soft_cap, custom=custom)
+                           backend=backend, sliding_window=sliding_window, soft_cap=soft_cap,
+                           custom_mask=custom_mask, custom=custom)
         variant = _variants[key] = PrefillKernel(spec)
     return variant
 

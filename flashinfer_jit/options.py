@@ -111,6 +111,7 @@ class VariantOptions:
 
     window_left: int = -1
     logits_soft_cap: float = 0.0
+    custom_mask: bool = False  # plan's custom_mask / packed_custom_mask (the bits are plan data: masks.py)
 
     @property
     def sliding_window(self) -> bool:

@@ -20,6 +20,10 @@ built on first use, `flashinfer-jit prebuild --sliding-window true --soft-cap tr
   - window_left=k >= 0, a sliding window: query i (position p = kv_len - q_len + i) sees keys
     j >= p - k (and j <= p when causal: k + 1 keys). KV tiles outside every row's window are skipped.
   - logits_soft_cap=c > 0: scores c * tanh(sm_scale * q.k / c) (Gemma 2), LSE over those scores.
+  - custom_mask (bool, each request's [q_len, kv_len] mask flattened and concatenated) or
+    packed_custom_mask (FlashInfer's segment_packbits bytes): keys a query's bit refuses are hidden;
+    stricter than FlashInfer: with causal=False only (FlashInfer ignores causal=True then), not both
+    at once, sizes checked, not on use_cuda_graph wrappers (masks.py).
   Stricter than FlashInfer: window_left below -1, a negative, NaN or infinite cap raise ValueError (FlashInfer
   reads any negative as off); forward() and run(window_left=...) cannot change the plan's variant.
 
@@ -162,7 +166,8 @@ class BatchPrefillWithRaggedKVCacheWrapper(_BatchAttention):
         _same_offsets(where, "v_indptr", v_indptr, kv, "kv_indptr")
         _same_offsets(where, "o_indptr", o_indptr, qo, "qo_indptr")
         self._plan("ragged", qo, kv, num_qo_heads, num_kv_heads, head_dim_qk, causal, sm_scale, q_dtype,
-                   kv_data_type, fixed_split_size, disable_split_kv, variant=variant, custom=custom)
+                   kv_data_type, fixed_split_size, disable_split_kv, variant=variant, custom=custom,
+                   mask=(custom_mask, packed_custom_mask))
         self._remember_options(pos_encoding_mode, use_fp16_qk_reduction, window_left, logits_soft_cap, rope_scale,
                                rope_theta)
 
@@ -330,7 +335,7 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchAttention):
                                     where)
         self._plan("paged", qo, kv_lens, num_qo_heads, num_kv_heads, head_dim_qk, causal, sm_scale, q_dtype,
                    kv_data_type, fixed_split_size, disable_split_kv, pages=(indptr, indices, page_size, max_page),
-                   variant=variant, custom=custom)
+                   variant=variant, custom=custom, mask=(custom_mask, packed_custom_mask))
         self._remember_options(pos_encoding_mode, use_fp16_qk_reduction, window_left, logits_soft_cap, rope_scale,
                                rope_theta)
 
@@ -563,8 +568,8 @@ def single_prefill_with_kv_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     the plan of each shape is made once and kept in buffers that outlive the graph; a shape must be run
     once before it is captured (see the notes above _SINGLE_PLANS_KEPT in prefill.py)."""
     where = "single_prefill_with_kv_cache()"
-    variant = check_plan_options(where, custom_mask=custom_mask, packed_custom_mask=packed_custom_mask,
-                                 pos_encoding_mode=pos_encoding_mode, use_fp16_qk_reduction=use_fp16_qk_reduction,
+    options.no_custom_mask(where, custom_mask=custom_mask, packed_custom_mask=packed_custom_mask)
+    variant = check_plan_options(where, pos_encoding_mode=pos_encoding_mode, use_fp16_qk_reduction=use_fp16_qk_reduction,
                                  window_left=window_left, logits_soft_cap=logits_soft_cap)
     for name, value in (("scale_q", scale_q), ("scale_k", scale_k), ("scale_v", scale_v), ("k_scale", k_scale),
                         ("v_scale", v_scale)):

@@ -280,6 +280,7 @@ class PrefillSpec(KernelSpec):
     # the cap) are launch parameters. Opt-in: outside the default prebuild matrix.
     sliding_window: bool = _uri_field("window|", (False, True), default=False, opt_in=True)
     soft_cap: bool = _uri_field("softcap|", (False, True), default=False, opt_in=True)
+    custom_mask: bool = _uri_field("mask|", (False, True), default=False, opt_in=True)  # FlashInfer's custom_mask
     # A user-defined variant's code (flashinfer_jit.AttentionVariant): outside every matrix.
     custom: CustomVariant | None = field(default=None, metadata={"uri": "{}", "code": True})
     kv_tile: int = _derived_field("kv{}", KV_TILES, default_kv_tile)
@@ -292,6 +293,9 @@ class PrefillSpec(KernelSpec):
                              f"it has: {', '.join(BACKEND_LAYOUTS[self.backend])}")
         if self.custom is not None and not isinstance(self.custom, CustomVariant):
             raise TypeError(f"PrefillSpec.custom: expected a CustomVariant or None, got {type(self.custom).__name__}")
+        if self.custom is not None and self.custom_mask:
+            raise ValueError("PrefillSpec: a user variant and a custom mask do not combine (write the mask as its "
+                             "mask_mod)")
         if self.custom is not None and self.soft_cap:
             raise ValueError("PrefillSpec: a user variant and the built-in soft-cap do not combine (write the cap "
                              "into the score_mod)")
@@ -316,6 +320,8 @@ class PrefillSpec(KernelSpec):
         else:
             variant = "SoftCapAttention" if self.soft_cap else "StandardAttention"
             ctx["variant_cpp"] = f"fij::{variant}<kCausal, {window}>"
+        if self.custom_mask:
+            ctx["variant_cpp"] = f"fij::WithCustomMask<{ctx['variant_cpp']}>"
         return ctx
 
     def explain_compile_error(self, log: str) -> tuple[str, int, str, str] | None:

@@ -435,9 +435,6 @@ FP8 = getattr(torch, "float8_e4m3fn")
 OFF_CASES = [  # (id, call, parameter named in the error)
     ("ragged plan pos_encoding_mode ROPE_LLAMA", ragged_plan(pos_encoding_mode="ROPE_LLAMA"), "pos_encoding_mode"),
     ("paged plan pos_encoding_mode ALIBI", paged_plan(pos_encoding_mode="ALIBI"), "pos_encoding_mode"),
-    ("ragged plan custom_mask", ragged_plan(custom_mask=torch.ones(12 * 19, dtype=torch.bool)), "custom_mask"),
-    ("paged plan packed_custom_mask", paged_plan(packed_custom_mask=torch.ones(8, dtype=torch.uint8)),
-     "packed_custom_mask"),
     ("ragged plan use_fp16_qk_reduction", ragged_plan(use_fp16_qk_reduction=True), "use_fp16_qk_reduction"),
     ("paged plan fp8 kv_data_type", paged_plan(kv_data_type=FP8), "kv_data_type"),
     ("ragged plan fp8 q_data_type (string)", ragged_plan(q_data_type="float8_e4m3fn"), "q_data_type"),
@@ -921,3 +918,65 @@ def test_gpu_paged_run_under_reduce_overhead(layout: str) -> None:
         return w.run(q, cache, k_scale=1.0, v_scale=1.0)
 
     _compile_and_check(fn, lambda i: (qs[i], caches[i]), reference, torch.float16, f"paged run {layout} reduce-overhead")
+
+
+# ---- custom masks (issue #12): FlashInfer's custom_mask / packed_custom_mask ----------------------
+
+def _recording_loads(monkeypatch) -> list:
+    loaded = []
+
+    def record(spec, *args, **kwargs):
+        loaded.append(spec)
+        raise ReachedKernel()
+
+    monkeypatch.setattr(loader, "load", record)
+    return loaded
+
+
+@pytest.mark.parametrize("which, kw", [
+    ("ragged", dict(custom_mask=torch.ones(5 * 9 + 7 * 7, dtype=torch.bool))),  # q/kv 5/9, 0/3, 7/7
+    ("ragged", dict(packed_custom_mask=torch.zeros(6 + 0 + 7, dtype=torch.uint8))),
+    ("paged", dict(custom_mask=torch.zeros(5 * 20 + 7 * 7, dtype=torch.bool))),  # kv 20, 0, 7 from the pages
+    ("paged", dict(packed_custom_mask=torch.zeros(13 + 7, dtype=torch.uint8))),
+])
+def test_a_custom_mask_selects_the_masked_kernel(which: str, kw: dict, no_kernels, monkeypatch) -> None:
+    loaded = _recording_loads(monkeypatch)
+    with pytest.raises(ReachedKernel):
+        (ragged_plan if which == "ragged" else paged_plan)(causal=False, **kw)(Args(real=True))
+    assert [(s.custom_mask, s.causal, "mask" in s.uri) for s in loaded] == [(True, False, True)]
+
+
+@pytest.mark.parametrize("kw, error, match", [
+    (dict(custom_mask=torch.ones(93, dtype=torch.bool)), ValueError, "need sum\\(q_len \\* kv_len\\) = 94"),
+    (dict(packed_custom_mask=torch.zeros(14, dtype=torch.uint8)), ValueError, "= 13"),
+    (dict(custom_mask=torch.ones(94)), TypeError, "torch.bool"),
+    (dict(packed_custom_mask=torch.zeros(13, dtype=torch.int32)), TypeError, "torch.uint8"),
+    (dict(custom_mask=torch.ones(94, dtype=torch.bool), packed_custom_mask=torch.zeros(13, dtype=torch.uint8)),
+     ValueError, "not both"),
+    (dict(custom_mask=torch.ones(94, dtype=torch.bool), causal=True), ValueError, "replaces the causal mask"),
+])
+def test_bad_custom_masks_raise_before_any_kernel(kw: dict, error: type, match: str, no_kernels) -> None:
+    kw = {"causal": False, **kw}
+    with pytest.raises(error, match=match):
+        ragged_plan(**kw)(Args(real=True))
+
+
+def test_custom_masks_pack_as_flashinfer_does() -> None:
+    """Each request's [q_len, kv_len] mask, row-major, little-endian bits from a byte boundary
+    (flashinfer.quantization.segment_packbits(..., bitorder="little"))."""
+    from flashinfer_jit import masks
+
+    gen = torch.Generator().manual_seed(0)
+    q_lens, kv_lens = [5, 0, 7, 1], [9, 3, 7, 1]
+    flat = torch.rand(sum(q * k for q, k in zip(q_lens, kv_lens)), generator=gen) < 0.5
+    packed = masks.prepare(flat, None, q_lens, kv_lens, "test")
+    start, expected, offsets = 0, [], []
+    for q, k in zip(q_lens, kv_lens):
+        bits = flat[start:start + q * k].tolist()
+        start += q * k
+        offsets.append(len(expected))
+        expected += [sum(int(b) << i for i, b in enumerate(bits[j:j + 8])) for j in range(0, len(bits), 8)]
+    assert packed.bits.tolist() == expected + [0]  # + the guard byte past the end
+    assert packed.offsets.tolist() == offsets
+    same = masks.prepare(None, torch.tensor(expected, dtype=torch.uint8), q_lens, kv_lens, "test")
+    assert torch.equal(same.bits, packed.bits) and torch.equal(same.offsets, packed.offsets)

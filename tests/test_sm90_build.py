@@ -165,6 +165,8 @@ VARIANT_SPECS = [
     PrefillSpec("paged", 128, "bf16", True, backend="sm90", sliding_window=True),
     PrefillSpec("ragged", 64, "fp16", False, backend="sm90", sliding_window=True, soft_cap=True),
     PrefillSpec("ragged", 128, "fp16", True, backend="fa2", sliding_window=True, soft_cap=True),
+    PrefillSpec("paged", 128, "bf16", False, backend="sm90", custom_mask=True),
+    PrefillSpec("ragged", 64, "fp16", False, backend="fa2", custom_mask=True, soft_cap=True),
 ]
 
 
@@ -177,12 +179,15 @@ def test_attention_variants_build(spec: PrefillSpec, monkeypatch, no_gpu) -> Non
     monkeypatch.setenv("FLASHINFER_JIT_ARCH", "90a")
     text = codegen.render(spec)["prefill.cu"]
     variant = "SoftCapAttention" if spec.soft_cap else "StandardAttention"
-    assert f"using Variant = fij::{variant}<kCausal, {'true' if spec.sliding_window else 'false'}>;" in text
+    plain = f"fij::{variant}<kCausal, {'true' if spec.sliding_window else 'false'}>"
+    assert f"using Variant = {f'fij::WithCustomMask<{plain}>' if spec.custom_mask else plain};" in text
     sass = built_sass(spec)
     assert ("MUFU.TANH" in sass) == spec.soft_cap, "the soft-cap's tanh (MUFU.TANH) is missing or misplaced"
     if spec.backend == "sm90":
         assert "HGMMA" in sass
         assert not serialized_wgmma(sass), "ptxas serialized the wgmma pipeline"
-        assert not spills_between_hgmmas(sass), f"local memory in the KV loop: {spills_between_hgmmas(sass)[:5]}"
+        # the custom mask's two pointers are reloaded from local memory once per tile (measured in the
+        # SASS: 2 LDL.64 in the loop at hd128); every other variant keeps the loop free of local memory
+        assert len(spills_between_hgmmas(sass)) <= (2 if spec.custom_mask else 0), spills_between_hgmmas(sass)[:5]
     else:
         assert "HMMA.16816" in sass

@@ -243,3 +243,46 @@ def test_variant_plans_run_under_torch_compile_fullgraph() -> None:
         torch._dynamo.reset()
         compiled = torch.compile(lambda q, k, v: w.run(q, k, v) * 1.0, fullgraph=True)
         torch.testing.assert_close(compiled(batch.q, batch.k, batch.v), eager, atol=0, rtol=0)
+
+
+# ---- custom masks (FlashInfer's custom_mask / packed_custom_mask) -----------------------------------
+
+def _random_masks(q_lens, kv_lens, seed: int) -> list[torch.Tensor]:
+    """One [q_len, kv_len] boolean mask per request; every third request's row 0 sees no key."""
+    gen = torch.Generator().manual_seed(seed)
+    masks = []
+    for i, (q, k) in enumerate(zip(q_lens, kv_lens)):
+        m = torch.rand(q, k, generator=gen) < 0.6
+        if q and i % 3 == 0:
+            m[0] = False
+        masks.append(m)
+    return masks
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["custom_mask", "packed_custom_mask"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_custom_mask_ragged_and_paged(head_dim: int, packed: bool) -> None:
+    from flashinfer_jit import masks as fij_masks
+
+    q_lens, kv_lens = [a for a, _ in LENS], [b for _, b in LENS]
+    per_request = _random_masks(q_lens, kv_lens, seed=head_dim)
+    flat = torch.cat([m.flatten() for m in per_request]).to(DEVICE)
+    arg = dict(packed_custom_mask=fij_masks.pack(flat, q_lens, kv_lens, "test")) if packed else dict(custom_mask=flat)
+    mask_fn = lambda qi, ki, h, qp, r: per_request[r].to(DEVICE)[qi[0, :, 0]][:, ki[0, 0, :]].unsqueeze(0)  # noqa: E731
+    b = ref.make_paged_batch(q_lens, kv_lens, 16, 4, head_dim, torch.bfloat16, DEVICE, "NHD", 16, seed=head_dim)
+    ref_out, ref_lse = ref.ragged_attention_ref(b.q, b.k, b.v, b.qo_indptr, b.kv_indptr, False, mask_fn=mask_fn)
+    assert bool(torch.isneginf(ref_lse).any()), "the test needs rows that see no key"
+    ragged = flashinfer_jit.BatchPrefillWithRaggedKVCacheWrapper(
+        torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=DEVICE), backend=PREFILL_BACKEND)
+    ragged.plan(b.qo_indptr, b.kv_indptr, 16, 4, head_dim, causal=False, q_data_type=torch.bfloat16, **arg)
+    out, lse = _poisoned(b.total_q, 16, head_dim, torch.bfloat16)
+    ragged.run(b.q, b.k, b.v, out=out, lse=lse, return_lse=True)
+    ref.check_attention(out, ref_out, torch.bfloat16, f"ragged custom mask ({ragged.backend})", lse, ref_lse)
+    paged = flashinfer_jit.BatchPrefillWithPagedKVCacheWrapper(
+        torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=DEVICE), backend=PREFILL_BACKEND)
+    t = b.table
+    paged.plan(b.qo_indptr, t.indptr, t.indices, t.last_page_len, 16, 4, head_dim, 16, causal=False,
+               q_data_type=torch.bfloat16, **arg)
+    out, lse = _poisoned(b.total_q, 16, head_dim, torch.bfloat16)
+    paged.run(b.q, b.cache, out=out, lse=lse, return_lse=True)
+    ref.check_attention(out, ref_out, torch.bfloat16, f"paged custom mask ({paged.backend})", lse, ref_lse)

@@ -52,6 +52,9 @@ struct PrefillParams {
   const void* user_tensor1;
   const void* user_tensor2;
   const void* user_tensor3;
+  // Custom masks (variant.cuh WithCustomMask): packed bits, and each request's first byte (int64).
+  const void* custom_mask;
+  const void* mask_offsets;
 };
 
 }  // namespace fij

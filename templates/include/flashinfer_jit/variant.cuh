@@ -124,4 +124,26 @@ struct SoftCapAttention : StandardAttention<CAUSAL, WINDOW> {
 #endif
 };
 
+// FlashInfer's custom mask (plan's custom_mask / packed_custom_mask) on top of any variant: request r's
+// [q_len, kv_len] boolean mask, row-major, packed little-endian into bytes from p.mask_offsets[r] of
+// p.custom_mask (each request's segment starts on a byte). A false bit hides the key from the query.
+template <typename Base>
+struct WithCustomMask : Base {
+  static constexpr bool kMasksLogits = true;
+  const uint8_t* bits;
+  const int64_t* offsets;
+
+  template <typename Params>
+  FIJ_HOST_DEVICE explicit WithCustomMask(const Params& p)
+      : Base(p), bits(static_cast<const uint8_t*>(p.custom_mask)), offsets(static_cast<const int64_t*>(p.mask_offsets)) {}
+
+#if defined(__CUDACC__)
+  template <typename Tile>
+  __device__ __forceinline__ bool mask(int32_t q, int32_t kv, int32_t head, const Tile& w) const {
+    const int64_t bit = int64_t(q) * w.kv_len + kv;
+    return ((__ldg(bits + offsets[w.request] + (bit >> 3)) >> (bit & 7)) & 1) && Base::mask(q, kv, head, w);
+  }
+#endif
+};
+
 }  // namespace fij
