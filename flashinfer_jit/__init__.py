@@ -37,6 +37,7 @@ from .prefill import (
     single_prefill_with_kv_cache,
     single_prefill_with_kv_cache_return_lse,
 )
+from .rope import apply_rope, apply_rope_inplace, apply_rope_pos_ids, apply_rope_pos_ids_inplace
 from .variants import AttentionVariant
 from .version import __version__
 
@@ -67,6 +68,10 @@ __all__ = [
     "VariantCompileError",
     "__version__",
     "append_paged_kv_cache",
+    "apply_rope",
+    "apply_rope_inplace",
+    "apply_rope_pos_ids",
+    "apply_rope_pos_ids_inplace",
     "fast_decode_plan",
     "get_batch_indices_positions",
     "get_seq_lens",

@@ -107,10 +107,22 @@ class AppendParams(ctypes.Structure):
     ]
 
 
+# ---- the standalone RoPE ops (rope.cuh) --------------------------------------------------------
+
+class RopeParams(ctypes.Structure):
+    _fields_ = [
+        ("q", _ptr), ("k", _ptr), ("q_out", _ptr), ("k_out", _ptr), ("pos_ids", ctypes.POINTER(_i32)),
+        *_ints(_i64, "q_stride_n", "q_stride_h", "k_stride_n", "k_stride_h", "qo_stride_n", "qo_stride_h",
+               "ko_stride_n", "ko_stride_h", "nnz"),
+        *_ints(_i32, "num_q_heads", "num_k_heads", "rotary_dim"), ("rcp_scale", _f32), ("rcp_theta", _f32),
+    ]
+
+
 # The mirrors each kernel library's source checks (every struct it shares with the Python side).
 PREFILL_STRUCTS: tuple[type[ctypes.Structure], ...] = (
     WorkItem, MergeEntry, PlanConfig, PlanResult, UploadLayout, PlanCall, PageTableCheck, PrefillParams)
 PAGE_STRUCTS: tuple[type[ctypes.Structure], ...] = (AppendParams,)
+ROPE_STRUCTS: tuple[type[ctypes.Structure], ...] = (RopeParams,)
 
 
 # ---- compile-time checks -----------------------------------------------------------------------

@@ -353,7 +353,26 @@ class AppendPagedSpec(KernelSpec):
         return ctx
 
 
-FAMILIES: dict[str, type[KernelSpec]] = {cls.family: cls for cls in (MergeStateSpec, PrefillSpec, AppendPagedSpec)}
+@dataclass(frozen=True)
+class RopeSpec(KernelSpec):
+    """The standalone RoPE ops (rope.py: apply_rope*, apply_rope_pos_ids*) for one head_dim, dtype and
+    pairing (interleaved or rotate-half); rotary_dim, scale and theta are run-time values."""
+
+    family: ClassVar[str] = "rope"
+    templates: ClassVar[tuple[str, ...]] = ("rope.cu.jinja",)
+
+    head_dim: int = _uri_field("hd{}", HEAD_DIMS)
+    dtype: str = _uri_field("{}", tuple(DTYPES))
+    interleave: bool = _uri_field("interleave|halves", (False, True))
+
+    def template_context(self) -> dict[str, Any]:
+        ctx = super().template_context()
+        ctx["abi_structs"] = abi.layout_checks(*abi.ROPE_STRUCTS)
+        return ctx
+
+
+FAMILIES: dict[str, type[KernelSpec]] = {cls.family: cls for cls in (MergeStateSpec, PrefillSpec, AppendPagedSpec,
+                                                                      RopeSpec)}
 
 
 def spec_from_dict(data: dict[str, Any]) -> KernelSpec:

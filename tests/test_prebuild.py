@@ -72,10 +72,11 @@ def test_filters_narrow_each_family_that_has_the_field():
 def test_paged_layouts_share_one_variant_and_the_matrix_still_covers_every_wrapper_combination():
     """paged_nhd and paged_hnd render the same kernel (the page layout is a run-time stride), so the
     matrix has one paged variant where it had two: prefill 36 -> 24 per backend (fa2 and sm90: 48), all
-    families 60 -> 48 per backend (60 with both). Every (layout, head_dim, dtype, causal) a wrapper can
-    ask for, under either spelling, is still in it."""
+    families 72 (with merge_state's 6, append's 6 and rope's 12). Every (layout, head_dim, dtype, causal)
+    a wrapper can ask for, under either spelling, is still in it."""
     everything = prebuild.expand()
-    assert len(prebuild.expand(["prefill"])) == 48 and len(everything) == 60
+    assert len(prebuild.expand(["prefill"])) == 48 and len(everything) == 72
+    assert len(prebuild.expand(["rope"])) == 12
     assert len(prebuild.expand(["prefill"], {"backend": "sm90"})) == 24
     assert len(set(everything)) == len(everything)
     for layout, head_dim, dtype, causal in itertools.product(("ragged", "paged_nhd", "paged_hnd"), spec.HEAD_DIMS,
@@ -104,7 +105,7 @@ def test_family_aliases():
 
 
 @pytest.mark.parametrize("families, filters, message", [
-    (["attention"], {}, "unknown kernel family 'attention'; known: merge_state, prefill, append_paged, merge"),
+    (["attention"], {}, "unknown kernel family 'attention'; known: merge_state, prefill, append_paged, rope, merge"),
     (["prefill"], {"head_dim": "96"}, "--head-dim: '96' is not supported; supported: 64, 128, 256"),
     (["prefill"], {"causal": "maybe"}, "--causal: 'maybe' is not true or false"),
     (["prefill"], {"layout": "paged_xyz"},

@@ -1,0 +1,80 @@
+// Rotary position embedding (RoPE) with FlashInfer's semantics, for the standalone ops (rope.py:
+// apply_rope*, apply_rope_pos_ids*) and, next, the fused variant. Dims [0, rotary_dim) of every head
+// rotate by angle pos * freq(i), freq(i) = rcp_scale * rcp_theta^(2i / rotary_dim) for pair i;
+// non-interleaved pairs are (i, i + rotary_dim / 2) (rotate-half, Llama), interleaved ones (2i, 2i + 1)
+// (GPT-J). The math is float32; dims past rotary_dim are copied (out-of-place) or left (in place).
+#pragma once
+#include <stdint.h>
+
+#include "flashinfer_jit/common.cuh"
+
+namespace fij {
+
+// Mirrored by ctypes (flashinfer_jit/abi.py RopeParams); strides in elements.
+struct RopeParams {
+  const void* q;
+  const void* k;
+  void* q_out;  // == q for the in-place ops
+  void* k_out;
+  const int32_t* pos_ids;  // [nnz]
+  int64_t q_stride_n, q_stride_h, k_stride_n, k_stride_h;
+  int64_t qo_stride_n, qo_stride_h, ko_stride_n, ko_stride_h;
+  int64_t nnz;
+  int32_t num_q_heads, num_k_heads, rotary_dim;
+  float rcp_scale, rcp_theta;
+};
+
+constexpr int kRopeThreads = 128;
+
+__device__ __forceinline__ float rope_in(const half& x) { return __half2float(x); }
+__device__ __forceinline__ float rope_in(const __nv_bfloat16& x) { return __bfloat162float(x); }
+__device__ __forceinline__ void rope_out(half* to, float x) { *to = __float2half_rn(x); }
+__device__ __forceinline__ void rope_out(__nv_bfloat16* to, float x) { *to = __float2bfloat16_rn(x); }
+
+// cos / sin of a float32 angle: reduced by 2 pi in two parts first, so the fast __sincosf stays accurate
+// for the long positions a KV cache reaches (its own reduction loses digits past a few hundred radians).
+__device__ __forceinline__ void rope_sincos(float angle, float* s, float* c) {
+  const float k = rintf(angle * 0.15915494309189535f);
+  float r = fmaf(-k, 6.28318548202514648f, angle);
+  r = fmaf(-k, -1.7484556e-07f, r);
+  __sincosf(r, s, c);
+}
+
+template <typename T, int HEAD_DIM, bool INTERLEAVE>
+__global__ void __launch_bounds__(kRopeThreads) rope_kernel(const RopeParams p) {
+  const int64_t token = blockIdx.x;
+  const float pos = float(p.pos_ids[token]);
+  const int half = p.rotary_dim / 2;
+  const int heads = p.num_q_heads + p.num_k_heads;
+  // one thread per (head, pair) of rotated dims, then per copied dim
+  for (int e = threadIdx.x; e < heads * half; e += kRopeThreads) {
+    const int h = e / half, i = e % half;
+    const bool is_q = h < p.num_q_heads;
+    const int hh = is_q ? h : h - p.num_q_heads;
+    const T* in = static_cast<const T*>(is_q ? p.q : p.k) +
+                  token * (is_q ? p.q_stride_n : p.k_stride_n) + hh * (is_q ? p.q_stride_h : p.k_stride_h);
+    T* out = static_cast<T*>(is_q ? p.q_out : p.k_out) +
+             token * (is_q ? p.qo_stride_n : p.ko_stride_n) + hh * (is_q ? p.qo_stride_h : p.ko_stride_h);
+    const int a = INTERLEAVE ? 2 * i : i, b = INTERLEAVE ? 2 * i + 1 : i + half;
+    const float freq = p.rcp_scale * __powf(p.rcp_theta, float(2 * i) / float(p.rotary_dim));
+    float s, c;
+    rope_sincos(pos * freq, &s, &c);
+    const float x = rope_in(in[a]), y = rope_in(in[b]);
+    rope_out(out + a, x * c - y * s);
+    rope_out(out + b, y * c + x * s);
+  }
+  if (p.q_out == p.q && p.k_out == p.k) return;  // in place: the unrotated dims stay
+  const int rest = HEAD_DIM - p.rotary_dim;
+  for (int e = threadIdx.x; e < heads * rest; e += kRopeThreads) {
+    const int h = e / rest, d = p.rotary_dim + e % rest;
+    const bool is_q = h < p.num_q_heads;
+    const int hh = is_q ? h : h - p.num_q_heads;
+    const T* in = static_cast<const T*>(is_q ? p.q : p.k) +
+                  token * (is_q ? p.q_stride_n : p.k_stride_n) + hh * (is_q ? p.q_stride_h : p.k_stride_h);
+    T* out = static_cast<T*>(is_q ? p.q_out : p.k_out) +
+             token * (is_q ? p.qo_stride_n : p.ko_stride_n) + hh * (is_q ? p.qo_stride_h : p.ko_stride_h);
+    out[d] = in[d];
+  }
+}
+
+}  // namespace fij
