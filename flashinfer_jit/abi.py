@@ -88,9 +88,10 @@ class PrefillParams(ctypes.Structure):
         ("page_div_mul", _u32), ("page_div_shift", _i32),
         ("merge_counters", _ptr),
         *_ints(_i32, "page_row_shift", "page_row_mask"),  # set by the C launcher
-        ("window_left", _i32), ("soft_cap_pre_tanh", _f32),  # variants: sliding window, logits soft-cap
-        ("user_scalars", _f32 * 8), *[(f"user_tensor{i}", _ptr) for i in range(4)],  # user variants' parameters
+        *[(f"user_tensor{i}", _ptr) for i in range(4)],  # a user variant's per-head parameters
         ("custom_mask", _ptr), ("mask_offsets", _ptr),  # custom masks: packed bits, per-request byte offsets
+        ("soft_cap_pre_tanh", _f32), ("user_scalars", _f32 * 8),  # soft-cap; a user variant's scalars
+        ("window_left", _i32),  # the sliding window
     ]
 
 

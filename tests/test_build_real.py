@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import REAL_NVCC, requires_nvcc, run_loader, subprocess_env
-from flashinfer_jit import cache, loader, toolchain
+from flashinfer_jit import abi, cache, loader, toolchain
 from flashinfer_jit.spec import MergeStateSpec, PrefillSpec
 
 pytestmark = [pytest.mark.slow, requires_nvcc]
@@ -102,7 +102,8 @@ def _swapped(mirror: type, a: str, b: str) -> type:
      'static assertion failed with "fij::PrefillParams::v: offset is not 8'),
     # the last field missing: it sat in what the mirror sees as tail padding (the size still matches)
     ("PrefillParams", lambda m: _mirror(m.__name__, m._fields_[:-1]),
-     'static assertion failed with "fij::PrefillParams: the number of fields differs from its ctypes mirror (33'),
+     'static assertion failed with "fij::PrefillParams: the number of fields differs from its ctypes mirror '
+     f'({abi.layout_checks(abi.PrefillParams)[0]["slots"] - 1} scalars'),
     # a field retyped to another of the same size
     ("PlanConfig", lambda m: _mirror(m.__name__, [(n, ctypes.c_float if n == "cta_q" else t) for n, t in m._fields_]),
      'static assertion failed with "fij::PlanConfig::cta_q: not float'),

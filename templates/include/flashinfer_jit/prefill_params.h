@@ -43,18 +43,17 @@ struct PrefillParams {
   // pages after the tile's first, at (d & page_row_mask) past the tile's in-page position.
   int32_t page_row_shift;
   int32_t page_row_mask;
-  // Variants (variant.cuh): the sliding window's size (KeyRange), soft-capping's sm_scale / cap.
-  int32_t window_left;
-  float soft_cap_pre_tanh;
-  // A user variant's parameters (flashinfer_jit.AttentionVariant): scalars, and per-query-head float arrays.
-  float user_scalars[8];
+  // A user variant's per-query-head parameters (flashinfer_jit.AttentionVariant), and custom masks
+  // (variant.cuh WithCustomMask): packed bits and each request's first byte (int64).
   const void* user_tensor0;
   const void* user_tensor1;
   const void* user_tensor2;
   const void* user_tensor3;
-  // Custom masks (variant.cuh WithCustomMask): packed bits, and each request's first byte (int64).
   const void* custom_mask;
   const void* mask_offsets;
+  float soft_cap_pre_tanh;  // soft-capping: sm_scale / cap (scale_log2 then holds cap * log2(e))
+  float user_scalars[8];    // a user variant's scalar parameters
+  int32_t window_left;      // the sliding window's size (KeyRange); last: a missing mirror field shows as padding
 };
 
 }  // namespace fij
