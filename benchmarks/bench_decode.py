@@ -78,9 +78,7 @@ class DecodeWorkload:
 
     @property
     def variant(self) -> str:
-        parts = ([f"window_left {self.window_left}"] if self.window_left >= 0 else []) + (
-            [f"soft-cap {self.soft_cap:g}"] if self.soft_cap > 0 else [])
-        return ", ".join(parts)
+        return common.variant_label(self.window_left, self.soft_cap)
 
     @property
     def visible_kv(self) -> int:

@@ -61,9 +61,7 @@ class Workload:
 
     @property
     def variant(self) -> str:
-        parts = ([f"window_left {self.window_left}"] if self.window_left >= 0 else []) + (
-            [f"soft-cap {self.soft_cap:g}"] if self.soft_cap > 0 else [])
-        return ", ".join(parts)
+        return variant_label(self.window_left, self.soft_cap)
 
     @property
     def batch_size(self) -> int:
@@ -87,6 +85,13 @@ class Workload:
                 f"max q {max(self.q_lens)}, max kv {max(self.kv_lens)}, {'causal' if self.causal else 'non-causal'}, "
                 f"D={self.head_dim}, Hq={self.num_qo_heads}, Hkv={self.num_kv_heads}, {self.flops / 1e12:.3f} TFLOP"
                 + (f", {self.variant}" if self.variant else ""))
+
+
+def variant_label(window_left: int, soft_cap: float) -> str:
+    """'window_left 4096, soft-cap 50' for a variant workload, '' for plain attention."""
+    parts = ([f"window_left {window_left}"] if window_left >= 0 else []) + (
+        [f"soft-cap {soft_cap:g}"] if soft_cap > 0 else [])
+    return ", ".join(parts)
 
 
 def draw_lengths() -> dict[str, list[int]]:

@@ -40,6 +40,17 @@ __device__ __forceinline__ void rope_sincos(float angle, float* s, float* c) {
   __sincosf(r, s, c);
 }
 
+// Head h of the token: q's heads first, then k's; its input row and its output row.
+template <typename T>
+__device__ __forceinline__ void rope_rows(const RopeParams& p, int64_t token, int h, const T** in, T** out) {
+  const bool is_q = h < p.num_q_heads;
+  const int hh = is_q ? h : h - p.num_q_heads;
+  *in = static_cast<const T*>(is_q ? p.q : p.k) + token * (is_q ? p.q_stride_n : p.k_stride_n) +
+        hh * (is_q ? p.q_stride_h : p.k_stride_h);
+  *out = static_cast<T*>(is_q ? p.q_out : p.k_out) + token * (is_q ? p.qo_stride_n : p.ko_stride_n) +
+         hh * (is_q ? p.qo_stride_h : p.ko_stride_h);
+}
+
 template <typename T, int HEAD_DIM, bool INTERLEAVE>
 __global__ void __launch_bounds__(kRopeThreads) rope_kernel(const RopeParams p) {
   const int64_t token = blockIdx.x;
@@ -49,12 +60,9 @@ __global__ void __launch_bounds__(kRopeThreads) rope_kernel(const RopeParams p) 
   // one thread per (head, pair) of rotated dims, then per copied dim
   for (int e = threadIdx.x; e < heads * half; e += kRopeThreads) {
     const int h = e / half, i = e % half;
-    const bool is_q = h < p.num_q_heads;
-    const int hh = is_q ? h : h - p.num_q_heads;
-    const T* in = static_cast<const T*>(is_q ? p.q : p.k) +
-                  token * (is_q ? p.q_stride_n : p.k_stride_n) + hh * (is_q ? p.q_stride_h : p.k_stride_h);
-    T* out = static_cast<T*>(is_q ? p.q_out : p.k_out) +
-             token * (is_q ? p.qo_stride_n : p.ko_stride_n) + hh * (is_q ? p.qo_stride_h : p.ko_stride_h);
+    const T* in;
+    T* out;
+    rope_rows(p, token, h, &in, &out);
     const int a = INTERLEAVE ? 2 * i : i, b = INTERLEAVE ? 2 * i + 1 : i + half;
     const float freq = p.rcp_scale * __powf(p.rcp_theta, float(2 * i) / float(p.rotary_dim));
     float s, c;
@@ -67,12 +75,9 @@ __global__ void __launch_bounds__(kRopeThreads) rope_kernel(const RopeParams p) 
   const int rest = HEAD_DIM - p.rotary_dim;
   for (int e = threadIdx.x; e < heads * rest; e += kRopeThreads) {
     const int h = e / rest, d = p.rotary_dim + e % rest;
-    const bool is_q = h < p.num_q_heads;
-    const int hh = is_q ? h : h - p.num_q_heads;
-    const T* in = static_cast<const T*>(is_q ? p.q : p.k) +
-                  token * (is_q ? p.q_stride_n : p.k_stride_n) + hh * (is_q ? p.q_stride_h : p.k_stride_h);
-    T* out = static_cast<T*>(is_q ? p.q_out : p.k_out) +
-             token * (is_q ? p.qo_stride_n : p.ko_stride_n) + hh * (is_q ? p.qo_stride_h : p.ko_stride_h);
+    const T* in;
+    T* out;
+    rope_rows(p, token, h, &in, &out);
     out[d] = in[d];
   }
 }
