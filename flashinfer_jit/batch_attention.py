@@ -350,6 +350,8 @@ class _BatchAttention:
             raise TypeError(f"variant: expected a flashinfer_jit.AttentionVariant or None, got {type(custom).__name__}")
         if custom is not None and variant.soft_cap:
             raise ValueError("variant and logits_soft_cap do not combine: write the cap into the variant's score_mod")
+        if custom is not None:
+            custom.check(num_qo_heads, self._device, f"{type(self).__name__}.plan()")
         if variant.custom_mask:
             # Stricter than FlashInfer, which ignores causal=True under a custom mask, and whose CUDA-graph
             # plans copy the mask into fixed buffers (here the captured kernel would read a freed mask).

@@ -52,14 +52,10 @@ class AttentionVariant:
         return (f"AttentionVariant({self.code.name!r}, score_mod={self.code.score_mod!r}, "
                 f"mask_mod={self.code.mask_mod!r}, params={sorted(self.params)})")
 
-    def bind(self, params: Any, num_qo_heads: int, device: torch.device, where: str) -> list[torch.Tensor]:
-        """Write the parameter values into the launch params (abi.PrefillParams). Checks every tensor
-        before anything runs; returns the tensors, which the plan must keep alive."""
-        assert len(self.code.scalars) <= MAX_SCALAR_PARAMS and len(self.code.tensors) <= MAX_TENSOR_PARAMS
-        for i, k in enumerate(self.code.scalars):
-            params.user_scalars[i] = float(self.params[k])
-        kept = []
-        for i, k in enumerate(self.code.tensors):
+    def check(self, num_qo_heads: int, device: torch.device, where: str) -> None:
+        """Every tensor parameter: a contiguous 1-D float32 tensor on `device`, one value per query head
+        (plan() calls this before it loads a kernel)."""
+        for k in self.code.tensors:
             t = self.params[k]
             if t.dtype != torch.float32 or t.device != device or t.dim() != 1 or not t.is_contiguous():
                 raise ValueError(f"{where}: variant {self.name} parameter {k}: expected a contiguous 1-D float32 "
@@ -67,6 +63,17 @@ class AttentionVariant:
             if t.numel() < num_qo_heads:
                 raise ValueError(f"{where}: variant {self.name} parameter {k}: one value per query head needed "
                                  f"({num_qo_heads}), got {t.numel()}")
+
+    def bind(self, params: Any, num_qo_heads: int, device: torch.device, where: str) -> list[torch.Tensor]:
+        """Write the parameter values into the launch params (abi.PrefillParams), checked; returns the
+        tensors, which the plan must keep alive."""
+        assert len(self.code.scalars) <= MAX_SCALAR_PARAMS and len(self.code.tensors) <= MAX_TENSOR_PARAMS
+        self.check(num_qo_heads, device, where)
+        for i, k in enumerate(self.code.scalars):
+            params.user_scalars[i] = float(self.params[k])
+        kept = []
+        for i, k in enumerate(self.code.tensors):
+            t = self.params[k]
             setattr(params, f"user_tensor{i}", t.data_ptr())
             kept.append(t)
         return kept

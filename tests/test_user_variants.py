@@ -52,8 +52,8 @@ def test_the_snippet_is_rendered_into_the_kernel() -> None:
 def test_plan_selects_the_variants_kernel_and_binds_its_parameters(monkeypatch) -> None:
     import test_flashinfer_api as api  # its CPU stand-ins for CUDA tensors and the wrappers' arguments
 
-    slopes = torch.arange(8, dtype=torch.float32)
-    v = flashinfer_jit.AttentionVariant("alibi", **ALIBI, params={"slopes": slopes, "scale2": 0.25})
+    on_gpu = api.cl(8, dtype=torch.float32)  # a CPU tensor that says cuda:0, where the wrapper's workspace is
+    v = flashinfer_jit.AttentionVariant("alibi", **ALIBI, params={"slopes": on_gpu, "scale2": 0.25})
     loaded = []
 
     def record(spec, *args, **kwargs):
@@ -65,7 +65,17 @@ def test_plan_selects_the_variants_kernel_and_binds_its_parameters(monkeypatch) 
     with pytest.raises(api.ReachedKernel):
         api.ragged_plan(variant=v)(api.Args(real=True))
     assert [s.custom for s in loaded] == [v.code]
+    # a per-head tensor elsewhere than the wrapper's device, or too short: refused before any kernel
+    for bad, match in ((torch.arange(8, dtype=torch.float32), "float32 tensor on cuda"),
+                       (api.cl(4, dtype=torch.float32), "one value per query head")):
+        loaded.clear()
+        wrong = flashinfer_jit.AttentionVariant("alibi", **ALIBI, params={"slopes": bad, "scale2": 0.25})
+        with pytest.raises(ValueError, match=match):
+            api.ragged_plan(variant=wrong)(api.Args(real=True))
+        assert not loaded
     # the values go into the launch params (the tensor must live where the plan runs)
+    slopes = torch.arange(8, dtype=torch.float32)
+    v = flashinfer_jit.AttentionVariant("alibi", **ALIBI, params={"slopes": slopes, "scale2": 0.25})
     params = PrefillParams()
     kept = v.bind(params, num_qo_heads=8, device=torch.device("cpu"), where="test")
     assert params.user_tensor0 == slopes.data_ptr() and params.user_scalars[0] == 0.25 and kept == [slopes]
