@@ -9,9 +9,10 @@ verification) runs the same kernel with a causal mask inside each request's bloc
 tensor-core path does. See prefill.py for the checks and the stricter-than-FlashInfer rules.
 
 FlashInfer parameters are accepted by FlashInfer's names at FlashInfer's positions. A value that means
-"feature off" works; a value asking for a feature flashinfer-jit does not have (RoPE / ALiBi, sliding
-window, soft-capping, fp8 / NVFP4 KV and their scales, attention sinks, custom JIT variants) raises
-`NotSupportedError` (a ValueError) before any launch. `use_tensor_cores` may be True or False: the
+"feature off" works; a sliding window (window_left) and logit soft-capping (logits_soft_cap) are the
+prefill kernels' variants, chosen by plan() (forward() and run() cannot change them); a value asking for a
+feature flashinfer-jit does not have (RoPE / ALiBi, fp8 / NVFP4 KV and their scales, attention sinks,
+custom JIT variants) raises `NotSupportedError` (a ValueError) before any launch. `use_tensor_cores` may be True or False: the
 tensor-core kernel is always used, and both give the same result.
 
 Differences from FlashInfer, all on the side of accepting more:
