@@ -89,6 +89,9 @@ def _sample_reference(data: Data, seed: int) -> None:
     import random
 
     rng = random.Random(seed)
+    score_fn = mask_fn = None
+    if data.wl.snippet:
+        _, _, score_fn, mask_fn = common.snippet_variant(data.wl.snippet, data.q.device, data.wl.num_qo_heads)
     qo = data.qo_indptr.tolist()
     kv = data.kv_indptr.tolist()
     rows, refs = [], []
@@ -100,7 +103,8 @@ def _sample_reference(data: Data, seed: int) -> None:
         idx = torch.tensor(picks, dtype=torch.long, device=data.q.device)
         out, _ = reference.attention_ref(data.q[qo[i] + idx], data.k[kv[i]:kv[i + 1]], data.v[kv[i]:kv[i + 1]],
                                          data.wl.causal, data.scale, q_len=q_len, row_index=idx,
-                                         window_left=data.wl.window_left, logits_soft_cap=data.wl.soft_cap)
+                                         window_left=data.wl.window_left, logits_soft_cap=data.wl.soft_cap,
+                                         score_fn=score_fn, mask_fn=mask_fn, request=i)
         rows.append(idx + qo[i])
         refs.append(out)
     data.sample_rows = torch.cat(rows)
@@ -121,6 +125,15 @@ class Prepared:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def _user_variant(wl: common.Workload) -> dict[str, Any]:
+    """plan()'s variant= for a snippet workload (examples/custom_variants.py), else nothing."""
+    if not wl.snippet:
+        return {}
+    variant, causal, _, _ = common.snippet_variant(wl.snippet, torch.device("cuda"), wl.num_qo_heads)
+    assert causal == wl.causal, f"{wl.name}: the example's {wl.snippet} is {'causal' if causal else 'non-causal'}"
+    return {"variant": variant}
+
+
 def setup_flashinfer_jit(data: Data, backend: str = "auto") -> Prepared:
     import flashinfer_jit
 
@@ -129,7 +142,8 @@ def setup_flashinfer_jit(data: Data, backend: str = "auto") -> Prepared:
     wrapper = flashinfer_jit.BatchPrefillWithRaggedKVCacheWrapper(workspace, kv_layout="NHD", backend=backend)
     t0 = time.perf_counter()
     wrapper.plan(data.qo_indptr, data.kv_indptr, wl.num_qo_heads, wl.num_kv_heads, wl.head_dim, causal=wl.causal,
-                 q_data_type=common.DTYPE, window_left=wl.window_left, logits_soft_cap=wl.soft_cap)
+                 q_data_type=common.DTYPE, window_left=wl.window_left, logits_soft_cap=wl.soft_cap,
+                 **_user_variant(wl))
     plan_s = time.perf_counter() - t0
     out = torch.empty_like(data.q)
 
@@ -161,7 +175,7 @@ def setup_flashinfer_jit_paged(data: Data) -> Prepared:
     t0 = time.perf_counter()
     wrapper.plan(data.qo_indptr, table.indptr, table.indices, table.last_page_len, wl.num_qo_heads, wl.num_kv_heads,
                  wl.head_dim, PAGE_SIZE, causal=wl.causal, q_data_type=common.DTYPE, window_left=wl.window_left,
-                 logits_soft_cap=wl.soft_cap)
+                 logits_soft_cap=wl.soft_cap, **_user_variant(wl))
     plan_s = time.perf_counter() - t0
     out = torch.empty_like(data.q)
 
@@ -176,8 +190,8 @@ def setup_flashinfer_jit_paged(data: Data) -> Prepared:
 
 def setup_fa2_varlen(data: Data) -> Prepared:
     wl = data.wl
-    if wl.soft_cap > 0:
-        raise NotImplementedError("PyTorch's FA2 varlen op has no soft-cap")
+    if wl.soft_cap > 0 or wl.snippet:
+        raise NotImplementedError(f"PyTorch's FA2 varlen op has no {'soft-cap' if wl.soft_cap > 0 else 'score / mask mods'}")
     cu_q = data.qo_indptr.to("cuda")
     cu_k = data.kv_indptr.to("cuda")
     max_q, max_k = max(wl.q_lens), max(wl.kv_lens)
@@ -362,6 +376,25 @@ def setup_flex_docmask(data: Data) -> Prepared:
 
         def score_mod(score, b, h, q_idx, kv_idx):  # flex passes the scaled logit: cap * tanh(logit / cap)
             return cap * torch.tanh(score / cap)
+    # the user-defined variants of examples/custom_variants.py, written for FlexAttention
+    example = common.custom_variants() if wl.snippet else None
+    if wl.snippet == "alibi":
+        slopes = example.alibi_slopes(wl.num_qo_heads).to(dev)
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score - slopes[h] * (q_limit[q_idx] - kv_pos[kv_idx]).float()
+    elif wl.snippet == "sigmoid_score":
+        bias = example.BIAS
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return -torch.log1p(torch.exp(-score)) + bias
+    elif wl.snippet == "prefix_lm":
+        prefix = example.PREFIX
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return (q_doc[q_idx] == kv_doc[kv_idx]) & ((kv_pos[kv_idx] < prefix) | (kv_pos[kv_idx] <= q_limit[q_idx]))
+    elif wl.snippet:
+        raise NotImplementedError(f"no FlexAttention form of the snippet {wl.snippet!r} here")
 
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -607,7 +640,7 @@ def main(argv=None) -> int:
         torch.cuda.empty_cache()
         save()
 
-    payload["variants"] = _variant_ratios(payload["rows"])
+    payload["variants"] = _variant_ratios(payload["rows"], selected)
     payload["elapsed_s"] = round(time.perf_counter() - start, 1)
     save()
     print_table(payload["rows"])
@@ -621,18 +654,22 @@ def main(argv=None) -> int:
     return 0
 
 
-def _variant_ratios(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """For each variant workload (a *_softcap* / *_window* name): our TFLOP/s over our plain kernel's on
-    the workload it extends (issue #12: the soft-cap within 5% of it) and over FlexAttention's on the
-    same rows (faster than FlexAttention on every row)."""
+def _variant_ratios(rows: list[dict[str, Any]], workloads: list[common.Workload]) -> dict[str, dict[str, Any]]:
+    """For each variant workload (window, soft-cap, user snippet): our TFLOP/s over our plain kernel's
+    on the workload with the same batch and no variant (issue #12: the soft-cap within 5% of it) and
+    over FlexAttention's on the same rows (faster than FlexAttention on every row)."""
     tflops = {(r["workload"], r["impl"]): r.get("tflops") for r in rows}
     ratios = {}
-    for (name, impl), ours in tflops.items():
-        if impl != "flashinfer_jit" or not ours or ("_softcap" not in name and "_window" not in name):
+    for wl in workloads:
+        ours = tflops.get((wl.name, "flashinfer_jit"))
+        if not wl.variant or not ours:
             continue
-        plain = tflops.get((name.split("_softcap")[0].split("_window")[0], "flashinfer_jit"))
-        flex = tflops.get((name, "flex_docmask"))
-        ratios[name] = {"vs_plain": ours / plain if plain else None, "vs_flex": ours / flex if flex else None}
+        base = next((b.name for b in workloads if not b.variant and (b.q_lens, b.kv_lens, b.causal, b.head_dim)
+                     == (wl.q_lens, wl.kv_lens, wl.causal, wl.head_dim)), None)
+        plain = tflops.get((base, "flashinfer_jit"))
+        flex = tflops.get((wl.name, "flex_docmask"))
+        ratios[wl.name] = {"vs_plain": ours / plain if plain else None, "vs_flex": ours / flex if flex else None,
+                           "plain": base}
     return ratios
 
 

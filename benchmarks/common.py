@@ -17,6 +17,7 @@ q * k - q * (q - 1) / 2 for q <= k.
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import math
 import os
@@ -58,10 +59,12 @@ class Workload:
     num_kv_heads: int = NUM_KV_HEADS
     window_left: int = -1     # attention variants (issue #12): a sliding window, FlashInfer's window_left
     soft_cap: float = 0.0     # logits_soft_cap
+    snippet: str = ""         # a user variant of examples/custom_variants.py, by name
 
     @property
     def variant(self) -> str:
-        return variant_label(self.window_left, self.soft_cap)
+        label = variant_label(self.window_left, self.soft_cap)
+        return ", ".join(p for p in (label, f"snippet {self.snippet}" if self.snippet else "") if p)
 
     @property
     def batch_size(self) -> int:
@@ -77,6 +80,10 @@ class Workload:
 
     @property
     def flops(self) -> int:
+        if self.snippet == "prefix_lm":  # keys [0, max(p + 1, PREFIX)) of each row at position p
+            prefix = custom_variants().PREFIX
+            pairs = sum(min(k, max(k - q + i + 1, prefix)) for q, k in zip(self.q_lens, self.kv_lens) for i in range(q))
+            return 4 * self.head_dim * self.num_qo_heads * pairs
         return attention_flops(self.q_lens, self.kv_lens, self.causal, self.head_dim, self.num_qo_heads,
                                self.window_left)
 
@@ -85,6 +92,26 @@ class Workload:
                 f"max q {max(self.q_lens)}, max kv {max(self.kv_lens)}, {'causal' if self.causal else 'non-causal'}, "
                 f"D={self.head_dim}, Hq={self.num_qo_heads}, Hkv={self.num_kv_heads}, {self.flops / 1e12:.3f} TFLOP"
                 + (f", {self.variant}" if self.variant else ""))
+
+
+@functools.lru_cache(maxsize=1)
+def custom_variants():
+    """examples/custom_variants.py as a module (its user-defined variants are bench rows too)."""
+    import importlib.util
+
+    path = REPO / "examples" / "custom_variants.py"
+    spec = importlib.util.spec_from_file_location("custom_variants", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def snippet_variant(name: str, device: torch.device, num_qo_heads: int):
+    """(AttentionVariant, causal, score_fn, mask_fn) of the example variant `name`."""
+    for variant, causal, score_fn, mask_fn in custom_variants().variants(device, num_qo_heads):
+        if variant.name == name:
+            return variant, causal, score_fn, mask_fn
+    raise KeyError(f"no user variant {name!r} in examples/custom_variants.py")
 
 
 def variant_label(window_left: int, soft_cap: float) -> str:
@@ -127,6 +154,10 @@ def workloads() -> list[Workload]:
         Workload("chat16_causal_hd128_softcap50", chat, chat, True, 128, soft_cap=50.0),
         Workload("chat16_causal_hd128_window4096", chat, chat, True, 128, window_left=4096),
         Workload("long1+short31_causal_hd128_window4096", mix, mix, True, 128, window_left=4096),
+        # user-defined variants (examples/custom_variants.py) against FlexAttention's same score / mask
+        Workload("chat16_causal_hd128_alibi", chat, chat, True, 128, snippet="alibi"),
+        Workload("chat16_full_hd128_prefix_lm", chat, chat, False, 128, snippet="prefix_lm"),
+        Workload("chat16_causal_hd128_sigmoid", chat, chat, True, 128, snippet="sigmoid_score"),
     ]
 
 

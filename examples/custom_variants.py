@@ -27,6 +27,7 @@ import flashinfer_jit  # noqa: E402
 
 SEQ_LENS = [37, 1, 200, 129, 64, 300]  # ragged: not tile multiples, a length-1 request
 NUM_QO_HEADS, NUM_KV_HEADS, HEAD_DIM = 16, 4, 128
+PREFIX, BIAS = 48, 0.5  # the prefix-LM's shared prefix; the sigmoid score's bias
 
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:
@@ -34,10 +35,12 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
     return torch.tensor([2.0 ** (-8.0 * (h + 1) / num_heads) for h in range(num_heads)], dtype=torch.float32)
 
 
-def variants(device: torch.device) -> list[tuple[flashinfer_jit.AttentionVariant, bool, object, object]]:
-    """(variant, causal, score_fn, mask_fn) for tests/reference.py's attention_ref."""
-    slopes = alibi_slopes(NUM_QO_HEADS).to(device)
-    prefix, bias = 48, 0.5
+def variants(device: torch.device, num_qo_heads: int = NUM_QO_HEADS
+             ) -> list[tuple[flashinfer_jit.AttentionVariant, bool, object, object]]:
+    """(variant, causal, score_fn, mask_fn) for tests/reference.py's attention_ref (also used by
+    benchmarks/bench_prefill.py's snippet rows)."""
+    slopes = alibi_slopes(num_qo_heads).to(device)
+    prefix, bias = PREFIX, BIAS
     alibi = flashinfer_jit.AttentionVariant(
         "alibi", score_mod="score - slopes[head] * float(q_pos - kv_idx)", params={"slopes": slopes})
     prefix_lm = flashinfer_jit.AttentionVariant(
