@@ -35,6 +35,7 @@ import torch
 from . import options, validate
 from .errors import NotSupportedError
 from .kernels import select_backend
+from .variants import AttentionVariant
 from .page import get_seq_lens
 from .prefill import BatchPrefillWithPagedKVCacheWrapper, single_prefill_with_kv_cache
 
@@ -173,6 +174,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
         self._window_right = 0
         self._logits_soft_cap = 0.0
         self._variant = options.PLAIN  # the plan's window and soft-cap
+        self._custom: Optional[AttentionVariant] = None  # the plan's user-defined variant
         self._sm_scale: Optional[float] = None
         self._rope_scale: Optional[float] = None
         self._rope_theta: Optional[float] = None
@@ -215,9 +217,12 @@ class BatchDecodeWithPagedKVCacheWrapper:
              rope_theta: Optional[float] = None, non_blocking: bool = True,
              block_tables: Optional[torch.Tensor] = None, seq_lens: Optional[torch.Tensor] = None,
              fixed_split_size: Optional[int] = None, disable_split_kv: bool = False, q_len_per_req: int = 1,
-             *, window_right: int = 0, is_causal: Optional[bool] = None) -> None:
+             *, window_right: int = 0, is_causal: Optional[bool] = None,
+             variant: Optional[AttentionVariant] = None) -> None:
         """Plan a decode batch over a page table: indptr [batch + 1], indices, last_page_len [batch], all
-        int32 (CPU tensors: no device synchronization; CUDA tensors cost one copy each).
+        int32 (CPU tensors: no device synchronization; CUDA tensors cost one copy each). variant=
+        (keyword only, flashinfer-jit's): a user-defined flashinfer_jit.AttentionVariant, kept by the
+        re-plans that follow (fast_decode_plan, the cached module's plan) until the next plan().
 
         The parameters are FlashInfer's, at FlashInfer's positions. q_data_type None means the KV dtype
         (else float16). rope_scale / rope_theta only matter with RoPE (not implemented: ignored with
@@ -232,7 +237,8 @@ class BatchDecodeWithPagedKVCacheWrapper:
         self._plan_impl(indptr, indices, last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size,
                         pos_encoding_mode, window_left, logits_soft_cap, q_data_type, kv_data_type, o_data_type,
                         data_type, sm_scale, rope_scale, rope_theta, fixed_split_size, disable_split_kv,
-                        q_len_per_req, window_right, "BatchDecodeWithPagedKVCacheWrapper.plan()", is_causal)
+                        q_len_per_req, window_right, "BatchDecodeWithPagedKVCacheWrapper.plan()", is_causal,
+                        custom=variant)
 
     begin_forward = plan
 
@@ -241,7 +247,8 @@ class BatchDecodeWithPagedKVCacheWrapper:
                    q_data_type: _DTypeArg, kv_data_type: _DTypeArg, o_data_type: _DTypeArg, data_type: _DTypeArg,
                    sm_scale: Optional[float], rope_scale: Optional[float], rope_theta: Optional[float],
                    fixed_split_size: Optional[int], disable_split_kv: bool, q_len_per_req: Any,
-                   window_right: Any, where: str, is_causal: Optional[bool] = None) -> None:
+                   window_right: Any, where: str, is_causal: Optional[bool] = None,
+                   custom: Optional[AttentionVariant] = None) -> None:
         options.pos_encoding_mode(where, pos_encoding_mode)
         options.off_value(where, "window_right", window_right, 0,
                           supported="0 (a right window bound is not implemented)")
@@ -294,13 +301,13 @@ class BatchDecodeWithPagedKVCacheWrapper:
         self._inner.plan(qo, indptr_h, indices_h, last_h, num_qo_heads, num_kv_heads, head_dim, page_size,
                          causal=causal, sm_scale=sm_scale, q_data_type=q_dtype, kv_data_type=kv_dtype,
                          fixed_split_size=split, disable_split_kv=bool(disable_split_kv),
-                         window_left=variant.window_left, logits_soft_cap=variant.logits_soft_cap)
+                         window_left=variant.window_left, logits_soft_cap=variant.logits_soft_cap, variant=custom)
         self._qo_indptr_host = qo
         self._cached_q_data_type, self._cached_kv_data_type, self._cached_o_data_type = q_dtype, kv_dtype, q_dtype
         self._pos_encoding_mode = "NONE"
         self._window_left, self._window_right = variant.window_left, 0
         self._logits_soft_cap = variant.logits_soft_cap
-        self._variant = variant
+        self._variant, self._custom = variant, custom
         self._sm_scale, self._rope_scale, self._rope_theta = sm_scale, rope_scale, rope_theta
         self._q_len_per_req, self._causal = q_len_per_req, causal
         self._batch_size, self._total_q, self._head_dim = batch, batch * q_len_per_req, head_dim
@@ -341,7 +348,7 @@ class BatchDecodeWithPagedKVCacheWrapper:
         self._plan_impl(indptr_h, indices_h, last, num_qo_heads, num_kv_heads, head_dim, page_size, "NONE",
                         window_left, self._logits_soft_cap, self._cached_q_data_type, self._cached_kv_data_type,
                         None, None, self._sm_scale, self._rope_scale, self._rope_theta, fixed_split_size,
-                        disable_split_kv, q_len, 0, where)
+                        disable_split_kv, q_len, 0, where, custom=self._custom)
 
     # ---- run -------------------------------------------------------------------------------------
 
@@ -475,7 +482,8 @@ def fast_decode_plan(self: BatchDecodeWithPagedKVCacheWrapper, indptr: torch.Ten
         last = last_page_len
     self._plan_impl(indptr_h, indices, last, num_qo_heads, num_kv_heads, head_dim, page_size, pos_encoding_mode,
                     window_left, logits_soft_cap, q_data_type, kv_data_type, None, data_type, sm_scale, rope_scale,
-                    rope_theta, fixed_split_size, disable_split_kv, q_len_per_req, 0, "fast_decode_plan()")
+                    rope_theta, fixed_split_size, disable_split_kv, q_len_per_req, 0, "fast_decode_plan()",
+                    custom=self._custom)
 
 
 def single_decode_with_kv_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layout: str = "NHD",

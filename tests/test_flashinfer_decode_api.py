@@ -368,6 +368,21 @@ def test_decode_plan_with_a_variant_loads_its_kernel(kw: dict, switches: tuple, 
     assert [(s.kv_layout, s.sliding_window, s.soft_cap) for s in loaded] == [("paged", *switches)]
 
 
+def test_decode_plan_with_a_user_variant_loads_its_kernel(monkeypatch) -> None:
+    """plan(variant=) (flashinfer-jit's keyword) on decode: the user variant's paged kernel."""
+    v = flashinfer_jit.AttentionVariant("temp", score_mod="score * t", params={"t": 0.5})
+    loaded = []
+
+    def record(spec, *args, **kwargs):
+        loaded.append(spec)
+        raise RuntimeError("reached the kernel")
+
+    monkeypatch.setattr(loader, "load", record)
+    with pytest.raises(RuntimeError, match="reached the kernel"):
+        decode_plan_call(variant=v)()
+    assert [(s.kv_layout, s.custom) for s in loaded] == [("paged", v.code)]
+
+
 def test_decode_run_window_must_be_the_plans(no_kernels) -> None:
     with pytest.raises(ValueError, match="window_left=64 differs from plan"):
         decode_wrapper().run(cuda_zeros(3, HQ, HD), cuda_zeros(6, 2, PS, HKV, HD), window_left=64)

@@ -286,3 +286,17 @@ def test_custom_mask_ragged_and_paged(head_dim: int, packed: bool) -> None:
     out, lse = _poisoned(b.total_q, 16, head_dim, torch.bfloat16)
     paged.run(b.q, b.cache, out=out, lse=lse, return_lse=True)
     ref.check_attention(out, ref_out, torch.bfloat16, f"paged custom mask ({paged.backend})", lse, ref_lse)
+
+
+def test_decode_with_a_user_variant() -> None:
+    kv_lens = [1, 17, 300, 1000]
+    b = ref.make_paged_batch([1] * len(kv_lens), kv_lens, 8, 2, 128, torch.bfloat16, DEVICE, "NHD", 16, seed=8)
+    w = flashinfer_jit.BatchDecodeWithPagedKVCacheWrapper(torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=DEVICE))
+    t = b.table
+    bias = flashinfer_jit.AttentionVariant("recency", score_mod="score - 0.01f * float(q_pos - kv_idx)")
+    w.plan(t.indptr, t.indices, t.last_page_len, 8, 2, 128, 16, q_data_type=torch.bfloat16, variant=bias)
+    out = w.run(b.q, b.cache)
+    k, v = b.gathered()
+    ref_out, _ = ref.ragged_attention_ref(b.q, k, v, b.qo_indptr, b.kv_indptr, False,
+                                          score_fn=lambda s, qi, ki, h, qp, r: s - 0.01 * (qp - ki).float())
+    ref.check_attention(out, ref_out, torch.bfloat16, "decode with a user variant")
