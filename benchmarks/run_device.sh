@@ -50,7 +50,7 @@ BUDGET_S=${BUDGET_S:-540}
 ALL_STEPS=(measure build tests tests_fa2 bench bench_decode sanitizer)
 # Defaults add up to more than the budget on purpose: step_timeout() shrinks a step's timeout so every
 # later wanted step keeps its minimum, and fast steps leave their unused time to the later ones.
-declare -A DEFAULT_T=([measure]=120 [build]=180 [tests]=220 [tests_fa2]=120 [bench]=150 [bench_decode]=100
+declare -A DEFAULT_T=([measure]=120 [build]=240 [tests]=220 [tests_fa2]=120 [bench]=150 [bench_decode]=100
                    [sanitizer]=150)
 declare -A MIN_T=([measure]=45 [build]=60 [tests]=90 [tests_fa2]=45 [bench]=60 [bench_decode]=45 [sanitizer]=60)
 
@@ -84,6 +84,15 @@ from flashinfer_jit.spec import PrefillSpec
 VARIANTS = [PrefillSpec(layout, 128, dtype, causal, backend=backend, sliding_window=window, soft_cap=cap)
             for layout in ("ragged", "paged") for dtype in ("bf16", "fp16") for causal in (False, True)
             for backend in ("fa2", "sm90") for window, cap in ((True, False), (False, True), (True, True))]
+# Positional encodings (tests/test_variants_gpu.py): fused RoPE (fa2 only) and ALiBi (both backends).
+VARIANTS += [PrefillSpec(layout, d, dtype, causal, rope=True)
+             for layout in ("ragged", "paged") for dtype in ("bf16", "fp16") for causal in (False, True)
+             for d in (64, 128, 256)]
+VARIANTS += [PrefillSpec("paged", 128, "fp16", True, rope=True, sliding_window=True, soft_cap=True)]
+VARIANTS += [PrefillSpec(layout, d, dtype, causal, backend=backend, alibi=True, sliding_window=window)
+             for layout, dtype, window in (("ragged", "bf16", False), ("paged", "fp16", True), ("paged", "bf16", False))
+             for d in (64, 128, 256) for causal in (False, True) for backend in ("fa2", "sm90")
+             if layout == "ragged" or d == 128]
 
 def all_specs(families=None):
     specs = [s for cls in FAMILIES.values() for s in cls.supported()] + VARIANTS
@@ -93,7 +102,7 @@ def all_specs(families=None):
 
 mb.test_specs = all_specs
 print(f"build: {len(all_specs())} specs (every supported spec of {', '.join(FAMILIES)}, and {len(VARIANTS)} "
-      f"attention variants at hd128)", flush=True)
+      f"attention variants)", flush=True)
 code = mb.main()
 sys.stdout.flush()
 sys.stderr.flush()

@@ -145,20 +145,20 @@ def resolve_head_dim(where: str, head_dim_qk: Optional[int], head_dim: Optional[
 def check_plan_options(where: str, *, custom_mask: Any = None, packed_custom_mask: Any = None,
                        pos_encoding_mode: Any = "NONE", use_fp16_qk_reduction: Any = False, window_left: Any = -1,
                        logits_soft_cap: Any = None, prefix_len_ptr: Any = None, token_pos_in_items_ptr: Any = None,
-                       max_item_len_ptr: Any = None) -> options.VariantOptions:
-    """FlashInfer plan() options that change the result. The sliding window, the logits soft-cap and
-    whether a custom mask is given are parsed into the plan's variant (options.attention_variant: bad
-    values raise ValueError; the mask tensors are checked by _plan, masks.py); the others must be off
-    (NotSupportedError otherwise).
+                       max_item_len_ptr: Any = None, rope_scale: Any = None,
+                       rope_theta: Any = None) -> options.VariantOptions:
+    """FlashInfer plan() options that change the result. The sliding window, the logits soft-cap, the
+    positional encoding (fused RoPE with rope_scale / rope_theta, ALiBi) and whether a custom mask is given
+    are parsed into the plan's variant (options.attention_variant: bad values raise ValueError; the mask
+    tensors are checked by _plan, masks.py); the others must be off (NotSupportedError otherwise).
 
-    The others are accepted as FlashInfer's fa2 path treats them: rope_scale / rope_theta only act with RoPE
-    (off); non_blocking, token_pos_in_items_len (without token_pos_in_items_ptr), max_token_per_sequence,
+    The others are accepted as FlashInfer's fa2 path treats them: non_blocking, token_pos_in_items_len (without token_pos_in_items_ptr), max_token_per_sequence,
     max_sequence_kv, seq_lens_q and block_tables only matter to other backends or to performance."""
-    options.standard_attention(where, pos_encoding_mode=pos_encoding_mode, use_fp16_qk_reduction=use_fp16_qk_reduction)
+    options.no_fp16_qk_reduction(where, use_fp16_qk_reduction)
     options.no_tensor(where, "prefix_len_ptr", prefix_len_ptr, "multi-item scoring")
     options.no_tensor(where, "token_pos_in_items_ptr", token_pos_in_items_ptr, "multi-item scoring")
     options.no_tensor(where, "max_item_len_ptr", max_item_len_ptr, "multi-item scoring")
-    parsed = options.attention_variant(where, window_left, logits_soft_cap)
+    parsed = options.attention_variant(where, window_left, logits_soft_cap, pos_encoding_mode, rope_scale, rope_theta)
     has_mask = custom_mask is not None or packed_custom_mask is not None
     return dataclasses.replace(parsed, custom_mask=has_mask) if has_mask else parsed
 
@@ -295,12 +295,12 @@ class _BatchAttention:
         them, so they apply from this call on. A feature we lack raises NotSupportedError; sm_scale is
         updated in place; a different `causal` re-plans from the last plan()'s arguments (its CPU index
         tensors are read again), which cannot happen during CUDA graph capture (ValueError)."""
-        options.standard_attention(where, pos_encoding_mode=pos_encoding_mode,
-                                   use_fp16_qk_reduction=use_fp16_qk_reduction)
+        options.no_fp16_qk_reduction(where, use_fp16_qk_reduction)
         if self._state is None or self._plan_args is None:
             raise RuntimeError(f"{where} called before plan()")
         planned = self._plan_args["variant"]
-        options.same_variant(where, options.attention_variant(where, window_left, logits_soft_cap), planned)
+        options.same_variant(where, options.attention_variant(where, window_left, logits_soft_cap, pos_encoding_mode,
+                                                              rope_scale, rope_theta), planned)
         if bool(causal) != self._causal:
             if torch.cuda.is_current_stream_capturing():
                 raise ValueError(
@@ -330,9 +330,11 @@ class _BatchAttention:
         # A CUDA-graph wrapper keeps its first plan's kernel family: a captured graph replays that kernel.
         choice = self._graph_backend or self._backend_choice
         backend = resolve_backend(choice, self._device, layout, group, f"{type(self).__name__}.plan()",
-                                  self._graph_backend or self._backend_requested, page_size, rows_per_request)
+                                  self._graph_backend or self._backend_requested, page_size, rows_per_request,
+                                  rope=variant.rope)
         return prefill_kernel(backend, layout, head_dim, dtype, bool(causal), sliding_window=variant.sliding_window,
-                              soft_cap=variant.soft_cap, custom_mask=variant.custom_mask,
+                              soft_cap=variant.soft_cap, custom_mask=variant.custom_mask, rope=variant.rope,
+                              alibi=variant.alibi,
                               custom=custom.code if custom is not None else None)
 
     def _plan(self, layout: str, qo_host: torch.Tensor, kv_lens_indptr: torch.Tensor,
@@ -350,6 +352,9 @@ class _BatchAttention:
             raise TypeError(f"variant: expected a flashinfer_jit.AttentionVariant or None, got {type(custom).__name__}")
         if custom is not None and variant.soft_cap:
             raise ValueError("variant and logits_soft_cap do not combine: write the cap into the variant's score_mod")
+        if custom is not None and variant.alibi:
+            raise ValueError("variant and pos_encoding_mode='ALIBI' do not combine: write the bias into the variant's "
+                             "score_mod (examples/custom_variants.py has one)")
         if custom is not None:
             custom.check(num_qo_heads, self._device, f"{type(self).__name__}.plan()")
         if variant.custom_mask:
@@ -375,12 +380,15 @@ class _BatchAttention:
                          disable_split_kv=disable_split_kv, pages=pages, variant=variant, custom=custom, mask=mask)
 
         def kernel_choice(v: options.VariantOptions, c: Optional[AttentionVariant]) -> tuple:
-            return v.sliding_window, v.soft_cap, v.custom_mask, c.code if c is not None else None
+            # (the RoPE table's values too: a captured graph keeps reading the first plan's table)
+            return (v.sliding_window, v.soft_cap, v.custom_mask, v.pos_encoding, v.rope_scale, v.rope_theta,
+                    c.code if c is not None else None)
 
         if (self._use_cuda_graph and self._plan_args is not None
                 and kernel_choice(self._plan_args["variant"], self._plan_args["custom"]) != kernel_choice(variant, custom)):
             raise ValueError(f"{type(self).__name__}.plan(): a CUDA-graph wrapper keeps its first plan's kernel (a "
-                             f"captured graph replays it); window_left / logits_soft_cap / variant switch another "
+                             f"captured graph replays it); window_left / logits_soft_cap / pos_encoding_mode / "
+                             f"rope_scale / rope_theta / variant switch another "
                              f"kernel in here: use a separate wrapper")
         batch = qo_host.numel() - 1
         total_q = _host_int(qo_host, batch)
@@ -462,6 +470,10 @@ class _BatchAttention:
         params.window_left = variant.window_left
         self._variant_tensors = custom.bind(params, num_qo_heads, self._device, f"{type(self).__name__}.plan()") \
             if custom is not None else []
+        if variant.rope:
+            params.rope_freqs = options.rope_frequencies(head_dim, variant, self._device).data_ptr()
+        if variant.alibi:
+            params.alibi_slopes_log2 = options.alibi_slopes_log2(num_qo_heads, self._device).data_ptr()
         if packed_mask is not None:
             packed_mask = packed_mask.to(self._device)
             params.custom_mask, params.mask_offsets = packed_mask.bits.data_ptr(), packed_mask.offsets.data_ptr()

@@ -9,9 +9,10 @@ verification) runs the same kernel with a causal mask inside each request's bloc
 tensor-core path does. See prefill.py for the checks and the stricter-than-FlashInfer rules.
 
 FlashInfer parameters are accepted by FlashInfer's names at FlashInfer's positions. A value that means
-"feature off" works; a sliding window (window_left) and logit soft-capping (logits_soft_cap) are the
-prefill kernels' variants, chosen by plan() (forward() and run() cannot change them); a value asking for a
-feature flashinfer-jit does not have (RoPE / ALiBi, fp8 / NVFP4 KV and their scales, attention sinks,
+"feature off" works; a sliding window (window_left), logit soft-capping (logits_soft_cap) and
+pos_encoding_mode "ROPE_LLAMA" (fused RoPE, with rope_scale / rope_theta) or "ALIBI" are the prefill
+kernels' variants, chosen by plan() (forward() and run() cannot change them; prefill.py has their
+semantics); a value asking for a feature flashinfer-jit does not have (fp8 / NVFP4 KV and their scales, attention sinks,
 custom JIT variants) raises `NotSupportedError` (a ValueError) before any launch. `use_tensor_cores` may be True or False: the
 tensor-core kernel is always used, and both give the same result.
 
@@ -225,8 +226,8 @@ class BatchDecodeWithPagedKVCacheWrapper:
         re-plans that follow (fast_decode_plan, the cached module's plan) until the next plan().
 
         The parameters are FlashInfer's, at FlashInfer's positions. q_data_type None means the KV dtype
-        (else float16). rope_scale / rope_theta only matter with RoPE (not implemented: ignored with
-        pos_encoding_mode "NONE"); non_blocking, block_tables (TensorRT-LLM backend only) and seq_lens
+        (else float16). pos_encoding_mode "ROPE_LLAMA" rotates q and k in the kernel (a decode query's
+        position is kv_len - 1) by rope_scale / rope_theta, which only matter with it; non_blocking, block_tables (TensorRT-LLM backend only) and seq_lens
         (a planning hint, equal to the page table's lengths) do not change the result and are not read.
         q_len_per_req > 1: q holds q_len_per_req tokens per request, by default causal within the request
         (as in FlashInfer: needs use_tensor_cores=True and kv_len >= q_len_per_req); is_causal=False makes
@@ -249,10 +250,9 @@ class BatchDecodeWithPagedKVCacheWrapper:
                    fixed_split_size: Optional[int], disable_split_kv: bool, q_len_per_req: Any,
                    window_right: Any, where: str, is_causal: Optional[bool] = None,
                    custom: Optional[AttentionVariant] = None) -> None:
-        options.pos_encoding_mode(where, pos_encoding_mode)
         options.off_value(where, "window_right", window_right, 0,
                           supported="0 (a right window bound is not implemented)")
-        variant = options.attention_variant(where, window_left, logits_soft_cap)
+        variant = options.attention_variant(where, window_left, logits_soft_cap, pos_encoding_mode, rope_scale, rope_theta)
         q_dtype, kv_dtype = resolve_dtypes(where, q_data_type, kv_data_type, data_type)
         options.dtype_like(where, "o_data_type", o_data_type, q_dtype)
         if isinstance(q_len_per_req, bool) or not isinstance(q_len_per_req, int) or q_len_per_req < 1:
@@ -301,10 +301,12 @@ class BatchDecodeWithPagedKVCacheWrapper:
         self._inner.plan(qo, indptr_h, indices_h, last_h, num_qo_heads, num_kv_heads, head_dim, page_size,
                          causal=causal, sm_scale=sm_scale, q_data_type=q_dtype, kv_data_type=kv_dtype,
                          fixed_split_size=split, disable_split_kv=bool(disable_split_kv),
-                         window_left=variant.window_left, logits_soft_cap=variant.logits_soft_cap, variant=custom)
+                         window_left=variant.window_left, logits_soft_cap=variant.logits_soft_cap,
+                         pos_encoding_mode=variant.pos_encoding, rope_scale=variant.rope_scale,
+                         rope_theta=variant.rope_theta, variant=custom)
         self._qo_indptr_host = qo
         self._cached_q_data_type, self._cached_kv_data_type, self._cached_o_data_type = q_dtype, kv_dtype, q_dtype
-        self._pos_encoding_mode = "NONE"
+        self._pos_encoding_mode = variant.pos_encoding
         self._window_left, self._window_right = variant.window_left, 0
         self._logits_soft_cap = variant.logits_soft_cap
         self._variant, self._custom = variant, custom
@@ -345,7 +347,8 @@ class BatchDecodeWithPagedKVCacheWrapper:
         if not isinstance(source, torch.Tensor):
             raise RuntimeError(f"{where}: needs the paged_kv_indices_buffer given to the constructor")
         indices_h = host_int32("paged_kv_indices_buffer", source[: int(indptr_h[-1])])
-        self._plan_impl(indptr_h, indices_h, last, num_qo_heads, num_kv_heads, head_dim, page_size, "NONE",
+        self._plan_impl(indptr_h, indices_h, last, num_qo_heads, num_kv_heads, head_dim, page_size,
+                        self._pos_encoding_mode,
                         window_left, self._logits_soft_cap, self._cached_q_data_type, self._cached_kv_data_type,
                         None, None, self._sm_scale, self._rope_scale, self._rope_theta, fixed_split_size,
                         disable_split_kv, q_len, 0, where, custom=self._custom)
@@ -425,11 +428,11 @@ class BatchDecodeWithPagedKVCacheWrapper:
 
     def _apply_forward_options(self, where: str, pos_encoding_mode: Any, window_left: Any, logits_soft_cap: Any,
                                sm_scale: Optional[float], rope_scale: Any, rope_theta: Any) -> None:
-        options.pos_encoding_mode(where, pos_encoding_mode)
         state = getattr(self._inner, "_state", None)
         if state is None:
             raise RuntimeError(f"{where} called before plan()")
-        options.same_variant(where, options.attention_variant(where, window_left, logits_soft_cap), self._variant)
+        options.same_variant(where, options.attention_variant(where, window_left, logits_soft_cap, pos_encoding_mode,
+                                                              rope_scale, rope_theta), self._variant)
         options.finite_or_none("sm_scale", sm_scale)
         scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(self._head_dim)
         # read at each launch: the next run() uses them
@@ -497,14 +500,14 @@ def single_decode_with_kv_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     (HND). Returns out [Hq, D], or (out, lse [Hq]) with return_lse=True. Runs single_prefill_with_kv_cache
     with q_len 1; the options are FlashInfer's (see BatchDecodeWithPagedKVCacheWrapper)."""
     where = "single_decode_with_kv_cache()"
-    options.pos_encoding_mode(where, pos_encoding_mode)
-    variant = options.attention_variant(where, window_left, logits_soft_cap)
+    variant = options.attention_variant(where, window_left, logits_soft_cap, pos_encoding_mode, rope_scale, rope_theta)
     for name, value in (("q_scale", q_scale), ("k_scale", k_scale), ("v_scale", v_scale)):
         options.scale(where, name, value)
     q = validate.cuda_tensor("q", q, dtypes=validate.ATTENTION_DTYPES, ndim=2)
     result = single_prefill_with_kv_cache(q.unsqueeze(0), k, v, causal=False, sm_scale=sm_scale, kv_layout=kv_layout,
                                           return_lse=return_lse, window_left=variant.window_left,
-                                          logits_soft_cap=variant.logits_soft_cap)
+                                          logits_soft_cap=variant.logits_soft_cap, pos_encoding_mode=variant.pos_encoding,
+                                          rope_scale=variant.rope_scale, rope_theta=variant.rope_theta)
     if return_lse:
         out, lse = result
         return out.squeeze(0), lse.squeeze(0)

@@ -36,10 +36,37 @@ def _same(value: Any, off: Any) -> bool:
 
 
 def pos_encoding_mode(where: str, value: Any) -> None:
+    """For entry points without positional encodings (the cascade wrapper): "NONE" only."""
     if value is None or (isinstance(value, str) and value.upper() == "NONE") or value == 0:
         return
-    raise NotSupportedError("pos_encoding_mode", value, "'NONE' (fused RoPE and ALiBi are not implemented yet)",
-                            where)
+    raise NotSupportedError("pos_encoding_mode", value, "'NONE' (use the batch prefill / decode wrappers for "
+                            "fused RoPE and ALiBi)", where)
+
+
+# FlashInfer's PosEncodingMode names and enum values.
+POS_ENCODINGS = ("NONE", "ROPE_LLAMA", "ALIBI")
+
+
+def parse_pos_encoding_mode(where: str, value: Any) -> str:
+    """FlashInfer's pos_encoding_mode: a name ("NONE", "ROPE_LLAMA", "ALIBI", any case), its PosEncodingMode
+    value (0, 1, 2) or the enum itself; None is "NONE". Anything else is ValueError."""
+    if value is None:
+        return "NONE"
+    name = getattr(value, "name", value)  # FlashInfer's PosEncodingMode enum
+    if isinstance(name, str) and name.upper() in POS_ENCODINGS:
+        return name.upper()
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(POS_ENCODINGS):
+        return POS_ENCODINGS[value]
+    raise ValueError(f"{where}: pos_encoding_mode={value!r}: expected one of {', '.join(map(repr, POS_ENCODINGS))} "
+                     f"(or FlashInfer's PosEncodingMode values 0, 1, 2)")
+
+
+def _positive(where: str, name: str, value: Any, default: float) -> float:
+    if value is None:
+        return default
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0):
+        raise ValueError(f"{where}: {name}={value!r}: expected None (default {default:g}) or a finite number > 0")
+    return float(value)
 
 
 def window_left(where: str, value: Any) -> None:
@@ -97,9 +124,6 @@ def quantized_dtype(where: str, name: str, value: Any) -> None:
                                 "implemented yet)", where)
 
 
-_check_pos_encoding_mode, _check_window_left, _check_logits_soft_cap = pos_encoding_mode, window_left, logits_soft_cap
-
-
 @dataclass(frozen=True)
 class VariantOptions:
     """The built-in attention variants a plan asks for (variant.cuh), FlashInfer's semantics.
@@ -112,6 +136,11 @@ class VariantOptions:
     window_left: int = -1
     logits_soft_cap: float = 0.0
     custom_mask: bool = False  # plan's custom_mask / packed_custom_mask (the bits are plan data: masks.py)
+    # pos_encoding_mode: "NONE", "ROPE_LLAMA" (fused rotary embedding of q and k: rotate-half pairs (i, i + D/2),
+    # angle position * rope_theta^(-2i / D) / rope_scale) or "ALIBI" (score + slope(head) * (key - position)).
+    pos_encoding: str = "NONE"
+    rope_scale: float = 1.0
+    rope_theta: float = 1e4
 
     @property
     def sliding_window(self) -> bool:
@@ -121,14 +150,30 @@ class VariantOptions:
     def soft_cap(self) -> bool:
         return self.logits_soft_cap > 0.0
 
+    @property
+    def rope(self) -> bool:
+        return self.pos_encoding == "ROPE_LLAMA"
+
+    @property
+    def alibi(self) -> bool:
+        return self.pos_encoding == "ALIBI"
+
 
 PLAIN = VariantOptions()
 
 
-def attention_variant(where: str, window_left: Any = -1, logits_soft_cap: Any = None) -> VariantOptions:
-    """Parse plan()'s window_left and logits_soft_cap. Stricter than FlashInfer, which takes any negative
-    window or cap for "off": None, -1 (window) and None, 0.0 (cap, vLLM's default) mean off; other
-    negative values, NaN, infinities and non-numbers raise ValueError before anything is planned."""
+def attention_variant(where: str, window_left: Any = -1, logits_soft_cap: Any = None, pos_encoding_mode: Any = "NONE",
+                      rope_scale: Any = None, rope_theta: Any = None) -> VariantOptions:
+    """Parse plan()'s window_left, logits_soft_cap, pos_encoding_mode and (with "ROPE_LLAMA") rope_scale /
+    rope_theta. Stricter than FlashInfer, which takes any negative window or cap for "off": None, -1
+    (window) and None, 0.0 (cap, vLLM's default) mean off; other negative values, NaN, infinities and
+    non-numbers raise ValueError before anything is planned, as do unknown pos_encoding_mode values,
+    RoPE scales / thetas <= 0 and ALiBi with a soft-cap (FlashInfer's fa2 kernels would apply both)."""
+    encoding = parse_pos_encoding_mode(where, pos_encoding_mode)
+    scale_, theta = 1.0, 1e4
+    if encoding == "ROPE_LLAMA":  # FlashInfer ignores rope_scale / rope_theta without RoPE; so do we
+        scale_ = _positive(where, "rope_scale", rope_scale, 1.0)
+        theta = _positive(where, "rope_theta", rope_theta, 1e4)
     if window_left is None:
         window = -1
     elif isinstance(window_left, bool) or not isinstance(window_left, int) or window_left < -1:
@@ -144,16 +189,21 @@ def attention_variant(where: str, window_left: Any = -1, logits_soft_cap: Any = 
                          f"finite cap > 0 (scores become cap * tanh(logit / cap))")
     else:
         cap = float(logits_soft_cap)
-    return VariantOptions(window, cap)
+    if encoding == "ALIBI" and cap > 0:
+        raise ValueError(f"{where}: pos_encoding_mode='ALIBI' and logits_soft_cap={logits_soft_cap!r} do not combine "
+                         f"here: write both into a flashinfer_jit.AttentionVariant score_mod")
+    return VariantOptions(window, cap, pos_encoding=encoding, rope_scale=scale_, rope_theta=theta)
 
 
 def same_variant(where: str, asked: VariantOptions, planned: VariantOptions) -> None:
-    """forward()-style calls pass window_left / logits_soft_cap again; they choose the kernel, which
-    plan() did: anything but the plan's values is NotSupportedError."""
-    for name, value, plan_value in (("window_left", asked.window_left, planned.window_left),
-                                    ("logits_soft_cap", asked.logits_soft_cap, planned.logits_soft_cap)):
+    """forward()-style calls pass window_left / logits_soft_cap / pos_encoding_mode / rope_scale / rope_theta
+    again; they choose the kernel and its tables, which plan() did: anything but the plan's values is
+    NotSupportedError."""
+    for name in ("window_left", "logits_soft_cap", "pos_encoding", "rope_scale", "rope_theta"):
+        value, plan_value = getattr(asked, name), getattr(planned, name)
         if value != plan_value:
-            raise NotSupportedError(name, value, f"plan()'s {plan_value!r} (the attention variant is chosen by "
+            shown = "pos_encoding_mode" if name == "pos_encoding" else name
+            raise NotSupportedError(shown, value, f"plan()'s {plan_value!r} (the attention variant is chosen by "
                                     f"plan(): call it with the new value)", where)
 
 
@@ -165,15 +215,44 @@ def variant_scales(sm_scale: float, variant: VariantOptions) -> tuple[float, flo
     return sm_scale * LOG2E, 0.0
 
 
-def standard_attention(where: str, *, pos_encoding_mode: Any = "NONE", use_fp16_qk_reduction: Any = False,
-                       window_left: Any = -1, logits_soft_cap: Any = None) -> None:
-    """The options that select FlashInfer's attention variant must all be off: no RoPE / ALiBi, fp32 QK
-    accumulation, no sliding window, no logits soft-cap."""
-    _check_pos_encoding_mode(where, pos_encoding_mode)
+def no_fp16_qk_reduction(where: str, use_fp16_qk_reduction: Any = False) -> None:
     flag_off(where, "use_fp16_qk_reduction", use_fp16_qk_reduction,
              "fp16 QK reduction is not implemented; QK products are accumulated in fp32")
-    _check_window_left(where, window_left)
-    _check_logits_soft_cap(where, logits_soft_cap)
+
+
+# The variants' device tables, made once per value and kept for the process (a few hundred bytes each): a
+# plan's launch params, and CUDA graphs captured with them, keep pointing at live memory.
+_tables: dict[tuple, torch.Tensor] = {}
+
+
+def rope_frequencies(head_dim: int, variant: VariantOptions, device: torch.device) -> torch.Tensor:
+    """Fused RoPE's table on `device`: freq(i) = rope_theta^(-2i / head_dim) / rope_scale for i < head_dim / 2,
+    computed in float64 and rounded once to float32 (variant.cuh WithRope)."""
+    key = ("rope", device, head_dim, variant.rope_scale, variant.rope_theta)
+    table = _tables.get(key)
+    if table is None:
+        i = torch.arange(head_dim // 2, dtype=torch.float64)
+        freqs = torch.pow(variant.rope_theta, -2.0 * i / head_dim) / variant.rope_scale
+        table = _tables[key] = freqs.to(torch.float32).to(device)
+    return table
+
+
+def alibi_slopes(num_heads: int) -> torch.Tensor:
+    """ALiBi's per-head slopes (Press et al.; FlashInfer's get_alibi_slopes): 2^(-8 (h + 1) / n) for the
+    first n = 2^floor(log2(num_heads)) heads, then the odd steps of the 2n series; float32 on the CPU."""
+    n = 2 ** math.floor(math.log2(num_heads))
+    slopes = [2.0 ** (-8.0 * (h + 1) / n) for h in range(n)]
+    slopes += [2.0 ** (-4.0 * (2 * j + 1) / n) for j in range(num_heads - n)]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def alibi_slopes_log2(num_heads: int, device: torch.device) -> torch.Tensor:
+    """alibi_slopes times log2(e) on `device` (the kernels' softmax is in base 2), made once."""
+    key = ("alibi", device, num_heads)
+    table = _tables.get(key)
+    if table is None:
+        table = _tables[key] = (alibi_slopes(num_heads).double() * LOG2E).float().to(device)
+    return table
 
 
 def no_tensor(where: str, name: str, value: Any, feature: str) -> None:

@@ -5,7 +5,7 @@ decode.py; the plan/run machinery they share in batch_attention.py.
 
 Every callable takes FlashInfer 0.7.2's parameters, by FlashInfer's names and at FlashInfer's positions
 (tests/flashinfer_signatures.py holds them; tests/test_flashinfer_api.py checks them). A value that means
-"feature off" (pos_encoding_mode="NONE", window_left=-1, logits_soft_cap=0.0 or None, scales of 1.0,
+"feature off" (window_left=-1, logits_soft_cap=0.0 or None, scales of 1.0,
 use_fp16_qk_reduction=False, no custom mask, backend="auto" / "fa2", ...) works; a value asking for a
 feature flashinfer-jit does not have raises `NotSupportedError` (a ValueError) naming the parameter, the
 value and what is supported, before any kernel launch. Options that only affect performance or other
@@ -24,7 +24,17 @@ built on first use, `flashinfer-jit prebuild --sliding-window true --soft-cap tr
     packed_custom_mask (FlashInfer's segment_packbits bytes): keys a query's bit refuses are hidden;
     stricter than FlashInfer: with causal=False only (FlashInfer ignores causal=True then), not both
     at once, sizes checked, not on use_cuda_graph wrappers (masks.py).
-  Stricter than FlashInfer: window_left below -1, a negative, NaN or infinite cap raise ValueError (FlashInfer
+  - pos_encoding_mode="ROPE_LLAMA" (fused rotary embedding, FlashInfer's semantics): q and k rotate inside
+    the kernel in float32, rotate-half pairs (i, i + D/2) by angle position * rope_theta^(-2i / D) /
+    rope_scale (defaults 1e4 and 1); a query's position is kv_len - q_len + i, a key's its index in the
+    request's KV; K stays unrotated in memory. It runs on the fa2 kernel (backend="auto" picks it,
+    wrapper.backend says so; an explicit "fa3"/"sm90" raises NotSupportedError). The frequencies are a
+    table computed in float64 (FlashInfer's fast-math powf is ~1e-6 off: 0.03 rad at position 32k).
+  - pos_encoding_mode="ALIBI": score sm_scale * q.k + slope(h) * (j - p), FlashInfer's slopes for the
+    number of query heads; the bias is 0 at the query's own position p and LSE is over those scores (a
+    bias measured from another origin shifts a row by a constant: same output, LSE shifted).
+  Stricter than FlashInfer: window_left below -1, a negative, NaN or infinite cap, an unknown
+  pos_encoding_mode, rope_scale / rope_theta <= 0 and ALiBi with a soft-cap raise ValueError (FlashInfer
   reads any negative as off); forward() and run(window_left=...) cannot change the plan's variant.
 
 Stricter than FlashInfer, and documented here:
@@ -155,7 +165,7 @@ class BatchPrefillWithRaggedKVCacheWrapper(_BatchAttention):
                                      pos_encoding_mode=pos_encoding_mode, use_fp16_qk_reduction=use_fp16_qk_reduction,
                                      window_left=window_left, logits_soft_cap=logits_soft_cap,
                                      prefix_len_ptr=prefix_len_ptr, token_pos_in_items_ptr=token_pos_in_items_ptr,
-                                     max_item_len_ptr=max_item_len_ptr)
+                                     max_item_len_ptr=max_item_len_ptr, rope_scale=rope_scale, rope_theta=rope_theta)
         check_heads(num_qo_heads, num_kv_heads, head_dim_qk, head_dim_vo)
         q_dtype = check_dtypes(q_data_type, kv_data_type, where)
         options.dtype_like(where, "o_data_type", o_data_type, q_dtype)
@@ -299,7 +309,7 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchAttention):
                                      pos_encoding_mode=pos_encoding_mode, use_fp16_qk_reduction=use_fp16_qk_reduction,
                                      window_left=window_left, logits_soft_cap=logits_soft_cap,
                                      prefix_len_ptr=prefix_len_ptr, token_pos_in_items_ptr=token_pos_in_items_ptr,
-                                     max_item_len_ptr=max_item_len_ptr)
+                                     max_item_len_ptr=max_item_len_ptr, rope_scale=rope_scale, rope_theta=rope_theta)
         check_heads(num_qo_heads, num_kv_heads, head_dim_qk, head_dim_vo)
         if not isinstance(page_size, int) or page_size < 1:
             raise ValueError(f"page_size: expected a positive int, got {page_size!r}")
@@ -471,7 +481,7 @@ _plan_streams: dict[torch.device, torch.cuda.Stream] = {}
 
 
 def _plan_single(key: tuple, q: torch.Tensor, kv_len: int, num_kv_heads: int, causal: bool, sm_scale: float,
-                 kv_layout: str, backend: str, window_left: int, logits_soft_cap: float) -> _SinglePlan:
+                 kv_layout: str, backend: str, variant: tuple[int, float, str, float, float]) -> _SinglePlan:
     device = q.device
     side = _plan_streams.get(device)
     if side is None:
@@ -489,7 +499,8 @@ def _plan_single(key: tuple, q: torch.Tensor, kv_len: int, num_kv_heads: int, ca
             wrapper = BatchPrefillWithRaggedKVCacheWrapper(workspace, kv_layout, backend=backend)
             wrapper.plan(torch.tensor([0, q_len], dtype=torch.int32), torch.tensor([0, kv_len], dtype=torch.int32),
                          num_qo_heads, num_kv_heads, head_dim, causal=causal, sm_scale=sm_scale, q_data_type=dtype,
-                         window_left=window_left, logits_soft_cap=logits_soft_cap)
+                         window_left=variant[0], logits_soft_cap=variant[1], pos_encoding_mode=variant[2],
+                         rope_scale=variant[3], rope_theta=variant[4])
         return wrapper
 
     wrapper = _planner_thread().submit(plan_on_side_stream).result()
@@ -513,10 +524,11 @@ def _planner_thread() -> concurrent.futures.ThreadPoolExecutor:
 
 def _single_prefill_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                          lse: Optional[torch.Tensor], causal: bool, sm_scale: float, hnd: bool, backend: str,
-                         window_left: int, logits_soft_cap: float) -> None:
+                         window_left: int, logits_soft_cap: float, pos_encoding: str, rope_scale: float,
+                         rope_theta: float) -> None:
     kv_len, num_kv_heads = (k.shape[1], k.shape[0]) if hnd else (k.shape[0], k.shape[1])
-    key = (q.device, tuple(q.shape), kv_len, num_kv_heads, q.dtype, causal, sm_scale, hnd, backend, window_left,
-           logits_soft_cap)
+    variant = (window_left, logits_soft_cap, pos_encoding, rope_scale, rope_theta)
+    key = (q.device, tuple(q.shape), kv_len, num_kv_heads, q.dtype, causal, sm_scale, hnd, backend, variant)
     capturing = torch.cuda.is_current_stream_capturing()
     entry = _single_plans.get(key)
     if entry is None:
@@ -525,7 +537,7 @@ def _single_prefill_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: t
                 f"single_prefill_with_kv_cache: shape q {tuple(q.shape)}, kv_len {kv_len} (causal={causal}) is "
                 f"first seen during CUDA graph capture, where it cannot be planned; run it once before capturing")
         entry = _plan_single(key, q, kv_len, num_kv_heads, causal, sm_scale, "HND" if hnd else "NHD", backend,
-                             window_left, logits_soft_cap)
+                             variant)
     else:
         _single_plans.move_to_end(key)
     if capturing:
@@ -542,7 +554,8 @@ def _single_prefill_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: t
 
 _single_prefill_op = define(
     "single_prefill_run(Tensor q, Tensor k, Tensor v, Tensor(a!) o, Tensor(b!)? lse, bool causal, float sm_scale, "
-    "bool hnd, str backend, int window_left, float logits_soft_cap) -> ()",
+    "bool hnd, str backend, int window_left, float logits_soft_cap, str pos_encoding, float rope_scale, "
+    "float rope_theta) -> ()",
     _single_prefill_cuda, lambda *args: None,
 )
 
@@ -561,8 +574,8 @@ def single_prefill_with_kv_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     """Attention for one request: q [q_len, Hq, D]; k, v [kv_len, Hkv, D] (NHD) or [Hkv, kv_len, D] (HND).
 
     FlashInfer's parameters, in its order; the options as for the wrappers (window_left and
-    logits_soft_cap select the sliding-window / soft-cap kernels; off values only for RoPE / ALiBi,
-    custom masks, fp16 QK reduction, fp8 scales and o_dtype other than q's; backend "auto" / "fa2"). Returns out, or (out, lse) with return_lse=True (LSE base 2).
+    logits_soft_cap select the sliding-window / soft-cap kernels, pos_encoding_mode fused RoPE (with
+    rope_scale / rope_theta) or ALiBi; off values only for custom masks, fp16 QK reduction, fp8 scales and o_dtype other than q's; backend "auto" / "fa2"). Returns out, or (out, lse) with return_lse=True (LSE base 2).
 
     Works under torch.compile (fullgraph=True, mode="reduce-overhead" included) and CUDA graph capture:
     the plan of each shape is made once and kept in buffers that outlive the graph; a shape must be run
@@ -570,7 +583,8 @@ def single_prefill_with_kv_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     where = "single_prefill_with_kv_cache()"
     options.no_custom_mask(where, custom_mask=custom_mask, packed_custom_mask=packed_custom_mask)
     variant = check_plan_options(where, pos_encoding_mode=pos_encoding_mode, use_fp16_qk_reduction=use_fp16_qk_reduction,
-                                 window_left=window_left, logits_soft_cap=logits_soft_cap)
+                                 window_left=window_left, logits_soft_cap=logits_soft_cap, rope_scale=rope_scale,
+                                 rope_theta=rope_theta)
     for name, value in (("scale_q", scale_q), ("scale_k", scale_k), ("scale_v", scale_v), ("k_scale", k_scale),
                         ("v_scale", v_scale)):
         if value is not None:
@@ -579,7 +593,7 @@ def single_prefill_with_kv_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     resolved_backend = select_backend(backend, where)
     if resolved_backend == "sm90":  # an explicit Hopper backend that cannot run here fails before anything runs
         resolve_backend("sm90", q.device if isinstance(q, torch.Tensor) else torch.device("cpu"), "ragged",
-                        where=where, requested=backend)
+                        where=where, requested=backend, rope=variant.rope)
     if kv_layout not in ("NHD", "HND"):
         raise ValueError(f"kv_layout: expected 'NHD' or 'HND', got {kv_layout!r}")
     if isinstance(q, torch.Tensor):
@@ -603,7 +617,8 @@ def single_prefill_with_kv_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((q.shape[0], q.shape[1]), dtype=torch.float32, device=q.device) if return_lse else None
     _single_prefill_op(q, k, v, out, lse, bool(causal), scale, kv_layout == "HND", resolved_backend,
-                       variant.window_left, variant.logits_soft_cap)
+                       variant.window_left, variant.logits_soft_cap, variant.pos_encoding, variant.rope_scale,
+                       variant.rope_theta)
     return (out, lse) if return_lse else out
 
 

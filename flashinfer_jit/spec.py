@@ -281,6 +281,10 @@ class PrefillSpec(KernelSpec):
     sliding_window: bool = _uri_field("window|", (False, True), default=False, opt_in=True)
     soft_cap: bool = _uri_field("softcap|", (False, True), default=False, opt_in=True)
     custom_mask: bool = _uri_field("mask|", (False, True), default=False, opt_in=True)  # FlashInfer's custom_mask
+    # FlashInfer's pos_encoding_mode: "ROPE_LLAMA" (fused rotary embedding of q and k; FA2-class kernel only)
+    # and "ALIBI" (linear biases, one slope a head).
+    rope: bool = _uri_field("rope|", (False, True), default=False, opt_in=True)
+    alibi: bool = _uri_field("alibi|", (False, True), default=False, opt_in=True)
     # A user-defined variant's code (flashinfer_jit.AttentionVariant): outside every matrix.
     custom: CustomVariant | None = field(default=None, metadata={"uri": "{}", "code": True})
     kv_tile: int = _derived_field("kv{}", KV_TILES, default_kv_tile)
@@ -299,12 +303,24 @@ class PrefillSpec(KernelSpec):
         if self.custom is not None and self.soft_cap:
             raise ValueError("PrefillSpec: a user variant and the built-in soft-cap do not combine (write the cap "
                              "into the score_mod)")
+        if self.rope and self.alibi:
+            raise ValueError("PrefillSpec: rope and alibi are two values of pos_encoding_mode; choose one")
+        if self.alibi and (self.soft_cap or self.custom is not None):
+            raise ValueError("PrefillSpec: ALiBi and the soft-cap or a user variant do not combine (write the bias "
+                             "into a user variant's score_mod)")
+        if self.rope and self.backend == "sm90":
+            raise ValueError("PrefillSpec: fused RoPE runs on the fa2 backend only (the sm90 kernel's TMA tiles go "
+                             "to the tensor cores untouched); use backend='fa2', or apply_rope before attention")
         if self.backend == "sm90" and (self.cta_q_options != (128,) or self.kv_tile not in (64, 128)):
             raise ValueError(f"PrefillSpec: the sm90 backend runs 128-row q tiles and 64 or 128-key KV tiles, "
                              f"got cta_q_options={self.cta_q_options}, kv_tile={self.kv_tile}")
 
     @classmethod
     def combination_exists(cls, values: dict[str, Any]) -> bool:
+        if values.get("rope") and (values.get("alibi") or values["backend"] == "sm90"):
+            return False
+        if values.get("alibi") and values.get("soft_cap"):
+            return False
         return values["kv_layout"] in BACKEND_LAYOUTS[values["backend"]]
 
     def runs_on(self, archs: tuple[str, ...]) -> bool:
@@ -318,10 +334,13 @@ class PrefillSpec(KernelSpec):
         if self.custom is not None:
             ctx["variant_cpp"] = f"UserVariant<kCausal, {window}>"
         else:
-            variant = "SoftCapAttention" if self.soft_cap else "StandardAttention"
+            variant = ("SoftCapAttention" if self.soft_cap else "AlibiAttention" if self.alibi
+                       else "StandardAttention")
             ctx["variant_cpp"] = f"fij::{variant}<kCausal, {window}>"
         if self.custom_mask:
             ctx["variant_cpp"] = f"fij::WithCustomMask<{ctx['variant_cpp']}>"
+        if self.rope:
+            ctx["variant_cpp"] = f"fij::WithRope<{ctx['variant_cpp']}>"
         return ctx
 
     def explain_compile_error(self, log: str) -> tuple[str, int, str, str] | None:

@@ -187,6 +187,53 @@ def ragged_attention_ref(
     return out, lse
 
 
+def rope_reference(x: torch.Tensor, pos: torch.Tensor, rotary_dim: int, interleave: bool, scale: float,
+                   theta: float) -> torch.Tensor:
+    """x [nnz, H, D] rotated in float64 (FlashInfer's definition), returned as float32."""
+    xf = x.double()
+    half = rotary_dim // 2
+    freq = 1.0 / (scale * theta ** (torch.arange(half, dtype=torch.float64, device=x.device) * 2 / rotary_dim))
+    angle = pos.double()[:, None] * freq[None, :]  # [nnz, half]
+    cos, sin = angle.cos()[:, None, :], angle.sin()[:, None, :]
+    out = xf.clone()
+    if interleave:
+        a, b = xf[..., 0:rotary_dim:2], xf[..., 1:rotary_dim:2]
+        out[..., 0:rotary_dim:2] = a * cos - b * sin
+        out[..., 1:rotary_dim:2] = b * cos + a * sin
+    else:
+        a, b = xf[..., :half], xf[..., half:rotary_dim]
+        out[..., :half] = a * cos - b * sin
+        out[..., half:rotary_dim] = b * cos + a * sin
+    return out.float()
+
+
+def rope_positions(qo_indptr: torch.Tensor | Sequence[int], kv_indptr: torch.Tensor | Sequence[int]
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused RoPE's positions of a ragged batch (FlashInfer's): query i of a request at kv_len - q_len + i,
+    key j at j. Returns (q positions [total_q], k positions [total_kv]), int64 on the CPU."""
+    qo, kv = _as_list(qo_indptr), _as_list(kv_indptr)
+    q_pos, k_pos = [], []
+    for i in range(len(qo) - 1):
+        q_len, kv_len = qo[i + 1] - qo[i], kv[i + 1] - kv[i]
+        q_pos.append(torch.arange(q_len) + (kv_len - q_len))
+        k_pos.append(torch.arange(kv_len))
+    return torch.cat(q_pos) if q_pos else torch.zeros(0, dtype=torch.long), \
+        torch.cat(k_pos) if k_pos else torch.zeros(0, dtype=torch.long)
+
+
+def alibi_slopes_ref(num_heads: int) -> torch.Tensor:
+    """ALiBi slopes (Press et al.), written out independently of flashinfer_jit.options: the geometric
+    series 2^(-8/n)^(h+1) for the largest power of two n <= num_heads, then every other term of the 2n one."""
+    n = 1 << (num_heads.bit_length() - 1)
+    base = torch.tensor(2.0 ** (-8.0 / n), dtype=torch.float64)
+    slopes = base ** torch.arange(1, n + 1, dtype=torch.float64)
+    if n < num_heads:
+        extra = torch.tensor(2.0 ** (-4.0 / n), dtype=torch.float64) ** torch.arange(1, 2 * (num_heads - n), 2,
+                                                                                      dtype=torch.float64)
+        slopes = torch.cat([slopes, extra])
+    return slopes.float()
+
+
 def causal_visible_keys(q_len: int, kv_len: int) -> int:
     """Number of (query, key) pairs a bottom-right causal mask keeps for one request."""
     if q_len <= kv_len:

@@ -30,6 +30,7 @@ import ast
 import importlib
 import inspect
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -433,8 +434,6 @@ def forward(**over):
 
 FP8 = getattr(torch, "float8_e4m3fn")
 OFF_CASES = [  # (id, call, parameter named in the error)
-    ("ragged plan pos_encoding_mode ROPE_LLAMA", ragged_plan(pos_encoding_mode="ROPE_LLAMA"), "pos_encoding_mode"),
-    ("paged plan pos_encoding_mode ALIBI", paged_plan(pos_encoding_mode="ALIBI"), "pos_encoding_mode"),
     ("ragged plan use_fp16_qk_reduction", ragged_plan(use_fp16_qk_reduction=True), "use_fp16_qk_reduction"),
     ("paged plan fp8 kv_data_type", paged_plan(kv_data_type=FP8), "kv_data_type"),
     ("ragged plan fp8 q_data_type (string)", ragged_plan(q_data_type="float8_e4m3fn"), "q_data_type"),
@@ -467,7 +466,6 @@ OFF_CASES = [  # (id, call, parameter named in the error)
     ("paged run skip_softmax_threshold", paged_run(skip_softmax_threshold_scale_factor=0.1),
      "skip_softmax_threshold_scale_factor"),
     ("ragged run lse_layout HN", ragged_run(lse_layout="HN"), "lse_layout"),
-    ("forward pos_encoding_mode ROPE_LLAMA", forward(pos_encoding_mode="ROPE_LLAMA"), "pos_encoding_mode"),
     ("single custom_mask", single(custom_mask=torch.ones(5, 9, dtype=torch.bool)), "custom_mask"),
     ("single backend fa3", single(backend="fa3"), "backend"),
     ("single k_scale 2", single(k_scale=2.0), "k_scale"),
@@ -508,10 +506,16 @@ def test_off_values_pass_the_plan_checks(which: str, over: dict, no_kernels) -> 
         (ragged_plan if which == "ragged" else paged_plan)(**over)(Args(real=True))
 
 
-VARIANT_PLANS = [  # (plan options, the kernel switches they select: sliding_window, soft_cap)
-    (dict(window_left=128), (True, False)), (dict(window_left=0), (True, False)),
-    (dict(logits_soft_cap=30.0), (False, True)), (dict(logits_soft_cap=50), (False, True)),
-    (dict(window_left=7, logits_soft_cap=20.0), (True, True)), (dict(window_left=-1, logits_soft_cap=0.0), (False, False)),
+VARIANT_PLANS = [  # (plan options, the kernel switches they select: sliding_window, soft_cap, rope, alibi)
+    (dict(window_left=128), (True, False, False, False)), (dict(window_left=0), (True, False, False, False)),
+    (dict(logits_soft_cap=30.0), (False, True, False, False)), (dict(logits_soft_cap=50), (False, True, False, False)),
+    (dict(window_left=7, logits_soft_cap=20.0), (True, True, False, False)),
+    (dict(window_left=-1, logits_soft_cap=0.0), (False, False, False, False)),
+    (dict(pos_encoding_mode="ROPE_LLAMA"), (False, False, True, False)),
+    (dict(pos_encoding_mode=1, rope_theta=5e5, rope_scale=8.0), (False, False, True, False)),
+    (dict(pos_encoding_mode="rope_llama", window_left=31, logits_soft_cap=10.0), (True, True, True, False)),
+    (dict(pos_encoding_mode="ALIBI"), (False, False, False, True)),
+    (dict(pos_encoding_mode=2, window_left=3), (True, False, False, True)),
 ]
 
 
@@ -529,9 +533,59 @@ def test_variant_options_choose_the_kernel(which: str, over: dict, switches: tup
     monkeypatch.setattr(loader, "load", record)
     with pytest.raises(ReachedKernel):
         (ragged_plan if which == "ragged" else paged_plan)(**over)(Args(real=True))
-    assert [(s.sliding_window, s.soft_cap) for s in loaded] == [switches]
+    assert [(s.sliding_window, s.soft_cap, s.rope, s.alibi) for s in loaded] == [switches]
     assert loaded[0].kv_layout == which and ("window" in loaded[0].uri) == switches[0]
     assert ("softcap" in loaded[0].uri) == switches[1]
+    assert ("_rope_" in loaded[0].uri) == switches[2] and ("_alibi_" in loaded[0].uri) == switches[3]
+    assert loaded[0].backend == "fa2"  # fused RoPE is the FA2-class kernel's (and this machine has no Hopper)
+
+
+@pytest.mark.parametrize("over, message", [
+    (dict(pos_encoding_mode="ROPE"), "pos_encoding_mode='ROPE'"), (dict(pos_encoding_mode=3), "pos_encoding_mode=3"),
+    (dict(pos_encoding_mode=True), "pos_encoding_mode=True"),
+    (dict(pos_encoding_mode="ROPE_LLAMA", rope_theta=0.0), "rope_theta=0.0"),
+    (dict(pos_encoding_mode="ROPE_LLAMA", rope_scale=-2.0), "rope_scale=-2.0"),
+    (dict(pos_encoding_mode="ROPE_LLAMA", rope_theta=float("inf")), "rope_theta=inf"),
+    (dict(pos_encoding_mode="ALIBI", logits_soft_cap=30.0), "ALIBI"),
+], ids=str)
+@pytest.mark.parametrize("which", ["ragged", "paged"])
+def test_bad_positional_encoding_options_raise_before_any_kernel(which: str, over: dict, message: str,
+                                                                 no_kernels) -> None:
+    """Stricter than FlashInfer: unknown modes, RoPE scales / thetas <= 0 or not finite, and ALiBi with a
+    soft-cap are ValueErrors naming the value, before a kernel is looked up."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        (ragged_plan if which == "ragged" else paged_plan)(**over)(Args(real=True))
+
+
+def test_fused_rope_refuses_an_explicit_hopper_backend() -> None:
+    """Fused RoPE runs on the FA2-class kernel: where sm90 is asked for explicitly, the plan says why."""
+    assert kernels.sm90_obstacle(torch.device("cpu"), "ragged", rope=True).startswith("it has no fused RoPE")
+    with pytest.raises(flashinfer.NotSupportedError, match="no fused RoPE"):
+        kernels.resolve_backend("sm90", torch.device("cpu"), "ragged", requested="fa3", rope=True)
+    assert kernels.resolve_backend("auto", torch.device("cpu"), "ragged", rope=True) == "fa2"
+
+
+def test_rope_and_alibi_tables() -> None:
+    """The frequency table is float64-exact then rounded once; ALiBi slopes are FlashInfer's (a power-of-two
+    head count: 2^(-8 (h + 1) / n); otherwise the interleaved second series)."""
+    variant = flashinfer_jit.options.attention_variant("t", pos_encoding_mode="ROPE_LLAMA", rope_theta=5e5,
+                                                       rope_scale=2.0)
+    freqs = flashinfer_jit.options.rope_frequencies(128, variant, torch.device("cpu"))
+    expected = (1.0 / (5e5 ** (torch.arange(0, 128, 2, dtype=torch.float64) / 128)) / 2.0).float()
+    assert freqs.dtype == torch.float32 and torch.equal(freqs, expected)
+    slopes = flashinfer_jit.options.alibi_slopes(8)
+    assert torch.allclose(slopes, torch.tensor([2.0 ** (-(h + 1)) for h in range(8)]))
+    twelve = flashinfer_jit.options.alibi_slopes(12)  # n = 8, then 2^(-4 (2j + 1) / 8) for j < 4
+    assert torch.allclose(twelve[8:], torch.tensor([2.0 ** (-0.5 * (2 * j + 1)) for j in range(4)]))
+    assert torch.allclose(twelve[:8], slopes)
+
+
+def test_forward_cannot_change_the_positional_encoding(no_kernels, monkeypatch) -> None:
+    """forward(pos_encoding_mode=...) of a plan without RoPE: the kernel is plan()'s choice."""
+    w = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(cl(4096, dtype=torch.int8))
+    w._state, w._plan_args = object(), dict(variant=flashinfer_jit.options.PLAIN)  # as after a plan
+    with pytest.raises(flashinfer.NotSupportedError, match="pos_encoding_mode"):
+        w.forward(cl(5, HQ, D), cl(9, HKV, D), cl(9, HKV, D), pos_encoding_mode="ROPE_LLAMA")
 
 
 def test_cuda_only_paged_options_pass_too(no_kernels) -> None:

@@ -341,8 +341,6 @@ def test_decode_plan_positional_vllm_form_passes(no_kernels) -> None:
 
 
 MISSING = {  # (plan kwargs, parameter named in the error)
-    "RoPE": ({"pos_encoding_mode": "ROPE_LLAMA"}, "pos_encoding_mode"),
-    "ALiBi": ({"pos_encoding_mode": "ALIBI"}, "pos_encoding_mode"),
     "right window": ({"window_right": -1}, "window_right"),
     "fp8 KV": ({"kv_data_type": torch.float8_e4m3fn}, "kv_data_type"),
     "fp8 KV by data_type": ({"data_type": torch.float8_e5m2, "q_data_type": torch.bfloat16}, "kv_data_type"),
@@ -450,7 +448,7 @@ def test_forward_before_plan_and_its_missing_features(no_kernels) -> None:
     w = decode_wrapper()
     with pytest.raises(RuntimeError, match="before plan"):  # a soft-cap is a plan()'s choice; there is none
         w.forward(cuda_zeros(3, HQ, HD), cuda_zeros(6, 2, PS, HKV, HD), logits_soft_cap=50.0)
-    with pytest.raises(NotSupportedError):
+    with pytest.raises(RuntimeError, match="before plan"):  # fused RoPE is a plan()'s choice too
         w.forward_return_lse(cuda_zeros(3, HQ, HD), cuda_zeros(6, 2, PS, HKV, HD), pos_encoding_mode="ROPE_LLAMA")
     with pytest.raises(RuntimeError, match="before plan"):
         w.forward(cuda_zeros(3, HQ, HD), cuda_zeros(6, 2, PS, HKV, HD), sm_scale=0.1, logits_soft_cap=0.0,
@@ -461,12 +459,15 @@ def test_single_decode_options(no_kernels) -> None:
     q, k = cuda_zeros(HQ, HD), cuda_zeros(40, HKV, HD)
     for kw in ({}, dict(pos_encoding_mode="NONE", logits_soft_cap=0.0), dict(use_tensor_cores=True),
                dict(q_scale=1.0, k_scale=None, v_scale=1.0, window_left=-1), dict(rope_scale=1.0, rope_theta=1e4),
-               dict(logits_soft_cap=30.0), dict(window_left=10)):  # the variants (issue #12) go through too
+               dict(logits_soft_cap=30.0), dict(window_left=10),  # the variants (issue #12) go through too
+               dict(pos_encoding_mode="ROPE_LLAMA", rope_theta=5e5), dict(pos_encoding_mode="ALIBI")):
         with pytest.raises(ReachedKernel):
             flashinfer_jit.decode.single_decode_with_kv_cache(q, k, k, **kw)
     with pytest.raises(ValueError, match="logits_soft_cap=-3.0"):
         flashinfer_jit.decode.single_decode_with_kv_cache(q, k, k, logits_soft_cap=-3.0)
-    for kw, parameter in ((dict(pos_encoding_mode="ROPE_LLAMA"), "pos_encoding_mode"), (dict(k_scale=0.5), "k_scale")):
+    with pytest.raises(ValueError, match="rope_theta=-1"):
+        flashinfer_jit.decode.single_decode_with_kv_cache(q, k, k, pos_encoding_mode="ROPE_LLAMA", rope_theta=-1)
+    for kw, parameter in ((dict(k_scale=0.5), "k_scale"),):
         with pytest.raises(NotSupportedError) as info:
             flashinfer_jit.decode.single_decode_with_kv_cache(q, k, k, **kw)
         assert info.value.parameter == parameter

@@ -13,28 +13,9 @@ import torch
 
 import flashinfer_jit
 from conftest import DEVICE, NAN, requires_nvcc
+from reference import rope_reference
 from flashinfer_jit import codegen, loader
 from flashinfer_jit.spec import RopeSpec
-
-
-def rope_reference(x: torch.Tensor, pos: torch.Tensor, rotary_dim: int, interleave: bool, scale: float,
-                   theta: float) -> torch.Tensor:
-    """x [nnz, H, D] rotated in float64 (FlashInfer's definition), returned as float32."""
-    xf = x.double()
-    half = rotary_dim // 2
-    freq = 1.0 / (scale * theta ** (torch.arange(half, dtype=torch.float64, device=x.device) * 2 / rotary_dim))
-    angle = pos.double()[:, None] * freq[None, :]  # [nnz, half]
-    cos, sin = angle.cos()[:, None, :], angle.sin()[:, None, :]
-    out = xf.clone()
-    if interleave:
-        a, b = xf[..., 0:rotary_dim:2], xf[..., 1:rotary_dim:2]
-        out[..., 0:rotary_dim:2] = a * cos - b * sin
-        out[..., 1:rotary_dim:2] = b * cos + a * sin
-    else:
-        a, b = xf[..., :half], xf[..., half:rotary_dim]
-        out[..., :half] = a * cos - b * sin
-        out[..., half:rotary_dim] = b * cos + a * sin
-    return out.float()
 
 
 class _Cuda(torch.Tensor):

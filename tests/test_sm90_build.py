@@ -167,22 +167,29 @@ VARIANT_SPECS = [
     PrefillSpec("ragged", 128, "fp16", True, backend="fa2", sliding_window=True, soft_cap=True),
     PrefillSpec("paged", 128, "bf16", False, backend="sm90", custom_mask=True),
     PrefillSpec("ragged", 64, "fp16", False, backend="fa2", custom_mask=True, soft_cap=True),
+    PrefillSpec("ragged", 128, "bf16", True, backend="sm90", alibi=True),  # pos_encoding_mode="ALIBI"
+    PrefillSpec("paged", 128, "bf16", True, backend="fa2", rope=True),  # fused RoPE (the fa2 kernel's only)
+    PrefillSpec("ragged", 64, "fp16", False, backend="fa2", rope=True, sliding_window=True, alibi=False),
 ]
 
 
 @pytest.mark.parametrize("spec", VARIANT_SPECS, ids=[s.uri for s in VARIANT_SPECS])
 def test_attention_variants_build(spec: PrefillSpec, monkeypatch, no_gpu) -> None:
-    """The sliding-window and soft-cap kernels (opt-in spec fields, variant.cuh) build for both backends:
-    the cap's tanh is a MUFU.TANH, the sm90 kernels keep HGMMA, an unserialized wgmma pipeline and a KV
+    """The sliding-window, soft-cap, custom-mask, ALiBi and fused-RoPE kernels (opt-in spec fields,
+    variant.cuh) build (RoPE: the fa2 kernel only): the cap's tanh is a MUFU.TANH, RoPE's sincos MUFU.SIN/COS, the sm90 kernels keep HGMMA, an unserialized wgmma pipeline and a KV
     loop free of local memory (the window's extra live values spill a few registers once per work unit
     at hd128, outside the loop: measured in the SASS, 2026-12-04)."""
     monkeypatch.setenv("FLASHINFER_JIT_ARCH", "90a")
     text = codegen.render(spec)["prefill.cu"]
-    variant = "SoftCapAttention" if spec.soft_cap else "StandardAttention"
-    plain = f"fij::{variant}<kCausal, {'true' if spec.sliding_window else 'false'}>"
-    assert f"using Variant = {f'fij::WithCustomMask<{plain}>' if spec.custom_mask else plain};" in text
+    variant = "SoftCapAttention" if spec.soft_cap else "AlibiAttention" if spec.alibi else "StandardAttention"
+    expected = f"fij::{variant}<kCausal, {'true' if spec.sliding_window else 'false'}>"
+    expected = f"fij::WithCustomMask<{expected}>" if spec.custom_mask else expected
+    expected = f"fij::WithRope<{expected}>" if spec.rope else expected
+    assert f"using Variant = {expected};" in text
     sass = built_sass(spec)
     assert ("MUFU.TANH" in sass) == spec.soft_cap, "the soft-cap's tanh (MUFU.TANH) is missing or misplaced"
+    # fused RoPE rotates q and k with MUFU.SIN / MUFU.COS (nothing else in these kernels calls them)
+    assert ("MUFU.SIN" in sass and "MUFU.COS" in sass) == spec.rope, "RoPE's sincos is missing or misplaced"
     if spec.backend == "sm90":
         assert "HGMMA" in sass
         assert not serialized_wgmma(sass), "ptxas serialized the wgmma pipeline"
@@ -191,3 +198,5 @@ def test_attention_variants_build(spec: PrefillSpec, monkeypatch, no_gpu) -> Non
         assert len(spills_between_hgmmas(sass)) <= (2 if spec.custom_mask else 0), spills_between_hgmmas(sass)[:5]
     else:
         assert "HMMA.16816" in sass
+        if spec.rope:  # the rotation's frequencies and angles stay in registers
+            assert not spills(sass), spills(sass)[:5]

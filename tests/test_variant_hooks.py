@@ -2,9 +2,10 @@
 
 The library's variants (variant.cuh: sliding window, soft-cap) use some of the hooks; a test variant
 here turns every one on: a sliding-window kv_range (begin > 0), a logits transform (soft-cap, so the
-softmax runs on transformed scores with scale log2(e)), an extra mask and a query transform. It is
+softmax runs on transformed scores with scale log2(e)), an extra mask and query / key transforms with a
+per-thread state (as fused RoPE has). It is
 instantiated for the 64-row ragged kernel and the 16-row paged (KV-split warps) kernel, and (without
-the query transform, which it lacks) for the sm90 ragged and paged kernels, and compiled to sm_90a
+the query / key transforms, which it lacks) for the sm90 ragged and paged kernels, and compiled to sm_90a
 machine code. Running such variants against a reference is the attention-variants
 issue's job; this test keeps the hook interface honest until then.
 """
@@ -28,6 +29,7 @@ struct WindowSoftCapVariant : fij::KeyRange<true, true> {  // causal, sliding wi
   static constexpr bool kTransformsLogits = true;
   static constexpr bool kMasksLogits = true;
   static constexpr bool kTransformsQuery = true;
+  static constexpr bool kTransformsKey = true;
   float cap;
   template <typename Params>
   __host__ __device__ explicit WindowSoftCapVariant(const Params& p) : Range(p), cap(30.f) {}
@@ -36,8 +38,17 @@ struct WindowSoftCapVariant : fij::KeyRange<true, true> {  // causal, sliding wi
   __device__ float transform_logits(float qk, int, int, int, const Tile&) const { return cap * tanhf(qk / cap); }
   template <typename Tile>
   __device__ bool mask(int q, int kv, int, const Tile& w) const { return ((q + kv + w.request) & 1) == 0; }
-  __device__ void transform_query(float (&lo)[8], float (&hi)[8], int, int, int) const {
-    for (int i = 0; i < 8; ++i) lo[i] *= 0.5f, hi[i] *= 0.5f;
+  struct QKState {
+    float factor;
+  };
+  __device__ QKState qk_state(int dim0) const { return QKState{1.0f / float(dim0 + 1)}; }
+  template <typename Tile>
+  __device__ void transform_query(const QKState& st, float (&lo)[8], float (&hi)[8], int, int, const Tile&) const {
+    for (int i = 0; i < 8; ++i) lo[i] *= st.factor, hi[i] *= 0.5f;
+  }
+  template <typename Tile>
+  __device__ void transform_key(const QKState& st, float (&lo)[8], float (&hi)[8], int key, int, const Tile&) const {
+    for (int i = 0; i < 8; ++i) lo[i] *= st.factor * float(key), hi[i] *= 2.0f;
   }
 };
 
@@ -46,9 +57,10 @@ template int fij::launch_prefill<__nv_bfloat16, 128, 64, 64, WindowSoftCapVarian
 template int fij::launch_prefill<half, 64, 16, 64, WindowSoftCapVariant, true>(
     const fij::PrefillParams&, int, cudaStream_t);
 
-// The sm90 kernel has every hook but the query transform (a static_assert says so).
+// The sm90 kernel has every hook but the query / key transforms (a static_assert says so).
 struct WindowSoftCapNoQuery : WindowSoftCapVariant {
   static constexpr bool kTransformsQuery = false;
+  static constexpr bool kTransformsKey = false;
   using WindowSoftCapVariant::WindowSoftCapVariant;
 };
 template int fij::sm90::launch_prefill<__nv_bfloat16, 128, 128, WindowSoftCapNoQuery, false>(

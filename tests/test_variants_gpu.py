@@ -10,6 +10,11 @@ are not tile multiples, length 1 and empty requests; soft-cap with large logits 
 together. Outputs poisoned with NaN; LSE checked (-inf exactly where no key is visible: a window of 0
 on a non-causal query past the keys, an empty request). forward() cannot change the plan's variant.
 
+Positional encodings (issue #16 / #12): pos_encoding_mode="ROPE_LLAMA" against a reference that rotates q
+and k in float64 at FlashInfer's positions (query i at kv_len - q_len + i, key j at j) and then runs the
+float32 attention; "ALIBI" against the reference with slope(h) * (j - p) added to the scaled scores, the
+slopes written out in tests/reference.py. The paged cache must be left unrotated.
+
 Run: python -m pytest -m gpu -q tests/test_variants_gpu.py   (skipped, with the reason, without CUDA)
 """
 from __future__ import annotations
@@ -232,11 +237,13 @@ def test_variant_plans_run_under_torch_compile_fullgraph() -> None:
     """run() of wrappers planned with a window + soft-cap and with a user variant, inside
     torch.compile(fullgraph=True) (planned outside): no graph break, the eager result."""
     batch = _ragged(LENS, 4, 128, torch.bfloat16, seed=21)
+    backend = _rope_backend()
     alibi_like = flashinfer_jit.AttentionVariant("slope_bias", score_mod="score - s * float(q_pos - kv_idx)",
                                                  params={"s": 0.01})
-    for plan_kwargs in (dict(window_left=64, logits_soft_cap=20.0), dict(variant=alibi_like)):
+    for plan_kwargs in (dict(window_left=64, logits_soft_cap=20.0), dict(variant=alibi_like),
+                        dict(pos_encoding_mode="ROPE_LLAMA"), dict(pos_encoding_mode="ALIBI")):
         w = flashinfer_jit.BatchPrefillWithRaggedKVCacheWrapper(
-            torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=DEVICE), backend=PREFILL_BACKEND)
+            torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=DEVICE), backend=backend)
         w.plan(batch.qo_indptr, batch.kv_indptr, batch.num_qo_heads, batch.num_kv_heads, 128, causal=True,
                q_data_type=torch.bfloat16, **plan_kwargs)
         eager = w.run(batch.q, batch.k, batch.v)
@@ -300,3 +307,162 @@ def test_decode_with_a_user_variant() -> None:
     ref_out, _ = ref.ragged_attention_ref(b.q, k, v, b.qo_indptr, b.kv_indptr, False,
                                           score_fn=lambda s, qi, ki, h, qp, r: s - 0.01 * (qp - ki).float())
     ref.check_attention(out, ref_out, torch.bfloat16, "decode with a user variant")
+
+
+# ---- positional encodings: fused RoPE (pos_encoding_mode="ROPE_LLAMA") and ALiBi ---------------------
+
+# A long request too: positions in the tens of thousands (large angles, the table's precision matters).
+ROPE_LENS = LENS + ((3, 20000),)
+
+
+def _rope_backend() -> str:
+    # Fused RoPE is the FA2-class kernel's: "auto" resolves to it; a run forcing sm90 tests the others.
+    return "auto" if PREFILL_BACKEND == "sm90" else PREFILL_BACKEND
+
+
+def _rotated(q: torch.Tensor, k: torch.Tensor, qo_indptr, kv_indptr, theta: float, scale: float):
+    q_pos, k_pos = ref.rope_positions(qo_indptr, kv_indptr)
+    d = q.shape[-1]
+    return (ref.rope_reference(q, q_pos.to(q.device), d, False, scale, theta),
+            ref.rope_reference(k, k_pos.to(k.device), d, False, scale, theta))
+
+
+ROPE_CASES = ([(128, causal, theta, scale) for causal in (False, True) for theta, scale in ((1e4, 1.0), (5e5, 2.0))]
+              + [(64, True, 1e4, 1.0), (256, True, 1e4, 1.0), (256, False, 5e5, 2.0)])
+
+
+@pytest.mark.parametrize("head_dim, causal, theta, scale", ROPE_CASES,
+                         ids=[f"hd{d}-{'causal' if c else 'full'}-theta{t:g}-scale{s:g}" for d, c, t, s in ROPE_CASES])
+def test_fused_rope_ragged_matches_reference(head_dim: int, causal: bool, theta: float, scale: float) -> None:
+    for group in (1, 4, 8):
+        batch = _ragged(ROPE_LENS, group, head_dim, torch.bfloat16, seed=head_dim + group)
+        w = flashinfer_jit.BatchPrefillWithRaggedKVCacheWrapper(
+            torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=DEVICE), backend=_rope_backend())
+        w.plan(batch.qo_indptr, batch.kv_indptr, batch.num_qo_heads, batch.num_kv_heads, head_dim, causal=causal,
+               pos_encoding_mode="ROPE_LLAMA", rope_theta=theta, rope_scale=scale, q_data_type=torch.bfloat16)
+        assert w.backend == "fa2" and w._pos_encoding_mode == "ROPE_LLAMA"
+        k_before = batch.k.clone()
+        out, lse = _poisoned(batch.total_q, batch.num_qo_heads, head_dim, torch.bfloat16)
+        w.run(batch.q, batch.k, batch.v, out=out, lse=lse, return_lse=True)
+        assert torch.equal(batch.k, k_before), "fused RoPE must not write the keys"
+        q_rot, k_rot = _rotated(batch.q, batch.k, batch.qo_indptr, batch.kv_indptr, theta, scale)
+        ref_out, ref_lse = ref.ragged_attention_ref(q_rot, k_rot, batch.v, batch.qo_indptr, batch.kv_indptr, causal)
+        ref.check_attention(out, ref_out, torch.bfloat16, f"fused RoPE ragged hd{head_dim} g{group} causal={causal} "
+                            f"theta={theta:g} scale={scale:g}", lse, ref_lse)
+
+
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_fused_rope_paged_and_with_other_variants(layout: str, page_size: int) -> None:
+    """Paged K (the page table's positions, not the cache slots'), alone and with a window + soft-cap."""
+    for causal, group, window_left, cap in ((True, 4, -1, 0.0), (False, 8, -1, 0.0), (True, 1, 50, 30.0)):
+        b = ref.make_paged_batch([a for a, _ in ROPE_LENS], [k for _, k in ROPE_LENS], NUM_KV_HEADS * group,
+                                 NUM_KV_HEADS, 128, torch.float16, DEVICE, layout, page_size, seed=page_size + group)
+        w = flashinfer_jit.BatchPrefillWithPagedKVCacheWrapper(
+            torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=DEVICE), kv_layout=layout, backend=_rope_backend())
+        t = b.table
+        w.plan(b.qo_indptr, t.indptr, t.indices, t.last_page_len, b.num_qo_heads, b.num_kv_heads, 128, page_size,
+               causal=causal, pos_encoding_mode="ROPE_LLAMA", window_left=window_left, logits_soft_cap=cap,
+               q_data_type=torch.float16)
+        cache_before = [c.clone() for c in (b.cache if isinstance(b.cache, tuple) else (b.cache,))]
+        out, lse = _poisoned(b.total_q, b.num_qo_heads, 128, torch.float16)
+        w.run(b.q, b.cache, out=out, lse=lse, return_lse=True)
+        after = b.cache if isinstance(b.cache, tuple) else (b.cache,)
+        assert all(torch.equal(x, y) for x, y in zip(after, cache_before)), "fused RoPE must not write the cache"
+        k, v = b.gathered()
+        q_rot, k_rot = _rotated(b.q, k, b.qo_indptr, b.kv_indptr, 1e4, 1.0)
+        ref_out, ref_lse = ref.ragged_attention_ref(q_rot, k_rot, v, b.qo_indptr, b.kv_indptr, causal,
+                                                    window_left=window_left, logits_soft_cap=cap)
+        ref.check_attention(out, ref_out, torch.float16, f"fused RoPE paged {layout} page {page_size} g{group} "
+                            f"causal={causal} window={window_left} cap={cap}", lse, ref_lse)
+
+
+def test_fused_rope_decode_and_single_calls() -> None:
+    """Decode (a query at position kv_len - 1), single_prefill_with_kv_cache and single_decode_with_kv_cache."""
+    kv_lens = [1, 17, 300, 1000, 64, 2049, 20000]
+    group = 4
+    b = ref.make_paged_batch([1] * len(kv_lens), kv_lens, NUM_KV_HEADS * group, NUM_KV_HEADS, 128, torch.bfloat16,
+                             DEVICE, "NHD", 16, seed=15)
+    w = flashinfer_jit.BatchDecodeWithPagedKVCacheWrapper(torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=DEVICE))
+    t = b.table
+    w.plan(t.indptr, t.indices, t.last_page_len, b.num_qo_heads, b.num_kv_heads, 128, 16,
+           pos_encoding_mode="ROPE_LLAMA", rope_theta=5e5, q_data_type=torch.bfloat16)
+    out = torch.full((len(kv_lens), b.num_qo_heads, 128), NAN, dtype=torch.bfloat16, device=DEVICE)
+    w.run(b.q, b.cache, out=out)
+    k, v = b.gathered()
+    q_rot, k_rot = _rotated(b.q, k, b.qo_indptr, b.kv_indptr, 5e5, 1.0)
+    ref_out, _ = ref.ragged_attention_ref(q_rot, k_rot, v, b.qo_indptr, b.kv_indptr, False)
+    ref.check_attention(out, ref_out, torch.bfloat16, "fused RoPE decode")
+
+    torch.manual_seed(2)
+    q = torch.randn(77, 16, 128, device=DEVICE, dtype=torch.bfloat16)
+    k = torch.randn(300, 4, 128, device=DEVICE, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    out, lse = flashinfer_jit.single_prefill_with_kv_cache(q, k, v, causal=True, pos_encoding_mode="ROPE_LLAMA",
+                                                           return_lse=True)
+    q_rot, k_rot = _rotated(q, k, [0, 77], [0, 300], 1e4, 1.0)
+    ref_out, ref_lse = ref.attention_ref(q_rot, k_rot, v, True)
+    ref.check_attention(out, ref_out, torch.bfloat16, "fused RoPE single prefill", lse, ref_lse)
+    one = flashinfer_jit.single_decode_with_kv_cache(q[-1], k, v, pos_encoding_mode="ROPE_LLAMA")
+    q_rot, k_rot = _rotated(q[-1:], k, [0, 1], [0, 300], 1e4, 1.0)
+    ref_one, _ = ref.attention_ref(q_rot, k_rot, v, False)
+    ref.check_attention(one, ref_one[0], torch.bfloat16, "fused RoPE single decode")
+
+
+def _alibi_score(num_qo_heads: int):
+    slopes = ref.alibi_slopes_ref(num_qo_heads).to(DEVICE).view(-1, 1, 1)
+    return lambda s, qi, ki, h, qp, r: s + slopes * (ki - qp).float()
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_alibi_ragged_matches_reference(head_dim: int, causal: bool) -> None:
+    """pos_encoding_mode="ALIBI" on the ragged wrapper (sm90 where "auto" picks it, else fa2); 12 query heads
+    at group 4 (not a power of two: the second slope series) and 8 / 16 at groups 1 / 8."""
+    for num_kv_heads, group in ((8, 1), (3, 4), (2, 8)):
+        batch = ref.make_ragged_batch([a for a, _ in LENS], [b for _, b in LENS], num_kv_heads * group, num_kv_heads,
+                                      head_dim, torch.bfloat16, DEVICE, "NHD", head_dim + group)
+        w = flashinfer_jit.BatchPrefillWithRaggedKVCacheWrapper(
+            torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=DEVICE), backend=PREFILL_BACKEND)
+        w.plan(batch.qo_indptr, batch.kv_indptr, batch.num_qo_heads, num_kv_heads, head_dim, causal=causal,
+               pos_encoding_mode="ALIBI", q_data_type=torch.bfloat16)
+        out, lse = _poisoned(batch.total_q, batch.num_qo_heads, head_dim, torch.bfloat16)
+        w.run(batch.q, batch.k, batch.v, out=out, lse=lse, return_lse=True)
+        ref_out, ref_lse = ref.ragged_attention_ref(batch.q, batch.k, batch.v, batch.qo_indptr, batch.kv_indptr, causal,
+                                                    score_fn=_alibi_score(batch.num_qo_heads))
+        ref.check_attention(out, ref_out, torch.bfloat16, f"ALiBi ragged hd{head_dim} g{group} causal={causal} "
+                            f"({w.backend})", lse, ref_lse)
+
+
+def test_alibi_paged_decode_and_single() -> None:
+    b = ref.make_paged_batch([a for a, _ in LENS], [k for _, k in LENS], 16, 4, 128, torch.float16, DEVICE, "HND", 16,
+                             seed=31)
+    t = b.table
+    k, v = b.gathered()
+    w = flashinfer_jit.BatchPrefillWithPagedKVCacheWrapper(
+        torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=DEVICE), kv_layout="HND", backend=PREFILL_BACKEND)
+    w.plan(b.qo_indptr, t.indptr, t.indices, t.last_page_len, 16, 4, 128, 16, causal=True, window_left=100,
+           pos_encoding_mode="ALIBI", q_data_type=torch.float16)
+    out, lse = _poisoned(b.total_q, 16, 128, torch.float16)
+    w.run(b.q, b.cache, out=out, lse=lse, return_lse=True)
+    ref_out, ref_lse = ref.ragged_attention_ref(b.q, k, v, b.qo_indptr, b.kv_indptr, True, window_left=100,
+                                                score_fn=_alibi_score(16))
+    ref.check_attention(out, ref_out, torch.float16, f"ALiBi paged HND + window ({w.backend})", lse, ref_lse)
+
+    kv_lens = [1, 17, 300, 1000, 2049]
+    d = ref.make_paged_batch([1] * len(kv_lens), kv_lens, 32, 8, 128, torch.bfloat16, DEVICE, "NHD", 16, seed=32)
+    dw = flashinfer_jit.BatchDecodeWithPagedKVCacheWrapper(torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=DEVICE))
+    t = d.table
+    dw.plan(t.indptr, t.indices, t.last_page_len, 32, 8, 128, 16, pos_encoding_mode="ALIBI", q_data_type=torch.bfloat16)
+    out = dw.run(d.q, d.cache)
+    k, v = d.gathered()
+    ref_out, _ = ref.ragged_attention_ref(d.q, k, v, d.qo_indptr, d.kv_indptr, False, score_fn=_alibi_score(32))
+    ref.check_attention(out, ref_out, torch.bfloat16, "ALiBi decode")
+
+    torch.manual_seed(3)
+    q = torch.randn(50, 8, 128, device=DEVICE, dtype=torch.bfloat16)
+    k = torch.randn(120, 8, 128, device=DEVICE, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    out = flashinfer_jit.single_prefill_with_kv_cache(q, k, v, causal=True, pos_encoding_mode="ALIBI")
+    ref_out, _ = ref.attention_ref(q, k, v, True, score_fn=_alibi_score(8))
+    ref.check_attention(out, ref_out, torch.bfloat16, "ALiBi single prefill")

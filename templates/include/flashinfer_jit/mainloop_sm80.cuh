@@ -7,7 +7,8 @@
 //   - each warp owns 16 * kMmaQ rows (decode-sized 16-row tiles: four warps split each tile's keys);
 //     S = Q K^T and O += P V with mma.sync m16n8k16 fed by ldmatrix (V through ldmatrix.trans), P
 //     kept in registers as the A operand of the second GEMM;
-//   - the variant (variant.cuh) decides the visible keys, the mask and any logits/query transform;
+//   - the variant (variant.cuh) decides the visible keys, the mask and any logits / query / key
+//     transform (RoPE rotates Q once and each K tile in shared memory, one extra barrier a tile);
 //     masks are applied only to tiles that can need them (the KV tail, tiles crossing the range of
 //     keys every row sees);
 //   - fp32 online softmax in base 2 (softmax.cuh).
@@ -233,24 +234,50 @@ struct MainloopSm80 {
     }
   }
 
-  // Query transform of the variant (RoPE-like), in shared memory once Q has landed: each thread
-  // takes 8 dims of the first half of a row and the same 8 of the second half (rotate-half pairs).
-  __device__ __forceinline__ static void transform_q(const PrefillParams& p, const Variant& variant,
+  // Query / key transforms of the variant (RoPE), in shared memory once the tile has landed: each
+  // thread takes 8 dims of the first half of a row and the same 8 of the second half (rotate-half
+  // pairs). S::kThreads is a multiple of the half-row chunks, so a thread's dims stay fixed: its
+  // transform state (the variant's QKState: RoPE frequencies) is built once.
+  static constexpr int kHalfChunks = Tile::kChunks / 2;
+  static_assert(S::kThreads % kHalfChunks == 0, "a thread's transform dims must stay fixed");
+  __device__ __forceinline__ static int transform_dim0() { return (threadIdx.x % kHalfChunks) * 8; }
+
+  template <typename QKState>
+  __device__ __forceinline__ static void transform_q(const PrefillParams& p, const Variant& variant, const QKState& qk,
                                                      const WorkTile& w, int hk, T* sQ) {
-    constexpr int kHalf = Tile::kChunks / 2;
     cp_async_commit();
     cp_async_wait<0>();
     __syncthreads();
-    for (int i = threadIdx.x; i < CTA_Q * kHalf; i += S::kThreads) {
-      const int row = i / kHalf, chunk = i % kHalf;
-      if (row >= w.rows) continue;
+    const int chunk = threadIdx.x % kHalfChunks;
+    for (int row = threadIdx.x / kHalfChunks; row < w.rows; row += S::kThreads / kHalfChunks) {
       const PackedRow pr = unpack_row(w.row_begin + row, p.group, hk);
       T* lo_ptr = sQ + Tile::offset(row, chunk);
-      T* hi_ptr = sQ + Tile::offset(row, chunk + kHalf);
+      T* hi_ptr = sQ + Tile::offset(row, chunk + kHalfChunks);
       float lo[8], hi[8];
       load8(lo_ptr, lo);
       load8(hi_ptr, hi);
-      variant.transform_query(lo, hi, pr.token, pr.head, chunk * 8);
+      variant.transform_query(qk, lo, hi, pr.token, pr.head, w);
+      store8(lo_ptr, lo);
+      store8(hi_ptr, hi);
+    }
+    __syncthreads();
+  }
+
+  // Keys [pos0, min(pos0 + KV_TILE, kv_end)) of the K tile at sK, in place; the caller's barrier
+  // before made the tile visible, the one here publishes the transformed keys.
+  template <typename QKState>
+  __device__ __forceinline__ static void transform_k(const Variant& variant, const QKState& qk, const WorkTile& w,
+                                                     int hk, int pos0, int kv_end, T* sK) {
+    const int chunk = threadIdx.x % kHalfChunks;
+    const int rows = min(KV_TILE, kv_end - pos0);
+#pragma unroll 2
+    for (int row = threadIdx.x / kHalfChunks; row < rows; row += S::kThreads / kHalfChunks) {
+      T* lo_ptr = sK + Tile::offset(row, chunk);
+      T* hi_ptr = sK + Tile::offset(row, chunk + kHalfChunks);
+      float lo[8], hi[8];
+      load8(lo_ptr, lo);
+      load8(hi_ptr, hi);
+      variant.transform_key(qk, lo, hi, pos0 + row, hk, w);
       store8(lo_ptr, lo);
       store8(hi_ptr, hi);
     }
@@ -263,7 +290,8 @@ struct MainloopSm80 {
     const T* k_base = static_cast<const T*>(p.k);
     const T* v_base = static_cast<const T*>(p.v);
     load_q(p, w, hk, sQ);
-    if constexpr (Variant::kTransformsQuery) transform_q(p, variant, w, hk, sQ);
+    const auto qk_state = variant.qk_state(transform_dim0());
+    if constexpr (Variant::kTransformsQuery) transform_q(p, variant, qk_state, w, hk, sQ);
 
     const int kv_lo = w.kv.begin, kv_hi = w.kv.end;
     // K/V tile loads: load_tile(stage, first row) — ragged rows are contiguous per KV head (pointer
@@ -322,6 +350,7 @@ struct MainloopSm80 {
         cp_async_commit();  // possibly empty: keeps one group per tile for the wait count above
       }
       const uint32_t stage_bytes = stage * kStageBytes;
+      if constexpr (Variant::kTransformsKey) transform_k(variant, qk_state, w, hk, pos0, kv_hi, k_smem(smem) + stage * kStage);
 
       float s[MQ][S::kNtS][4];
 #pragma unroll

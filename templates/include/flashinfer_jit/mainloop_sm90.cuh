@@ -434,7 +434,8 @@ struct TurnTaking {
 
 template <typename T, int HEAD_DIM, int KV_TILE, typename Variant>
 struct Consumer {
-  static_assert(!Variant::kTransformsQuery, "the sm90 kernel has no query transform yet (fused RoPE: issue #16)");
+  static_assert(!Variant::kTransformsQuery && !Variant::kTransformsKey,
+                "the sm90 kernel has no query / key transform (fused RoPE runs on the FA2-class kernel)");
   using S = Shape<HEAD_DIM, KV_TILE>;
   using Softmax = OnlineSoftmax<T, 1, S::kNtS, S::kNtO, S::kLazyRescale>;
   using MmaS = Wgmma<KV_TILE, T>;

@@ -51,6 +51,8 @@ struct PrefillParams {
   const void* user_tensor3;
   const void* custom_mask;
   const void* mask_offsets;
+  const float* alibi_slopes_log2;  // ALiBi: one slope a query head, times log2(e)
+  const float* rope_freqs;         // fused RoPE: head_dim / 2 frequencies (variant.cuh WithRope)
   float soft_cap_pre_tanh;  // soft-capping: sm_scale / cap (scale_log2 then holds cap * log2(e))
   float user_scalars[8];    // a user variant's scalar parameters
   int32_t window_left;      // the sliding window's size (KeyRange); last: a missing mirror field shows as padding

@@ -15,12 +15,18 @@
 //     the softmax then scales by log2(e) alone, so its maximum is over the transformed scores.
 //   - mask(q, kv, head, tile): an extra per-element mask (kMasksLogits), on top of kv_range. The hooks
 //     get the work tile (its request, q_len, kv_len) as their last argument.
-//   - the query transform (kTransformsQuery) for RoPE-like variants.
+//   - query and key transforms (kTransformsQuery, kTransformsKey: RoPE), applied in shared memory to
+//     8 dims of a row and the 8 rotate-half partners D/2 further (lo, hi), in float32, with a per-thread
+//     state for those dims (qk_state(dim0), built once: each thread keeps its dims for the whole kernel).
+//     Only the FA2-class kernel runs them (the sm90 kernel's TMA tiles go straight to the tensor cores).
 // New variants are new structs here (or rendered from a spec), not branches in the kernels.
 //
 // Plain C++ when compiled by the host compiler (the planner), __host__ __device__ under nvcc.
 #pragma once
 #include <stdint.h>
+#if defined(__CUDACC__)
+#include "flashinfer_jit/rope.cuh"  // rope_sincos
+#endif
 
 #if defined(__CUDACC__)
 #define FIJ_HOST_DEVICE __host__ __device__ __forceinline__
@@ -79,6 +85,7 @@ struct StandardAttention : KeyRange<CAUSAL, WINDOW> {
   static constexpr bool kTransformsLogits = false;
   static constexpr bool kMasksLogits = false;
   static constexpr bool kTransformsQuery = false;
+  static constexpr bool kTransformsKey = false;
 
   float scale_log2;  // sm_scale * log2(e)
 
@@ -95,8 +102,17 @@ struct StandardAttention : KeyRange<CAUSAL, WINDOW> {
   }
   template <typename Tile>
   __device__ __forceinline__ bool mask(int32_t, int32_t, int32_t, const Tile&) const { return true; }
-  // Dims [dim0, dim0 + 8) and [dim0 + D/2, dim0 + D/2 + 8) of query (token, head), in place.
-  __device__ __forceinline__ void transform_query(float (&)[8], float (&)[8], int32_t, int32_t, int32_t) const {}
+  // The per-thread state of the query / key transforms for dims [dim0, dim0 + 8) (and their partners).
+  struct QKState {};
+  __device__ __forceinline__ QKState qk_state(int32_t) const { return {}; }
+  // Dims [dim0, dim0 + 8) (lo) and [dim0 + D/2, dim0 + D/2 + 8) (hi) of query (token, head), in place.
+  template <typename Tile>
+  __device__ __forceinline__ void transform_query(const QKState&, float (&)[8], float (&)[8], int32_t, int32_t,
+                                                  const Tile&) const {}
+  // The same dims of key `key` (its index in the request's KV) of KV head kv_head, in place.
+  template <typename Tile>
+  __device__ __forceinline__ void transform_key(const QKState&, float (&)[8], float (&)[8], int32_t, int32_t,
+                                                const Tile&) const {}
 #endif
 };
 
@@ -120,6 +136,81 @@ struct SoftCapAttention : StandardAttention<CAUSAL, WINDOW> {
     float t;
     asm("tanh.approx.f32 %0, %1;" : "=f"(t) : "f"(qk * pre_tanh));  // MUFU.TANH, what FlashInfer uses
     return t;
+  }
+#endif
+};
+
+// ALiBi (FlashInfer's pos_encoding_mode="ALIBI"): score = sm_scale * q.k + slope(head) * (key - pos), pos the
+// query's position among the request's keys (bottom-right aligned, as the causal mask), so the bias is 0 on
+// the query's own position and falls with the distance. The launch's params carry the slopes times log2(e)
+// (p.alibi_slopes_log2, one float per query head) and sm_scale * log2(e) in scale_log2: the transform
+// returns scores in base 2, and the softmax's exp2 scales by 1.
+template <bool CAUSAL, bool WINDOW = false>
+struct AlibiAttention : StandardAttention<CAUSAL, WINDOW> {
+  static constexpr bool kTransformsLogits = true;
+
+  const float* slopes_log2;
+
+  template <typename Params>
+  FIJ_HOST_DEVICE explicit AlibiAttention(const Params& p)
+      : StandardAttention<CAUSAL, WINDOW>(p), slopes_log2(p.alibi_slopes_log2) {}
+
+  FIJ_HOST_DEVICE float softmax_scale_log2() const { return 1.0f; }
+
+#if defined(__CUDACC__)
+  template <typename Tile>
+  __device__ __forceinline__ float transform_logits(float qk, int32_t token, int32_t key, int32_t head,
+                                                    const Tile& w) const {
+    const int32_t pos = token + (w.kv_len - w.q_len);
+    return fmaf(qk, this->scale_log2, __ldg(slopes_log2 + head) * float(key - pos));
+  }
+#endif
+};
+
+// Fused rotary embedding (FlashInfer's pos_encoding_mode="ROPE_LLAMA") on top of any variant: q and k
+// rotate in float32 inside the kernel (K is stored unrotated), non-interleaved (rotate-half) pairs
+// (i, i + D/2) by angle position * freq(i); a query's position is token + kv_len - q_len, a key's its
+// index in the request's KV (FlashInfer's definitions). freq(i) = theta^(-2i / D) / rope_scale comes as
+// a table (p.rope_freqs, D/2 floats on the device) that plan() computes in double precision: FlashInfer's
+// powf(rcp_theta, 2i / D) under fast math is ~1e-6 off, 0.03 radians at position 32k.
+template <typename Base>
+struct WithRope : Base {
+  static constexpr bool kTransformsQuery = true;
+  static constexpr bool kTransformsKey = true;
+  const float* freqs;
+
+  template <typename Params>
+  FIJ_HOST_DEVICE explicit WithRope(const Params& p) : Base(p), freqs(p.rope_freqs) {}
+
+#if defined(__CUDACC__)
+  struct QKState {
+    float freq[8];  // of pairs dim0 .. dim0 + 7
+  };
+  __device__ __forceinline__ QKState qk_state(int32_t dim0) const {
+    QKState st;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) st.freq[i] = __ldg(freqs + dim0 + i);
+    return st;
+  }
+  __device__ __forceinline__ static void rotate(const QKState& st, float (&lo)[8], float (&hi)[8], float position) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      float s, c;
+      rope_sincos(position * st.freq[i], &s, &c);
+      const float x = lo[i], y = hi[i];
+      lo[i] = x * c - y * s;
+      hi[i] = y * c + x * s;
+    }
+  }
+  template <typename Tile>
+  __device__ __forceinline__ void transform_query(const QKState& st, float (&lo)[8], float (&hi)[8], int32_t token,
+                                                  int32_t, const Tile& w) const {
+    rotate(st, lo, hi, float(token + (w.kv_len - w.q_len)));
+  }
+  template <typename Tile>
+  __device__ __forceinline__ void transform_key(const QKState& st, float (&lo)[8], float (&hi)[8], int32_t key,
+                                                int32_t, const Tile&) const {
+    rotate(st, lo, hi, float(key));
   }
 #endif
 };
