@@ -75,10 +75,12 @@ class DecodeWorkload:
     page_size: int = PAGE_SIZE
     window_left: int = -1   # attention variants (issue #12): the query sees its last window_left + 1 keys
     soft_cap: float = 0.0
+    pos_encoding: str = ""  # FlashInfer's pos_encoding_mode ("ROPE_LLAMA", "ALIBI"); "" is "NONE"
 
     @property
     def variant(self) -> str:
-        return common.variant_label(self.window_left, self.soft_cap)
+        label = common.variant_label(self.window_left, self.soft_cap)
+        return ", ".join(p for p in (label, f"pos_encoding_mode {self.pos_encoding}" if self.pos_encoding else "") if p)
 
     @property
     def visible_kv(self) -> int:
@@ -116,6 +118,10 @@ WORKLOADS = (
     # variants (issue #12: within 5% of plain decode's bandwidth); the window reads the last 1024 keys
     DecodeWorkload("b128_kv2048_softcap30", 128, 2048, soft_cap=30.0),
     DecodeWorkload("b128_kv2048_window1023", 128, 2048, window_left=1023),
+    # positional encodings (issue #16: fused RoPE within 5% of plain decode); ALiBi
+    DecodeWorkload("b128_kv2048_rope", 128, 2048, pos_encoding="ROPE_LLAMA"),
+    DecodeWorkload("b16_kv4096_rope", 16, 4096, pos_encoding="ROPE_LLAMA"),
+    DecodeWorkload("b128_kv2048_alibi", 128, 2048, pos_encoding="ALIBI"),
 )
 # Targets of the paged-KV issue (% of copy bandwidth, eager run()); FlashInfer 0.7.2 reached 65 / 80 / 97.
 TARGET_PCT = {"b1_kv32768": 70.0, "b16_kv4096": 85.0, "b128_kv2048": 95.0}
@@ -141,9 +147,17 @@ def make_data(wl: DecodeWorkload, seed: int = 0) -> Data:
     batch = reference.make_paged_batch([1] * wl.batch_size, wl.kv_lens, wl.num_qo_heads, wl.num_kv_heads,
                                        wl.head_dim, DTYPE, "cuda", KV_LAYOUT, wl.page_size, seed, extra_pages=16)
     data = Data(wl, batch, 1.0 / math.sqrt(wl.head_dim))
-    data.ref_out, _ = reference.ragged_attention_ref(batch.q, batch.k, batch.v, batch.qo_indptr, batch.kv_indptr,
+    q, k, score_fn = batch.q, batch.k, None
+    if wl.pos_encoding == "ROPE_LLAMA":  # rotated in float64 at FlashInfer's positions (the query at kv_len - 1)
+        q_pos, k_pos = reference.rope_positions(batch.qo_indptr, batch.kv_indptr)
+        q = reference.rope_reference(q, q_pos.to(q.device), wl.head_dim, False, 1.0, 1e4)
+        k = reference.rope_reference(k, k_pos.to(k.device), wl.head_dim, False, 1.0, 1e4)
+    elif wl.pos_encoding == "ALIBI":
+        slopes = reference.alibi_slopes_ref(wl.num_qo_heads).to(q.device).view(-1, 1, 1)
+        score_fn = lambda s, qi, ki, h, qp, r: s + slopes * (ki - qp).float()  # noqa: E731
+    data.ref_out, _ = reference.ragged_attention_ref(q, k, batch.v, batch.qo_indptr, batch.kv_indptr,
                                                      False, data.scale, window_left=wl.window_left,
-                                                     logits_soft_cap=wl.soft_cap)
+                                                     logits_soft_cap=wl.soft_cap, score_fn=score_fn)
     return data
 
 
@@ -161,7 +175,8 @@ def _plan_decode(wrapper, data: Data) -> None:
     t = data.batch.table
     wl = data.wl
     wrapper.plan(t.indptr, t.indices, t.last_page_len, wl.num_qo_heads, wl.num_kv_heads, wl.head_dim, wl.page_size,
-                 q_data_type=DTYPE, window_left=wl.window_left, logits_soft_cap=wl.soft_cap)
+                 q_data_type=DTYPE, window_left=wl.window_left, logits_soft_cap=wl.soft_cap,
+                 pos_encoding_mode=wl.pos_encoding or "NONE")
 
 
 def _plan_shape(wrapper) -> str:
@@ -434,8 +449,12 @@ def variant_vs_plain(rows: list[dict[str, Any]]) -> dict[str, float]:
     gb = {(r["workload"], r["impl"]): r.get("gbps") for r in rows}
     out = {}
     for (name, impl), g in gb.items():
-        if impl == "flashinfer_jit" and g and ("_softcap" in name or "_window" in name):
-            plain = gb.get((name.split("_softcap")[0].split("_window")[0], "flashinfer_jit"))
+        suffixes = ("_softcap", "_window", "_rope", "_alibi")
+        if impl == "flashinfer_jit" and g and any(x in name for x in suffixes):
+            base = name
+            for x in suffixes:
+                base = base.split(x)[0]
+            plain = gb.get((base, "flashinfer_jit"))
             if plain:
                 out[name] = g / plain
     return out

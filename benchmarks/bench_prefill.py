@@ -51,7 +51,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from common import reference  # noqa: E402
 
-IMPLS = ("flashinfer_jit", "flashinfer_jit_fa2", "flashinfer_jit_paged", "fa2_varlen", "cudnn_padded", "flex_docmask")
+IMPLS = ("flashinfer_jit", "flashinfer_jit_fa2", "flashinfer_jit_paged", "flashinfer_jit_rope_2calls", "fa2_varlen",
+         "cudnn_padded", "flex_docmask")
 BASELINE = "fa2_varlen"
 WORKSPACE_BYTES = 256 << 20
 PAGE_SIZE = 16  # flashinfer_jit_paged: tokens per page (NHD pages, shuffled)
@@ -92,6 +93,15 @@ def _sample_reference(data: Data, seed: int) -> None:
     score_fn = mask_fn = None
     if data.wl.snippet:
         _, _, score_fn, mask_fn = common.snippet_variant(data.wl.snippet, data.q.device, data.wl.num_qo_heads)
+    if data.wl.pos_encoding == "ALIBI":
+        slopes = reference.alibi_slopes_ref(data.wl.num_qo_heads).to(data.q.device).view(-1, 1, 1)
+        score_fn = lambda s, qi, ki, h, qp, r: s + slopes * (ki - qp).float()  # noqa: E731
+    q_all, k_all = data.q, data.k
+    if data.wl.pos_encoding == "ROPE_LLAMA":  # rotate in float64 at FlashInfer's positions, then attend
+        q_pos, k_pos = reference.rope_positions(data.qo_indptr, data.kv_indptr)
+        d = data.wl.head_dim
+        q_all = reference.rope_reference(data.q, q_pos.to(data.q.device), d, False, 1.0, 1e4)
+        k_all = reference.rope_reference(data.k, k_pos.to(data.k.device), d, False, 1.0, 1e4)
     qo = data.qo_indptr.tolist()
     kv = data.kv_indptr.tolist()
     rows, refs = [], []
@@ -101,7 +111,7 @@ def _sample_reference(data: Data, seed: int) -> None:
             continue
         picks = sorted({0, q_len // 2, q_len - 1, rng.randrange(q_len), rng.randrange(q_len)})
         idx = torch.tensor(picks, dtype=torch.long, device=data.q.device)
-        out, _ = reference.attention_ref(data.q[qo[i] + idx], data.k[kv[i]:kv[i + 1]], data.v[kv[i]:kv[i + 1]],
+        out, _ = reference.attention_ref(q_all[qo[i] + idx], k_all[kv[i]:kv[i + 1]], data.v[kv[i]:kv[i + 1]],
                                          data.wl.causal, data.scale, q_len=q_len, row_index=idx,
                                          window_left=data.wl.window_left, logits_soft_cap=data.wl.soft_cap,
                                          score_fn=score_fn, mask_fn=mask_fn, request=i)
@@ -143,7 +153,7 @@ def setup_flashinfer_jit(data: Data, backend: str = "auto") -> Prepared:
     t0 = time.perf_counter()
     wrapper.plan(data.qo_indptr, data.kv_indptr, wl.num_qo_heads, wl.num_kv_heads, wl.head_dim, causal=wl.causal,
                  q_data_type=common.DTYPE, window_left=wl.window_left, logits_soft_cap=wl.soft_cap,
-                 **_user_variant(wl))
+                 pos_encoding_mode=wl.pos_encoding or "NONE", **_user_variant(wl))
     plan_s = time.perf_counter() - t0
     out = torch.empty_like(data.q)
 
@@ -175,7 +185,7 @@ def setup_flashinfer_jit_paged(data: Data) -> Prepared:
     t0 = time.perf_counter()
     wrapper.plan(data.qo_indptr, table.indptr, table.indices, table.last_page_len, wl.num_qo_heads, wl.num_kv_heads,
                  wl.head_dim, PAGE_SIZE, causal=wl.causal, q_data_type=common.DTYPE, window_left=wl.window_left,
-                 logits_soft_cap=wl.soft_cap, **_user_variant(wl))
+                 logits_soft_cap=wl.soft_cap, pos_encoding_mode=wl.pos_encoding or "NONE", **_user_variant(wl))
     plan_s = time.perf_counter() - t0
     out = torch.empty_like(data.q)
 
@@ -188,10 +198,38 @@ def setup_flashinfer_jit_paged(data: Data) -> Prepared:
                     {"first_plan_ms": round(plan_s * 1e3, 3), "page_size": PAGE_SIZE})
 
 
+def setup_flashinfer_jit_rope_2calls(data: Data) -> Prepared:
+    """RoPE rows only: what an engine without fused RoPE does, apply_rope (our standalone op, out of place)
+    and then attention without RoPE (backend "auto": the sm90 kernel on Hopper), both timed."""
+    import flashinfer_jit
+
+    wl = data.wl
+    if wl.pos_encoding != "ROPE_LLAMA":
+        raise NotImplementedError("apply_rope + attention: RoPE rows only")
+    if wl.q_lens != wl.kv_lens:
+        raise NotImplementedError("apply_rope's indptr form gives q and k one position per token: q_len == kv_len")
+    workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device="cuda")
+    wrapper = flashinfer_jit.BatchPrefillWithRaggedKVCacheWrapper(workspace, kv_layout="NHD")
+    wrapper.plan(data.qo_indptr, data.kv_indptr, wl.num_qo_heads, wl.num_kv_heads, wl.head_dim, causal=wl.causal,
+                 q_data_type=common.DTYPE)
+    indptr = data.qo_indptr.to("cuda")
+    offsets = torch.zeros(wl.batch_size, dtype=torch.int32, device="cuda")
+    out = torch.empty_like(data.q)
+
+    def fn():
+        q_rope, k_rope = flashinfer_jit.apply_rope(data.q, data.k, indptr, offsets)
+        return wrapper.run(q_rope, k_rope, data.v, out=out)
+
+    return Prepared(fn, lambda r: out, [f"apply_rope (out of place) then run() without RoPE, backend "
+                                        f"{wrapper.backend}; both timed"], {"backend": wrapper.backend})
+
+
 def setup_fa2_varlen(data: Data) -> Prepared:
     wl = data.wl
     if wl.soft_cap > 0 or wl.snippet:
         raise NotImplementedError(f"PyTorch's FA2 varlen op has no {'soft-cap' if wl.soft_cap > 0 else 'score / mask mods'}")
+    if wl.pos_encoding:
+        raise NotImplementedError(f"PyTorch's FA2 varlen op has no pos_encoding_mode {wl.pos_encoding}")
     cu_q = data.qo_indptr.to("cuda")
     cu_k = data.kv_indptr.to("cuda")
     max_q, max_k = max(wl.q_lens), max(wl.kv_lens)
@@ -395,6 +433,13 @@ def setup_flex_docmask(data: Data) -> Prepared:
             return (q_doc[q_idx] == kv_doc[kv_idx]) & ((kv_pos[kv_idx] < prefix) | (kv_pos[kv_idx] <= q_limit[q_idx]))
     elif wl.snippet:
         raise NotImplementedError(f"no FlexAttention form of the snippet {wl.snippet!r} here")
+    if wl.pos_encoding == "ALIBI":  # FlashInfer's slopes (as our built-in ALiBi uses them)
+        slopes = reference.alibi_slopes_ref(wl.num_qo_heads).to(dev)
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score - slopes[h] * (q_limit[q_idx] - kv_pos[kv_idx]).float()
+    elif wl.pos_encoding:
+        raise NotImplementedError(f"FlexAttention has no fused {wl.pos_encoding} (its score_mod sees no q / k)")
 
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -426,6 +471,7 @@ SETUP = {
     "flashinfer_jit": setup_flashinfer_jit,
     "flashinfer_jit_fa2": setup_flashinfer_jit_fa2,
     "flashinfer_jit_paged": setup_flashinfer_jit_paged,
+    "flashinfer_jit_rope_2calls": setup_flashinfer_jit_rope_2calls,
     "fa2_varlen": setup_fa2_varlen,
     "cudnn_padded": setup_cudnn_padded,
     "flex_docmask": setup_flex_docmask,
@@ -645,8 +691,11 @@ def main(argv=None) -> int:
     save()
     print_table(payload["rows"])
     for name, r in payload["variants"].items():
-        print(f"variant {name}: ours / same kernel without it {common.fmt(r['vs_plain'], '.3f')}, "
-              f"ours / FlexAttention (same score_mod / mask_mod) {common.fmt(r['vs_flex'], '.2f')}")
+        print(f"variant {name} ({r['backend']}): ours / same kernel without it ({r['plain']}) "
+              f"{common.fmt(r['vs_plain'], '.3f')}, ours / FlexAttention (same score_mod / mask_mod) "
+              f"{common.fmt(r['vs_flex'], '.2f')}" + (f", ours / apply_rope + attention "
+                                                      f"{common.fmt(r['vs_two_calls'], '.2f')}"
+                                                      if r.get("vs_two_calls") else ""))
     if payload.get("paged_vs_ragged"):
         print("\npaged/ragged TFLOP/s (flashinfer_jit_paged / flashinfer_jit, page 16 NHD shuffled): " +
               ", ".join(f"{name} {ratio:.3f}" for name, ratio in payload["paged_vs_ragged"].items()))
@@ -655,10 +704,12 @@ def main(argv=None) -> int:
 
 
 def _variant_ratios(rows: list[dict[str, Any]], workloads: list[common.Workload]) -> dict[str, dict[str, Any]]:
-    """For each variant workload (window, soft-cap, user snippet): our TFLOP/s over our plain kernel's
-    on the workload with the same batch and no variant (issue #12: the soft-cap within 5% of it) and
-    over FlexAttention's on the same rows (faster than FlexAttention on every row)."""
-    tflops = {(r["workload"], r["impl"]): r.get("tflops") for r in rows}
+    """For each variant workload (window, soft-cap, user snippet, positional encoding): our TFLOP/s over
+    the same kernel family's without the variant on the workload with the same batch (issue #12: the
+    soft-cap within 5%; #16: fused RoPE within 5%, and it runs on the fa2 kernel, so its plain peer is
+    flashinfer_jit_fa2), over FlexAttention's on the same rows, and (RoPE) over apply_rope + attention."""
+    by_key = {(r["workload"], r["impl"]): r for r in rows}
+    tflops = {key: r.get("tflops") for key, r in by_key.items()}
     ratios = {}
     for wl in workloads:
         ours = tflops.get((wl.name, "flashinfer_jit"))
@@ -666,10 +717,15 @@ def _variant_ratios(rows: list[dict[str, Any]], workloads: list[common.Workload]
             continue
         base = next((b.name for b in workloads if not b.variant and (b.q_lens, b.kv_lens, b.causal, b.head_dim)
                      == (wl.q_lens, wl.kv_lens, wl.causal, wl.head_dim)), None)
-        plain = tflops.get((base, "flashinfer_jit"))
+        backend = by_key[(wl.name, "flashinfer_jit")].get("backend")
+        base_row = by_key.get((base, "flashinfer_jit"), {})
+        plain_impl = "flashinfer_jit_fa2" if backend == "fa2" and base_row.get("backend") != "fa2" else "flashinfer_jit"
+        plain = tflops.get((base, plain_impl))
         flex = tflops.get((wl.name, "flex_docmask"))
+        two_calls = tflops.get((wl.name, "flashinfer_jit_rope_2calls"))
         ratios[wl.name] = {"vs_plain": ours / plain if plain else None, "vs_flex": ours / flex if flex else None,
-                           "plain": base}
+                           "plain": f"{base} {plain_impl}", "backend": backend,
+                           "vs_two_calls": ours / two_calls if two_calls else None}
     return ratios
 
 

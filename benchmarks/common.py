@@ -60,11 +60,13 @@ class Workload:
     window_left: int = -1     # attention variants (issue #12): a sliding window, FlashInfer's window_left
     soft_cap: float = 0.0     # logits_soft_cap
     snippet: str = ""         # a user variant of examples/custom_variants.py, by name
+    pos_encoding: str = ""    # FlashInfer's pos_encoding_mode ("ROPE_LLAMA", "ALIBI"); "" is "NONE"
 
     @property
     def variant(self) -> str:
         label = variant_label(self.window_left, self.soft_cap)
-        return ", ".join(p for p in (label, f"snippet {self.snippet}" if self.snippet else "") if p)
+        return ", ".join(p for p in (label, f"snippet {self.snippet}" if self.snippet else "",
+                                     f"pos_encoding_mode {self.pos_encoding}" if self.pos_encoding else "") if p)
 
     @property
     def batch_size(self) -> int:
@@ -158,6 +160,10 @@ def workloads() -> list[Workload]:
         Workload("chat16_causal_hd128_alibi", chat, chat, True, 128, snippet="alibi"),
         Workload("chat16_full_hd128_prefix_lm", chat, chat, False, 128, snippet="prefix_lm"),
         Workload("chat16_causal_hd128_sigmoid", chat, chat, True, 128, snippet="sigmoid_score"),
+        # positional encodings on plan(): fused RoPE (the fa2 kernel's; compared with the fa2 kernel without
+        # it and with apply_rope + attention as two calls) and the built-in ALiBi (vs the alibi snippet's row)
+        Workload("chat16_causal_hd128_rope", chat, chat, True, 128, pos_encoding="ROPE_LLAMA"),
+        Workload("chat16_causal_hd128_alibi_mode", chat, chat, True, 128, pos_encoding="ALIBI"),
     ]
 
 
