@@ -91,6 +91,7 @@ class PrefillParams(ctypes.Structure):
         *[(f"user_tensor{i}", _ptr) for i in range(4)],  # a user variant's per-head parameters
         ("custom_mask", _ptr), ("mask_offsets", _ptr),  # custom masks: packed bits, per-request byte offsets
         ("alibi_slopes_log2", _ptr), ("rope_freqs", _ptr),  # ALiBi slopes x log2(e); fused RoPE's frequencies
+        ("k_scale_ptr", _ptr), ("v_scale_ptr", _ptr), ("k_scale", _f32), ("v_scale", _f32),  # fp8 K/V scales
         ("soft_cap_pre_tanh", _f32), ("user_scalars", _f32 * 8),  # soft-cap; a user variant's scalars
         ("window_left", _i32),  # the sliding window
     ]

@@ -35,6 +35,15 @@ DTYPES: dict[str, tuple[torch.dtype, str]] = {
     "fp16": (torch.float16, "half"),
     "bf16": (torch.bfloat16, "__nv_bfloat16"),
 }
+# K/V storage other than the query dtype (PrefillSpec.kv_dtype) -> (torch dtype name, CUDA C++ type).
+# "" stores K/V as `dtype`.
+KV_DTYPES: dict[str, tuple[str, str]] = {
+    "": ("", ""),
+    "fp8e4m3": ("float8_e4m3fn", "__nv_fp8_e4m3"),
+    "fp8e5m2": ("float8_e5m2", "__nv_fp8_e5m2"),
+}
+KV_DTYPE_ALIASES = {"e4m3": "fp8e4m3", "e5m2": "fp8e5m2", "float8_e4m3fn": "fp8e4m3", "float8_e5m2": "fp8e5m2",
+                    "same": "", "none": ""}
 HEAD_DIMS = (64, 128, 256)
 KV_LAYOUTS = ("ragged", "paged")
 # The page layouts users name (wrappers' NHD/HND, prebuild options, config files): one kernel.
@@ -285,6 +294,9 @@ class PrefillSpec(KernelSpec):
     # and "ALIBI" (linear biases, one slope a head).
     rope: bool = _uri_field("rope|", (False, True), default=False, opt_in=True)
     alibi: bool = _uri_field("alibi|", (False, True), default=False, opt_in=True)
+    # An fp8 KV cache (FlashInfer's kv_data_type float8_e4m3fn / float8_e5m2): K/V pages hold fp8, widened in
+    # the kernel (FA2-class kernel only); "" stores K/V as `dtype`.
+    kv_dtype: str = _uri_field("{}", tuple(KV_DTYPES), default="", aliases=KV_DTYPE_ALIASES, opt_in=True)
     # A user-defined variant's code (flashinfer_jit.AttentionVariant): outside every matrix.
     custom: CustomVariant | None = field(default=None, metadata={"uri": "{}", "code": True})
     kv_tile: int = _derived_field("kv{}", KV_TILES, default_kv_tile)
@@ -308,6 +320,8 @@ class PrefillSpec(KernelSpec):
         if self.alibi and (self.soft_cap or self.custom is not None):
             raise ValueError("PrefillSpec: ALiBi and the soft-cap or a user variant do not combine (write the bias "
                              "into a user variant's score_mod)")
+        if self.kv_dtype and self.backend == "sm90":
+            raise ValueError("PrefillSpec: fp8 K/V (kv_dtype) runs on the fa2 backend only; use backend='fa2'")
         if self.rope and self.backend == "sm90":
             raise ValueError("PrefillSpec: fused RoPE runs on the fa2 backend only (the sm90 kernel's TMA tiles go "
                              "to the tensor cores untouched); use backend='fa2', or apply_rope before attention")
@@ -320,6 +334,8 @@ class PrefillSpec(KernelSpec):
         if values.get("rope") and (values.get("alibi") or values["backend"] == "sm90"):
             return False
         if values.get("alibi") and values.get("soft_cap"):
+            return False
+        if values.get("kv_dtype") and values["backend"] == "sm90":
             return False
         return values["kv_layout"] in BACKEND_LAYOUTS[values["backend"]]
 
@@ -341,6 +357,7 @@ class PrefillSpec(KernelSpec):
             ctx["variant_cpp"] = f"fij::WithCustomMask<{ctx['variant_cpp']}>"
         if self.rope:
             ctx["variant_cpp"] = f"fij::WithRope<{ctx['variant_cpp']}>"
+        ctx["kv_type_cpp"] = KV_DTYPES[self.kv_dtype][1] or ctx["dtype_cpp"]
         return ctx
 
     def explain_compile_error(self, log: str) -> tuple[str, int, str, str] | None:

@@ -187,7 +187,8 @@ def test_prefill_source_bakes_in_the_spec():
     assert both.uri == "prefill_ragged_hd256_fp16_causal_fa2_window_softcap_kv32_q64"
     assert "using Variant = fij::SoftCapAttention<kCausal, true>;" in codegen.render(both)["prefill.cu"]
     assert "fij::plan_prefill<Variant>(" in text and "fij::plan_and_upload<Variant>(" in text
-    assert "launch_prefill<DType, kHeadDim, 64, kKvTile, Variant, kPaged>" in text
+    assert "launch_prefill<DType, kHeadDim, 64, kKvTile, Variant, kPaged, KvType>" in text
+    assert "using KvType = half;" in text  # K/V stored as the query dtype (no kv_dtype)
     assert "launch_prefill<DType, kHeadDim, 128," not in text  # head_dim 256: 64-row tiles only
 
 

@@ -13,6 +13,16 @@
 
 namespace fij {
 
+// std::conditional without <type_traits> (kernel units include only CUDA headers).
+template <bool COND, typename A, typename B>
+struct Select {
+  using type = A;
+};
+template <typename A, typename B>
+struct Select<false, A, B> {
+  using type = B;
+};
+
 template <typename T>
 struct Converter;
 

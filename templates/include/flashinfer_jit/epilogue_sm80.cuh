@@ -21,7 +21,7 @@ __device__ __forceinline__ void store_output_sm80(const PrefillParams& p, const 
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const float sum = st.softmax.total_sum(mi, h);
-        const float inv = sum > 0.f ? 1.f / sum : 0.f;
+        const float inv = sum > 0.f ? st.out_scale / sum : 0.f;  // out_scale: fp8 caches' v_scale
         const float lse = sum > 0.f ? st.softmax.row_max[mi][h] * scale + log2f(sum) : neg_inf();
         const int r = c.row(mi, h);
         if (r >= w.rows) continue;
@@ -72,6 +72,8 @@ __device__ __forceinline__ void store_output_sm80(const PrefillParams& p, const 
     merged.add(ms, ls, os);
     float out[kSegFloats];
     merged.normalized(out);
+#pragma unroll
+    for (int i = 0; i < kSegFloats; ++i) out[i] *= st.out_scale;  // fp8 caches' v_scale (else 1)
     const float lse = merged.lse();
     if (r < w.rows) {
       to_row_sink<T, HEAD_DIM>(p, item, w.q_start, r, hk, [&](const auto& row) {

@@ -16,6 +16,7 @@
 #include "flashinfer_jit/gqa.cuh"
 #include "flashinfer_jit/mma.cuh"
 #include "flashinfer_jit/prefill_params.h"
+#include "flashinfer_jit/quant.cuh"
 #include "flashinfer_jit/score_mask.cuh"
 #include "flashinfer_jit/softmax.cuh"
 #include "flashinfer_jit/swizzle.cuh"
@@ -56,14 +57,11 @@ struct PrefillShape {
   static_assert(kStages >= 2, "the pipeline needs at least two K/V stages");
   static constexpr bool kLazyRescale = FIJ_LAZY_RESCALE < 0 ? HEAD_DIM >= 128 : FIJ_LAZY_RESCALE != 0;
   // Epilogue of a KV-split tile: each warp's unnormalised O rows (fp32, rows padded by 8 floats
-  // against bank conflicts), then its row maxima and sums; overlays the K/V stages.
+  // against bank conflicts), then its row maxima and sums; overlays the K/V tiles (MainloopSm80).
   static constexpr int kMergeRowFloats = HEAD_DIM + 8;
   static constexpr int kMergeBytes = kWarpsKV > 1 ? kWarpsKV * CTA_Q * (kMergeRowFloats + 2) * 4 : 0;
-  template <typename T>
-  static constexpr int smem_bytes() { return (CTA_Q + 2 * kStages * KV_TILE) * HEAD_DIM * int(sizeof(T)); }
   static_assert(kWarpsQ >= 1 && kWarpsQ * 16 * kMmaQ == CTA_Q, "bad CTA_Q");
   static_assert(kKeysPerWarp % 16 == 0, "each warp needs whole k16 steps of keys");
-  static_assert(kMergeBytes <= 2 * kStages * KV_TILE * HEAD_DIM * 2, "merge buffer must fit in the K/V stages");
 };
 
 // Where a thread's mma fragments sit: its warp's rows and keys, and its lane within the quad.
@@ -90,13 +88,15 @@ struct FragmentCoords {
   __device__ __forceinline__ int row(int mi, int h) const { return warp_row0 + mi * 16 + lane_g + 8 * h; }
 };
 
-// Streams K or V tiles of ROWS rows of one KV head into shared memory. Each thread copies one fixed
-// 16-byte column chunk of rows r0, r0 + R, ... (R = THREADS / chunks per row) through a pointer that
-// advances by one tile per load, so a tile costs a few instructions per 16-byte copy.
-template <typename T, int HEAD_DIM, int ROWS, int THREADS>
+// Streams K or V tiles of ROWS rows of one KV head into shared memory laid out as `Tile` (the
+// swizzled 16-bit tiles, or fp8 staging tiles: LinearTile), from global elements of type TE. Each
+// thread copies one fixed 16-byte column chunk of rows r0, r0 + R, ... (R = THREADS / chunks per row)
+// through a pointer that advances by one tile per load, so a tile costs a few instructions per copy.
+template <typename TE, typename Tile, int ROWS, int THREADS>
 struct KVTileLoader {
-  using Tile = SwizzledTile<HEAD_DIM>;
-  static constexpr int kChunks = HEAD_DIM / 8;
+  using T = TE;
+  static constexpr int kChunks = Tile::kChunks;
+  static constexpr int kChunkElems = 16 / int(sizeof(TE));
   static constexpr int R = THREADS / kChunks;
   static_assert((ROWS * kChunks) % THREADS == 0 && THREADS % kChunks == 0 && ROWS % R == 0, "uneven tile split");
   static_assert(R % 8 == 0 || R == 4, "swizzle stepping assumes R is 4 or a multiple of 8");
@@ -109,7 +109,7 @@ struct KVTileLoader {
                                           int64_t stride_h) {
     const int chunk = threadIdx.x % kChunks;
     r0 = threadIdx.x / kChunks;
-    ptr = base + (first_row + r0) * stride_n + int64_t(head) * stride_h + chunk * 8;
+    ptr = base + (first_row + r0) * stride_n + int64_t(head) * stride_h + chunk * kChunkElems;
     row_step = R * stride_n;
     smem_off = Tile::byte_offset(r0, chunk);
   }
@@ -135,10 +135,11 @@ struct KVTileLoader {
 // of it, so a tile starts page-aligned or lies inside one page: a row's page slot and in-page
 // position are the tile's plus a shift and a mask of its row number (no division per row) and the
 // in-page offset fits 32 bits. Other page sizes divide per row.
-template <typename T, int HEAD_DIM, int ROWS, int THREADS, bool ALIGNED>
+template <typename TE, typename Tile, int ROWS, int THREADS, bool ALIGNED>
 struct PagedKVTileLoader {
-  using Tile = SwizzledTile<HEAD_DIM>;
-  static constexpr int kChunks = HEAD_DIM / 8;
+  using T = TE;
+  static constexpr int kChunks = Tile::kChunks;
+  static constexpr int kChunkElems = 16 / int(sizeof(TE));
   static constexpr int R = THREADS / kChunks;
   static constexpr int kIters = ROWS / R;
   static_assert((ROWS * kChunks) % THREADS == 0 && THREADS % kChunks == 0 && ROWS % R == 0, "uneven tile split");
@@ -152,7 +153,7 @@ struct PagedKVTileLoader {
     const int chunk = threadIdx.x % kChunks;
     r0 = threadIdx.x / kChunks;
     pages = request_pages;
-    head_chunk = int64_t(head) * stride_h + chunk * 8;
+    head_chunk = int64_t(head) * stride_h + chunk * kChunkElems;
     smem_off = Tile::byte_offset(r0, chunk);
   }
 
@@ -197,26 +198,47 @@ struct PagedKVTileLoader {
   }
 };
 
-template <typename T, int HEAD_DIM, int CTA_Q, int KV_TILE, typename Variant, bool PAGED, bool ALIGNED_PAGES>
+// TKV: the K/V storage type, T (16-bit) or fp8 (quant.cuh): fp8 tiles are copied into staging tiles and
+// widened in shared memory into one 16-bit K and V tile per KV tile (an extra barrier a tile), with
+// k_scale folded into Q once and v_scale into the output.
+template <typename T, int HEAD_DIM, int CTA_Q, int KV_TILE, typename Variant, bool PAGED, bool ALIGNED_PAGES,
+          typename TKV = T>
 struct MainloopSm80 {
   using S = PrefillShape<HEAD_DIM, CTA_Q, KV_TILE>;
   using Tile = SwizzledTile<HEAD_DIM>;
   using Coords = FragmentCoords<S>;
   static constexpr int MQ = S::kMmaQ;
   using Softmax = OnlineSoftmax<T, MQ, S::kNtS, S::kNtO, S::kLazyRescale>;
-  static constexpr int kStage = KV_TILE * HEAD_DIM;  // elements of one K (or V) stage
-  static constexpr uint32_t kStageBytes = kStage * int(sizeof(T));
+  static constexpr bool kFp8 = KvStorage<TKV>::kFp8;
+  static_assert(kFp8 || sizeof(TKV) == sizeof(T), "K/V are stored as the query type or as fp8");
+  // The layout the K/V tiles land in: the swizzled 16-bit tiles ldmatrix reads, or fp8 staging rows.
+  using StageTile = typename Select<kFp8, LinearTile<HEAD_DIM * int(sizeof(TKV))>, Tile>::type;
+  static constexpr int kStage = KV_TILE * HEAD_DIM;  // elements of one K (or V) tile
+  static constexpr uint32_t kStageBytes = kStage * int(sizeof(TKV));  // one landed (staged) tile
+  static constexpr uint32_t kTileBytes = kStage * int(sizeof(T));     // one 16-bit tile
 
-  // What the mainloop leaves for the epilogue: unnormalised O and the softmax statistics.
+  // What the mainloop leaves for the epilogue: unnormalised O, the softmax statistics, and the factor
+  // the normalized output takes (fp8 caches' v_scale, else 1).
   struct State {
     float o[MQ][S::kNtO][4];
     Softmax softmax;
+    float out_scale;
   };
 
-  // Shared memory: Q, then kStages K tiles, then kStages V tiles.
+  // Shared memory: Q, then kStages K tiles, then kStages V tiles (16-bit K/V); fp8: Q, one 16-bit K
+  // and V tile, then kStages fp8 K and V staging tiles. k_smem .. the end also holds the epilogue's
+  // KV-split merge buffer.
   __device__ __forceinline__ static T* q_smem(uint8_t* smem) { return reinterpret_cast<T*>(smem); }
   __device__ __forceinline__ static T* k_smem(uint8_t* smem) { return q_smem(smem) + CTA_Q * HEAD_DIM; }
-  __device__ __forceinline__ static T* v_smem(uint8_t* smem) { return k_smem(smem) + S::kStages * kStage; }
+  __device__ __forceinline__ static T* v_smem(uint8_t* smem) { return k_smem(smem) + (kFp8 ? 1 : S::kStages) * kStage; }
+  __device__ __forceinline__ static TKV* staged_k(uint8_t* smem) {
+    return kFp8 ? reinterpret_cast<TKV*>(v_smem(smem) + kStage) : reinterpret_cast<TKV*>(k_smem(smem));
+  }
+  __device__ __forceinline__ static TKV* staged_v(uint8_t* smem) { return staged_k(smem) + S::kStages * kStage; }
+  static constexpr int kSmemBytes = (CTA_Q * HEAD_DIM + (kFp8 ? 2 * kStage : 0)) * int(sizeof(T)) +
+                                    2 * S::kStages * int(kStageBytes);
+  static_assert(S::kMergeBytes <= kSmemBytes - CTA_Q * HEAD_DIM * int(sizeof(T)),
+                "the KV-split merge buffer must fit past Q");
 
   // Q tile (packed rows -> (token, head)); rows past the tile's end are zero.
   __device__ __forceinline__ static void load_q(const PrefillParams& p, const WorkTile& w, int hk, T* sQ) {
@@ -242,9 +264,10 @@ struct MainloopSm80 {
   static_assert(S::kThreads % kHalfChunks == 0, "a thread's transform dims must stay fixed");
   __device__ __forceinline__ static int transform_dim0() { return (threadIdx.x % kHalfChunks) * 8; }
 
+  // q_scale: fp8 caches' k_scale, folded into Q (q . (k * k_scale) == (q * k_scale) . k).
   template <typename QKState>
   __device__ __forceinline__ static void transform_q(const PrefillParams& p, const Variant& variant, const QKState& qk,
-                                                     const WorkTile& w, int hk, T* sQ) {
+                                                     const WorkTile& w, int hk, T* sQ, float q_scale) {
     cp_async_commit();
     cp_async_wait<0>();
     __syncthreads();
@@ -256,7 +279,11 @@ struct MainloopSm80 {
       float lo[8], hi[8];
       load8(lo_ptr, lo);
       load8(hi_ptr, hi);
-      variant.transform_query(qk, lo, hi, pr.token, pr.head, w);
+      if constexpr (Variant::kTransformsQuery) variant.transform_query(qk, lo, hi, pr.token, pr.head, w);
+      if constexpr (kFp8) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) lo[i] *= q_scale, hi[i] *= q_scale;
+      }
       store8(lo_ptr, lo);
       store8(hi_ptr, hi);
     }
@@ -284,32 +311,68 @@ struct MainloopSm80 {
     __syncthreads();
   }
 
+  // fp8: the staged K and V tiles of keys [pos0, pos0 + KV_TILE) widened into the 16-bit tiles sK, sV
+  // (the variant's key transform applied on the way); rows past the KV range were zero-filled by the
+  // copy and stay zero. The caller's barrier before made the staged tiles visible; the one here
+  // publishes the widened ones.
+  template <typename QKState>
+  __device__ __forceinline__ static void widen_kv(const Variant& variant, const QKState& qk, const WorkTile& w, int hk,
+                                                  int pos0, const TKV* staged_k_tile, const TKV* staged_v_tile, T* sK,
+                                                  T* sV) {
+    const int chunk = threadIdx.x % kHalfChunks;
+    constexpr int kHalf = HEAD_DIM / 2;
+#pragma unroll 2
+    for (int row = threadIdx.x / kHalfChunks; row < KV_TILE; row += S::kThreads / kHalfChunks) {
+      float lo[8], hi[8];
+      widen8(staged_k_tile + row * HEAD_DIM + chunk * 8, lo);
+      widen8(staged_k_tile + row * HEAD_DIM + kHalf + chunk * 8, hi);
+      if constexpr (Variant::kTransformsKey) variant.transform_key(qk, lo, hi, pos0 + row, hk, w);
+      store8(sK + Tile::offset(row, chunk), lo);
+      store8(sK + Tile::offset(row, chunk + kHalfChunks), hi);
+      widen8(staged_v_tile + row * HEAD_DIM + chunk * 8, lo);
+      widen8(staged_v_tile + row * HEAD_DIM + kHalf + chunk * 8, hi);
+      store8(sV + Tile::offset(row, chunk), lo);
+      store8(sV + Tile::offset(row, chunk + kHalfChunks), hi);
+    }
+    __syncthreads();
+  }
+
   __device__ __forceinline__ static void run(const PrefillParams& p, const Variant& variant, const WorkTile& w,
                                              int hk, uint8_t* smem, State& st) {
     T* sQ = q_smem(smem);
-    const T* k_base = static_cast<const T*>(p.k);
-    const T* v_base = static_cast<const T*>(p.v);
+    const TKV* k_base = static_cast<const TKV*>(p.k);
+    const TKV* v_base = static_cast<const TKV*>(p.v);
     load_q(p, w, hk, sQ);
     const auto qk_state = variant.qk_state(transform_dim0());
-    if constexpr (Variant::kTransformsQuery) transform_q(p, variant, qk_state, w, hk, sQ);
+    st.out_scale = 1.f;
+    if constexpr (kFp8) {  // a Python float in the params, times a one-element device tensor's value if given
+      const float k_scale = p.k_scale * (p.k_scale_ptr != nullptr ? __ldg(p.k_scale_ptr) : 1.f);
+      st.out_scale = p.v_scale * (p.v_scale_ptr != nullptr ? __ldg(p.v_scale_ptr) : 1.f);
+      transform_q(p, variant, qk_state, w, hk, sQ, k_scale);
+    } else if constexpr (Variant::kTransformsQuery) {
+      transform_q(p, variant, qk_state, w, hk, sQ, 1.f);
+    }
 
     const int kv_lo = w.kv.begin, kv_hi = w.kv.end;
     // K/V tile loads: load_tile(stage, first row) — ragged rows are contiguous per KV head (pointer
     // stepping), paged rows go through the page table (read one tile ahead).
-    using Ragged = KVTileLoader<T, HEAD_DIM, KV_TILE, S::kThreads>;
-    using Paged = PagedKVTileLoader<T, HEAD_DIM, KV_TILE, S::kThreads, ALIGNED_PAGES>;
+    using Ragged = KVTileLoader<TKV, StageTile, KV_TILE, S::kThreads>;
+    using Paged = PagedKVTileLoader<TKV, StageTile, KV_TILE, S::kThreads, ALIGNED_PAGES>;
     Ragged k_loader(k_base, PAGED ? 0 : w.kv_start + kv_lo, hk, p.k_stride_n, p.k_stride_h);
     Ragged v_loader(v_base, PAGED ? 0 : w.kv_start + kv_lo, hk, p.v_stride_n, p.v_stride_h);
     Paged paged(PAGED ? p.page_indices + w.page_start : nullptr, hk, p.k_stride_h);
+    // The tiles the tensor cores read (sK_addr, sV_addr: the stages, or fp8's one widened tile) and the
+    // ones the copies land in (the same stages, or fp8's staging tiles).
     const uint32_t sK_addr = smem_addr(k_smem(smem)), sV_addr = smem_addr(v_smem(smem));
+    const uint32_t landK_addr = smem_addr(staged_k(smem)), landV_addr = smem_addr(staged_v(smem));
     auto load_tile = [&](int stage_index, int pos0) {
       if constexpr (PAGED) {
-        paged.load_kv(sK_addr + stage_index * kStageBytes, sV_addr + stage_index * kStageBytes, k_base, v_base,
-                      pos0, kv_hi - pos0, p);
+        paged.load_kv(landK_addr + stage_index * kStageBytes, landV_addr + stage_index * kStageBytes, k_base,
+                      v_base, pos0, kv_hi - pos0, p);
         paged.fetch(pos0 + KV_TILE, kv_hi - pos0 - KV_TILE, p);
       } else {
-        k_loader.load(sK_addr + stage_index * kStageBytes, kv_hi - pos0, k_base);
-        v_loader.load(sV_addr + stage_index * kStageBytes, kv_hi - pos0, v_base);
+        k_loader.load(landK_addr + stage_index * kStageBytes, kv_hi - pos0, k_base);
+        v_loader.load(landV_addr + stage_index * kStageBytes, kv_hi - pos0, v_base);
       }
     };
     if constexpr (PAGED) paged.fetch(kv_lo, kv_hi - kv_lo, p);
@@ -349,8 +412,13 @@ struct MainloopSm80 {
         if (next < kv_hi) load_tile(next_stage, next);
         cp_async_commit();  // possibly empty: keeps one group per tile for the wait count above
       }
-      const uint32_t stage_bytes = stage * kStageBytes;
-      if constexpr (Variant::kTransformsKey) transform_k(variant, qk_state, w, hk, pos0, kv_hi, k_smem(smem) + stage * kStage);
+      if constexpr (kFp8) {
+        widen_kv(variant, qk_state, w, hk, pos0, staged_k(smem) + stage * kStage, staged_v(smem) + stage * kStage,
+                 k_smem(smem), v_smem(smem));
+      } else if constexpr (Variant::kTransformsKey) {
+        transform_k(variant, qk_state, w, hk, pos0, kv_hi, k_smem(smem) + stage * kStage);
+      }
+      const uint32_t stage_bytes = kFp8 ? 0u : stage * kTileBytes;
 
       float s[MQ][S::kNtS][4];
 #pragma unroll

@@ -53,6 +53,12 @@ struct PrefillParams {
   const void* mask_offsets;
   const float* alibi_slopes_log2;  // ALiBi: one slope a query head, times log2(e)
   const float* rope_freqs;         // fused RoPE: head_dim / 2 frequencies (variant.cuh WithRope)
+  // fp8 K/V: the scales FlashInfer takes as k_scale / v_scale, each a float here times (when not null) a
+  // one-element float32 device tensor's value (vLLM passes them so: no host read, no sync).
+  const float* k_scale_ptr;
+  const float* v_scale_ptr;
+  float k_scale;
+  float v_scale;
   float soft_cap_pre_tanh;  // soft-capping: sm_scale / cap (scale_log2 then holds cap * log2(e))
   float user_scalars[8];    // a user variant's scalar parameters
   int32_t window_left;      // the sliding window's size (KeyRange); last: a missing mirror field shows as padding

@@ -4,7 +4,8 @@
 //   mainloop_sm80.cuh   Q/K/V tiles through cp.async, S = Q K^T, mask, online softmax, O += P V
 //   epilogue_sm80.cuh   fragments -> rows (KV-split warps merged), through epilogue.cuh's row sinks
 //   epilogue.cuh        final / partial row stores, the split-KV tile merge
-//   variant.cuh         what is computed: visible keys, mask, logits and query transforms
+//   variant.cuh         what is computed: visible keys, mask, logits and query / key transforms
+//   quant.cuh           fp8 K/V storage (widened in shared memory by the mainloop)
 // Rows that see no key produce O = 0 and LSE = -inf.
 #pragma once
 #include "flashinfer_jit/epilogue_sm80.cuh"
@@ -14,10 +15,12 @@
 
 namespace fij {
 
-template <typename T, int HEAD_DIM, int CTA_Q, int KV_TILE, typename Variant, bool PAGED, bool ALIGNED_PAGES>
+// TKV: the K/V storage type (T, or fp8: quant.cuh).
+template <typename T, int HEAD_DIM, int CTA_Q, int KV_TILE, typename Variant, bool PAGED, bool ALIGNED_PAGES,
+          typename TKV>
 __global__ void __launch_bounds__(PrefillShape<HEAD_DIM, CTA_Q, KV_TILE>::kThreads, 2)
     prefill_kernel(const __grid_constant__ PrefillParams p) {
-  using Mainloop = MainloopSm80<T, HEAD_DIM, CTA_Q, KV_TILE, Variant, PAGED, ALIGNED_PAGES>;
+  using Mainloop = MainloopSm80<T, HEAD_DIM, CTA_Q, KV_TILE, Variant, PAGED, ALIGNED_PAGES, TKV>;
   extern __shared__ __align__(128) uint8_t smem[];
   WorkItem item;
   const TileScheduler work = TileScheduler::fetch(p, item);
@@ -50,11 +53,12 @@ inline bool aligned_pages(const PrefillParams& p) {
          int64_t(ps) * p.k_stride_n + p.k_stride_h * int64_t(p.num_kv_heads) <= INT32_MAX;
 }
 
-template <typename T, int HEAD_DIM, int CTA_Q, int KV_TILE, typename Variant, bool PAGED, bool ALIGNED_PAGES>
+template <typename T, int HEAD_DIM, int CTA_Q, int KV_TILE, typename Variant, bool PAGED, bool ALIGNED_PAGES,
+          typename TKV>
 inline int launch_kernel(const PrefillParams& p, int grid_items, cudaStream_t stream) {
   using S = PrefillShape<HEAD_DIM, CTA_Q, KV_TILE>;
-  constexpr int smem = S::template smem_bytes<T>();
-  auto kernel = prefill_kernel<T, HEAD_DIM, CTA_Q, KV_TILE, Variant, PAGED, ALIGNED_PAGES>;
+  constexpr int smem = MainloopSm80<T, HEAD_DIM, CTA_Q, KV_TILE, Variant, PAGED, ALIGNED_PAGES, TKV>::kSmemBytes;
+  auto kernel = prefill_kernel<T, HEAD_DIM, CTA_Q, KV_TILE, Variant, PAGED, ALIGNED_PAGES, TKV>;
   static bool attribute_set[64] = {};  // per device ordinal
   int device = 0;
   cudaGetDevice(&device);
@@ -69,7 +73,7 @@ inline int launch_kernel(const PrefillParams& p, int grid_items, cudaStream_t st
   return 0;
 }
 
-template <typename T, int HEAD_DIM, int CTA_Q, int KV_TILE, typename Variant, bool PAGED>
+template <typename T, int HEAD_DIM, int CTA_Q, int KV_TILE, typename Variant, bool PAGED, typename TKV = T>
 inline int launch_prefill(const PrefillParams& params, int grid_items, cudaStream_t stream) {
   if constexpr (PAGED) {
     if (aligned_pages<KV_TILE>(params)) {
@@ -77,17 +81,17 @@ inline int launch_prefill(const PrefillParams& params, int grid_items, cudaStrea
       const bool divides = KV_TILE % p.page_size == 0;
       p.page_row_shift = divides ? __builtin_ctz(unsigned(p.page_size)) : 30;  // rows < KV_TILE <= page: 0
       p.page_row_mask = divides ? p.page_size - 1 : -1;
-      return launch_kernel<T, HEAD_DIM, CTA_Q, KV_TILE, Variant, true, true>(p, grid_items, stream);
+      return launch_kernel<T, HEAD_DIM, CTA_Q, KV_TILE, Variant, true, true, TKV>(p, grid_items, stream);
     }
   }
-  return launch_kernel<T, HEAD_DIM, CTA_Q, KV_TILE, Variant, PAGED, false>(params, grid_items, stream);
+  return launch_kernel<T, HEAD_DIM, CTA_Q, KV_TILE, Variant, PAGED, false, TKV>(params, grid_items, stream);
 }
 
-template <typename T, int HEAD_DIM, int CTA_Q, int KV_TILE, typename Variant, bool PAGED>
+template <typename T, int HEAD_DIM, int CTA_Q, int KV_TILE, typename Variant, bool PAGED, typename TKV = T>
 inline int blocks_per_sm() {
   using S = PrefillShape<HEAD_DIM, CTA_Q, KV_TILE>;
-  constexpr int smem = S::template smem_bytes<T>();
-  auto kernel = prefill_kernel<T, HEAD_DIM, CTA_Q, KV_TILE, Variant, PAGED, PAGED>;
+  constexpr int smem = MainloopSm80<T, HEAD_DIM, CTA_Q, KV_TILE, Variant, PAGED, PAGED, TKV>::kSmemBytes;
+  auto kernel = prefill_kernel<T, HEAD_DIM, CTA_Q, KV_TILE, Variant, PAGED, PAGED, TKV>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return -int(err);
   int blocks = 0;

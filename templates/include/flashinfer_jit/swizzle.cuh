@@ -28,4 +28,17 @@ struct SwizzledTile {
   }
 };
 
+// Rows of ROW_BYTES bytes, 16-byte chunks in order: the staging tiles of fp8 K / V (read row by row
+// by the widening pass, never by ldmatrix). The same interface as SwizzledTile.
+template <int ROW_BYTES>
+struct LinearTile {
+  static_assert(ROW_BYTES % 16 == 0, "rows of whole 16-byte chunks");
+  static constexpr int kChunks = ROW_BYTES / 16;
+  static constexpr int kRowBytes = ROW_BYTES;
+  __host__ __device__ __forceinline__ static constexpr uint32_t byte_offset(int row, int chunk) {
+    return uint32_t(row * ROW_BYTES + chunk * 16);
+  }
+  __host__ __device__ __forceinline__ static constexpr uint32_t xor_chunks(uint32_t addr, int) { return addr; }
+};
+
 }  // namespace fij
