@@ -36,6 +36,7 @@ card, date, commit, torch, rows of workload, impl, ms, gbps, copy_gbps, pct_of_c
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 import time
@@ -76,11 +77,17 @@ class DecodeWorkload:
     window_left: int = -1   # attention variants (issue #12): the query sees its last window_left + 1 keys
     soft_cap: float = 0.0
     pos_encoding: str = ""  # FlashInfer's pos_encoding_mode ("ROPE_LLAMA", "ALIBI"); "" is "NONE"
+    kv_dtype: str = ""      # an fp8 cache (issue #16): "float8_e4m3fn" / "float8_e5m2"; "" is DTYPE
 
     @property
     def variant(self) -> str:
         label = common.variant_label(self.window_left, self.soft_cap)
-        return ", ".join(p for p in (label, f"pos_encoding_mode {self.pos_encoding}" if self.pos_encoding else "") if p)
+        return ", ".join(p for p in (label, f"pos_encoding_mode {self.pos_encoding}" if self.pos_encoding else "",
+                                     f"{self.kv_dtype} KV" if self.kv_dtype else "") if p)
+
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        return getattr(torch, self.kv_dtype) if self.kv_dtype else DTYPE
 
     @property
     def visible_kv(self) -> int:
@@ -97,7 +104,7 @@ class DecodeWorkload:
 
     @property
     def kv_bytes(self) -> int:
-        return 2 * self.batch_size * self.visible_kv * self.num_kv_heads * self.head_dim * DTYPE.itemsize
+        return 2 * self.batch_size * self.visible_kv * self.num_kv_heads * self.head_dim * self.cache_dtype.itemsize
 
     @property
     def bytes(self) -> int:
@@ -122,6 +129,12 @@ WORKLOADS = (
     DecodeWorkload("b128_kv2048_rope", 128, 2048, pos_encoding="ROPE_LLAMA"),
     DecodeWorkload("b16_kv4096_rope", 16, 4096, pos_encoding="ROPE_LLAMA"),
     DecodeWorkload("b128_kv2048_alibi", 128, 2048, pos_encoding="ALIBI"),
+    # fp8 KV caches (issue #16: >= 85% of the copy bandwidth counting fp8 bytes, <= 0.6x the bf16 time at
+    # b128 x 2048); bytes count the fp8 cache's
+    DecodeWorkload("b1_kv32768_fp8", 1, 32768, kv_dtype="float8_e4m3fn"),
+    DecodeWorkload("b16_kv4096_fp8", 16, 4096, kv_dtype="float8_e4m3fn"),
+    DecodeWorkload("b128_kv2048_fp8", 128, 2048, kv_dtype="float8_e4m3fn"),
+    DecodeWorkload("b128_kv2048_fp8e5m2", 128, 2048, kv_dtype="float8_e5m2"),
 )
 # Targets of the paged-KV issue (% of copy bandwidth, eager run()); FlashInfer 0.7.2 reached 65 / 80 / 97.
 TARGET_PCT = {"b1_kv32768": 70.0, "b16_kv4096": 85.0, "b128_kv2048": 95.0}
@@ -146,8 +159,13 @@ class Data:
 def make_data(wl: DecodeWorkload, seed: int = 0) -> Data:
     batch = reference.make_paged_batch([1] * wl.batch_size, wl.kv_lens, wl.num_qo_heads, wl.num_kv_heads,
                                        wl.head_dim, DTYPE, "cuda", KV_LAYOUT, wl.page_size, seed, extra_pages=16)
+    v = batch.v
+    if wl.kv_dtype:  # an fp8 cache: the kernel reads those bytes; the reference their values (scale 1)
+        batch = dataclasses.replace(batch, cache=batch.cache.to(wl.cache_dtype), k=batch.k.to(wl.cache_dtype),
+                                    v=batch.v.to(wl.cache_dtype))
+        v = batch.v.float()
     data = Data(wl, batch, 1.0 / math.sqrt(wl.head_dim))
-    q, k, score_fn = batch.q, batch.k, None
+    q, k, score_fn = batch.q, batch.k.float() if wl.kv_dtype else batch.k, None
     if wl.pos_encoding == "ROPE_LLAMA":  # rotated in float64 at FlashInfer's positions (the query at kv_len - 1)
         q_pos, k_pos = reference.rope_positions(batch.qo_indptr, batch.kv_indptr)
         q = reference.rope_reference(q, q_pos.to(q.device), wl.head_dim, False, 1.0, 1e4)
@@ -155,7 +173,7 @@ def make_data(wl: DecodeWorkload, seed: int = 0) -> Data:
     elif wl.pos_encoding == "ALIBI":
         slopes = reference.alibi_slopes_ref(wl.num_qo_heads).to(q.device).view(-1, 1, 1)
         score_fn = lambda s, qi, ki, h, qp, r: s + slopes * (ki - qp).float()  # noqa: E731
-    data.ref_out, _ = reference.ragged_attention_ref(q, k, batch.v, batch.qo_indptr, batch.kv_indptr,
+    data.ref_out, _ = reference.ragged_attention_ref(q, k, v, batch.qo_indptr, batch.kv_indptr,
                                                      False, data.scale, window_left=wl.window_left,
                                                      logits_soft_cap=wl.soft_cap, score_fn=score_fn)
     return data
@@ -175,8 +193,8 @@ def _plan_decode(wrapper, data: Data) -> None:
     t = data.batch.table
     wl = data.wl
     wrapper.plan(t.indptr, t.indices, t.last_page_len, wl.num_qo_heads, wl.num_kv_heads, wl.head_dim, wl.page_size,
-                 q_data_type=DTYPE, window_left=wl.window_left, logits_soft_cap=wl.soft_cap,
-                 pos_encoding_mode=wl.pos_encoding or "NONE")
+                 q_data_type=DTYPE, kv_data_type=wl.cache_dtype, window_left=wl.window_left,
+                 logits_soft_cap=wl.soft_cap, pos_encoding_mode=wl.pos_encoding or "NONE")
 
 
 def _plan_shape(wrapper) -> str:
@@ -444,8 +462,9 @@ def _row(wl: DecodeWorkload, impl: str, ms: float | None, notes: str, copy_gbps:
 
 
 def variant_vs_plain(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """Our GB/s on each variant workload (a *_softcap* / *_window* name) over our plain decode's on the
-    workload it extends (issue #12: within 5%), eager run() rows, do_bench timing."""
+    """Our GB/s on each variant workload (a *_softcap* / *_window* / *_rope* / *_alibi* name) over our plain
+    decode's on the workload it extends (issues #12, #16: within 5%), eager run() rows, do_bench timing.
+    The fp8 rows are fp8_vs_bf16's."""
     gb = {(r["workload"], r["impl"]): r.get("gbps") for r in rows}
     out = {}
     for (name, impl), g in gb.items():
@@ -457,6 +476,20 @@ def variant_vs_plain(rows: list[dict[str, Any]]) -> dict[str, float]:
             plain = gb.get((base, "flashinfer_jit"))
             if plain:
                 out[name] = g / plain
+    return out
+
+
+def fp8_vs_bf16(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each fp8 row (a *_fp8* name, eager run()): its time over the bf16 cache's on the same batch (issue #16:
+    <= 0.6 at b128 x 2048) and its % of the copy bandwidth counting fp8 bytes (>= 85 on every row)."""
+    by = {(r["workload"], r["impl"]): r for r in rows}
+    out = {}
+    for (name, impl), r in by.items():
+        if impl != "flashinfer_jit" or "_fp8" not in name or not r.get("ms"):
+            continue
+        bf16 = by.get((name.split("_fp8")[0], "flashinfer_jit"), {})
+        out[name] = {"time_vs_bf16": r["ms"] / bf16["ms"] if bf16.get("ms") else None,
+                     "pct_of_copy": r.get("pct_of_copy")}
     return out
 
 
@@ -625,9 +658,13 @@ def main(argv=None) -> int:
     print_table(payload["rows"])
     payload["targets"] = target_verdicts(payload["rows"])
     payload["variant_vs_plain"] = variant_vs_plain(payload["rows"])
+    payload["fp8_vs_bf16"] = fp8_vs_bf16(payload["rows"])
     save()
     for name, ratio in payload["variant_vs_plain"].items():
-        print(f"variant {name}: GB/s / plain decode's {ratio:.3f} (issue #12: >= 0.95)")
+        print(f"variant {name}: GB/s / plain decode's {ratio:.3f} (issues #12 / #16: >= 0.95)")
+    for name, r in payload["fp8_vs_bf16"].items():
+        print(f"fp8 {name}: time / bf16 cache's {common.fmt(r['time_vs_bf16'], '.3f')} (#16: <= 0.6 at b128), "
+              f"{common.fmt(r['pct_of_copy'], '.1f')} % of copy counting fp8 bytes (#16: >= 85)")
     for t in payload["targets"]:
         print(f"target {t['workload']}: >= {t['target_pct']:.0f} % of copy: clean L2 {common.fmt(t['clean_pct'], '.1f')} % "
               f"({'met' if t['clean_met'] else 'NOT met'}), do_bench {common.fmt(t['do_bench_pct'], '.1f')} % "

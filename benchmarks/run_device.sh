@@ -93,6 +93,13 @@ VARIANTS += [PrefillSpec(layout, d, dtype, causal, backend=backend, alibi=True, 
              for layout, dtype, window in (("ragged", "bf16", False), ("paged", "fp16", True), ("paged", "bf16", False))
              for d in (64, 128, 256) for causal in (False, True) for backend in ("fa2", "sm90")
              if layout == "ragged" or d == 128]
+# fp8 KV caches (tests/test_fp8_gpu.py, bench_decode's fp8 rows): the fa2 kernel with kv_dtype.
+VARIANTS += [PrefillSpec("paged", d, dtype, causal, kv_dtype=fmt)
+             for fmt, d in (("fp8e4m3", 128), ("fp8e5m2", 128), ("fp8e4m3", 64), ("fp8e5m2", 256))
+             for dtype, causal in (("bf16", True), ("fp16", False), ("bf16", False))]
+VARIANTS += [PrefillSpec("ragged", d, "bf16", causal, kv_dtype=fmt)
+             for fmt in ("fp8e4m3", "fp8e5m2") for d in (64, 128, 256) for causal in (False, True)]
+VARIANTS += [PrefillSpec("paged", 128, "bf16", True, kv_dtype="fp8e4m3", rope=True, sliding_window=True)]
 
 def all_specs(families=None):
     specs = [s for cls in FAMILIES.values() for s in cls.supported()] + VARIANTS

@@ -48,7 +48,7 @@ class _PlanState:
     run_fn: Any
     params: PrefillParams
     grid_items: int
-    dtype: torch.dtype
+    dtype: torch.dtype  # q and out
     batch: int
     total_q: int
     total_kv: int
@@ -57,6 +57,11 @@ class _PlanState:
     head_dim: int
     page_size: int = 0
     max_page_index: int = -1
+    kv_dtype: Optional[torch.dtype] = None  # the K/V (cache) dtype: `dtype`, or fp8
+
+    @property
+    def fp8_kv(self) -> bool:
+        return self.kv_dtype in options.FP8_KV_DTYPES
 
 
 _wrappers: "weakref.WeakValueDictionary[int, _BatchAttention]" = weakref.WeakValueDictionary()
@@ -106,17 +111,21 @@ def _as_dtype(name: str, value: Union[str, torch.dtype]) -> torch.dtype:
 
 
 def check_dtypes(q_data_type: Union[str, torch.dtype], kv_data_type: Optional[Union[str, torch.dtype]],
-                 where: str = "plan()") -> torch.dtype:
-    """The one dtype of q and KV. An fp8 / NVFP4 dtype is a missing feature (NotSupportedError); another dtype
-    than fp16 / bf16, or q and KV of different 16-bit dtypes, a TypeError."""
+                 where: str = "plan()") -> tuple[torch.dtype, torch.dtype]:
+    """(q dtype, KV cache dtype). q: fp16 / bf16; KV: q's dtype (None) or an fp8 one (float8_e4m3fn,
+    float8_e5m2: an fp8 cache the FA2-class kernel widens). fp8 queries, fnuz fp8 and NVFP4 KV are
+    missing features (NotSupportedError); other dtypes, or KV of the other 16-bit dtype, a TypeError."""
     options.quantized_dtype(where, "q_data_type", q_data_type)
-    if kv_data_type is not None:
-        options.quantized_dtype(where, "kv_data_type", kv_data_type)
     q_dtype = _as_dtype("q_data_type", q_data_type)
-    kv_dtype = _as_dtype("kv_data_type", kv_data_type) if kv_data_type is not None else q_dtype
+    if kv_data_type is None:
+        return q_dtype, q_dtype
+    if options.kv_storage(where, kv_data_type):
+        return q_dtype, getattr(torch, kv_data_type) if isinstance(kv_data_type, str) else kv_data_type
+    kv_dtype = _as_dtype("kv_data_type", kv_data_type)
     if kv_dtype != q_dtype:
-        raise TypeError(f"kv_data_type: expected the same dtype as q_data_type ({q_dtype}), got {kv_dtype}")
-    return q_dtype
+        raise TypeError(f"kv_data_type: expected the same dtype as q_data_type ({q_dtype}) or an fp8 dtype "
+                        f"(torch.float8_e4m3fn, torch.float8_e5m2), got {kv_dtype}")
+    return q_dtype, kv_dtype
 
 
 def check_heads(num_qo_heads: object, num_kv_heads: object, head_dim: int, head_dim_vo: Optional[int]) -> None:
@@ -245,7 +254,7 @@ class _BatchAttention:
         self._logits_soft_cap: Optional[float] = 0.0
         self._rope_scale: Optional[float] = None
         self._rope_theta: Optional[float] = None
-        self._params = PrefillParams()
+        self._params = PrefillParams(k_scale=1.0, v_scale=1.0)
         self._plan_call = PlanCall(result=ctypes.pointer(PlanResult()))
         self._plan_id = next(_wrapper_ids)
         _wrappers[self._plan_id] = self
@@ -323,18 +332,18 @@ class _BatchAttention:
 
     def _kernel(self, layout: str, head_dim: int, dtype: torch.dtype, causal: bool, group: Optional[int] = None,
                 page_size: Optional[int] = None, rows_per_request: Optional[float] = None,
-                variant: options.VariantOptions = options.PLAIN, custom: Optional[AttentionVariant] = None
-                ) -> PrefillKernel:
+                variant: options.VariantOptions = options.PLAIN, custom: Optional[AttentionVariant] = None,
+                kv_dtype: Optional[torch.dtype] = None) -> PrefillKernel:
         """The kernel for layout "ragged" | "paged" (NHD and HND share it: the layout is only strides), of
         the backend this wrapper's choice resolves to for that layout, GQA group and page size on its device."""
         # A CUDA-graph wrapper keeps its first plan's kernel family: a captured graph replays that kernel.
         choice = self._graph_backend or self._backend_choice
         backend = resolve_backend(choice, self._device, layout, group, f"{type(self).__name__}.plan()",
                                   self._graph_backend or self._backend_requested, page_size, rows_per_request,
-                                  rope=variant.rope)
+                                  rope=variant.rope, fp8_kv=kv_dtype in options.FP8_KV_DTYPES)
         return prefill_kernel(backend, layout, head_dim, dtype, bool(causal), sliding_window=variant.sliding_window,
                               soft_cap=variant.soft_cap, custom_mask=variant.custom_mask, rope=variant.rope,
-                              alibi=variant.alibi,
+                              alibi=variant.alibi, kv_dtype=options.FP8_KV_DTYPES.get(kv_dtype, ""),
                               custom=custom.code if custom is not None else None)
 
     def _plan(self, layout: str, qo_host: torch.Tensor, kv_lens_indptr: torch.Tensor,
@@ -373,7 +382,7 @@ class _BatchAttention:
             q_lens = (qo_host[1:] - qo_host[:-1]).tolist()
             kv_lens = (kv_lens_indptr[1:] - kv_lens_indptr[:-1]).tolist()
             packed_mask = masks.prepare(mask[0], mask[1], q_lens, kv_lens, f"{type(self).__name__}.plan()")
-        q_dtype = check_dtypes(q_data_type, kv_data_type)
+        q_dtype, kv_dtype = check_dtypes(q_data_type, kv_data_type)
         plan_args = dict(layout=layout, qo_host=qo_host, kv_lens_indptr=kv_lens_indptr, num_qo_heads=num_qo_heads,
                          num_kv_heads=num_kv_heads, head_dim=head_dim, causal=causal, sm_scale=sm_scale,
                          q_data_type=q_data_type, kv_data_type=kv_data_type, fixed_split_size=fixed_split_size,
@@ -385,17 +394,18 @@ class _BatchAttention:
                     c.code if c is not None else None)
 
         if (self._use_cuda_graph and self._plan_args is not None
-                and kernel_choice(self._plan_args["variant"], self._plan_args["custom"]) != kernel_choice(variant, custom)):
+                and (kernel_choice(self._plan_args["variant"], self._plan_args["custom"]) != kernel_choice(variant, custom)
+                     or self._state is not None and self._state.kv_dtype != kv_dtype)):
             raise ValueError(f"{type(self).__name__}.plan(): a CUDA-graph wrapper keeps its first plan's kernel (a "
                              f"captured graph replays it); window_left / logits_soft_cap / pos_encoding_mode / "
-                             f"rope_scale / rope_theta / variant switch another "
+                             f"rope_scale / rope_theta / kv_data_type / variant switch another "
                              f"kernel in here: use a separate wrapper")
         batch = qo_host.numel() - 1
         total_q = _host_int(qo_host, batch)
         total_kv = _host_int(kv_lens_indptr, batch)
         group = num_qo_heads // num_kv_heads
         kernel = self._kernel(layout, head_dim, q_dtype, causal, group, pages[2] if pages is not None else None,
-                              total_q * group / max(batch, 1), variant, custom)
+                              total_q * group / max(batch, 1), variant, custom, kv_dtype)
         workspace = self._workspace
 
         cta_q = workspace.fixed_cta_q
@@ -488,13 +498,26 @@ class _BatchAttention:
         self._state = _PlanState(
             kernel=kernel.kernel, run_fn=kernel.run_fn, params=params,
             grid_items=items_cap if self._use_cuda_graph else plan.num_items,
-            dtype=q_dtype, batch=batch, total_q=total_q, total_kv=total_kv, num_qo_heads=num_qo_heads,
+            dtype=q_dtype, kv_dtype=kv_dtype, batch=batch, total_q=total_q, total_kv=total_kv, num_qo_heads=num_qo_heads,
             num_kv_heads=num_kv_heads, head_dim=head_dim, page_size=page_size, max_page_index=max_page_index)
         self._plan_args = plan_args
         self._causal, self._sm_scale = bool(causal), sm_scale
         self._backend = kernel.spec.backend
         if self._use_cuda_graph:
             self._graph_backend = self._backend
+
+    def _kv_scales(self, where: str, s: _PlanState, k_scale: Any, v_scale: Any) -> None:
+        """run()'s k_scale / v_scale into the launch params: an fp8 plan takes them (options.kv_scale; None is
+        1.0, and each run sets both, so a scale of one call does not leak into the next); a 16-bit plan only
+        None or 1.0 (NotSupportedError, naming kv_data_type)."""
+        if not s.fp8_kv:
+            for name, value in (("k_scale", k_scale), ("v_scale", v_scale)):
+                if value is not None:
+                    options.scale(where, name, value)
+            return
+        p = s.params
+        p.k_scale, p.k_scale_ptr = options.kv_scale(where, "k_scale", k_scale, self._device)
+        p.v_scale, p.v_scale_ptr = options.kv_scale(where, "v_scale", v_scale, self._device)
 
     def _prepare_q_out(self, q: torch.Tensor, out: Optional[torch.Tensor], lse: Optional[torch.Tensor],
                        return_lse: bool) -> tuple[_PlanState, torch.Tensor, Optional[torch.Tensor]]:

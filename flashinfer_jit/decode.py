@@ -66,8 +66,8 @@ def resolve_dtypes(where: str, q_data_type: _DTypeArg, kv_data_type: _DTypeArg,
                    data_type: _DTypeArg = None) -> tuple[Any, Any]:
     """(q dtype, KV dtype) from FlashInfer's three dtype arguments: `data_type` (deprecated) fills
     whichever of the other two is None; q defaults to the KV dtype if that is fp16 / bf16, else float16;
-    KV defaults to q's. fp8 and
-    packed (NVFP4) dtypes raise NotSupportedError; other mismatches are left to the wrapper's check."""
+    KV defaults to q's. fp8 KV (float8_e4m3fn / e5m2) passes; fp8 queries, fnuz fp8 and packed (NVFP4)
+    dtypes raise NotSupportedError; other mismatches are left to the wrapper's check."""
     if data_type is not None:
         q_data_type = data_type if q_data_type is None else q_data_type
         kv_data_type = data_type if kv_data_type is None else kv_data_type
@@ -78,7 +78,7 @@ def resolve_dtypes(where: str, q_data_type: _DTypeArg, kv_data_type: _DTypeArg,
         q = kv if kv in validate.ATTENTION_DTYPES else torch.float16
     kv = q if kv is None else kv
     options.quantized_dtype(where, "q_data_type", q)
-    options.quantized_dtype(where, "kv_data_type", kv)
+    options.kv_storage(where, kv)
     return q, kv
 
 
@@ -363,18 +363,20 @@ class BatchDecodeWithPagedKVCacheWrapper:
             kv_cache_sf: Optional[_KVCache] = None):
         """Decode attention for the planned batch. q: [batch * q_len_per_req, Hq, D]; paged_kv_cache: one
         5-D tensor [pages, 2, ...] or a (k, v) tuple (see prefill.py). Returns out, or (out, lse) with
-        return_lse=True (LSE base 2). enable_pdl is accepted and does not change the result; scales of
-        1.0 / None, window_left None or the planned -1 work; sinks, kv_cache_sf, skip-softmax and extra
-        *args raise NotSupportedError."""
-        if (args or q_scale is not None or k_scale is not None or v_scale is not None or window_left is not None
+        return_lse=True (LSE base 2). enable_pdl is accepted and does not change the result; k_scale /
+        v_scale with an fp8 cache (plan's kv_data_type) as in the paged prefill run() (a float or a one-element
+        float32 tensor, CUDA ones read by the kernel), else None / 1.0; q_scale None / 1.0, window_left None or
+        the planned one; sinks, kv_cache_sf, skip-softmax and extra *args raise NotSupportedError."""
+        if (args or q_scale is not None or window_left is not None
                 or sinks is not None or q_len_per_req is not None or skip_softmax_threshold_scale_factor is not None
                 or kv_cache_sf is not None):
-            self._check_run_options(args, q_scale, k_scale, v_scale, window_left, sinks, q_len_per_req,
+            self._check_run_options(args, q_scale, window_left, sinks, q_len_per_req,
                                     skip_softmax_threshold_scale_factor, kv_cache_sf)
         if (self._q_len_per_req is not None and isinstance(q, torch.Tensor) and q.dim() == 3
                 and q.shape[0] != self._total_q and not self._use_cuda_graph):
             self._q_rows_mismatch(q)
-        return self._inner.run(q, paged_kv_cache, out=out, lse=lse, return_lse=return_lse)
+        return self._inner.run(q, paged_kv_cache, k_scale=k_scale, v_scale=v_scale, out=out, lse=lse,
+                               return_lse=return_lse)
 
     def _q_rows_mismatch(self, q: torch.Tensor) -> None:
         batch, planned = self._batch_size, self._q_len_per_req
@@ -384,12 +386,11 @@ class BatchDecodeWithPagedKVCacheWrapper:
                              f"matching q_len_per_req (q: expected shape [{self._total_q}, {self._num_qo_heads}, "
                              f"{self._head_dim}], got {tuple(q.shape)})")
 
-    def _check_run_options(self, args: tuple, q_scale: Any, k_scale: Any, v_scale: Any, window_left: Any, sinks: Any,
+    def _check_run_options(self, args: tuple, q_scale: Any, window_left: Any, sinks: Any,
                            q_len_per_req: Any, skip_softmax: Any, kv_cache_sf: Any) -> None:
         where = "BatchDecodeWithPagedKVCacheWrapper.run()"
         options.no_extra_args(where, args)
-        for name, value in (("q_scale", q_scale), ("k_scale", k_scale), ("v_scale", v_scale)):
-            options.scale(where, name, value)
+        options.scale(where, "q_scale", q_scale)
         if window_left is not None and window_left != self._window_left:
             raise ValueError(f"{where}: window_left={window_left} differs from plan()'s {self._window_left} (the "
                              f"window is chosen by plan(): plan again to change it)")

@@ -80,12 +80,13 @@ def logits_soft_cap(where: str, value: Any) -> None:
 
 
 def scale(where: str, name: str, value: Any) -> None:
-    """q_scale / k_scale / v_scale / o_scale / scale_q ...: None or 1.0 (a Python number or a one-element
-    tensor). CUDA tensors are not read (that would synchronize): they are refused with the reason."""
+    """q_scale / o_scale / scale_q ..., and k_scale / v_scale of a 16-bit KV plan: None or 1.0 (a Python number
+    or a one-element tensor). CUDA tensors are not read (that would synchronize): they are refused."""
+    supported = ("None or 1.0 (k_scale / v_scale apply to fp8 KV caches: plan with kv_data_type=torch.float8_e4m3fn "
+                 "or float8_e5m2; q_scale / o_scale are not implemented)")
     if isinstance(value, torch.Tensor) and value.is_cuda:
-        raise NotSupportedError(name, f"a CUDA tensor of shape {tuple(value.shape)}",
-                                "None or 1.0 (scales are used with fp8 KV caches, not implemented yet)", where)
-    off_value(where, name, value, 1.0, supported="None or 1.0 (scales are used with fp8 KV caches, not implemented yet)")
+        raise NotSupportedError(name, f"a CUDA tensor of shape {tuple(value.shape)}", supported, where)
+    off_value(where, name, value, 1.0, supported=supported)
 
 
 def dtype_like(where: str, name: str, value: Optional[Union[str, torch.dtype]], expected: torch.dtype) -> None:
@@ -116,12 +117,51 @@ FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "
 
 
 def quantized_dtype(where: str, name: str, value: Any) -> None:
-    """q_data_type / kv_data_type / data_type: an fp8 dtype (or uint8, FlashInfer's packed NVFP4 KV) asks for a
-    quantized KV cache, which is a missing feature (NotSupportedError). Other dtypes are left to the dtype checks."""
+    """q_data_type and the like: an fp8 dtype (or uint8, FlashInfer's packed NVFP4 KV) is a missing feature
+    there (NotSupportedError). Other dtypes are left to the dtype checks."""
     resolved = getattr(torch, value, None) if isinstance(value, str) else value
     if resolved in FP8_DTYPES or resolved is torch.uint8:
-        raise NotSupportedError(name, value, "torch.float16 or torch.bfloat16 (fp8 and NVFP4 KV caches are not "
-                                "implemented yet)", where)
+        raise NotSupportedError(name, value, "torch.float16 or torch.bfloat16 (fp8 queries and NVFP4 KV caches are "
+                                "not implemented)", where)
+
+
+# The fp8 KV caches the FA2-class kernel reads (spec.PrefillSpec.kv_dtype): torch dtype -> spec name.
+FP8_KV_DTYPES = {torch.float8_e4m3fn: "fp8e4m3", torch.float8_e5m2: "fp8e5m2"}
+
+
+def kv_storage(where: str, value: Any) -> str:
+    """kv_data_type's kernel storage: "" (the query dtype's 16 bits), "fp8e4m3" or "fp8e5m2". The fnuz fp8
+    variants (AMD's) and uint8 (FlashInfer's packed NVFP4) raise NotSupportedError."""
+    resolved = getattr(torch, value, None) if isinstance(value, str) else value
+    if resolved in FP8_KV_DTYPES:
+        return FP8_KV_DTYPES[resolved]
+    if resolved in FP8_DTYPES or resolved is torch.uint8:
+        raise NotSupportedError("kv_data_type", value, "torch.float16, torch.bfloat16, torch.float8_e4m3fn or "
+                                "torch.float8_e5m2", where)
+    return ""
+
+
+def kv_scale(where: str, name: str, value: Any, device: torch.device) -> tuple[float, Optional[int]]:
+    """An fp8 cache's k_scale / v_scale as the kernel takes it: (a float, a device pointer or None). None is
+    1.0; a Python number must be finite and > 0; a one-element float32 tensor on the CPU is read, one on the
+    wrapper's CUDA device is passed by pointer (read by the kernel: no synchronization, CUDA-graph safe as
+    long as the tensor lives)."""
+    if value is None:
+        return 1.0, None
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dtype != torch.float32:
+            raise ValueError(f"{where}: {name}: expected a Python float or a one-element float32 tensor, got a "
+                             f"{value.dtype} tensor of shape {tuple(value.shape)}")
+        if value.device.type != "cuda":
+            value = float(value)
+        elif value.device != device:
+            raise ValueError(f"{where}: {name}: expected a tensor on {device} (the wrapper's device), got {value.device}")
+        else:
+            return 1.0, value.data_ptr()
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{where}: {name}={value!r}: expected None, a finite number > 0 or a one-element float32 "
+                         f"tensor")
+    return float(value), None
 
 
 @dataclass(frozen=True)

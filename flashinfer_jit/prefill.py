@@ -167,7 +167,7 @@ class BatchPrefillWithRaggedKVCacheWrapper(_BatchAttention):
                                      prefix_len_ptr=prefix_len_ptr, token_pos_in_items_ptr=token_pos_in_items_ptr,
                                      max_item_len_ptr=max_item_len_ptr, rope_scale=rope_scale, rope_theta=rope_theta)
         check_heads(num_qo_heads, num_kv_heads, head_dim_qk, head_dim_vo)
-        q_dtype = check_dtypes(q_data_type, kv_data_type, where)
+        q_dtype, _ = check_dtypes(q_data_type, kv_data_type, where)
         options.dtype_like(where, "o_data_type", o_data_type, q_dtype)
         qo = index_tensor("qo_indptr", qo_indptr, 1)
         kv = index_tensor("kv_indptr", kv_indptr, 1)
@@ -190,18 +190,23 @@ class BatchPrefillWithRaggedKVCacheWrapper(_BatchAttention):
             enable_pdl: Optional[bool] = None, kv_cache_sf: Optional[Any] = None):
         """Attention for the planned batch. Returns out, or (out, lse) when return_lse is True.
 
-        Scales only as None or 1.0 (fp8 is not implemented), no *args (custom JIT variants), no
-        kv_cache_sf (NVFP4), lse_layout "NH"; lse_base "log2" (default) or "ln"; enable_pdl is accepted."""
+        k_scale / v_scale: with an fp8 plan (kv_data_type float8_e4m3fn / e5m2; k, v of that dtype) None, a
+        float or a one-element float32 tensor (CPU: read; CUDA: read by the kernel), applied as FlashInfer
+        applies them (scores use q . k * k_scale, the output is scaled by v_scale); with a 16-bit plan None or
+        1.0. q_scale / o_scale only as None or 1.0, no *args (custom JIT variants), no kv_cache_sf (NVFP4),
+        lse_layout "NH"; lse_base "log2" (default) or "ln"; enable_pdl is accepted."""
         ln = False
-        if (args or q_scale is not None or k_scale is not None or v_scale is not None or o_scale is not None
+        if (args or q_scale is not None or o_scale is not None
                 or kv_cache_sf is not None or lse_base != "log2" or lse_layout != "NH"):
-            ln = run_options(f"{_RAGGED}.run()", args, q_scale=q_scale, k_scale=k_scale, v_scale=v_scale,
-                             o_scale=o_scale, lse_base=lse_base, lse_layout=lse_layout, kv_cache_sf=kv_cache_sf)
+            ln = run_options(f"{_RAGGED}.run()", args, q_scale=q_scale, o_scale=o_scale, lse_base=lse_base,
+                             lse_layout=lse_layout, kv_cache_sf=kv_cache_sf)
         s, out, lse = self._prepare_q_out(q, out, lse, return_lse)
+        if s.fp8_kv or k_scale is not None or v_scale is not None:
+            self._kv_scales(f"{_RAGGED}.run()", s, k_scale, v_scale)
         rows = None if self._use_cuda_graph else s.total_kv
         shape = (rows, s.num_kv_heads, s.head_dim) if self._kv_layout == "NHD" else (s.num_kv_heads, rows, s.head_dim)
         for name, t in (("k", k), ("v", v)):
-            validate.tensor(name, t, dtypes=(s.dtype,), shape=shape, device=self._device)
+            validate.tensor(name, t, dtypes=(s.kv_dtype,), shape=shape, device=self._device)
             validate.vector_rows(name, t)
         kv_rows = k.shape[0] if self._kv_layout == "NHD" else k.shape[1]
         if kv_rows < s.total_kv:
@@ -313,7 +318,7 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchAttention):
         check_heads(num_qo_heads, num_kv_heads, head_dim_qk, head_dim_vo)
         if not isinstance(page_size, int) or page_size < 1:
             raise ValueError(f"page_size: expected a positive int, got {page_size!r}")
-        q_dtype = check_dtypes(q_data_type, kv_data_type, where)  # before the kernel library is loaded
+        q_dtype, kv_dtype = check_dtypes(q_data_type, kv_data_type, where)  # before the kernel library is loaded
         options.dtype_like(where, "o_data_type", o_data_type, q_dtype)
         qo = index_tensor("qo_indptr", qo_indptr, 1)
         batch = qo.numel() - 1
@@ -328,7 +333,7 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchAttention):
         # The library _plan() will pick (NHD and HND share one kernel): decode-like plans load only fa2's.
         group = num_qo_heads // num_kv_heads
         kernel = self._kernel("paged", head_dim_qk, q_dtype, causal, group, page_size,
-                              _host_int(qo, batch) * group / max(batch, 1), variant, custom)
+                              _host_int(qo, batch) * group / max(batch, 1), variant, custom, kv_dtype)
         try:
             kv_lens, max_page = paged_kv_lengths(kernel.kernel, indptr, last, indices, page_size, batch)
         except ValueError:
@@ -361,19 +366,20 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchAttention):
             uses_spcompress: Optional[bool] = None):
         """Attention for the planned batch. Returns out, or (out, lse) when return_lse is True.
 
-        As the ragged run(); also window_left None or -1, no sinks, no skip-softmax threshold.
+        As the ragged run() (k_scale / v_scale with fp8 caches included); also window_left None or -1, no sinks, no skip-softmax threshold.
         use_fp16_softmax and uses_spcompress select trtllm-gen cubins and are ignored, as by FlashInfer's
         other backends."""
         ln = False
-        if (args or q_scale is not None or k_scale is not None or v_scale is not None or kv_cache_sf is not None
+        if (args or q_scale is not None or kv_cache_sf is not None
                 or window_left is not None or sinks is not None or skip_softmax_threshold_scale_factor is not None
                 or lse_base != "log2" or lse_layout != "NH"):
-            ln = run_options(f"{_PAGED}.run()", args, q_scale=q_scale, k_scale=k_scale, v_scale=v_scale,
-                             lse_base=lse_base, lse_layout=lse_layout, window_left=window_left, sinks=sinks,
+            ln = run_options(f"{_PAGED}.run()", args, q_scale=q_scale, lse_base=lse_base, lse_layout=lse_layout, window_left=window_left, sinks=sinks,
                              kv_cache_sf=kv_cache_sf,
                              skip_softmax_threshold_scale_factor=skip_softmax_threshold_scale_factor,
                              planned_window_left=self._planned_window_left)
         s, out, lse = self._prepare_q_out(q, out, lse, return_lse)
+        if s.fp8_kv or k_scale is not None or v_scale is not None:
+            self._kv_scales(f"{_PAGED}.run()", s, k_scale, v_scale)
         k, v = self._split_cache(s, paged_kv_cache)
         self._launch(s, q, k, v, out, lse)
         if ln and lse is not None:
@@ -409,13 +415,13 @@ class BatchPrefillWithPagedKVCacheWrapper(_BatchAttention):
         nhd = self._kv_layout == "NHD"
         page_shape = (s.page_size, s.num_kv_heads, s.head_dim) if nhd else (s.num_kv_heads, s.page_size, s.head_dim)
         if isinstance(cache, torch.Tensor):
-            validate.cuda_tensor("paged_kv_cache", cache, dtypes=(s.dtype,), shape=(None, 2, *page_shape),
+            validate.cuda_tensor("paged_kv_cache", cache, dtypes=(s.kv_dtype,), shape=(None, 2, *page_shape),
                                  device=self._device)
             k = v = cache  # one 5-D tensor: _set_kv offsets V by stride(1), no slicing per run
         elif isinstance(cache, (tuple, list)) and len(cache) == 2:
-            k = validate.cuda_tensor("paged_kv_cache[0] (k)", cache[0], dtypes=(s.dtype,), shape=(None, *page_shape),
+            k = validate.cuda_tensor("paged_kv_cache[0] (k)", cache[0], dtypes=(s.kv_dtype,), shape=(None, *page_shape),
                                      device=self._device)
-            v = validate.tensor("paged_kv_cache[1] (v)", cache[1], dtypes=(s.dtype,), shape=tuple(k.shape),
+            v = validate.tensor("paged_kv_cache[1] (v)", cache[1], dtypes=(s.kv_dtype,), shape=tuple(k.shape),
                                 device=self._device)
             if k.stride() != v.stride():
                 raise ValueError(f"paged_kv_cache: k and v must have equal strides, got {k.stride()} and {v.stride()}")

@@ -435,8 +435,9 @@ def forward(**over):
 FP8 = getattr(torch, "float8_e4m3fn")
 OFF_CASES = [  # (id, call, parameter named in the error)
     ("ragged plan use_fp16_qk_reduction", ragged_plan(use_fp16_qk_reduction=True), "use_fp16_qk_reduction"),
-    ("paged plan fp8 kv_data_type", paged_plan(kv_data_type=FP8), "kv_data_type"),
     ("ragged plan fp8 q_data_type (string)", ragged_plan(q_data_type="float8_e4m3fn"), "q_data_type"),
+    ("paged plan fnuz fp8 kv_data_type", paged_plan(kv_data_type=torch.float8_e4m3fnuz), "kv_data_type"),
+    ("paged plan NVFP4 (uint8) kv_data_type", paged_plan(kv_data_type=torch.uint8), "kv_data_type"),
     ("ragged plan o_data_type float32", ragged_plan(o_data_type=torch.float32), "o_data_type"),
     ("paged plan o_data_type fp16 for bf16 q", paged_plan(o_data_type=torch.float16), "o_data_type"),
     ("ragged plan head_dim_vo 64", ragged_plan(head_dim_vo=64), "head_dim_vo"),
@@ -456,9 +457,7 @@ OFF_CASES = [  # (id, call, parameter named in the error)
     ("ragged jit_args", ctor("BatchPrefillWithRaggedKVCacheWrapper", jit_args=["variant", 1]), "jit_args"),
     ("paged variant_owns_mask", ctor("BatchPrefillWithPagedKVCacheWrapper", variant_owns_mask=True),
      "variant_owns_mask"),
-    ("ragged run k_scale 0.5", ragged_run(k_scale=0.5), "k_scale"),
     ("ragged run o_scale 2", ragged_run(o_scale=2.0), "o_scale"),
-    ("paged run v_scale 2", paged_run(v_scale=2.0), "v_scale"),
     ("paged run q_scale tensor 0.5", paged_run(q_scale=torch.tensor([0.5])), "q_scale"),
     ("paged run *args (JIT variant tensors)", paged_run(torch.zeros(1)), "*args"),
     ("paged run sinks", paged_run(sinks=torch.zeros(HQ)), "sinks"),
@@ -1034,3 +1033,53 @@ def test_custom_masks_pack_as_flashinfer_does() -> None:
     assert packed.offsets.tolist() == offsets
     same = masks.prepare(None, torch.tensor(expected, dtype=torch.uint8), q_lens, kv_lens, "test")
     assert torch.equal(same.bits, packed.bits) and torch.equal(same.offsets, packed.offsets)
+
+
+def test_kv_scales_follow_the_plans_kv_dtype() -> None:
+    """k_scale / v_scale (FlashInfer's run() arguments): a 16-bit plan takes only None / 1.0 (NotSupportedError
+    naming fp8 caches); an fp8 plan takes floats > 0 and one-element float32 tensors (CPU: read now; CUDA: by
+    pointer, read by the kernel), sets both on every run, and refuses anything else with a ValueError."""
+    from flashinfer_jit.batch_attention import _PlanState
+    from flashinfer_jit.abi import PrefillParams
+
+    w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(cl(4096, dtype=torch.int8))
+    params = PrefillParams(k_scale=1.0, v_scale=1.0)
+    plain = _PlanState(kernel=None, run_fn=None, params=params, grid_items=1, dtype=DT, batch=1, total_q=1, total_kv=1,
+                       num_qo_heads=HQ, num_kv_heads=HKV, head_dim=D, kv_dtype=DT)
+    with pytest.raises(flashinfer.NotSupportedError, match="kv_data_type=torch.float8_e4m3fn") as info:
+        w._kv_scales("run()", plain, 0.5, None)
+    assert info.value.parameter == "k_scale"
+    w._kv_scales("run()", plain, 1.0, torch.ones(1))  # off values pass
+    fp8 = _PlanState(kernel=None, run_fn=None, params=params, grid_items=1, dtype=DT, batch=1, total_q=1, total_kv=1,
+                     num_qo_heads=HQ, num_kv_heads=HKV, head_dim=D, kv_dtype=torch.float8_e4m3fn)
+    assert fp8.fp8_kv and not plain.fp8_kv
+    w._kv_scales("run()", fp8, 0.25, torch.tensor([4.0]))
+    assert (params.k_scale, params.k_scale_ptr, params.v_scale, params.v_scale_ptr) == (0.25, None, 4.0, None)
+    on_device = torch.tensor([0.5]).as_subclass(CudaLooking)
+    w._kv_scales("run()", fp8, on_device, None)  # a CUDA tensor: its pointer, the float part 1.0
+    assert (params.k_scale, params.k_scale_ptr, params.v_scale, params.v_scale_ptr) == \
+        (1.0, on_device.data_ptr(), 1.0, None)  # and the previous run's v_scale does not linger
+    for bad, message in ((0.0, "k_scale=0.0"), (-1.0, "k_scale=-1.0"), (float("nan"), "k_scale=nan"),
+                         (torch.ones(2), "shape \\(2,\\)"), (torch.ones(1, dtype=torch.float16), "torch.float16"),
+                         ("1", "k_scale='1'")):
+        with pytest.raises(ValueError, match=message):
+            w._kv_scales("run()", fp8, bad, None)
+
+
+@pytest.mark.parametrize("which", ["ragged", "paged"])
+@pytest.mark.parametrize("kv_dtype", [torch.float8_e4m3fn, torch.float8_e5m2, "float8_e4m3fn"], ids=str)
+def test_fp8_kv_data_type_chooses_the_fp8_kernel(which: str, kv_dtype, no_kernels, monkeypatch) -> None:
+    """kv_data_type fp8 (issue #16) selects the FA2-class kernel with fp8 K/V storage (its own spec and URI)."""
+    loaded = []
+
+    def record(spec, *args, **kwargs):
+        loaded.append(spec)
+        raise ReachedKernel()
+
+    monkeypatch.setattr(loader, "load", record)
+    with pytest.raises(ReachedKernel):
+        (ragged_plan if which == "ragged" else paged_plan)(kv_data_type=kv_dtype)(Args(real=True))
+    name = "fp8e5m2" if kv_dtype is torch.float8_e5m2 else "fp8e4m3"
+    assert [(s.kv_dtype, s.backend, s.dtype) for s in loaded] == [(name, "fa2", "bf16")]
+    assert f"_{name}_" in loaded[0].uri
+    assert kernels.sm90_obstacle(torch.device("cpu"), "paged", fp8_kv=True).startswith("it has no fp8 KV cache")

@@ -342,8 +342,6 @@ def test_decode_plan_positional_vllm_form_passes(no_kernels) -> None:
 
 MISSING = {  # (plan kwargs, parameter named in the error)
     "right window": ({"window_right": -1}, "window_right"),
-    "fp8 KV": ({"kv_data_type": torch.float8_e4m3fn}, "kv_data_type"),
-    "fp8 KV by data_type": ({"data_type": torch.float8_e5m2, "q_data_type": torch.bfloat16}, "kv_data_type"),
     "NVFP4 KV": ({"kv_data_type": torch.uint8, "q_data_type": torch.bfloat16}, "kv_data_type"),
     "fp8 q": ({"q_data_type": "float8_e4m3fn"}, "q_data_type"),
     "o_data_type": ({"q_data_type": torch.bfloat16, "o_data_type": torch.float32}, "o_data_type"),
@@ -420,7 +418,6 @@ RUN_OFF = {
     "window_left -1": dict(window_left=-1),
 }
 RUN_MISSING = {
-    "k_scale 0.5": (dict(k_scale=0.5), "k_scale"), "v_scale 2": (dict(v_scale=2.0), "v_scale"),
     "sinks": (dict(sinks=torch.zeros(HQ)), "sinks"), "kv_cache_sf": (dict(kv_cache_sf=torch.zeros(1)), "kv_cache_sf"),
     "skip-softmax": (dict(skip_softmax_threshold_scale_factor=0.1), "skip_softmax_threshold_scale_factor"),
 }
