@@ -100,6 +100,8 @@ VARIANTS += [PrefillSpec("paged", d, dtype, causal, kv_dtype=fmt)
 VARIANTS += [PrefillSpec("ragged", d, "bf16", causal, kv_dtype=fmt)
              for fmt in ("fp8e4m3", "fp8e5m2") for d in (64, 128, 256) for causal in (False, True)]
 VARIANTS += [PrefillSpec("paged", 128, "bf16", True, kv_dtype="fp8e4m3", rope=True, sliding_window=True)]
+from flashinfer_jit.spec import AppendPagedSpec
+VARIANTS += [AppendPagedSpec(128, "bf16", kv_dtype=fmt) for fmt in ("fp8e4m3", "fp8e5m2")]
 
 def all_specs(families=None):
     specs = [s for cls in FAMILIES.values() for s in cls.supported()] + VARIANTS

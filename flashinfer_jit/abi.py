@@ -107,6 +107,7 @@ class AppendParams(ctypes.Structure):
         *_ints(_i64, "stride_page", "stride_n", "stride_h"),
         ("batch_indices", _ptr), ("positions", _ptr), ("kv_indices", _ptr), ("kv_indptr", _ptr),
         ("nnz", _i64), *_ints(_i32, "num_kv_heads", "page_size", "num_pages", "batch"),
+        ("k_rcp_scale", _f32), ("v_rcp_scale", _f32),  # fp8 caches: 1 / scale
     ]
 
 

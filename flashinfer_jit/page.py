@@ -12,7 +12,7 @@ from typing import Optional, Union
 
 import torch
 
-from . import loader, validate
+from . import loader, options, validate
 from .abi import AppendParams
 from .ops import define, device_guard, stream_of
 from .spec import AppendPagedSpec, dtype_name
@@ -20,10 +20,11 @@ from .spec import AppendPagedSpec, dtype_name
 
 def _append_cuda(append_key: torch.Tensor, append_value: torch.Tensor, batch_indices: torch.Tensor,
                  positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_indices: torch.Tensor,
-                 kv_indptr: torch.Tensor, nhd: bool) -> None:
+                 kv_indptr: torch.Tensor, nhd: bool, k_scale: float, v_scale: float) -> None:
     validate.aligned_pointers("append_paged_kv_cache", append_key, append_value, k_cache, v_cache)
-    kernel = loader.load(AppendPagedSpec(head_dim=append_key.shape[-1], dtype=dtype_name(append_key.dtype)))
-    p = AppendParams()
+    kernel = loader.load(AppendPagedSpec(head_dim=append_key.shape[-1], dtype=dtype_name(append_key.dtype),
+                                         kv_dtype=options.FP8_KV_DTYPES.get(k_cache.dtype, "")))
+    p = AppendParams(k_rcp_scale=1.0 / k_scale, v_rcp_scale=1.0 / v_scale)
     p.key, p.value = append_key.data_ptr(), append_value.data_ptr()
     p.key_stride_n, p.key_stride_h = append_key.stride(0), append_key.stride(1)
     p.value_stride_n, p.value_stride_h = append_value.stride(0), append_value.stride(1)
@@ -45,7 +46,7 @@ def _append_cuda(append_key: torch.Tensor, append_value: torch.Tensor, batch_ind
 
 _append_op = define(
     "append_paged(Tensor key, Tensor value, Tensor batch_indices, Tensor positions, Tensor(a!) k_cache, "
-    "Tensor(b!) v_cache, Tensor kv_indices, Tensor kv_indptr, bool nhd) -> ()",
+    "Tensor(b!) v_cache, Tensor kv_indices, Tensor kv_indptr, bool nhd, float k_scale, float v_scale) -> ()",
     _append_cuda, lambda *args: None,
 )
 
@@ -69,10 +70,16 @@ def append_paged_kv_cache(append_key: torch.Tensor, append_value: torch.Tensor, 
                           positions: torch.Tensor,
                           paged_kv_cache: Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]],
                           kv_indices: torch.Tensor, kv_indptr: torch.Tensor, kv_last_page_len: torch.Tensor,
-                          kv_layout: str = "NHD") -> None:
+                          kv_layout: str = "NHD", *, k_scale: Optional[float] = None,
+                          v_scale: Optional[float] = None) -> None:
     """Write append_key/append_value [nnz, Hkv, D] into the paged cache: token i goes to request
     batch_indices[i] at KV position positions[i] (see get_batch_indices_positions). The page table
-    (kv_indices, kv_indptr, kv_last_page_len) must already cover the new positions."""
+    (kv_indices, kv_indptr, kv_last_page_len) must already cover the new positions.
+
+    An fp8 cache (float8_e4m3fn / e5m2) takes fp16 / bf16 keys and values: each is stored as
+    value / scale (k_scale / v_scale, keyword only, flashinfer-jit's: None is 1.0, else a finite float > 0;
+    the attention run()s then take the same scales), cast with saturation to the largest finite fp8 value
+    (no inf, no NaN from overflow). Other caches take keys and values of their own dtype."""
     if kv_layout not in ("NHD", "HND"):
         raise ValueError(f"kv_layout: expected 'NHD' or 'HND', got {kv_layout!r}")
     nhd = kv_layout == "NHD"
@@ -80,9 +87,24 @@ def append_paged_kv_cache(append_key: torch.Tensor, append_value: torch.Tensor, 
     heads, head_dim = (k_cache.shape[2], k_cache.shape[3]) if nhd else (k_cache.shape[1], k_cache.shape[3])
     page_size = k_cache.shape[1] if nhd else k_cache.shape[2]
     validate.head_dim("paged_kv_cache head_dim", head_dim)
-    key = validate.cuda_tensor("append_key", append_key, dtypes=(k_cache.dtype,), shape=(None, heads, head_dim),
+    fp8 = k_cache.dtype in options.FP8_KV_DTYPES
+    if not fp8 and k_cache.dtype not in validate.ATTENTION_DTYPES:
+        raise TypeError(f"paged_kv_cache: expected dtype torch.float16, torch.bfloat16, torch.float8_e4m3fn or "
+                        f"torch.float8_e5m2, got {k_cache.dtype}")
+    key_dtypes = validate.ATTENTION_DTYPES if fp8 else (k_cache.dtype,)
+    key = validate.cuda_tensor("append_key", append_key, dtypes=key_dtypes, shape=(None, heads, head_dim),
                                device=k_cache.device)
-    validate.tensor("append_value", append_value, dtypes=(k_cache.dtype,), shape=tuple(key.shape), device=k_cache.device)
+    validate.tensor("append_value", append_value, dtypes=(key.dtype,), shape=tuple(key.shape), device=k_cache.device)
+    scales = []
+    for name, value in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if value is None:
+            scales.append(1.0)
+        elif not fp8:
+            raise ValueError(f"append_paged_kv_cache: {name} applies to fp8 caches; this cache is {k_cache.dtype}")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+            raise ValueError(f"append_paged_kv_cache: {name}={value!r}: expected None or a finite float > 0")
+        else:
+            scales.append(float(value))
     nnz = key.shape[0]
     for name, t in (("append_key", append_key), ("append_value", append_value), ("paged_kv_cache (k)", k_cache),
                     ("paged_kv_cache (v)", v_cache)):
@@ -103,7 +125,7 @@ def append_paged_kv_cache(append_key: torch.Tensor, append_value: torch.Tensor, 
     if nnz == 0:
         return
     _append_op(key, append_value, device_index["batch_indices"], device_index["positions"], k_cache, v_cache,
-               device_index["kv_indices"], device_index["kv_indptr"], nhd)
+               device_index["kv_indices"], device_index["kv_indptr"], nhd, scales[0], scales[1])
 
 
 def _check_append_on_host(batch_indices: torch.Tensor, positions: torch.Tensor, kv_indices: torch.Tensor,

@@ -375,17 +375,20 @@ class PrefillSpec(KernelSpec):
 
 @dataclass(frozen=True)
 class AppendPagedSpec(KernelSpec):
-    """append_paged_kv_cache for one head_dim and dtype (the page layout is a run-time stride)."""
+    """append_paged_kv_cache for one head_dim and dtype of the appended keys / values (the page layout is a
+    run-time stride), into a cache of that dtype or (kv_dtype) an fp8 one (cast with saturation)."""
 
     family: ClassVar[str] = "append_paged"
     templates: ClassVar[tuple[str, ...]] = ("page.cu.jinja",)
 
     head_dim: int = _uri_field("hd{}", HEAD_DIMS)
     dtype: str = _uri_field("{}", tuple(DTYPES))
+    kv_dtype: str = _uri_field("{}", tuple(KV_DTYPES), default="", aliases=KV_DTYPE_ALIASES, opt_in=True)
 
     def template_context(self) -> dict[str, Any]:
         ctx = super().template_context()
         ctx["abi_structs"] = abi.layout_checks(*abi.PAGE_STRUCTS)
+        ctx["kv_type_cpp"] = KV_DTYPES[self.kv_dtype][1] or ctx["dtype_cpp"]
         return ctx
 
 

@@ -170,6 +170,8 @@ VARIANT_SPECS = [
     PrefillSpec("ragged", 128, "bf16", True, backend="sm90", alibi=True),  # pos_encoding_mode="ALIBI"
     PrefillSpec("paged", 128, "bf16", True, backend="fa2", rope=True),  # fused RoPE (the fa2 kernel's only)
     PrefillSpec("ragged", 64, "fp16", False, backend="fa2", rope=True, sliding_window=True, alibi=False),
+    PrefillSpec("paged", 128, "bf16", False, backend="fa2", kv_dtype="fp8e4m3"),  # an fp8 KV cache (decode's)
+    PrefillSpec("ragged", 256, "fp16", True, backend="fa2", kv_dtype="fp8e5m2", rope=True),
 ]
 
 
@@ -198,5 +200,10 @@ def test_attention_variants_build(spec: PrefillSpec, monkeypatch, no_gpu) -> Non
         assert len(spills_between_hgmmas(sass)) <= (2 if spec.custom_mask else 0), spills_between_hgmmas(sass)[:5]
     else:
         assert "HMMA.16816" in sass
-        if spec.rope:  # the rotation's frequencies and angles stay in registers
+        if spec.rope or spec.kv_dtype:  # rotation state / widened fp8 values stay in registers
             assert not spills(sass), spills(sass)[:5]
+        # fp8 K/V: the kernel reads fp8 (one KvType), widened by F2FP conversions; 16-bit K/V: none
+        assert f"using KvType = {dict(fp8e4m3='__nv_fp8_e4m3', fp8e5m2='__nv_fp8_e5m2').get(spec.kv_dtype, 'x')};" \
+            in text or not spec.kv_dtype
+        assert ("F2FP" in sass and ".E4M3" in sass or ".E5M2" in sass) == bool(spec.kv_dtype), \
+            "the fp8 widening (F2FP ... E4M3 / E5M2) is missing or misplaced"

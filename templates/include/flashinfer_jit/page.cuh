@@ -1,6 +1,7 @@
 // Appending tokens to a paged KV cache.
 #pragma once
 #include "flashinfer_jit/common.cuh"
+#include "flashinfer_jit/quant.cuh"
 
 namespace fij {
 
@@ -20,11 +21,35 @@ struct AppendParams {
   int32_t page_size;
   int32_t num_pages;
   int32_t batch;
+  float k_rcp_scale;  // fp8 caches: stored = saturate(value / scale); 1 otherwise (unused)
+  float v_rcp_scale;
 };
 
-// One CTA per appended token; threads copy 16-byte chunks of every head. A token whose request,
+// 8 values of T (one 16-byte read) into the cache's type TC: a 16-byte copy, or for an fp8 cache
+// value * rcp_scale cast with saturation to the largest finite fp8 (an 8-byte store).
+template <typename T, typename TC>
+__device__ __forceinline__ void store_cache8(TC* dst, const T* src, float rcp_scale) {
+  if constexpr (KvStorage<TC>::kFp8) {
+    float x[8];
+    load8(src, x);
+    uint32_t words[2];
+#pragma unroll
+    for (int w = 0; w < 2; ++w) {
+      const __nv_fp8x2_storage_t lo = __nv_cvt_float2_to_fp8x2(make_float2(x[4 * w] * rcp_scale, x[4 * w + 1] * rcp_scale),
+                                                             __NV_SATFINITE, KvStorage<TC>::kKind);
+      const __nv_fp8x2_storage_t hi = __nv_cvt_float2_to_fp8x2(
+          make_float2(x[4 * w + 2] * rcp_scale, x[4 * w + 3] * rcp_scale), __NV_SATFINITE, KvStorage<TC>::kKind);
+      words[w] = uint32_t(lo) | (uint32_t(hi) << 16);
+    }
+    *reinterpret_cast<uint2*>(dst) = make_uint2(words[0], words[1]);
+  } else {
+    *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+  }
+}
+
+// One CTA per appended token; threads copy 8-element chunks of every head (TC: the cache's type, T or fp8). A token whose request,
 // position or page lies outside the page table is not written (no out-of-bounds store).
-template <int HEAD_DIM, typename T>
+template <int HEAD_DIM, typename T, typename TC>
 __global__ void __launch_bounds__(128) append_paged_kernel(const __grid_constant__ AppendParams p) {
   constexpr int kChunks = HEAD_DIM / 8;
   const int64_t i = blockIdx.x;
@@ -39,10 +64,11 @@ __global__ void __launch_bounds__(128) append_paged_kernel(const __grid_constant
   for (int c = threadIdx.x; c < p.num_kv_heads * kChunks; c += blockDim.x) {
     const int h = c / kChunks, chunk = c % kChunks;
     const int64_t dst = row + h * p.stride_h + chunk * 8;
-    *reinterpret_cast<uint4*>(static_cast<T*>(p.k_cache) + dst) = *reinterpret_cast<const uint4*>(
-        static_cast<const T*>(p.key) + i * p.key_stride_n + h * p.key_stride_h + chunk * 8);
-    *reinterpret_cast<uint4*>(static_cast<T*>(p.v_cache) + dst) = *reinterpret_cast<const uint4*>(
-        static_cast<const T*>(p.value) + i * p.value_stride_n + h * p.value_stride_h + chunk * 8);
+    store_cache8(static_cast<TC*>(p.k_cache) + dst,
+                 static_cast<const T*>(p.key) + i * p.key_stride_n + h * p.key_stride_h + chunk * 8, p.k_rcp_scale);
+    store_cache8(static_cast<TC*>(p.v_cache) + dst,
+                 static_cast<const T*>(p.value) + i * p.value_stride_n + h * p.value_stride_h + chunk * 8,
+                 p.v_rcp_scale);
   }
 }
 
