@@ -61,12 +61,19 @@ class Workload:
     soft_cap: float = 0.0     # logits_soft_cap
     snippet: str = ""         # a user variant of examples/custom_variants.py, by name
     pos_encoding: str = ""    # FlashInfer's pos_encoding_mode ("ROPE_LLAMA", "ALIBI"); "" is "NONE"
+    kv_dtype: str = ""        # an fp8 KV cache (issue #16): "float8_e4m3fn" / "float8_e5m2"; "" is DTYPE
 
     @property
     def variant(self) -> str:
         label = variant_label(self.window_left, self.soft_cap)
         return ", ".join(p for p in (label, f"snippet {self.snippet}" if self.snippet else "",
-                                     f"pos_encoding_mode {self.pos_encoding}" if self.pos_encoding else "") if p)
+                                     f"pos_encoding_mode {self.pos_encoding}" if self.pos_encoding else "",
+                                     f"{self.kv_dtype} KV" if self.kv_dtype else "") if p)
+
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        """The K/V dtype the kernels read: DTYPE, or the fp8 one."""
+        return getattr(torch, self.kv_dtype) if self.kv_dtype else DTYPE
 
     @property
     def batch_size(self) -> int:
@@ -164,6 +171,8 @@ def workloads() -> list[Workload]:
         # it and with apply_rope + attention as two calls) and the built-in ALiBi (vs the alibi snippet's row)
         Workload("chat16_causal_hd128_rope", chat, chat, True, 128, pos_encoding="ROPE_LLAMA"),
         Workload("chat16_causal_hd128_alibi_mode", chat, chat, True, 128, pos_encoding="ALIBI"),
+        # an fp8 KV cache (issue #16: paged prefill within 10% of the bf16 cache's); the fa2 kernel reads it
+        Workload("chat16_causal_hd128_fp8kv", chat, chat, True, 128, kv_dtype="float8_e4m3fn"),
     ]
 
 

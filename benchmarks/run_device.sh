@@ -39,6 +39,7 @@
 #   BENCH_ARGS     extra bench_prefill.py arguments (e.g. "--quick" or "--workloads chat16_causal_hd128")
 #   BENCH_DECODE_ARGS  extra bench_decode.py arguments (e.g. "--quick" or "--impls flashinfer_jit,fa2_dense_kv")
 #   BENCH_COMMIT   commit id to record when the checkout has no .git
+#   BUILD_HEAD_DIM build step: of the supported specs only this head_dim's (the variants list stays whole)
 #   PYTHON         interpreter (default python3)
 set -u -o pipefail
 
@@ -104,7 +105,10 @@ from flashinfer_jit.spec import AppendPagedSpec
 VARIANTS += [AppendPagedSpec(128, "bf16", kv_dtype=fmt) for fmt in ("fp8e4m3", "fp8e5m2")]
 
 def all_specs(families=None):
-    specs = [s for cls in FAMILIES.values() for s in cls.supported()] + VARIANTS
+    specs = [s for cls in FAMILIES.values() for s in cls.supported()]
+    if os.environ.get("BUILD_HEAD_DIM"):  # a short call: the supported specs of one head_dim (+ the variants)
+        specs = [s for s in specs if getattr(s, "head_dim", None) == int(os.environ["BUILD_HEAD_DIM"])]
+    specs += VARIANTS
     if families:
         specs = [s for s in specs if s.family in families]
     return sorted(specs, key=lambda s: (s.family != "prefill", -s.head_dim, s.uri))  # longest builds first
