@@ -508,8 +508,9 @@ class _BatchAttention:
 
     def _kv_scales(self, where: str, s: _PlanState, k_scale: Any, v_scale: Any) -> None:
         """run()'s k_scale / v_scale into the launch params: an fp8 plan takes them (options.kv_scale; None is
-        1.0, and each run sets both, so a scale of one call does not leak into the next); a 16-bit plan only
-        None or 1.0 (NotSupportedError, naming kv_data_type)."""
+        1.0, and each run sets both, so a scale of one call does not leak into the next; a captured CUDA graph
+        keeps the float part it was captured with, and reads a device tensor's value at each replay); a 16-bit
+        plan only None or 1.0 (NotSupportedError, naming kv_data_type)."""
         if not s.fp8_kv:
             for name, value in (("k_scale", k_scale), ("v_scale", v_scale)):
                 if value is not None:
