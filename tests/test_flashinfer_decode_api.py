@@ -1278,3 +1278,35 @@ def test_get_batch_indices_positions_on_cuda_with_out_buffers_and_graph_capture(
     graph.replay()
     torch.cuda.synchronize()
     assert (bi.tolist(), po.tolist()) == flashinfer_batch_indices_positions([0, 2, 2, 6, 9], seq_lens, nnz, [3] * nnz)
+
+
+@pytest.mark.parametrize("kw, expected", [
+    (dict(kv_data_type=torch.float8_e4m3fn, q_data_type=torch.bfloat16), ("fp8e4m3", "bf16", False)),
+    (dict(data_type=torch.float8_e5m2, q_data_type=torch.float16), ("fp8e5m2", "fp16", False)),
+    (dict(kv_data_type=torch.float8_e4m3fn), ("fp8e4m3", "fp16", False)),  # q defaults to float16, as FlashInfer
+    (dict(pos_encoding_mode="ROPE_LLAMA", q_data_type=torch.bfloat16), ("", "bf16", True)),
+])
+def test_decode_plan_chooses_fp8_and_rope_kernels(kw: dict, expected: tuple, monkeypatch) -> None:
+    """Decode plans the paged fa2 kernel with fp8 K/V storage (issue #16) or fused RoPE; the plan keeps the
+    choice (the re-plans of fast_decode_plan and the cached module inherit it)."""
+    loaded = []
+
+    def record(spec, *args, **kwargs):
+        loaded.append(spec)
+        raise ReachedKernel()
+
+    monkeypatch.setattr(loader, "load", record)
+    monkeypatch.setattr(flashinfer_jit.kernels, "_variants", {})
+    with pytest.raises(ReachedKernel):
+        decode_plan_call(**kw)()
+    assert [(s.kv_dtype, s.dtype, s.rope, s.kv_layout, s.backend) for s in loaded] == [(*expected, "paged", "fa2")]
+
+
+def test_cascade_and_batch_attention_refuse_fp8_kv(no_kernels) -> None:
+    """fp8 caches work on the batch prefill / decode wrappers; the cascade wrapper and BatchAttention say so."""
+    w = cascade.MultiLevelCascadeAttentionWrapper(2, workspace(), "NHD")
+    levels = ([i32([0, 3]), i32([0, 1, 2, 3])], [i32([0, 2]), i32([0, 1, 1, 2])], [i32([0, 1]), i32([2, 3])],
+              [i32([16]), i32([5, 0, 9])])
+    with pytest.raises(NotSupportedError, match="batch prefill and decode wrappers") as info:
+        w.plan(*levels, HQ, HKV, HD, PS, kv_data_type=torch.float8_e4m3fn)
+    assert info.value.parameter == "kv_data_type"
