@@ -69,6 +69,27 @@ def test_filters_narrow_each_family_that_has_the_field():
                            "merge_state_hd64_fp16"]  # --layout leaves merge_state alone
 
 
+def test_opt_in_rope_alibi_and_fp8_kv_variants():
+    """--rope, --alibi, --kv-dtype (issue #16) name opt-in variants: outside the default matrix, in it when
+    named, with their aliases (e4m3 / float8_e4m3fn / same); fused RoPE and fp8 K/V only on the fa2 backend
+    (the matrix leaves out the sm90 combinations instead of failing), and append_paged gets the fp8 cache."""
+    assert not any(getattr(s, "rope", False) or getattr(s, "alibi", False) or getattr(s, "kv_dtype", "")
+                   for s in prebuild.expand())
+    fp8 = prebuild.expand(["decode", "append"], {"head_dim": 128, "dtype": "bf16", "kv_dtype": "e4m3,float8_e5m2",
+                                                 "rope": "true,false"})
+    assert uris(fp8) == [
+        "prefill_paged_hd128_bf16_full_fa2_fp8e4m3_kv64_q128x64x16",
+        "prefill_paged_hd128_bf16_full_fa2_fp8e5m2_kv64_q128x64x16",
+        "prefill_paged_hd128_bf16_full_fa2_rope_fp8e4m3_kv64_q128x64x16",
+        "prefill_paged_hd128_bf16_full_fa2_rope_fp8e5m2_kv64_q128x64x16",
+        "append_paged_hd128_bf16_fp8e4m3", "append_paged_hd128_bf16_fp8e5m2"]
+    alibi = prebuild.expand(["prefill"], {"layout": "ragged", "head_dim": 128, "dtype": "bf16", "causal": "true",
+                                          "alibi": "true"})
+    assert {s.backend for s in alibi} == {"fa2", "sm90"} and all(s.alibi and not s.rope for s in alibi)
+    same = prebuild.expand(["append"], {"head_dim": 64, "dtype": "fp16", "kv_dtype": "same"})
+    assert uris(same) == ["append_paged_hd64_fp16"]
+
+
 def test_paged_layouts_share_one_variant_and_the_matrix_still_covers_every_wrapper_combination():
     """paged_nhd and paged_hnd render the same kernel (the page layout is a run-time stride), so the
     matrix has one paged variant where it had two: prefill 36 -> 24 per backend (fa2 and sm90: 48), all
