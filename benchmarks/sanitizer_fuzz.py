@@ -83,6 +83,8 @@ class Case:
     seed: int = 0
     window_left: int = -1     # attention variants (issue #12): sliding window, soft-cap
     soft_cap: float = 0.0
+    pos_encoding: str = "NONE"  # issue #16: fused RoPE ("ROPE_LLAMA") or "ALIBI"
+    fp8: str = ""               # issue #16: an fp8 K/V dtype name ("float8_e4m3fn" / "float8_e5m2")
 
     @property
     def num_qo_heads(self) -> int:
@@ -96,26 +98,33 @@ class Case:
         pairs = ", ".join(f"{q}/{k}" for q, k in zip(self.q_lens, self.kv_lens))
         paged = f" page={self.page_size}{' (k,v) tuple' if self.tuple_cache else ''}" if self.page_size else ""
         variant = (f" window_left={self.window_left}" if self.window_left >= 0 else "") + (
-            f" soft_cap={self.soft_cap:g}" if self.soft_cap > 0 else "")
+            f" soft_cap={self.soft_cap:g}" if self.soft_cap > 0 else "") + (
+            f" {self.pos_encoding}" if self.pos_encoding != "NONE" else "") + (f" {self.fp8} KV" if self.fp8 else "")
         return f"{what}{paged}{variant} q/kv: [{pairs}]"
 
     def backend(self, prefill_backend: str) -> str:
         """The backend= of this case's wrapper: --prefill-backend for ragged cases and paged ones with pages
         the sm90 kernel copies whole (16), "auto" for the rest."""
         forced = self.kind == "ragged" or (self.kind == "paged" and self.page_size == 16)
-        return prefill_backend if forced else "auto"
+        fa2_only = self.pos_encoding == "ROPE_LLAMA" or bool(self.fp8)  # "auto" resolves them to fa2
+        return prefill_backend if forced and not fa2_only else "auto"
 
     def specs(self, prefill_backend: str = "auto"):
         """The kernel variants this case may load (what --prebuild-only builds): both backends under auto."""
         from flashinfer_jit.spec import AppendPagedSpec, PrefillSpec
         if self.kind == "append":
             return [AppendPagedSpec(self.head_dim, self.dtype)]
+        kv_dtype = {"float8_e4m3fn": "fp8e4m3", "float8_e5m2": "fp8e5m2"}.get(self.fp8, "")
         layout = "ragged" if self.kind == "ragged" else f"paged_{self.kv_layout.lower()}"
         backend = self.backend(prefill_backend)
         backends = ("fa2", "sm90") if backend == "auto" and self.kind != "decode" else (
             ("fa2",) if backend == "auto" else (backend,))
+        if self.pos_encoding == "ROPE_LLAMA" or kv_dtype:
+            backends = ("fa2",)
         return [PrefillSpec(layout, self.head_dim, self.dtype, self.causal and self.kind != "decode", backend=b,
-                            sliding_window=self.window_left >= 0, soft_cap=self.soft_cap > 0)
+                            sliding_window=self.window_left >= 0, soft_cap=self.soft_cap > 0,
+                            rope=self.pos_encoding == "ROPE_LLAMA", alibi=self.pos_encoding == "ALIBI",
+                            kv_dtype=kv_dtype)
                 for b in backends]
 
 
@@ -144,6 +153,10 @@ def make_cases(n: int, seed: int) -> list[Case]:
         if kind != "append":  # the variants' kernels too (their masks and skipped tiles touch memory differently)
             case.window_left = rng.choice((0, 1, 5, 40)) if rng.random() < 0.3 else -1
             case.soft_cap = rng.choice((5.0, 30.0)) if rng.random() < 0.25 else 0.0
+            draw = rng.random()  # fused RoPE, ALiBi (not with a soft-cap: plan() refuses the pair), fp8 K/V
+            case.pos_encoding = "ROPE_LLAMA" if draw < 0.15 else ("ALIBI" if draw < 0.25 and not case.soft_cap
+                                                                  else "NONE")
+            case.fp8 = rng.choice(("float8_e4m3fn", "float8_e5m2")) if rng.random() < 0.2 else ""
         cases.append(case)
     return cases
 
@@ -223,10 +236,24 @@ class Runner:
         v = torch.randn((sum(case.kv_lens), case.num_kv_heads, case.head_dim), generator=gen).to(dtype)
         return q, k, v
 
+    def _kv(self, case: Case, x: torch.Tensor) -> torch.Tensor:
+        """K / V as the kernel reads them: x, or x cast to the case's fp8 dtype."""
+        return x.to(getattr(torch, case.fp8)) if case.fp8 else x
+
     def _check(self, case: Case, out: torch.Tensor, lse: torch.Tensor, q, k, v) -> None:
-        ref_out, ref_lse = ref.ragged_attention_ref(q, k, v, ref.make_indptr(case.q_lens),
-                                                    ref.make_indptr(case.kv_lens), case.causal,
-                                                    window_left=case.window_left, logits_soft_cap=case.soft_cap)
+        qo, kv = ref.make_indptr(case.q_lens), ref.make_indptr(case.kv_lens)
+        if case.fp8:  # the reference reads the fp8 values the kernel reads
+            k, v = self._kv(case, k).float(), self._kv(case, v).float()
+        score_fn = None
+        if case.pos_encoding == "ROPE_LLAMA":
+            q_pos, k_pos = ref.rope_positions(qo, kv)
+            q = ref.rope_reference(q, q_pos, case.head_dim, False, 1.0, 1e4)
+            k = ref.rope_reference(k, k_pos, case.head_dim, False, 1.0, 1e4)
+        elif case.pos_encoding == "ALIBI":
+            slopes = ref.alibi_slopes_ref(case.num_qo_heads).view(-1, 1, 1)
+            score_fn = lambda s, qi, ki, h, qp, r: s + slopes * (ki - qp).float()  # noqa: E731
+        ref_out, ref_lse = ref.ragged_attention_ref(q, k, v, qo, kv, case.causal, window_left=case.window_left,
+                                                    logits_soft_cap=case.soft_cap, score_fn=score_fn)
         ref.check_attention(out.cpu(), ref_out, DTYPES[case.dtype], case.describe(), lse.cpu(), ref_lse)
 
     def _ragged(self, case: Case) -> None:
@@ -235,10 +262,10 @@ class Runner:
         w = self.wrapper("ragged", case.kv_layout, case.backend(self.prefill_backend))
         w.plan(ref.make_indptr(case.q_lens), ref.make_indptr(case.kv_lens), case.num_qo_heads, case.num_kv_heads,
                case.head_dim, causal=case.causal, q_data_type=DTYPES[case.dtype], window_left=case.window_left,
-               logits_soft_cap=case.soft_cap)
+               logits_soft_cap=case.soft_cap, pos_encoding_mode=case.pos_encoding, kv_data_type=case.fp8 or None)
         dev = self.device
-        out, lse = w.run(q.to(dev), ref.from_nhd(k, case.kv_layout).to(dev), ref.from_nhd(v, case.kv_layout).to(dev),
-                         return_lse=True)
+        k_in, v_in = (self._kv(case, ref.from_nhd(x, case.kv_layout).to(dev)) for x in (k, v))
+        out, lse = w.run(q.to(dev), k_in, v_in, return_lse=True)
         self._check(case, out, lse, q, k, v)
 
     def _paged_inputs(self, case: Case):
@@ -248,7 +275,7 @@ class Runner:
         cache = new_cache(pages.num_pages, case.page_size, case.num_kv_heads, case.head_dim, DTYPES[case.dtype],
                           case.kv_layout)
         scatter(cache, k, v, *token_slots(pages, case.kv_lens, case.page_size), case.kv_layout)
-        gpu = cache.to(self.device)
+        gpu = self._kv(case, cache.to(self.device))
         paged = (gpu[:, 0].contiguous(), gpu[:, 1].contiguous()) if case.tuple_cache else gpu
         return q, k, v, pages, paged
 
@@ -257,7 +284,8 @@ class Runner:
         w = self.wrapper("paged", case.kv_layout, case.backend(self.prefill_backend))
         w.plan(ref.make_indptr(case.q_lens), pages.indptr, pages.indices, pages.last_page_len, case.num_qo_heads,
                case.num_kv_heads, case.head_dim, case.page_size, causal=case.causal, q_data_type=DTYPES[case.dtype],
-               window_left=case.window_left, logits_soft_cap=case.soft_cap)
+               window_left=case.window_left, logits_soft_cap=case.soft_cap, pos_encoding_mode=case.pos_encoding,
+               kv_data_type=case.fp8 or None)
         out, lse = w.run(q.to(self.device), paged, return_lse=True)
         self._check(case, out, lse, q, k, v)
 
@@ -266,7 +294,7 @@ class Runner:
         w = self.wrapper("decode", case.kv_layout)
         w.plan(pages.indptr, pages.indices, pages.last_page_len, case.num_qo_heads, case.num_kv_heads,
                case.head_dim, case.page_size, q_data_type=DTYPES[case.dtype], window_left=case.window_left,
-               logits_soft_cap=case.soft_cap)
+               logits_soft_cap=case.soft_cap, pos_encoding_mode=case.pos_encoding, kv_data_type=case.fp8 or None)
         out, lse = w.run(q.to(self.device), paged, return_lse=True)
         self._check(case, out, lse, q, k, v)
 
