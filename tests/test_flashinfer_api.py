@@ -518,11 +518,8 @@ VARIANT_PLANS = [  # (plan options, the kernel switches they select: sliding_win
 ]
 
 
-@pytest.mark.parametrize("over, switches", VARIANT_PLANS, ids=lambda o: str(o))
-@pytest.mark.parametrize("which", ["ragged", "paged"])
-def test_variant_options_choose_the_kernel(which: str, over: dict, switches: tuple, no_kernels, monkeypatch) -> None:
-    """window_left and logits_soft_cap (issue #12) pass the plan checks and select the sliding-window /
-    soft-cap kernel (its own spec, URI and cache key) instead of raising."""
+def planned_specs(which: str, monkeypatch, **over) -> list:
+    """The specs a ragged / paged plan with these options loads (the load itself stops the call)."""
     loaded = []
 
     def record(spec, *args, **kwargs):
@@ -532,6 +529,15 @@ def test_variant_options_choose_the_kernel(which: str, over: dict, switches: tup
     monkeypatch.setattr(loader, "load", record)
     with pytest.raises(ReachedKernel):
         (ragged_plan if which == "ragged" else paged_plan)(**over)(Args(real=True))
+    return loaded
+
+
+@pytest.mark.parametrize("over, switches", VARIANT_PLANS, ids=lambda o: str(o))
+@pytest.mark.parametrize("which", ["ragged", "paged"])
+def test_variant_options_choose_the_kernel(which: str, over: dict, switches: tuple, no_kernels, monkeypatch) -> None:
+    """window_left and logits_soft_cap (issue #12) pass the plan checks and select the sliding-window /
+    soft-cap kernel (its own spec, URI and cache key) instead of raising."""
+    loaded = planned_specs(which, monkeypatch, **over)
     assert [(s.sliding_window, s.soft_cap, s.rope, s.alibi) for s in loaded] == [switches]
     assert loaded[0].kv_layout == which and ("window" in loaded[0].uri) == switches[0]
     assert ("softcap" in loaded[0].uri) == switches[1]
@@ -1070,15 +1076,7 @@ def test_kv_scales_follow_the_plans_kv_dtype() -> None:
 @pytest.mark.parametrize("kv_dtype", [torch.float8_e4m3fn, torch.float8_e5m2, "float8_e4m3fn"], ids=str)
 def test_fp8_kv_data_type_chooses_the_fp8_kernel(which: str, kv_dtype, no_kernels, monkeypatch) -> None:
     """kv_data_type fp8 (issue #16) selects the FA2-class kernel with fp8 K/V storage (its own spec and URI)."""
-    loaded = []
-
-    def record(spec, *args, **kwargs):
-        loaded.append(spec)
-        raise ReachedKernel()
-
-    monkeypatch.setattr(loader, "load", record)
-    with pytest.raises(ReachedKernel):
-        (ragged_plan if which == "ragged" else paged_plan)(kv_data_type=kv_dtype)(Args(real=True))
+    loaded = planned_specs(which, monkeypatch, kv_data_type=kv_dtype)
     name = "fp8e5m2" if kv_dtype is torch.float8_e5m2 else "fp8e4m3"
     assert [(s.kv_dtype, s.backend, s.dtype) for s in loaded] == [(name, "fa2", "bf16")]
     assert f"_{name}_" in loaded[0].uri
