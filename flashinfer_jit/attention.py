@@ -79,9 +79,7 @@ class BatchAttention:
         if head_dim_vo != head_dim_qk:
             raise NotSupportedError("head_dim_vo", head_dim_vo, f"{head_dim_qk} (equal q/k and v head dims)", where)
         q_dtype, kv_dtype = resolve_dtypes(where, q_data_type, kv_data_type)
-        if kv_dtype in options.FP8_DTYPES:  # the batch prefill / decode wrappers have fp8 caches; this one not yet
-            raise NotSupportedError("kv_data_type", kv_data_type, "torch.float16 or torch.bfloat16 here (fp8 KV caches "
-                                    "work on the batch prefill and decode wrappers)", where)
+        options.no_fp8_kv(where, kv_dtype, kv_data_type)
         if not isinstance(page_size, int) or isinstance(page_size, bool) or page_size < 1:
             raise ValueError(f"page_size: expected a positive int, got {page_size!r}")
         indptr_h = host_int32("kv_indptr", kv_indptr)

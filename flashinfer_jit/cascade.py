@@ -17,7 +17,6 @@ from typing import Optional, Union
 import torch
 
 from . import loader, options, validate
-from .errors import NotSupportedError
 from .ops import I32, I64, PTR, define, device_guard, ptr, stream_of
 from .spec import MergeStateSpec, dtype_name
 
@@ -196,9 +195,7 @@ class MultiLevelCascadeAttentionWrapper:
         options.window_left(where, window_left)
         options.logits_soft_cap(where, logits_soft_cap)
         q_dtype, kv_dtype = resolve_dtypes(where, q_data_type, kv_data_type)
-        if kv_dtype in options.FP8_DTYPES:  # the batch prefill / decode wrappers have fp8 caches; this one not yet
-            raise NotSupportedError("kv_data_type", kv_data_type, "torch.float16 or torch.bfloat16 here (fp8 KV caches "
-                                    "work on the batch prefill and decode wrappers)", where)
+        options.no_fp8_kv(where, kv_dtype, kv_data_type)
         levels = self._num_levels
         qo_arr = _level_list("qo_indptr_arr", qo_indptr_arr, levels)
         indptr_arr = _level_list("paged_kv_indptr_arr", paged_kv_indptr_arr, levels)

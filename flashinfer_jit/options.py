@@ -141,6 +141,13 @@ def kv_storage(where: str, value: Any) -> str:
     return ""
 
 
+def no_fp8_kv(where: str, kv_dtype: Any, given: Any) -> None:
+    """Entry points without fp8 caches (cascade, BatchAttention): NotSupportedError for an fp8 KV dtype."""
+    if kv_dtype in FP8_DTYPES:
+        raise NotSupportedError("kv_data_type", given, "torch.float16 or torch.bfloat16 here (fp8 KV caches work on "
+                                "the batch prefill and decode wrappers)", where)
+
+
 def kv_scale(where: str, name: str, value: Any, device: torch.device) -> tuple[float, Optional[int]]:
     """An fp8 cache's k_scale / v_scale as the kernel takes it: (a float, a device pointer or None). None is
     1.0; a Python number must be finite and > 0; a one-element float32 tensor on the CPU is read, one on the
