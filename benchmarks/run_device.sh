@@ -85,11 +85,12 @@ from flashinfer_jit.spec import PrefillSpec
 VARIANTS = [PrefillSpec(layout, 128, dtype, causal, backend=backend, sliding_window=window, soft_cap=cap)
             for layout in ("ragged", "paged") for dtype in ("bf16", "fp16") for causal in (False, True)
             for backend in ("fa2", "sm90") for window, cap in ((True, False), (False, True), (True, True))]
-# Positional encodings (tests/test_variants_gpu.py): fused RoPE (fa2 only) and ALiBi (both backends).
-VARIANTS += [PrefillSpec(layout, d, dtype, causal, rope=True)
+# Positional encodings (tests/test_variants_gpu.py): fused RoPE and ALiBi (both backends).
+VARIANTS += [PrefillSpec(layout, d, dtype, causal, backend=backend, rope=True)
              for layout in ("ragged", "paged") for dtype in ("bf16", "fp16") for causal in (False, True)
-             for d in (64, 128, 256)]
-VARIANTS += [PrefillSpec("paged", 128, "fp16", True, rope=True, sliding_window=True, soft_cap=True)]
+             for d in (64, 128, 256) for backend in ("fa2", "sm90")]
+VARIANTS += [PrefillSpec("paged", 128, "fp16", True, backend=backend, rope=True, sliding_window=True, soft_cap=True)
+             for backend in ("fa2", "sm90")]
 VARIANTS += [PrefillSpec(layout, d, dtype, causal, backend=backend, alibi=True, sliding_window=window)
              for layout, dtype, window in (("ragged", "bf16", False), ("paged", "fp16", True), ("paged", "bf16", False))
              for d in (64, 128, 256) for causal in (False, True) for backend in ("fa2", "sm90")

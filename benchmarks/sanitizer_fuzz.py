@@ -106,7 +106,7 @@ class Case:
         """The backend= of this case's wrapper: --prefill-backend for ragged cases and paged ones with pages
         the sm90 kernel copies whole (16), "auto" for the rest."""
         forced = self.kind == "ragged" or (self.kind == "paged" and self.page_size == 16)
-        fa2_only = self.pos_encoding == "ROPE_LLAMA" or bool(self.fp8)  # "auto" resolves them to fa2
+        fa2_only = bool(self.fp8)  # "auto" resolves fp8 K/V to fa2
         return prefill_backend if forced and not fa2_only else "auto"
 
     def specs(self, prefill_backend: str = "auto"):
@@ -119,7 +119,7 @@ class Case:
         backend = self.backend(prefill_backend)
         backends = ("fa2", "sm90") if backend == "auto" and self.kind != "decode" else (
             ("fa2",) if backend == "auto" else (backend,))
-        if self.pos_encoding == "ROPE_LLAMA" or kv_dtype:
+        if kv_dtype:
             backends = ("fa2",)
         return [PrefillSpec(layout, self.head_dim, self.dtype, self.causal and self.kind != "decode", backend=b,
                             sliding_window=self.window_left >= 0, soft_cap=self.soft_cap > 0,

@@ -340,7 +340,7 @@ class _BatchAttention:
         choice = self._graph_backend or self._backend_choice
         backend = resolve_backend(choice, self._device, layout, group, f"{type(self).__name__}.plan()",
                                   self._graph_backend or self._backend_requested, page_size, rows_per_request,
-                                  rope=variant.rope, fp8_kv=kv_dtype in options.FP8_KV_DTYPES)
+                                  fp8_kv=kv_dtype in options.FP8_KV_DTYPES)
         return prefill_kernel(backend, layout, head_dim, dtype, bool(causal), sliding_window=variant.sliding_window,
                               soft_cap=variant.soft_cap, custom_mask=variant.custom_mask, rope=variant.rope,
                               alibi=variant.alibi, kv_dtype=options.FP8_KV_DTYPES.get(kv_dtype, ""),

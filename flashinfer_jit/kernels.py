@@ -68,14 +68,10 @@ def _compute_capability(device: torch.device) -> tuple[int, int] | None:
 
 
 def sm90_obstacle(device: torch.device, layout: str, group: int | None = None,
-                  page_size: int | None = None, kv_tile: int = 128, rope: bool = False,
-                  fp8_kv: bool = False) -> str | None:
+                  page_size: int | None = None, kv_tile: int = 128, fp8_kv: bool = False) -> str | None:
     """Why the sm90 kernel cannot run this plan (None: it can). `group`, `page_size` None: not known yet."""
     if fp8_kv:
         return "it has no fp8 KV cache (an fp8 kv_data_type runs on the fa2 kernel)"
-    if rope:
-        return ("it has no fused RoPE (its TMA tiles go to the tensor cores untouched): pos_encoding_mode="
-                "'ROPE_LLAMA' runs on the fa2 kernel, or call apply_rope before the sm90 kernel")
     capability = _compute_capability(device)
     if capability is None or capability[0] != 9:
         shown = "no CUDA device" if capability is None else f"compute capability {capability[0]}.{capability[1]}"
@@ -93,16 +89,16 @@ def sm90_obstacle(device: torch.device, layout: str, group: int | None = None,
 
 def resolve_backend(choice: str, device: torch.device, layout: str, group: int | None = None,
                     where: str = "", requested: str | None = None, page_size: int | None = None,
-                    rows_per_request: float | None = None, rope: bool = False, fp8_kv: bool = False) -> str:
+                    rows_per_request: float | None = None, fp8_kv: bool = False) -> str:
     """The PrefillSpec backend a plan runs: "auto" is "sm90" where sm90_obstacle finds nothing (Hopper,
     a group size dividing 128, pages it copies whole) and the batch is not decode-like (at least
     SM90_MIN_ROWS packed q rows, tokens x group, per request on average: below that the FA2-class
-    kernel's 16-row tiles waste less), and "fa2" elsewhere (fused RoPE, `rope`, and fp8 K/V, `fp8_kv`, are fa2's only); an explicit "sm90" (`requested`: the name
+    kernel's 16-row tiles waste less), and "fa2" elsewhere (fp8 K/V, `fp8_kv`, are fa2's only); an explicit "sm90" (`requested`: the name
     the user gave, "fa3" or "sm90") that cannot run raises NotSupportedError saying why. Stricter than
     FlashInfer, whose explicit "fa3" on another card fails later, when its sm_90a module is built or run."""
     if choice == "fa2":
         return "fa2"
-    obstacle = sm90_obstacle(device, layout, group, page_size, rope=rope, fp8_kv=fp8_kv)
+    obstacle = sm90_obstacle(device, layout, group, page_size, fp8_kv=fp8_kv)
     if choice == "auto":
         decode_like = rows_per_request is not None and rows_per_request < SM90_MIN_ROWS
         return "fa2" if obstacle or decode_like else "sm90"

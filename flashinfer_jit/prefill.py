@@ -599,7 +599,7 @@ def single_prefill_with_kv_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     resolved_backend = select_backend(backend, where)
     if resolved_backend == "sm90":  # an explicit Hopper backend that cannot run here fails before anything runs
         resolve_backend("sm90", q.device if isinstance(q, torch.Tensor) else torch.device("cpu"), "ragged",
-                        where=where, requested=backend, rope=variant.rope)
+                        where=where, requested=backend)
     if kv_layout not in ("NHD", "HND"):
         raise ValueError(f"kv_layout: expected 'NHD' or 'HND', got {kv_layout!r}")
     if isinstance(q, torch.Tensor):

@@ -322,16 +322,13 @@ class PrefillSpec(KernelSpec):
                              "into a user variant's score_mod)")
         if self.kv_dtype and self.backend == "sm90":
             raise ValueError("PrefillSpec: fp8 K/V (kv_dtype) runs on the fa2 backend only; use backend='fa2'")
-        if self.rope and self.backend == "sm90":
-            raise ValueError("PrefillSpec: fused RoPE runs on the fa2 backend only (the sm90 kernel's TMA tiles go "
-                             "to the tensor cores untouched); use backend='fa2', or apply_rope before attention")
         if self.backend == "sm90" and (self.cta_q_options != (128,) or self.kv_tile not in (64, 128)):
             raise ValueError(f"PrefillSpec: the sm90 backend runs 128-row q tiles and 64 or 128-key KV tiles, "
                              f"got cta_q_options={self.cta_q_options}, kv_tile={self.kv_tile}")
 
     @classmethod
     def combination_exists(cls, values: dict[str, Any]) -> bool:
-        if values.get("rope") and (values.get("alibi") or values["backend"] == "sm90"):
+        if values.get("rope") and values.get("alibi"):
             return False
         if values.get("alibi") and values.get("soft_cap"):
             return False

@@ -562,12 +562,15 @@ def test_bad_positional_encoding_options_raise_before_any_kernel(which: str, ove
         (ragged_plan if which == "ragged" else paged_plan)(**over)(Args(real=True))
 
 
-def test_fused_rope_refuses_an_explicit_hopper_backend() -> None:
-    """Fused RoPE runs on the FA2-class kernel: where sm90 is asked for explicitly, the plan says why."""
-    assert kernels.sm90_obstacle(torch.device("cpu"), "ragged", rope=True).startswith("it has no fused RoPE")
-    with pytest.raises(flashinfer.NotSupportedError, match="no fused RoPE"):
-        kernels.resolve_backend("sm90", torch.device("cpu"), "ragged", requested="fa3", rope=True)
-    assert kernels.resolve_backend("auto", torch.device("cpu"), "ragged", rope=True) == "fa2"
+def test_fused_rope_runs_on_either_backend(monkeypatch) -> None:
+    """Fused RoPE is no obstacle to the sm90 kernel (it rotates in shared memory: transform_sm90.cuh): on a
+    Hopper card "auto" picks sm90 with RoPE as without; elsewhere both resolve to fa2."""
+    assert kernels.resolve_backend("auto", torch.device("cpu"), "ragged") == "fa2"
+    monkeypatch.setattr(kernels, "_compute_capability", lambda device: (9, 0))
+    assert kernels.sm90_obstacle(torch.device("cuda:0"), "ragged") is None
+    assert kernels.resolve_backend("auto", torch.device("cuda:0"), "ragged", group=4) == "sm90"
+    from flashinfer_jit.spec import PrefillSpec
+    assert PrefillSpec("ragged", 128, "bf16", True, backend="sm90", rope=True).uri.endswith("_sm90_rope_kv128_q128")
 
 
 def test_rope_and_alibi_tables() -> None:

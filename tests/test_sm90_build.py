@@ -168,7 +168,10 @@ VARIANT_SPECS = [
     PrefillSpec("paged", 128, "bf16", False, backend="sm90", custom_mask=True),
     PrefillSpec("ragged", 64, "fp16", False, backend="fa2", custom_mask=True, soft_cap=True),
     PrefillSpec("ragged", 128, "bf16", True, backend="sm90", alibi=True),  # pos_encoding_mode="ALIBI"
-    PrefillSpec("paged", 128, "bf16", True, backend="fa2", rope=True),  # fused RoPE (the fa2 kernel's only)
+    PrefillSpec("paged", 128, "bf16", True, backend="fa2", rope=True),  # fused RoPE
+    PrefillSpec("ragged", 128, "bf16", True, backend="sm90", rope=True),  # (sm90: transform_sm90.cuh)
+    PrefillSpec("paged", 64, "fp16", False, backend="sm90", rope=True, sliding_window=True),
+    PrefillSpec("ragged", 256, "bf16", True, backend="sm90", rope=True),
     PrefillSpec("ragged", 64, "fp16", False, backend="fa2", rope=True, sliding_window=True, alibi=False),
     PrefillSpec("paged", 128, "bf16", False, backend="fa2", kv_dtype="fp8e4m3"),  # an fp8 KV cache (decode's)
     PrefillSpec("ragged", 256, "fp16", True, backend="fa2", kv_dtype="fp8e5m2", rope=True),
@@ -178,7 +181,7 @@ VARIANT_SPECS = [
 @pytest.mark.parametrize("spec", VARIANT_SPECS, ids=[s.uri for s in VARIANT_SPECS])
 def test_attention_variants_build(spec: PrefillSpec, monkeypatch, no_gpu) -> None:
     """The sliding-window, soft-cap, custom-mask, ALiBi and fused-RoPE kernels (opt-in spec fields,
-    variant.cuh) build (RoPE: the fa2 kernel only): the cap's tanh is a MUFU.TANH, RoPE's sincos MUFU.SIN/COS, the sm90 kernels keep HGMMA, an unserialized wgmma pipeline and a KV
+    variant.cuh) build (fp8 K/V: the fa2 kernel only): the cap's tanh is a MUFU.TANH, RoPE's sincos MUFU.SIN/COS, the sm90 kernels keep HGMMA, an unserialized wgmma pipeline and a KV
     loop free of local memory (the window's extra live values spill a few registers once per work unit
     at hd128, outside the loop: measured in the SASS, 2026-12-04)."""
     monkeypatch.setenv("FLASHINFER_JIT_ARCH", "90a")

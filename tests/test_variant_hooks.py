@@ -3,9 +3,9 @@
 The library's variants (variant.cuh: sliding window, soft-cap) use some of the hooks; a test variant
 here turns every one on: a sliding-window kv_range (begin > 0), a logits transform (soft-cap, so the
 softmax runs on transformed scores with scale log2(e)), an extra mask and query / key transforms with a
-per-thread state (as fused RoPE has). It is
-instantiated for the 64-row ragged kernel and the 16-row paged (KV-split warps) kernel, and (without
-the query / key transforms, which it lacks) for the sm90 ragged and paged kernels, and compiled to sm_90a
+per-thread state (as fused RoPE has; the sm90 kernel's key walk too). It is
+instantiated for the 64-row ragged kernel and the 16-row paged (KV-split warps) kernel, and (with and
+without the query / key transforms) for the sm90 ragged and paged kernels, and compiled to sm_90a
 machine code. Running such variants against a reference is the attention-variants
 issue's job; this test keeps the hook interface honest until then.
 """
@@ -50,6 +50,21 @@ struct WindowSoftCapVariant : fij::KeyRange<true, true> {  // causal, sliding wi
   __device__ void transform_key(const QKState& st, float (&lo)[8], float (&hi)[8], int key, int, const Tile&) const {
     for (int i = 0; i < 8; ++i) lo[i] *= st.factor * float(key), hi[i] *= 2.0f;
   }
+  // the sm90 kernel's form of the key transform: a walk over a thread's keys
+  template <int N>
+  struct KeyWalk {
+    float factor, key;
+    int stride;
+  };
+  template <int N>
+  __device__ KeyWalk<N> key_walk(int dim0, int stride) const { return KeyWalk<N>{1.0f / float(dim0 + 1), 0.f, stride}; }
+  template <int N>
+  __device__ void key_walk_start(KeyWalk<N>& k, int key0) const { k.key = float(key0); }
+  template <int N>
+  __device__ void transform_walked_key(KeyWalk<N>& k, float (&lo)[N], float (&hi)[N]) const {
+    for (int i = 0; i < N; ++i) lo[i] *= k.factor * k.key, hi[i] *= 2.0f;
+    k.key += float(k.stride);
+  }
 };
 
 template int fij::launch_prefill<__nv_bfloat16, 128, 64, 64, WindowSoftCapVariant, false>(
@@ -57,15 +72,17 @@ template int fij::launch_prefill<__nv_bfloat16, 128, 64, 64, WindowSoftCapVarian
 template int fij::launch_prefill<half, 64, 16, 64, WindowSoftCapVariant, true>(
     const fij::PrefillParams&, int, cudaStream_t);
 
-// The sm90 kernel has every hook but the query / key transforms (a static_assert says so).
+// The sm90 kernels: with every hook, and without the query / key transforms (no transform warps).
 struct WindowSoftCapNoQuery : WindowSoftCapVariant {
   static constexpr bool kTransformsQuery = false;
   static constexpr bool kTransformsKey = false;
   using WindowSoftCapVariant::WindowSoftCapVariant;
 };
-template int fij::sm90::launch_prefill<__nv_bfloat16, 128, 128, WindowSoftCapNoQuery, false>(
+template int fij::sm90::launch_prefill<__nv_bfloat16, 128, 128, WindowSoftCapVariant, false>(
     const fij::PrefillParams&, int, cudaStream_t);
 template int fij::sm90::launch_prefill<half, 64, 128, WindowSoftCapNoQuery, true>(
+    const fij::PrefillParams&, int, cudaStream_t);
+template int fij::sm90::launch_prefill<half, 256, 64, WindowSoftCapVariant, true>(
     const fij::PrefillParams&, int, cudaStream_t);
 """
 

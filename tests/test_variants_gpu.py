@@ -237,7 +237,7 @@ def test_variant_plans_run_under_torch_compile_fullgraph() -> None:
     """run() of wrappers planned with a window + soft-cap and with a user variant, inside
     torch.compile(fullgraph=True) (planned outside): no graph break, the eager result."""
     batch = _ragged(LENS, 4, 128, torch.bfloat16, seed=21)
-    backend = _rope_backend()
+    backend = PREFILL_BACKEND
     alibi_like = flashinfer_jit.AttentionVariant("slope_bias", score_mod="score - s * float(q_pos - kv_idx)",
                                                  params={"s": 0.01})
     for plan_kwargs in (dict(window_left=64, logits_soft_cap=20.0), dict(variant=alibi_like),
@@ -315,11 +315,6 @@ def test_decode_with_a_user_variant() -> None:
 ROPE_LENS = LENS + ((3, 20000),)
 
 
-def _rope_backend() -> str:
-    # Fused RoPE is the FA2-class kernel's: "auto" resolves to it; a run forcing sm90 tests the others.
-    return "auto" if PREFILL_BACKEND == "sm90" else PREFILL_BACKEND
-
-
 def _rotated(q: torch.Tensor, k: torch.Tensor, qo_indptr, kv_indptr, theta: float, scale: float):
     q_pos, k_pos = ref.rope_positions(qo_indptr, kv_indptr)
     d = q.shape[-1]
@@ -331,16 +326,24 @@ ROPE_CASES = ([(128, causal, theta, scale) for causal in (False, True) for theta
               + [(64, True, 1e4, 1.0), (256, True, 1e4, 1.0), (256, False, 5e5, 2.0)])
 
 
+@pytest.mark.parametrize("backend", ["default", "fa2"])
 @pytest.mark.parametrize("head_dim, causal, theta, scale", ROPE_CASES,
                          ids=[f"hd{d}-{'causal' if c else 'full'}-theta{t:g}-scale{s:g}" for d, c, t, s in ROPE_CASES])
-def test_fused_rope_ragged_matches_reference(head_dim: int, causal: bool, theta: float, scale: float) -> None:
+def test_fused_rope_ragged_matches_reference(head_dim: int, causal: bool, theta: float, scale: float,
+                                             backend: str) -> None:
+    """Both kernels (default: the suite's backend, sm90 on Hopper; fa2 explicitly): the sm90 kernel rotates
+    keys with a sincos recurrence (transform_sm90.cuh), the fa2 kernel with a sincos per element."""
     for group in (1, 4, 8):
         batch = _ragged(ROPE_LENS, group, head_dim, torch.bfloat16, seed=head_dim + group)
         w = flashinfer_jit.BatchPrefillWithRaggedKVCacheWrapper(
-            torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=DEVICE), backend=_rope_backend())
+            torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=DEVICE),
+            backend=PREFILL_BACKEND if backend == "default" else backend)
         w.plan(batch.qo_indptr, batch.kv_indptr, batch.num_qo_heads, batch.num_kv_heads, head_dim, causal=causal,
                pos_encoding_mode="ROPE_LLAMA", rope_theta=theta, rope_scale=scale, q_data_type=torch.bfloat16)
-        assert w.backend == "fa2" and w._pos_encoding_mode == "ROPE_LLAMA"
+        assert w._pos_encoding_mode == "ROPE_LLAMA"
+        assert backend == "default" or w.backend == backend
+        if backend == "default" and PREFILL_BACKEND == "auto" and torch.cuda.get_device_capability()[0] == 9:
+            assert w.backend == "sm90", "fused RoPE runs on the Hopper kernel"
         k_before = batch.k.clone()
         out, lse = _poisoned(batch.total_q, batch.num_qo_heads, head_dim, torch.bfloat16)
         w.run(batch.q, batch.k, batch.v, out=out, lse=lse, return_lse=True)
@@ -359,7 +362,7 @@ def test_fused_rope_paged_and_with_other_variants(layout: str, page_size: int) -
         b = ref.make_paged_batch([a for a, _ in ROPE_LENS], [k for _, k in ROPE_LENS], NUM_KV_HEADS * group,
                                  NUM_KV_HEADS, 128, torch.float16, DEVICE, layout, page_size, seed=page_size + group)
         w = flashinfer_jit.BatchPrefillWithPagedKVCacheWrapper(
-            torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=DEVICE), kv_layout=layout, backend=_rope_backend())
+            torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=DEVICE), kv_layout=layout, backend=PREFILL_BACKEND)
         t = b.table
         w.plan(b.qo_indptr, t.indptr, t.indices, t.last_page_len, b.num_qo_heads, b.num_kv_heads, 128, page_size,
                causal=causal, pos_encoding_mode="ROPE_LLAMA", window_left=window_left, logits_soft_cap=cap,

@@ -200,7 +200,9 @@ struct PagedKVTileLoader {
 
 // TKV: the K/V storage type, T (16-bit) or fp8 (quant.cuh): fp8 tiles are copied into staging tiles and
 // widened in shared memory into one 16-bit K and V tile per KV tile (an extra barrier a tile), with
-// k_scale folded into Q once and v_scale into the output.
+// k_scale applied to the logits in float32 (folded into the softmax's exp2 factor, or a multiply
+// before a variant's logits transform) and v_scale to the output. (Folding k_scale into the 16-bit Q
+// would round q * k_scale to bf16: LSE errors of 1e-2 at logits of a few units, measured on the H100.)
 template <typename T, int HEAD_DIM, int CTA_Q, int KV_TILE, typename Variant, bool PAGED, bool ALIGNED_PAGES,
           typename TKV = T>
 struct MainloopSm80 {
@@ -222,8 +224,21 @@ struct MainloopSm80 {
   struct State {
     float o[MQ][S::kNtO][4];
     Softmax softmax;
-    float out_scale;
+    float out_scale;  // fp8 caches' v_scale (else 1)
   };
+
+  // fp8 caches' k_scale: a Python float in the params, times a one-element device tensor's value if given.
+  __device__ __forceinline__ static float k_scale(const PrefillParams& p) {
+    return p.k_scale * (p.k_scale_ptr != nullptr ? __ldg(p.k_scale_ptr) : 1.f);
+  }
+  // The factor exp2 applies to the scores (softmax and LSE): the variant's, times k_scale for fp8 K
+  // without a logits transform (the running maximum may stay over raw logits: k_scale > 0).
+  __device__ __forceinline__ static float score_scale(const PrefillParams& p, const Variant& variant) {
+    if constexpr (kFp8 && !Variant::kTransformsLogits)
+      return variant.softmax_scale_log2() * k_scale(p);
+    else
+      return variant.softmax_scale_log2();
+  }
 
   // Shared memory: Q, then kStages K tiles, then kStages V tiles (16-bit K/V); fp8: Q, one 16-bit K
   // and V tile, then kStages fp8 K and V staging tiles. k_smem .. the end also holds the epilogue's
@@ -264,10 +279,9 @@ struct MainloopSm80 {
   static_assert(S::kThreads % kHalfChunks == 0, "a thread's transform dims must stay fixed");
   __device__ __forceinline__ static int transform_dim0() { return (threadIdx.x % kHalfChunks) * 8; }
 
-  // q_scale: fp8 caches' k_scale, folded into Q (q . (k * k_scale) == (q * k_scale) . k).
   template <typename QKState>
   __device__ __forceinline__ static void transform_q(const PrefillParams& p, const Variant& variant, const QKState& qk,
-                                                     const WorkTile& w, int hk, T* sQ, float q_scale) {
+                                                     const WorkTile& w, int hk, T* sQ) {
     cp_async_commit();
     cp_async_wait<0>();
     __syncthreads();
@@ -279,11 +293,7 @@ struct MainloopSm80 {
       float lo[8], hi[8];
       load8(lo_ptr, lo);
       load8(hi_ptr, hi);
-      if constexpr (Variant::kTransformsQuery) variant.transform_query(qk, lo, hi, pr.token, pr.head, w);
-      if constexpr (kFp8) {
-#pragma unroll
-        for (int i = 0; i < 8; ++i) lo[i] *= q_scale, hi[i] *= q_scale;
-      }
+      variant.transform_query(qk, lo, hi, pr.token, pr.head, w);
       store8(lo_ptr, lo);
       store8(hi_ptr, hi);
     }
@@ -344,14 +354,12 @@ struct MainloopSm80 {
     const TKV* v_base = static_cast<const TKV*>(p.v);
     load_q(p, w, hk, sQ);
     const auto qk_state = variant.qk_state(transform_dim0());
-    st.out_scale = 1.f;
-    if constexpr (kFp8) {  // a Python float in the params, times a one-element device tensor's value if given
-      const float k_scale = p.k_scale * (p.k_scale_ptr != nullptr ? __ldg(p.k_scale_ptr) : 1.f);
-      st.out_scale = p.v_scale * (p.v_scale_ptr != nullptr ? __ldg(p.v_scale_ptr) : 1.f);
-      transform_q(p, variant, qk_state, w, hk, sQ, k_scale);
-    } else if constexpr (Variant::kTransformsQuery) {
-      transform_q(p, variant, qk_state, w, hk, sQ, 1.f);
-    }
+    st.out_scale = kFp8 ? p.v_scale * (p.v_scale_ptr != nullptr ? __ldg(p.v_scale_ptr) : 1.f) : 1.f;
+    // fp8 with a logits transform: k_scale multiplies the raw logits before it
+    const float logit_scale = kFp8 && Variant::kTransformsLogits ? k_scale(p) : 1.f;
+    // fp8 without a query transform passes over Q too (it changes nothing): without the pass, ptxas
+    // spills a page pointer in the loop of the 128-row paged fp8 kernel (nvcc 13.0, measured in the SASS).
+    if constexpr (Variant::kTransformsQuery || kFp8) transform_q(p, variant, qk_state, w, hk, sQ);
 
     const int kv_lo = w.kv.begin, kv_hi = w.kv.end;
     // K/V tile loads: load_tile(stage, first row) — ragged rows are contiguous per KV head (pointer
@@ -390,7 +398,7 @@ struct MainloopSm80 {
 #pragma unroll
         for (int e = 0; e < 4; ++e) st.o[mi][nt][e] = 0.f;
     st.softmax.init();
-    const float scale = variant.softmax_scale_log2();
+    const float scale = score_scale(p, variant);
     const Coords c = Coords::of(threadIdx.x);
     const int lane = threadIdx.x % 32;
     // ldmatrix addresses: every row a lane addresses has row % 8 == lane % 8 (warp rows and keys
@@ -444,6 +452,14 @@ struct MainloopSm80 {
         }
       }
 
+      if constexpr (kFp8 && Variant::kTransformsLogits) {
+#pragma unroll
+        for (int mi = 0; mi < MQ; ++mi)
+#pragma unroll
+          for (int nt = 0; nt < S::kNtS; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[mi][nt][e] *= logit_scale;
+      }
       score_and_mask(p, variant, w, hk, c, pos0, s);
       uint32_t p_frag[MQ][S::kNtS][2];
       st.softmax.update(s, p_frag, st.o, scale);

@@ -13,7 +13,9 @@
 //     placed before the wait for that PV (ptxas currently hoists the wait above it: benchmarks/NOTES.md);
 //     the two warpgroups take turns issuing GEMMs (TurnTaking; -DFIJ_SM90_PINGPONG=0: they interleave freely).
 //   - The variant (variant.cuh) decides visible keys, mask and logits transform, as in the sm80 path;
-//     masks are applied only to tiles that can need them.
+//     masks are applied only to tiles that can need them. Query / key transforms (RoPE) rewrite the
+//     landed Q and K tiles in shared memory (transform_sm90.cuh): the consumers their Q rows, the
+//     producer warpgroup's idle warps 1..3 each K tile, between its TMA barrier and the consumers'.
 //   - V rows past the request's last key (the tail tile) are zeroed in shared memory before use: TMA
 //     reads whatever follows in the tensor (another request's rows, or unwritten memory), and a NaN
 //     there would survive P = 0 in the PV product.
@@ -29,6 +31,7 @@
 #include "flashinfer_jit/softmax.cuh"
 #include "flashinfer_jit/switches_sm90.h"
 #include "flashinfer_jit/tile_scheduler.cuh"
+#include "flashinfer_jit/transform_sm90.cuh"
 #include "flashinfer_jit/variant.cuh"
 
 namespace fij {
@@ -52,7 +55,7 @@ struct Shape {
   static constexpr uint32_t kKOffset = kQBuffers * kQBytes;
   static constexpr uint32_t kVOffset = kKOffset + kStages * kTileBytes;
   static constexpr uint32_t kBarOffset = kVOffset + kStages * kTileBytes;
-  static constexpr int kBarriers = 2 * kQBuffers + kStages + 4 * kStages + 2 * kConsumers;
+  static constexpr int kBarriers = 2 * kQBuffers + kStages + 4 * kStages + 2 * kConsumers + kStages;
   static constexpr uint32_t kFlagOffset = kBarOffset + kBarriers * 8;
   // FIJ_SM90_STAGED_EPILOGUE: O rows staged in shared memory for 16-byte row stores; there
   // is room for it up to head_dim 128.
@@ -96,6 +99,10 @@ struct SmemLayout {
   // Store warps (kStoreWarps): consumer warpgroup c's half of the O staging buffer is full / copied out.
   __device__ __forceinline__ uint32_t o_full(int c) const { return bar(kKvBar + 4 * S::kStages + c); }
   __device__ __forceinline__ uint32_t o_empty(int c) const { return bar(kKvBar + 4 * S::kStages + S::kConsumers + c); }
+  // Key transforms (transform_sm90.cuh): a K tile's TMA completes here; k_full once it is transformed.
+  __device__ __forceinline__ uint32_t k_landed(int stage) const {
+    return bar(kKvBar + 4 * S::kStages + 2 * S::kConsumers + stage);
+  }
   __device__ __forceinline__ uint32_t flag() const { return base + S::kFlagOffset; }
   __device__ __forceinline__ uint32_t o_stage() const { return base + S::kOOffset; }
 
@@ -107,7 +114,7 @@ struct SmemLayout {
     return smem + (addr - static_cast<uint32_t>(__cvta_generic_to_shared(smem)));
   }
   // One thread, before the CTA barrier that starts the roles.
-  __device__ __forceinline__ void init_barriers(uint32_t kv_full_arrivals = 1) const {
+  __device__ __forceinline__ void init_barriers(uint32_t kv_full_arrivals = 1, uint32_t k_full_arrivals = 1) const {
     for (int b = 0; b < S::kQBuffers; ++b) {
       mbar_init(q_full(b), 1);
       mbar_init(q_empty(b), S::kConsumers * 4);  // one arrival per consumer warp
@@ -118,7 +125,8 @@ struct SmemLayout {
       mbar_init(o_empty(c), 32);  // every lane of its store warp, after its own loads
     }
     for (int s = 0; s < S::kStages; ++s) {
-      mbar_init(k_full(s), kv_full_arrivals);  // 1 (a TMA issuer) or every gathering thread
+      mbar_init(k_landed(s), 1);  // the TMA issuer
+      mbar_init(k_full(s), k_full_arrivals);  // kv_full_arrivals, or (key transforms) one per transform warp
       mbar_init(v_full(s), kv_full_arrivals);
       mbar_init(k_empty(s), S::kConsumers * 4);  // one arrival per consumer warp
       mbar_init(v_empty(s), S::kConsumers * 4);
@@ -159,13 +167,19 @@ __device__ __forceinline__ int kv_tiles(const WorkTile& w) {
   return w.kv.end > w.kv.begin ? (w.kv.end - w.kv.begin + KV_TILE - 1) / KV_TILE : 0;
 }
 
-template <typename T, int HEAD_DIM, int KV_TILE, bool PAGED>
+// TRANSFORM_K: the variant transforms keys (RoPE): K tiles land on k_landed, and the key transform
+// warps (transform_sm90.cuh) hand them to the consumers.
+template <typename T, int HEAD_DIM, int KV_TILE, bool PAGED, bool TRANSFORM_K = false>
 struct Producer {
   using S = Shape<HEAD_DIM, KV_TILE>;
+  using KeyWarps = KeyTransformWarps<T, HEAD_DIM, KV_TILE>;
   static constexpr bool kGather = PAGED && FIJ_SM90_PAGED_GATHER != 0;
   static constexpr int kThreads = kGather ? 128 : 32;  // the threads running run(): a warpgroup or a warp
   static constexpr uint32_t kFullArrivals = kGather ? 128 : 1;  // per K / V full phase: gatherers or the TMA issuer
+  static constexpr uint32_t kKFullArrivals = TRANSFORM_K ? KeyWarps::kWarps : kFullArrivals;
   static_assert(!kGather || (!S::kStoreWarps && !S::kTailWarp), "the gather takes the whole producer warpgroup");
+  static_assert(!TRANSFORM_K || (!kGather && !S::kStoreWarps && !S::kTailWarp),
+                "the key transform warps are warps 1..3 of the producer warpgroup: no gather, store or tail warps");
 
   // Paged: where key `pos` of the request lives (its page, and its slot in the page).
   struct PageBox {
@@ -350,7 +364,7 @@ struct Producer {
       }
       if (t >= S::kStages && lane == 0) mbar_wait(sm.k_empty(stage), phase ^ 1);
       __syncwarp();
-      load(&maps.k, maps.k_rows_inner, sm.k(stage), sm.k_full(stage), pos0);
+      load(&maps.k, maps.k_rows_inner, sm.k(stage), TRANSFORM_K ? sm.k_landed(stage) : sm.k_full(stage), pos0);
       if (t >= S::kStages && lane == 0) mbar_wait(sm.v_empty(stage), phase ^ 1);
       __syncwarp();
       // Keys of the tile that exist in the request; past them V is zeroed (see the file comment), here
@@ -365,6 +379,27 @@ struct Producer {
         ps.tail_parity ^= 1u << slot;
       }
       box = next;
+    }
+    ps.tiles += n;
+  }
+
+  // Key transform warps (TRANSFORM_K): walk the same units; each K tile, once landed, is transformed in
+  // place (keys past the request's end are left: masked), fenced for the tensor cores and handed over.
+  template <typename Variant, typename Walk>
+  __device__ __forceinline__ static void transform_unit_keys(const Variant& variant, Walk& walk,
+                                                             const KeyWarps& kw, const WorkTile& w,
+                                                             const SmemLayout<S>& sm, uint8_t* smem, PipelineState& ps) {
+    const int n = kv_tiles<KV_TILE>(w);
+#pragma unroll 1
+    for (int j = 0; j < n; ++j) {
+      const int t = ps.tiles + j;
+      const int stage = t % S::kStages;
+      const int pos0 = w.kv.begin + j * KV_TILE;
+      mbar_wait(sm.k_landed(stage), uint32_t(t / S::kStages) & 1);
+      kw.transform_tile(variant, walk, sm.generic(smem, sm.k(stage)), pos0, min(KV_TILE, w.kv_len - pos0));
+      fence_proxy_async();  // this thread's keys, visible to the wgmma (async proxy)
+      __syncwarp();
+      if (threadIdx.x % 32 == 0) mbar_arrive(sm.k_full(stage));
     }
     ps.tiles += n;
   }
@@ -434,9 +469,8 @@ struct TurnTaking {
 
 template <typename T, int HEAD_DIM, int KV_TILE, typename Variant>
 struct Consumer {
-  static_assert(!Variant::kTransformsQuery && !Variant::kTransformsKey,
-                "the sm90 kernel has no query / key transform (fused RoPE runs on the FA2-class kernel)");
   using S = Shape<HEAD_DIM, KV_TILE>;
+  static constexpr int kQueryBarrier = 6;  // + consumer: its warpgroup's transformed Q rows (transform_sm90.cuh)
   using Softmax = OnlineSoftmax<T, 1, S::kNtS, S::kNtO, S::kLazyRescale>;
   using MmaS = Wgmma<KV_TILE, T>;
   using MmaO = Wgmma<HEAD_DIM, T>;
@@ -522,22 +556,29 @@ struct Consumer {
   // proxy) may read only after a proxy fence by the reading thread.
   template <bool kGathered = false, typename OnQ>
   __device__ __forceinline__ void run(const PrefillParams& p, const Variant& variant, const WorkTile& w, int hk,
-                                      const SmemLayout<S>& sm, State& st, PipelineState& ps, const TurnTaking& turn,
-                                      OnQ&& q_landed) const {
+                                      const SmemLayout<S>& sm, uint8_t* smem, State& st, PipelineState& ps,
+                                      const TurnTaking& turn, OnQ&& q_landed) const {
     auto wait_kv = [&](uint32_t bar, uint32_t parity) {
       mbar_wait(bar, parity);
       if constexpr (kGathered) fence_proxy_async();
     };
+    auto init_state = [&] {
 #pragma unroll
-    for (int i = 0; i < HEAD_DIM / 2; ++i) st.o[i] = 0.f;
-    st.softmax.init();
+      for (int i = 0; i < HEAD_DIM / 2; ++i) st.o[i] = 0.f;
+      st.softmax.init();
+    };
     const int n = kv_tiles<KV_TILE>(w);
-    if (n == 0) return;
+    if (n == 0) return init_state();
+    const int qb = ps.q_buffer<S>();
+    mbar_wait(sm.q_full(qb), ps.q_phase<S>());
+    // (before the state exists: at head_dim 256 a transform with the zeroed O live spills)
+    if constexpr (Variant::kTransformsQuery)
+      transform_query_rows<T, HEAD_DIM, S::kCtaQ>(variant, w, p.group, hk, sm.generic(smem, sm.q(qb)), consumer,
+                                                  warp * 32 + lane_g * 4 + lane_t, kQueryBarrier + consumer);
+    init_state();
     float s[KV_TILE / 2];
     uint32_t pf[KV_TILE / 16][4];
     float correction[1][2];
-    const int qb = ps.q_buffer<S>();
-    mbar_wait(sm.q_full(qb), ps.q_phase<S>());
     q_landed();
     ps.q_uses += 1;
     const int t0 = ps.tiles;

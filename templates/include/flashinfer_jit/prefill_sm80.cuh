@@ -33,7 +33,7 @@ __global__ void __launch_bounds__(PrefillShape<HEAD_DIM, CTA_Q, KV_TILE>::kThrea
   typename Mainloop::State state;
   Mainloop::run(p, variant, tile, hk, smem, state);
   FIJ_TRACE_MARK(loop_end);
-  store_output_sm80<T, HEAD_DIM, Mainloop>(p, item, tile, hk, state, variant.softmax_scale_log2(), smem);
+  store_output_sm80<T, HEAD_DIM, Mainloop>(p, item, tile, hk, state, Mainloop::score_scale(p, variant), smem);
 
   // Split tile: the last chunk to finish merges the tile's partial states (Q's smem is free now).
   if (item.partial >= 0 && last_chunk_to_finish(p, item, hk, reinterpret_cast<int*>(smem))) {

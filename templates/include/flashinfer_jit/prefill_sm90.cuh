@@ -2,6 +2,7 @@
 //
 //   tile_scheduler.cuh  which work item and KV head this CTA runs; the split-KV handoff
 //   mainloop_sm90.cuh   producer warp (TMA, mbarriers) and consumer warpgroups (wgmma, softmax)
+//   transform_sm90.cuh  query / key transforms (RoPE) of the landed tiles
 //   epilogue.cuh        final / partial row stores, the split-KV tile merge
 //   variant.cuh         what is computed: visible keys, mask, logits transform
 //   tma_host_sm90.h     the q / k / v tensor maps, encoded per run on the host
@@ -170,6 +171,22 @@ __device__ __forceinline__ void store_output(const PrefillParams& p, const WorkI
   }
 }
 
+// Key transform warps (Variant::kTransformsKey, transform_sm90.cuh): walk the CTA's units like the
+// producer and transform each K tile it lands.
+template <typename Prod, typename Variant, int CTA_Q, typename Layout>
+__device__ __forceinline__ void run_key_transform_warps(const PrefillParams& p, const Layout& sm, uint8_t* smem,
+                                                        int units, PipelineState& ps) {
+  if constexpr (Variant::kTransformsKey) {
+    using KeyWarps = typename Prod::KeyWarps;
+    const Variant variant(p);
+    const KeyWarps kw = KeyWarps::of(int(threadIdx.x) - 32 * KeyWarps::kFirstWarp);
+    auto walk = variant.template key_walk<KeyWarps::kDims>(KeyWarps::kDims * kw.group, KeyWarps::kRowsPerPass);
+    for_each_unit<Variant, CTA_Q>(p, units, [&](int, const WorkItem&, int, const WorkTile& tile) {
+      Prod::transform_unit_keys(variant, walk, kw, tile, sm, smem, ps);
+    });
+  }
+}
+
 // One persistent CTA per SM (grid = min(units, SMs)): CTA b runs one unit of each band of gridDim.x
 // units (persistent_unit; units in plan order, longest first). Each role walks the same sequence
 // (for_each_unit): the producer loads unit i + 1 while the consumers finish unit i and write its output.
@@ -183,9 +200,9 @@ __global__ void __launch_bounds__(Shape<HEAD_DIM, KV_TILE>::kThreads, 1)
   const SmemLayout<S> sm = SmemLayout<S>::of(smem);
   const int units = p.counts[0] * p.num_kv_heads;
   if (int(blockIdx.x) >= units) return;
-  using Prod = Producer<T, HEAD_DIM, KV_TILE, PAGED>;
+  using Prod = Producer<T, HEAD_DIM, KV_TILE, PAGED, Variant::kTransformsKey>;
   if (threadIdx.x == 0) {
-    sm.init_barriers(Prod::kFullArrivals);
+    sm.init_barriers(Prod::kFullArrivals, Prod::kKFullArrivals);
     prefetch_tensor_map(&maps.q);
     if constexpr (!Prod::kGather) {  // gathered K / V have no maps
       prefetch_tensor_map(&maps.k);
@@ -204,6 +221,9 @@ __global__ void __launch_bounds__(Shape<HEAD_DIM, KV_TILE>::kThreads, 1)
       for_each_unit<Variant, S::kCtaQ>(p, units, [&](int, const WorkItem&, int, const WorkTile& tile) {
         Prod::zero_unit_tail(tile, sm, smem, ps);
       });
+    } else if (Variant::kTransformsKey && warp >= Prod::KeyWarps::kFirstWarp &&
+               warp < Prod::KeyWarps::kFirstWarp + Prod::KeyWarps::kWarps) {
+      run_key_transform_warps<Prod, Variant, S::kCtaQ>(p, sm, smem, units, ps);
     } else if (warp == 0 || Prod::kGather) {
       for_each_unit<Variant, S::kCtaQ>(p, units, [&](int, const WorkItem&, int hk, const WorkTile& tile) {
         Prod::run(p, maps, tile, hk, sm, smem, ps);
@@ -226,7 +246,7 @@ __global__ void __launch_bounds__(Shape<HEAD_DIM, KV_TILE>::kThreads, 1)
       const int hk = work.kv_head;
       const WorkTile tile = WorkTile::of<Variant, S::kCtaQ>(item, variant, p.group);
       typename Cons::State st;
-      c.template run<Prod::kGather>(p, variant, tile, hk, sm, st, ps, turn, [&] {
+      c.template run<Prod::kGather>(p, variant, tile, hk, sm, smem, st, ps, turn, [&] {
         FIJ_TRACE_UNIT_MARK(1);
         if constexpr (S::kItemPrefetch) TileScheduler::prefetch(p, persistent_unit_or_any(k + 1, units));
       });

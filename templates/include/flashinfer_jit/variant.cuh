@@ -18,7 +18,8 @@
 //   - query and key transforms (kTransformsQuery, kTransformsKey: RoPE), applied in shared memory to
 //     8 dims of a row and the 8 rotate-half partners D/2 further (lo, hi), in float32, with a per-thread
 //     state for those dims (qk_state(dim0), built once: each thread keeps its dims for the whole kernel).
-//     Only the FA2-class kernel runs them (the sm90 kernel's TMA tiles go straight to the tensor cores).
+//     The sm90 kernel applies the key transform as a walk over a thread's rows (key_walk*:
+//     transform_sm90.cuh), which must give the same keys as transform_key.
 // New variants are new structs here (or rendered from a spec), not branches in the kernels.
 //
 // Plain C++ when compiled by the host compiler (the planner), __host__ __device__ under nvcc.
@@ -113,6 +114,17 @@ struct StandardAttention : KeyRange<CAUSAL, WINDOW> {
   template <typename Tile>
   __device__ __forceinline__ void transform_key(const QKState&, float (&)[8], float (&)[8], int32_t, int32_t,
                                                 const Tile&) const {}
+  // The key transform as a walk (the sm90 kernel's producer warps): a thread keeps dims [dim0, dim0 + N)
+  // (and partners) and visits keys key0, key0 + stride, ...: key_walk once, key_walk_start(key0) per tile,
+  // then transform_walked_key per key, which also steps the walk to the next key.
+  template <int N>
+  struct KeyWalk {};
+  template <int N>
+  __device__ __forceinline__ KeyWalk<N> key_walk(int32_t, int32_t) const { return {}; }
+  template <int N>
+  __device__ __forceinline__ void key_walk_start(KeyWalk<N>&, int32_t) const {}
+  template <int N>
+  __device__ __forceinline__ void transform_walked_key(KeyWalk<N>&, float (&)[N], float (&)[N]) const {}
 #endif
 };
 
@@ -211,6 +223,41 @@ struct WithRope : Base {
   __device__ __forceinline__ void transform_key(const QKState& st, float (&lo)[8], float (&hi)[8], int32_t key,
                                                 int32_t, const Tile&) const {
     rotate(st, lo, hi, float(key));
+  }
+  // The walk: the rotation (c, s) of the current key, advanced by e^{i stride freq} per key (4 FMA-class
+  // ops a dim instead of a sincos; the error grows by ~1 ulp a step and restarts every tile).
+  template <int N>
+  struct KeyWalk {
+    int32_t dim0;
+    float step_c[N], step_s[N], c[N], s[N];
+  };
+  template <int N>
+  __device__ __forceinline__ KeyWalk<N> key_walk(int32_t dim0, int32_t stride) const {
+    KeyWalk<N> k;
+    k.dim0 = dim0;
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      rope_sincos(float(stride) * __ldg(freqs + dim0 + i), &k.step_s[i], &k.step_c[i]);
+      k.c[i] = 1.f, k.s[i] = 0.f;
+    }
+    return k;
+  }
+  // (the frequencies are read again, from L1, rather than kept: the walk runs in the producer's registers)
+  template <int N>
+  __device__ __forceinline__ void key_walk_start(KeyWalk<N>& k, int32_t key0) const {
+#pragma unroll
+    for (int i = 0; i < N; ++i) rope_sincos(float(key0) * __ldg(freqs + k.dim0 + i), &k.s[i], &k.c[i]);
+  }
+  template <int N>
+  __device__ __forceinline__ void transform_walked_key(KeyWalk<N>& k, float (&lo)[N], float (&hi)[N]) const {
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      const float x = lo[i], y = hi[i], c = k.c[i], s = k.s[i];
+      lo[i] = x * c - y * s;
+      hi[i] = y * c + x * s;
+      k.c[i] = c * k.step_c[i] - s * k.step_s[i];
+      k.s[i] = s * k.step_c[i] + c * k.step_s[i];
+    }
   }
 #endif
 };
