@@ -326,24 +326,26 @@ ROPE_CASES = ([(128, causal, theta, scale) for causal in (False, True) for theta
               + [(64, True, 1e4, 1.0), (256, True, 1e4, 1.0), (256, False, 5e5, 2.0)])
 
 
-@pytest.mark.parametrize("backend", ["default", "fa2"])
+def _skip_unless_hopper(backend: str) -> None:
+    if backend == "sm90" and torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the sm90 kernel needs a Hopper GPU (compute capability 9.x)")
+
+
+@pytest.mark.parametrize("backend", ["fa2", "sm90"])
 @pytest.mark.parametrize("head_dim, causal, theta, scale", ROPE_CASES,
                          ids=[f"hd{d}-{'causal' if c else 'full'}-theta{t:g}-scale{s:g}" for d, c, t, s in ROPE_CASES])
 def test_fused_rope_ragged_matches_reference(head_dim: int, causal: bool, theta: float, scale: float,
                                              backend: str) -> None:
-    """Both kernels (default: the suite's backend, sm90 on Hopper; fa2 explicitly): the sm90 kernel rotates
+    """Both kernels, named explicitly ("auto" picks fa2 for these short batches): the sm90 kernel rotates
     keys with a sincos recurrence (transform_sm90.cuh), the fa2 kernel with a sincos per element."""
+    _skip_unless_hopper(backend)
     for group in (1, 4, 8):
         batch = _ragged(ROPE_LENS, group, head_dim, torch.bfloat16, seed=head_dim + group)
         w = flashinfer_jit.BatchPrefillWithRaggedKVCacheWrapper(
-            torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=DEVICE),
-            backend=PREFILL_BACKEND if backend == "default" else backend)
+            torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=DEVICE), backend=backend)
         w.plan(batch.qo_indptr, batch.kv_indptr, batch.num_qo_heads, batch.num_kv_heads, head_dim, causal=causal,
                pos_encoding_mode="ROPE_LLAMA", rope_theta=theta, rope_scale=scale, q_data_type=torch.bfloat16)
-        assert w._pos_encoding_mode == "ROPE_LLAMA"
-        assert backend == "default" or w.backend == backend
-        if backend == "default" and PREFILL_BACKEND == "auto" and torch.cuda.get_device_capability()[0] == 9:
-            assert w.backend == "sm90", "fused RoPE runs on the Hopper kernel"
+        assert w._pos_encoding_mode == "ROPE_LLAMA" and w.backend == backend
         k_before = batch.k.clone()
         out, lse = _poisoned(batch.total_q, batch.num_qo_heads, head_dim, torch.bfloat16)
         w.run(batch.q, batch.k, batch.v, out=out, lse=lse, return_lse=True)
@@ -355,18 +357,20 @@ def test_fused_rope_ragged_matches_reference(head_dim: int, causal: bool, theta:
 
 
 @pytest.mark.parametrize("layout", ["NHD", "HND"])
-@pytest.mark.parametrize("page_size", [1, 16])
-def test_fused_rope_paged_and_with_other_variants(layout: str, page_size: int) -> None:
+@pytest.mark.parametrize("page_size, backend", [(1, "auto"), (16, "fa2"), (16, "sm90")])
+def test_fused_rope_paged_and_with_other_variants(layout: str, page_size: int, backend: str) -> None:
     """Paged K (the page table's positions, not the cache slots'), alone and with a window + soft-cap."""
+    _skip_unless_hopper(backend)
     for causal, group, window_left, cap in ((True, 4, -1, 0.0), (False, 8, -1, 0.0), (True, 1, 50, 30.0)):
         b = ref.make_paged_batch([a for a, _ in ROPE_LENS], [k for _, k in ROPE_LENS], NUM_KV_HEADS * group,
                                  NUM_KV_HEADS, 128, torch.float16, DEVICE, layout, page_size, seed=page_size + group)
         w = flashinfer_jit.BatchPrefillWithPagedKVCacheWrapper(
-            torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=DEVICE), kv_layout=layout, backend=PREFILL_BACKEND)
+            torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=DEVICE), kv_layout=layout, backend=backend)
         t = b.table
         w.plan(b.qo_indptr, t.indptr, t.indices, t.last_page_len, b.num_qo_heads, b.num_kv_heads, 128, page_size,
                causal=causal, pos_encoding_mode="ROPE_LLAMA", window_left=window_left, logits_soft_cap=cap,
                q_data_type=torch.float16)
+        assert backend == "auto" or w.backend == backend
         cache_before = [c.clone() for c in (b.cache if isinstance(b.cache, tuple) else (b.cache,))]
         out, lse = _poisoned(b.total_q, b.num_qo_heads, 128, torch.float16)
         w.run(b.q, b.cache, out=out, lse=lse, return_lse=True)

@@ -55,7 +55,7 @@ struct Shape {
   static constexpr uint32_t kKOffset = kQBuffers * kQBytes;
   static constexpr uint32_t kVOffset = kKOffset + kStages * kTileBytes;
   static constexpr uint32_t kBarOffset = kVOffset + kStages * kTileBytes;
-  static constexpr int kBarriers = 2 * kQBuffers + kStages + 4 * kStages + 2 * kConsumers + kStages;
+  static constexpr int kBarriers = 2 * kQBuffers + kStages + 4 * kStages + 2 * kConsumers + kStages + kQBuffers;
   static constexpr uint32_t kFlagOffset = kBarOffset + kBarriers * 8;
   // FIJ_SM90_STAGED_EPILOGUE: O rows staged in shared memory for 16-byte row stores; there
   // is room for it up to head_dim 128.
@@ -103,6 +103,10 @@ struct SmemLayout {
   __device__ __forceinline__ uint32_t k_landed(int stage) const {
     return bar(kKvBar + 4 * S::kStages + 2 * S::kConsumers + stage);
   }
+  // Query transforms by the producer's transform warps (FIJ_SM90_ROPE_Q_PRODUCER): Q lands here.
+  __device__ __forceinline__ uint32_t q_landed(int buffer) const {
+    return bar(kKvBar + 5 * S::kStages + 2 * S::kConsumers + buffer);
+  }
   __device__ __forceinline__ uint32_t flag() const { return base + S::kFlagOffset; }
   __device__ __forceinline__ uint32_t o_stage() const { return base + S::kOOffset; }
 
@@ -114,9 +118,11 @@ struct SmemLayout {
     return smem + (addr - static_cast<uint32_t>(__cvta_generic_to_shared(smem)));
   }
   // One thread, before the CTA barrier that starts the roles.
-  __device__ __forceinline__ void init_barriers(uint32_t kv_full_arrivals = 1, uint32_t k_full_arrivals = 1) const {
+  __device__ __forceinline__ void init_barriers(uint32_t kv_full_arrivals = 1, uint32_t k_full_arrivals = 1,
+                                                uint32_t q_full_arrivals = 1) const {
     for (int b = 0; b < S::kQBuffers; ++b) {
-      mbar_init(q_full(b), 1);
+      mbar_init(q_landed(b), 1);  // the TMA issuer
+      mbar_init(q_full(b), q_full_arrivals);  // the TMA issuer, or one per transform warp
       mbar_init(q_empty(b), S::kConsumers * 4);  // one arrival per consumer warp
     }
     for (int s = 0; s < S::kStages; ++s) mbar_init(v_tail(s), 1);
@@ -168,11 +174,14 @@ __device__ __forceinline__ int kv_tiles(const WorkTile& w) {
 }
 
 // TRANSFORM_K: the variant transforms keys (RoPE): K tiles land on k_landed, and the key transform
-// warps (transform_sm90.cuh) hand them to the consumers.
-template <typename T, int HEAD_DIM, int KV_TILE, bool PAGED, bool TRANSFORM_K = false>
+// warps (transform_sm90.cuh) hand them to the consumers; TRANSFORM_Q: the same warps transform Q (on
+// q_landed; FIJ_SM90_ROPE_Q_PRODUCER).
+template <typename T, int HEAD_DIM, int KV_TILE, bool PAGED, bool TRANSFORM_K = false, bool TRANSFORM_Q = false>
 struct Producer {
   using S = Shape<HEAD_DIM, KV_TILE>;
   using KeyWarps = KeyTransformWarps<T, HEAD_DIM, KV_TILE>;
+  static_assert(!TRANSFORM_Q || TRANSFORM_K, "the query transform warps are the key transform warps");
+  static constexpr uint32_t kQFullArrivals = TRANSFORM_Q ? KeyWarps::kWarps : 1;
   static constexpr bool kGather = PAGED && FIJ_SM90_PAGED_GATHER != 0;
   static constexpr int kThreads = kGather ? 128 : 32;  // the threads running run(): a warpgroup or a warp
   static constexpr uint32_t kFullArrivals = kGather ? 128 : 1;  // per K / V full phase: gatherers or the TMA issuer
@@ -321,11 +330,12 @@ struct Producer {
       // must be done with the Q buffer (the unit kQBuffers before this one).
       const int qb = ps.q_buffer<S>();
       if (ps.q_uses >= S::kQBuffers) mbar_wait(sm.q_empty(qb), ps.q_phase<S>() ^ 1);
-      mbar_arrive_expect_tx(sm.q_full(qb), S::kQBytes);
+      const uint32_t q_bar = TRANSFORM_Q ? sm.q_landed(qb) : sm.q_full(qb);
+      mbar_arrive_expect_tx(q_bar, S::kQBytes);
       const int token0 = int(w.q_start) + w.row_begin / p.group;
 #pragma unroll
       for (int b = 0; b < S::kBlocks; ++b)
-        tma_load_3d(sm.q(qb) + b * S::kCtaQ * 128, &maps.q, b * 64, hk * p.group, token0, sm.q_full(qb));
+        tma_load_3d(sm.q(qb) + b * S::kCtaQ * 128, &maps.q, b * 64, hk * p.group, token0, q_bar);
     }
     ps.q_uses += 1;
     // Paged with kPagePrefetch: this tile's boxes, looked up one tile ahead.
@@ -386,10 +396,22 @@ struct Producer {
   // Key transform warps (TRANSFORM_K): walk the same units; each K tile, once landed, is transformed in
   // place (keys past the request's end are left: masked), fenced for the tensor cores and handed over.
   template <typename Variant, typename Walk>
-  __device__ __forceinline__ static void transform_unit_keys(const Variant& variant, Walk& walk,
-                                                             const KeyWarps& kw, const WorkTile& w,
+  __device__ __forceinline__ static void transform_unit_keys(const PrefillParams& p, const Variant& variant, Walk& walk,
+                                                             const KeyWarps& kw, const WorkTile& w, int hk,
                                                              const SmemLayout<S>& sm, uint8_t* smem, PipelineState& ps) {
     const int n = kv_tiles<KV_TILE>(w);
+    if (n == 0) return;  // no Q, no K: the producer loads nothing for the unit
+    if constexpr (TRANSFORM_Q) {
+      const int qb = ps.q_buffer<S>();
+      mbar_wait(sm.q_landed(qb), ps.q_phase<S>());
+      const int tid = int(threadIdx.x) - 32 * KeyWarps::kFirstWarp;
+      transform_query_rows<T, HEAD_DIM, S::kCtaQ, KeyWarps::kThreads>(variant, w, p.group, hk, sm.generic(smem, sm.q(qb)),
+                                                                      0, S::kCtaQ, tid);
+      fence_proxy_async();  // this thread's rows, visible to the wgmma (async proxy)
+      __syncwarp();
+      if (threadIdx.x % 32 == 0) mbar_arrive(sm.q_full(qb));
+    }
+    ps.q_uses += 1;
 #pragma unroll 1
     for (int j = 0; j < n; ++j) {
       const int t = ps.tiles + j;
@@ -471,6 +493,8 @@ template <typename T, int HEAD_DIM, int KV_TILE, typename Variant>
 struct Consumer {
   using S = Shape<HEAD_DIM, KV_TILE>;
   static constexpr int kQueryBarrier = 6;  // + consumer: its warpgroup's transformed Q rows (transform_sm90.cuh)
+  // Q rotated by the consumers (else by the producer's transform warps, before q_full)
+  static constexpr bool kTransformsQ = Variant::kTransformsQuery && !FIJ_SM90_ROPE_Q_PRODUCER;
   using Softmax = OnlineSoftmax<T, 1, S::kNtS, S::kNtO, S::kLazyRescale>;
   using MmaS = Wgmma<KV_TILE, T>;
   using MmaO = Wgmma<HEAD_DIM, T>;
@@ -572,9 +596,12 @@ struct Consumer {
     const int qb = ps.q_buffer<S>();
     mbar_wait(sm.q_full(qb), ps.q_phase<S>());
     // (before the state exists: at head_dim 256 a transform with the zeroed O live spills)
-    if constexpr (Variant::kTransformsQuery)
-      transform_query_rows<T, HEAD_DIM, S::kCtaQ>(variant, w, p.group, hk, sm.generic(smem, sm.q(qb)), consumer,
-                                                  warp * 32 + lane_g * 4 + lane_t, kQueryBarrier + consumer);
+    if constexpr (kTransformsQ) {
+      transform_query_rows<T, HEAD_DIM, S::kCtaQ, 128>(variant, w, p.group, hk, sm.generic(smem, sm.q(qb)),
+                                                       consumer * 64, 64, warp * 32 + lane_g * 4 + lane_t);
+      fence_proxy_async();  // this thread's rows, visible to the wgmma (async proxy)
+      named_barrier_sync(kQueryBarrier + consumer, 128);
+    }
     init_state();
     float s[KV_TILE / 2];
     uint32_t pf[KV_TILE / 16][4];

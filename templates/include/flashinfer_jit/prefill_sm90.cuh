@@ -181,8 +181,8 @@ __device__ __forceinline__ void run_key_transform_warps(const PrefillParams& p, 
     const Variant variant(p);
     const KeyWarps kw = KeyWarps::of(int(threadIdx.x) - 32 * KeyWarps::kFirstWarp);
     auto walk = variant.template key_walk<KeyWarps::kDims>(KeyWarps::kDims * kw.group, KeyWarps::kRowsPerPass);
-    for_each_unit<Variant, CTA_Q>(p, units, [&](int, const WorkItem&, int, const WorkTile& tile) {
-      Prod::transform_unit_keys(variant, walk, kw, tile, sm, smem, ps);
+    for_each_unit<Variant, CTA_Q>(p, units, [&](int, const WorkItem&, int hk, const WorkTile& tile) {
+      Prod::transform_unit_keys(p, variant, walk, kw, tile, hk, sm, smem, ps);
     });
   }
 }
@@ -200,9 +200,10 @@ __global__ void __launch_bounds__(Shape<HEAD_DIM, KV_TILE>::kThreads, 1)
   const SmemLayout<S> sm = SmemLayout<S>::of(smem);
   const int units = p.counts[0] * p.num_kv_heads;
   if (int(blockIdx.x) >= units) return;
-  using Prod = Producer<T, HEAD_DIM, KV_TILE, PAGED, Variant::kTransformsKey>;
+  using Prod = Producer<T, HEAD_DIM, KV_TILE, PAGED, Variant::kTransformsKey,
+                        Variant::kTransformsQuery && FIJ_SM90_ROPE_Q_PRODUCER != 0>;
   if (threadIdx.x == 0) {
-    sm.init_barriers(Prod::kFullArrivals, Prod::kKFullArrivals);
+    sm.init_barriers(Prod::kFullArrivals, Prod::kKFullArrivals, Prod::kQFullArrivals);
     prefetch_tensor_map(&maps.q);
     if constexpr (!Prod::kGather) {  // gathered K / V have no maps
       prefetch_tensor_map(&maps.k);

@@ -101,3 +101,25 @@
 #ifndef FIJ_SM90_HD64_STAGES
 #define FIJ_SM90_HD64_STAGES 3
 #endif
+
+// ---- fused RoPE (transform_sm90.cuh): under A/B -------------------------------------------------
+
+// Switch (off; -DFIJ_SM90_ROPE_Q_PRODUCER=1): the key transform warps of the producer warpgroup rotate
+// the unit's Q tile too (between its TMA barrier and q_full, in the shadow of the previous unit's last
+// tiles and epilogue) instead of each consumer warpgroup rotating its rows before its first wgmma.
+#ifndef FIJ_SM90_ROPE_Q_PRODUCER
+#define FIJ_SM90_ROPE_Q_PRODUCER 0
+#endif
+
+// Switch (default 1; -DFIJ_SM90_ROPE_K_UNROLL=2): unroll of the key transform's row loop (ILP against
+// the producer's 56 registers).
+#ifndef FIJ_SM90_ROPE_K_UNROLL
+#define FIJ_SM90_ROPE_K_UNROLL 1
+#endif
+
+// Diagnostic (timing only, WRONG RESULTS; never shipped): -DFIJ_SM90_ROPE_DIAG=1 skips the key
+// rotation's arithmetic and memory (the warps still wait and hand over every tile), =2 the query's.
+// The difference to the shipped kernel is what each transform costs (benchmarks/NOTES.md).
+#ifndef FIJ_SM90_ROPE_DIAG
+#define FIJ_SM90_ROPE_DIAG 0
+#endif

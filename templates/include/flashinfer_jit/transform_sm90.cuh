@@ -3,7 +3,8 @@
 //
 //   - Q: each consumer warpgroup rewrites its own 64 rows once the unit's Q tile has landed (16-byte
 //     chunks: 8 dims and their rotate-half partners D/2 further, variant.transform_query), then fences
-//     the writes for the tensor cores and syncs the warpgroup. Once per unit: it is amortised over the
+//     the writes for the tensor cores and syncs the warpgroup; or (FIJ_SM90_ROPE_Q_PRODUCER) the key
+//     transform warps rewrite the whole tile before q_full. Once per unit: it is amortised over the
 //     unit's KV tiles, so the per-element sincos is affordable here.
 //   - K: warps 1..3 (1..2 at head_dim 256) of the producer warpgroup (idle otherwise: warp 0 issues the TMA) rewrite every K
 //     tile between its TMA barrier (k_landed) and the consumers' (k_full), one tile ahead of them. The
@@ -19,6 +20,7 @@
 #include "flashinfer_jit/async_sm90.cuh"
 #include "flashinfer_jit/common.cuh"
 #include "flashinfer_jit/gqa.cuh"
+#include "flashinfer_jit/switches_sm90.h"
 
 namespace fij {
 namespace sm90 {
@@ -55,32 +57,31 @@ __device__ __forceinline__ void store_n(uint8_t* ptr, const float (&in)[N]) {
     *reinterpret_cast<uint32_t*>(ptr) = Converter<T>::from_float2(in[0], in[1]);
 }
 
-// The unit's Q rows of one consumer warpgroup (rows [consumer * 64, consumer * 64 + 64) of the 128-row
-// tile at `q_tile`, a generic pointer), transformed in place by its 128 threads (`tid` 0..127), fenced
-// for the tensor cores and synced on named barrier `barrier`. Rows past the tile (w.rows) are transformed
-// too: they hold whatever the TMA brought, their scores are never stored.
-template <typename T, int HEAD_DIM, int CTA_Q, typename Variant, typename Tile>
+// Rows [first_row, first_row + rows) of the unit's 128-row Q tile at `q_tile` (a generic pointer),
+// transformed in place by THREADS threads (`tid` 0 .. THREADS - 1); the caller fences and syncs. Rows
+// past the tile (w.rows) are transformed too: they hold whatever the TMA brought, their scores are
+// never stored.
+template <typename T, int HEAD_DIM, int CTA_Q, int THREADS, typename Variant, typename Tile>
 __device__ __forceinline__ void transform_query_rows(const Variant& variant, const Tile& w, int group, int kv_head,
-                                                     uint8_t* q_tile, int consumer, int tid, int barrier) {
+                                                     uint8_t* q_tile, int first_row, int rows, int tid) {
   constexpr int kHalfChunks = HEAD_DIM / 16;  // 16-byte chunks of half a row
-  constexpr int kRowsPerPass = 128 / kHalfChunks;
+  constexpr int kRowsPerPass = THREADS / kHalfChunks;
+  static_assert(THREADS % kHalfChunks == 0, "a thread's dims must stay fixed");
   const int chunk = tid % kHalfChunks;
   const auto state = variant.qk_state(chunk * 8);
 #pragma unroll 1
-  for (int local = tid / kHalfChunks; local < 64; local += kRowsPerPass) {
-    const int row = consumer * 64 + local;
+  for (int local = tid / kHalfChunks; local < rows; local += kRowsPerPass) {
+    const int row = first_row + local;
     const PackedRow pr = unpack_row(w.row_begin + row, group, kv_head);
     T* lo_ptr = reinterpret_cast<T*>(q_tile + sw128_chunk(CTA_Q, row, chunk));
     T* hi_ptr = reinterpret_cast<T*>(q_tile + sw128_chunk(CTA_Q, row, chunk + kHalfChunks));
     float lo[8], hi[8];
     load8(lo_ptr, lo);
     load8(hi_ptr, hi);
-    variant.transform_query(state, lo, hi, pr.token, pr.head, w);
+    if (FIJ_SM90_ROPE_DIAG != 2) variant.transform_query(state, lo, hi, pr.token, pr.head, w);
     store8(lo_ptr, lo);
     store8(hi_ptr, hi);
   }
-  fence_proxy_async();  // this thread's rows, visible to the wgmma (async proxy)
-  named_barrier_sync(barrier, 128);
 }
 
 // The K-tile transform warps (warps 1..3 of the producer warpgroup).
@@ -94,6 +95,7 @@ struct KeyTransformWarps {
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int kRowsPerPass = kThreads / kGroups;
   static_assert(kThreads % kGroups == 0, "a thread's dims must stay fixed");
+  static constexpr int kUnroll = FIJ_SM90_ROPE_K_UNROLL;
 
   int group;  // dims [kDims * group, kDims * group + kDims) and their partners D/2 further
   int row0;   // first row of every tile
@@ -109,8 +111,9 @@ struct KeyTransformWarps {
                                                  int rows) const {
     const int dim = kDims * group;
     const int lo_chunk = dim / 8, hi_chunk = (dim + HEAD_DIM / 2) / 8, within = (dim % 8) * 2;  // bytes into the chunk
+    if (FIJ_SM90_ROPE_DIAG == 1) return;
     variant.key_walk_start(walk, pos0 + row0);
-#pragma unroll 1
+#pragma unroll kUnroll
     for (int r = row0; r < rows; r += kRowsPerPass) {
       uint8_t* lo_ptr = tile + sw128_chunk(KV_TILE, r, lo_chunk) + within;
       uint8_t* hi_ptr = tile + sw128_chunk(KV_TILE, r, hi_chunk) + within;
