@@ -152,7 +152,8 @@ def kv_scale(where: str, name: str, value: Any, device: torch.device) -> tuple[f
     """An fp8 cache's k_scale / v_scale as the kernel takes it: (a float, a device pointer or None). None is
     1.0; a Python number must be finite and > 0; a one-element float32 tensor on the CPU is read, one on the
     wrapper's CUDA device is passed by pointer (read by the kernel: no synchronization, CUDA-graph safe as
-    long as the tensor lives)."""
+    long as the tensor lives; its value is not checked, since reading it would synchronize: it must be
+    finite and > 0, as a number must)."""
     if value is None:
         return 1.0, None
     if isinstance(value, torch.Tensor):

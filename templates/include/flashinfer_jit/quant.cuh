@@ -2,7 +2,7 @@
 // it. Pages hold fp8; the FA2-class mainloop copies fp8 tiles into shared memory as they are (half the
 // bytes of a 16-bit tile) and widens them there into the 16-bit tiles its tensor cores read. No 16-bit
 // copy of the cache exists anywhere. k_scale / v_scale are applied outside (mainloop_sm80.cuh: k_scale
-// is folded into Q once per tile, v_scale into the output's normalization).
+// to the logits in float32, v_scale in the output's normalization).
 #pragma once
 #include <cuda_fp8.h>
 #include <stdint.h>
