@@ -51,8 +51,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from common import reference  # noqa: E402
 
-IMPLS = ("flashinfer_jit", "flashinfer_jit_fa2", "flashinfer_jit_paged", "flashinfer_jit_rope_2calls", "fa2_varlen",
-         "cudnn_padded", "flex_docmask")
+IMPLS = ("flashinfer_jit", "flashinfer_jit_fa2", "flashinfer_jit_paged", "flashinfer_jit_rope_2calls",
+         "flashinfer_jit_rope_k_once", "fa2_varlen", "cudnn_padded", "flex_docmask")
 BASELINE = "fa2_varlen"
 WORKSPACE_BYTES = 256 << 20
 PAGE_SIZE = 16  # flashinfer_jit_paged: tokens per page (NHD pages, shuffled)
@@ -168,6 +168,19 @@ def setup_flashinfer_jit(data: Data, backend: str = "auto") -> Prepared:
                     {"first_plan_ms": round(plan_s * 1e3, 3), "backend": wrapper.backend})
 
 
+def setup_flashinfer_jit_rope_k_once(data: Data) -> Prepared:
+    """RoPE rows only: the sm90 fused-RoPE plan with FLASHINFER_JIT_ROPE_PREROTATE_K=1 (the experiment: run()
+    rotates K once into a copy, the kernel skips its key walk); the rotation pass is timed."""
+    from flashinfer_jit import env
+
+    if data.wl.pos_encoding != "ROPE_LLAMA":
+        raise NotImplementedError("keys rotated once: RoPE rows only")
+    with env.overridden({"FLASHINFER_JIT_ROPE_PREROTATE_K": "1"}):  # read by plan()
+        prepared = setup_flashinfer_jit(data, backend="sm90")
+    prepared.notes[0] = "K rotated once per run into a copy (FLASHINFER_JIT_ROPE_PREROTATE_K=1), " + prepared.notes[0]
+    return prepared
+
+
 def setup_flashinfer_jit_fa2(data: Data) -> Prepared:
     """The FA2-class kernel on the same batch (on Hopper "auto" runs the sm90 kernel)."""
     return setup_flashinfer_jit(data, backend="fa2")
@@ -204,8 +217,9 @@ def setup_flashinfer_jit_paged(data: Data) -> Prepared:
 
 
 def setup_flashinfer_jit_rope_2calls(data: Data) -> Prepared:
-    """RoPE rows only: what an engine without fused RoPE does, apply_rope (our standalone op, out of place)
-    and then attention without RoPE (backend "auto": the sm90 kernel on Hopper), both timed."""
+    """RoPE rows only: what an engine without fused RoPE does, apply_rope_pos_ids (our standalone op, out of
+    place; positions made outside the timing, so no host sync is timed) and then attention without RoPE
+    (backend "auto": the sm90 kernel on Hopper), both timed."""
     import flashinfer_jit
 
     wl = data.wl
@@ -217,15 +231,14 @@ def setup_flashinfer_jit_rope_2calls(data: Data) -> Prepared:
     wrapper = flashinfer_jit.BatchPrefillWithRaggedKVCacheWrapper(workspace, kv_layout="NHD")
     wrapper.plan(data.qo_indptr, data.kv_indptr, wl.num_qo_heads, wl.num_kv_heads, wl.head_dim, causal=wl.causal,
                  q_data_type=common.DTYPE)
-    indptr = data.qo_indptr.to("cuda")
-    offsets = torch.zeros(wl.batch_size, dtype=torch.int32, device="cuda")
+    pos_ids = torch.cat([torch.arange(n, dtype=torch.int32) for n in wl.q_lens]).to("cuda")
     out = torch.empty_like(data.q)
 
     def fn():
-        q_rope, k_rope = flashinfer_jit.apply_rope(data.q, data.k, indptr, offsets)
+        q_rope, k_rope = flashinfer_jit.apply_rope_pos_ids(data.q, data.k, pos_ids)
         return wrapper.run(q_rope, k_rope, data.v, out=out)
 
-    return Prepared(fn, lambda r: out, [f"apply_rope (out of place) then run() without RoPE, backend "
+    return Prepared(fn, lambda r: out, [f"apply_rope_pos_ids (out of place) then run() without RoPE, backend "
                                         f"{wrapper.backend}; both timed"], {"backend": wrapper.backend})
 
 
@@ -479,6 +492,7 @@ SETUP = {
     "flashinfer_jit_fa2": setup_flashinfer_jit_fa2,
     "flashinfer_jit_paged": setup_flashinfer_jit_paged,
     "flashinfer_jit_rope_2calls": setup_flashinfer_jit_rope_2calls,
+    "flashinfer_jit_rope_k_once": setup_flashinfer_jit_rope_k_once,
     "fa2_varlen": setup_fa2_varlen,
     "cudnn_padded": setup_cudnn_padded,
     "flex_docmask": setup_flex_docmask,

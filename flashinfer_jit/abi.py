@@ -94,6 +94,7 @@ class PrefillParams(ctypes.Structure):
         ("k_scale_ptr", _ptr), ("v_scale_ptr", _ptr), ("k_scale", _f32), ("v_scale", _f32),  # fp8 K/V scales
         ("soft_cap_pre_tanh", _f32), ("user_scalars", _f32 * 8),  # soft-cap; a user variant's scalars
         ("window_left", _i32),  # the sliding window
+        ("keys_rotated", _i32),  # RoPE: k already rotated by the launcher (a copy)
     ]
 
 
@@ -119,6 +120,7 @@ class RopeParams(ctypes.Structure):
         *_ints(_i64, "q_stride_n", "q_stride_h", "k_stride_n", "k_stride_h", "qo_stride_n", "qo_stride_h",
                "ko_stride_n", "ko_stride_h", "nnz"),
         *_ints(_i32, "num_q_heads", "num_k_heads", "rotary_dim"), ("rcp_scale", _f32), ("rcp_theta", _f32),
+        ("freqs", ctypes.POINTER(_f32)),  # or None: rcp_scale * rcp_theta^(2i / rotary_dim) in the kernel
     ]
 
 

@@ -22,7 +22,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from . import loader, masks, options, validate
+from . import env, loader, masks, options, rope, validate
 from .abi import PlanCall, PlanConfig, PlanResult, PrefillParams
 from .kernels import PrefillKernel, prefill_kernel, resolve_backend, select_backend
 from .variants import AttentionVariant
@@ -58,6 +58,12 @@ class _PlanState:
     page_size: int = 0
     max_page_index: int = -1
     kv_dtype: Optional[torch.dtype] = None  # the K/V (cache) dtype: `dtype`, or fp8
+    # FLASHINFER_JIT_ROPE_PREROTATE_K (sm90 ragged fused RoPE): run() rotates k rows [kv_begin, total_kv)
+    # into k_rotated at k_positions (one pass) and the kernel reads that copy (params.keys_rotated).
+    k_rotated: Optional[torch.Tensor] = None
+    k_positions: Optional[torch.Tensor] = None
+    rope_freqs: Optional[torch.Tensor] = None
+    kv_begin: int = 0
 
     @property
     def fp8_kv(self) -> bool:
@@ -81,8 +87,12 @@ def _attention_run_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: to
     p.lse = lse.data_ptr() if lse is not None else None
     p.q_stride_n, p.q_stride_h = q.stride(0), q.stride(1)
     p.o_stride_n, p.o_stride_h = o.stride(0), o.stride(1)
-    owner._set_kv(p, k, v)
     with device_guard(q.device):
+        if state.k_rotated is not None:  # one rotation per K row, not one per q tile that reads it
+            rope.rotate_keys(k[state.kv_begin:state.total_kv], state.k_rotated[state.kv_begin:state.total_kv],
+                             state.k_positions, state.rope_freqs)
+            k = state.k_rotated
+        owner._set_kv(p, k, v)
         code = state.run_fn(ctypes.byref(p), state.grid_items, stream_of(q.device))
     state.kernel.check(code, "batch attention")
 
@@ -94,6 +104,14 @@ _attention_run_op = define(
 
 
 # ---- argument checks shared by the wrappers ------------------------------------------------------
+
+def kv_positions(kv_indptr: torch.Tensor) -> torch.Tensor:
+    """int32 [kv_indptr[-1] - kv_indptr[0]]: each K row's index in its request (a key's RoPE position), for
+    the rows kv_indptr[0] .. kv_indptr[-1] of a ragged batch (host indptr, checked non-decreasing)."""
+    indptr = kv_indptr.to(torch.int64)
+    starts = torch.repeat_interleave(indptr[:-1], indptr[1:] - indptr[:-1])
+    return (torch.arange(int(indptr[0]), int(indptr[-1]), dtype=torch.int64) - starts).to(torch.int32)
+
 
 def index_tensor(name: str, value: object, min_entries: int = 0) -> torch.Tensor:
     t = validate.tensor(name, value, dtypes=(torch.int32,), ndim=1)
@@ -495,16 +513,38 @@ class _BatchAttention:
             params.page_size = page_size
             params.page_div_mul, params.page_div_shift = page_divider(page_size)
             params.page_indices = base + 4 * int_layout.page_indices
+        prerotated = self._prerotated_keys(layout, kernel.spec, variant, kv_dtype, kv_lens_indptr, num_kv_heads,
+                                           head_dim, q_dtype)
+        params.keys_rotated = int(prerotated is not None)
         self._state = _PlanState(
             kernel=kernel.kernel, run_fn=kernel.run_fn, params=params,
             grid_items=items_cap if self._use_cuda_graph else plan.num_items,
             dtype=q_dtype, kv_dtype=kv_dtype, batch=batch, total_q=total_q, total_kv=total_kv, num_qo_heads=num_qo_heads,
-            num_kv_heads=num_kv_heads, head_dim=head_dim, page_size=page_size, max_page_index=max_page_index)
+            num_kv_heads=num_kv_heads, head_dim=head_dim, page_size=page_size, max_page_index=max_page_index,
+            **(prerotated or {}))
         self._plan_args = plan_args
         self._causal, self._sm_scale = bool(causal), sm_scale
         self._backend = kernel.spec.backend
         if self._use_cuda_graph:
             self._graph_backend = self._backend
+
+    def _prerotated_keys(self, layout: str, spec: Any, variant: options.VariantOptions, kv_dtype: Optional[torch.dtype],
+                         kv_indptr: torch.Tensor, num_kv_heads: int, head_dim: int,
+                         dtype: torch.dtype) -> Optional[dict[str, Any]]:
+        """The experiment FLASHINFER_JIT_ROPE_PREROTATE_K (env.py; off): for sm90 ragged NHD fused-RoPE plans
+        with 16-bit K outside CUDA graphs, the _PlanState fields that make run() rotate each K row once into
+        a copy (K stays unrotated in the caller's tensor), whose buffer the wrapper keeps across plans."""
+        if not (env.rope_prerotate_keys() and variant.rope and layout == "ragged" and spec.backend == "sm90"
+                and self._kv_layout == "NHD" and kv_dtype not in options.FP8_KV_DTYPES and not self._use_cuda_graph):
+            return None
+        begin, total = int(kv_indptr[0]), int(kv_indptr[-1])
+        positions = kv_positions(kv_indptr)
+        shape = (total, num_kv_heads, head_dim)
+        buffer = getattr(self, "_k_rotated", None)
+        if buffer is None or buffer.dtype != dtype or buffer.shape[1:] != shape[1:] or buffer.shape[0] < total:
+            buffer = self._k_rotated = torch.empty(shape, dtype=dtype, device=self._device)
+        return dict(k_rotated=buffer[:total], k_positions=positions.to(self._device),
+                    rope_freqs=options.rope_frequencies(head_dim, variant, self._device), kv_begin=begin)
 
     def _kv_scales(self, where: str, s: _PlanState, k_scale: Any, v_scale: Any) -> None:
         """run()'s k_scale / v_scale into the launch params: an fp8 plan takes them (options.kv_scale; None is

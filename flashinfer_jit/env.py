@@ -12,6 +12,7 @@ No other module touches os.environ (tests/test_env.py checks this).
 | FLASHINFER_JIT_NVCC               | the nvcc to build with (else $CUDA_HOME/bin/nvcc, resolved)      |
 | FLASHINFER_JIT_EXTRA_CUDAFLAGS    | extra nvcc flags (shell syntax); part of the cache key           |
 | FLASHINFER_JIT_LOCK_TIMEOUT       | seconds to wait for another process's build (default 900)        |
+| FLASHINFER_JIT_ROPE_PREROTATE_K   | 1: sm90 ragged fused-RoPE plans rotate K once per run into a copy (experiment, off; read by plan()) |
 | FLASHINFER_JIT_TRUSTED_ROOTS      | shared team caches: skip the owner/mode checks, root may be a symlink |
 | MAX_JOBS                          | parallel compile jobs (--jobs wins; default: cores; capped by free memory) |
 | CUDA_HOME, else CUDA_PATH         | the CUDA toolkit root, when FLASHINFER_JIT_NVCC is unset         |
@@ -92,6 +93,10 @@ def lock_timeout() -> float:
         return float(raw)
     except ValueError:
         raise ValueError(f"FLASHINFER_JIT_LOCK_TIMEOUT={raw!r}: expected a number of seconds") from None
+
+
+def rope_prerotate_keys() -> bool:
+    return _flag("FLASHINFER_JIT_ROPE_PREROTATE_K")
 
 
 def max_jobs() -> int | None:

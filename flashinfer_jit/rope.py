@@ -31,7 +31,9 @@ def _kernel(q: torch.Tensor, interleave: bool) -> loader.LoadedKernel:
 
 
 def _launch(q: torch.Tensor, k: torch.Tensor, q_out: torch.Tensor, k_out: torch.Tensor, pos_ids: torch.Tensor,
-            rotary_dim: int, interleave: bool, rcp_scale: float, rcp_theta: float) -> None:
+            rotary_dim: int, interleave: bool, rcp_scale: float, rcp_theta: float, *,
+            num_q_heads: Optional[int] = None, freqs: Optional[torch.Tensor] = None) -> None:
+    """num_q_heads=0: k only (q is ignored); freqs: a frequency table instead of rcp_scale / rcp_theta."""
     p = RopeParams()
     p.q, p.k, p.q_out, p.k_out = q.data_ptr(), k.data_ptr(), q_out.data_ptr(), k_out.data_ptr()
     p.pos_ids = ctypes.cast(pos_ids.data_ptr(), ctypes.POINTER(ctypes.c_int32))
@@ -39,13 +41,23 @@ def _launch(q: torch.Tensor, k: torch.Tensor, q_out: torch.Tensor, k_out: torch.
     p.k_stride_n, p.k_stride_h = k.stride(0), k.stride(1)
     p.qo_stride_n, p.qo_stride_h = q_out.stride(0), q_out.stride(1)
     p.ko_stride_n, p.ko_stride_h = k_out.stride(0), k_out.stride(1)
-    p.nnz, p.num_q_heads, p.num_k_heads, p.rotary_dim = q.shape[0], q.shape[1], k.shape[1], rotary_dim
+    p.nnz, p.num_k_heads, p.rotary_dim = q.shape[0], k.shape[1], rotary_dim
+    p.num_q_heads = q.shape[1] if num_q_heads is None else num_q_heads
     p.rcp_scale, p.rcp_theta = rcp_scale, rcp_theta
+    if freqs is not None:
+        p.freqs = ctypes.cast(freqs.data_ptr(), ctypes.POINTER(ctypes.c_float))
     kernel = _kernel(q, interleave)
     fn = kernel.function("apply", [ctypes.POINTER(RopeParams), ctypes.c_void_p])
     with device_guard(q.device):
         code = fn(ctypes.byref(p), stream_of(q.device))
     kernel.check(code, "apply_rope")
+
+
+def rotate_keys(k: torch.Tensor, k_out: torch.Tensor, pos_ids: torch.Tensor, freqs: torch.Tensor) -> None:
+    """k_out = k rotated (non-interleaved, all dims) at pos_ids with the fused kernels' frequency table
+    `freqs` (options.rope_frequencies): the sm90 fused-RoPE launcher's one pass over K (batch_attention).
+    No checks: the plan made every tensor."""
+    _launch(k, k, k_out, k_out, pos_ids, k.shape[-1], False, 1.0, 1.0, num_q_heads=0, freqs=freqs)
 
 
 def _apply_cuda(q: torch.Tensor, k: torch.Tensor, q_out: torch.Tensor, k_out: torch.Tensor, pos_ids: torch.Tensor,

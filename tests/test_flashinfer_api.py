@@ -1084,3 +1084,12 @@ def test_fp8_kv_data_type_chooses_the_fp8_kernel(which: str, kv_dtype, no_kernel
     assert [(s.kv_dtype, s.backend, s.dtype) for s in loaded] == [(name, "fa2", "bf16")]
     assert f"_{name}_" in loaded[0].uri
     assert kernels.sm90_obstacle(torch.device("cpu"), "paged", fp8_kv=True).startswith("it has no fp8 KV cache")
+
+
+def test_kv_positions_of_a_ragged_batch() -> None:
+    """The K rows' RoPE positions the sm90 launcher rotates with (FLASHINFER_JIT_ROPE_PREROTATE_K): each row's
+    index in its request, empty requests included, rows before kv_indptr[0] not covered."""
+    from flashinfer_jit.batch_attention import kv_positions
+    got = kv_positions(torch.tensor([2, 5, 5, 6, 9], dtype=torch.int32))
+    assert got.dtype == torch.int32 and got.tolist() == [0, 1, 2, 0, 0, 1, 2]
+    assert kv_positions(torch.tensor([0, 0], dtype=torch.int32)).numel() == 0

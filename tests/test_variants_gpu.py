@@ -356,6 +356,30 @@ def test_fused_rope_ragged_matches_reference(head_dim: int, causal: bool, theta:
                             f"theta={theta:g} scale={scale:g}", lse, ref_lse)
 
 
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_fused_rope_with_keys_rotated_once_matches_reference(head_dim: int, monkeypatch) -> None:
+    """FLASHINFER_JIT_ROPE_PREROTATE_K=1 (the experiment): the sm90 ragged plan rotates K once per run into a
+    copy and the kernel skips its key walk; same reference, the caller's K untouched."""
+    _skip_unless_hopper("sm90")
+    monkeypatch.setenv("FLASHINFER_JIT_ROPE_PREROTATE_K", "1")
+    for group, causal in ((1, True), (4, False), (8, True)):
+        batch = _ragged(ROPE_LENS, group, head_dim, torch.bfloat16, seed=head_dim + 3 * group)
+        w = flashinfer_jit.BatchPrefillWithRaggedKVCacheWrapper(
+            torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=DEVICE), backend="sm90")
+        w.plan(batch.qo_indptr, batch.kv_indptr, batch.num_qo_heads, batch.num_kv_heads, head_dim, causal=causal,
+               pos_encoding_mode="ROPE_LLAMA", rope_theta=5e5, q_data_type=torch.bfloat16)
+        assert w._state.k_rotated is not None and w._state.params.keys_rotated == 1
+        k_before = batch.k.clone()
+        out, lse = _poisoned(batch.total_q, batch.num_qo_heads, head_dim, torch.bfloat16)
+        for _ in range(2):  # the copy is rewritten every run
+            w.run(batch.q, batch.k, batch.v, out=out, lse=lse, return_lse=True)
+        assert torch.equal(batch.k, k_before), "fused RoPE must not write the keys"
+        q_rot, k_rot = _rotated(batch.q, batch.k, batch.qo_indptr, batch.kv_indptr, 5e5, 1.0)
+        ref_out, ref_lse = ref.ragged_attention_ref(q_rot, k_rot, batch.v, batch.qo_indptr, batch.kv_indptr, causal)
+        ref.check_attention(out, ref_out, torch.bfloat16, f"keys rotated once hd{head_dim} g{group} causal={causal}",
+                            lse, ref_lse)
+
+
 @pytest.mark.parametrize("layout", ["NHD", "HND"])
 @pytest.mark.parametrize("page_size, backend", [(1, "auto"), (16, "fa2"), (16, "sm90")])
 def test_fused_rope_paged_and_with_other_variants(layout: str, page_size: int, backend: str) -> None:

@@ -424,6 +424,7 @@ struct MainloopSm80 {
         widen_kv(variant, qk_state, w, hk, pos0, staged_k(smem) + stage * kStage, staged_v(smem) + stage * kStage,
                  k_smem(smem), v_smem(smem));
       } else if constexpr (Variant::kTransformsKey) {
+        // (p.keys_rotated: only sm90 plans have the launcher rotate K, so no run-time skip here)
         transform_k(variant, qk_state, w, hk, pos0, kv_hi, k_smem(smem) + stage * kStage);
       }
       const uint32_t stage_bytes = kFp8 ? 0u : stage * kTileBytes;

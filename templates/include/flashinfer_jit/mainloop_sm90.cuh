@@ -181,6 +181,7 @@ struct Producer {
   using S = Shape<HEAD_DIM, KV_TILE>;
   using KeyWarps = KeyTransformWarps<T, HEAD_DIM, KV_TILE>;
   static_assert(!TRANSFORM_Q || TRANSFORM_K, "the query transform warps are the key transform warps");
+  static constexpr bool kTransformQ = TRANSFORM_Q;
   static constexpr uint32_t kQFullArrivals = TRANSFORM_Q ? KeyWarps::kWarps : 1;
   static constexpr bool kGather = PAGED && FIJ_SM90_PAGED_GATHER != 0;
   static constexpr int kThreads = kGather ? 128 : 32;  // the threads running run(): a warpgroup or a warp
@@ -374,7 +375,9 @@ struct Producer {
       }
       if (t >= S::kStages && lane == 0) mbar_wait(sm.k_empty(stage), phase ^ 1);
       __syncwarp();
-      load(&maps.k, maps.k_rows_inner, sm.k(stage), TRANSFORM_K ? sm.k_landed(stage) : sm.k_full(stage), pos0);
+      // (keys the launcher rotated go straight to the consumers)
+      load(&maps.k, maps.k_rows_inner, sm.k(stage), TRANSFORM_K && !p.keys_rotated ? sm.k_landed(stage) : sm.k_full(stage),
+           pos0);
       if (t >= S::kStages && lane == 0) mbar_wait(sm.v_empty(stage), phase ^ 1);
       __syncwarp();
       // Keys of the tile that exist in the request; past them V is zeroed (see the file comment), here
@@ -413,7 +416,7 @@ struct Producer {
     }
     ps.q_uses += 1;
 #pragma unroll 1
-    for (int j = 0; j < n; ++j) {
+    for (int j = 0; j < n && !p.keys_rotated; ++j) {
       const int t = ps.tiles + j;
       const int stage = t % S::kStages;
       const int pos0 = w.kv.begin + j * KV_TILE;

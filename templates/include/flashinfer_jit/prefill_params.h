@@ -61,7 +61,11 @@ struct PrefillParams {
   float v_scale;
   float soft_cap_pre_tanh;  // soft-capping: sm_scale / cap (scale_log2 then holds cap * log2(e))
   float user_scalars[8];    // a user variant's scalar parameters
-  int32_t window_left;      // the sliding window's size (KeyRange); last: a missing mirror field shows as padding
+  int32_t window_left;      // the sliding window's size (KeyRange)
+  // Key transforms (RoPE): 1 when the launcher already rotated k (a copy: K stays unrotated in the
+  // user's tensor), so the kernel skips its key transform; 0 otherwise. Last: a missing mirror field
+  // shows as padding.
+  int32_t keys_rotated;
 };
 
 }  // namespace fij

@@ -177,6 +177,7 @@ template <typename Prod, typename Variant, int CTA_Q, typename Layout>
 __device__ __forceinline__ void run_key_transform_warps(const PrefillParams& p, const Layout& sm, uint8_t* smem,
                                                         int units, PipelineState& ps) {
   if constexpr (Variant::kTransformsKey) {
+    if (p.keys_rotated && !Prod::kTransformQ) return;  // the launcher rotated K: nothing to do
     using KeyWarps = typename Prod::KeyWarps;
     const Variant variant(p);
     const KeyWarps kw = KeyWarps::of(int(threadIdx.x) - 32 * KeyWarps::kFirstWarp);
@@ -203,7 +204,8 @@ __global__ void __launch_bounds__(Shape<HEAD_DIM, KV_TILE>::kThreads, 1)
   using Prod = Producer<T, HEAD_DIM, KV_TILE, PAGED, Variant::kTransformsKey,
                         Variant::kTransformsQuery && FIJ_SM90_ROPE_Q_PRODUCER != 0>;
   if (threadIdx.x == 0) {
-    sm.init_barriers(Prod::kFullArrivals, Prod::kKFullArrivals, Prod::kQFullArrivals);
+    sm.init_barriers(Prod::kFullArrivals, p.keys_rotated ? Prod::kFullArrivals : Prod::kKFullArrivals,
+                     Prod::kQFullArrivals);
     prefetch_tensor_map(&maps.q);
     if constexpr (!Prod::kGather) {  // gathered K / V have no maps
       prefetch_tensor_map(&maps.k);

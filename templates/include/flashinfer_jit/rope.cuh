@@ -22,6 +22,7 @@ struct RopeParams {
   int64_t nnz;
   int32_t num_q_heads, num_k_heads, rotary_dim;
   float rcp_scale, rcp_theta;
+  const float* freqs;  // or nullptr: rotary_dim / 2 frequencies (the fused kernels' float64-exact table)
 };
 
 constexpr int kRopeThreads = 128;
@@ -64,7 +65,8 @@ __global__ void __launch_bounds__(kRopeThreads) rope_kernel(const RopeParams p) 
     T* out;
     rope_rows(p, token, h, &in, &out);
     const int a = INTERLEAVE ? 2 * i : i, b = INTERLEAVE ? 2 * i + 1 : i + half;
-    const float freq = p.rcp_scale * __powf(p.rcp_theta, float(2 * i) / float(p.rotary_dim));
+    const float freq =
+        p.freqs != nullptr ? __ldg(p.freqs + i) : p.rcp_scale * __powf(p.rcp_theta, float(2 * i) / float(p.rotary_dim));
     float s, c;
     rope_sincos(pos * freq, &s, &c);
     const float x = rope_in(in[a]), y = rope_in(in[b]);
