@@ -52,7 +52,7 @@ import common  # noqa: E402
 from common import reference  # noqa: E402
 
 IMPLS = ("flashinfer_jit", "flashinfer_jit_fa2", "flashinfer_jit_paged", "flashinfer_jit_rope_2calls",
-         "flashinfer_jit_rope_k_once", "fa2_varlen", "cudnn_padded", "flex_docmask")
+         "flashinfer_jit_rope_k_once", "flashinfer_jit_rope_walk", "fa2_varlen", "cudnn_padded", "flex_docmask")
 BASELINE = "fa2_varlen"
 WORKSPACE_BYTES = 256 << 20
 PAGE_SIZE = 16  # flashinfer_jit_paged: tokens per page (NHD pages, shuffled)
@@ -169,8 +169,9 @@ def setup_flashinfer_jit(data: Data, backend: str = "auto") -> Prepared:
 
 
 def setup_flashinfer_jit_rope_k_once(data: Data) -> Prepared:
-    """RoPE rows only: the sm90 fused-RoPE plan with FLASHINFER_JIT_ROPE_PREROTATE_K=1 (the experiment: run()
-    rotates K once into a copy, the kernel skips its key walk); the rotation pass is timed."""
+    """RoPE rows only: the sm90 fused-RoPE plan with K rotated once per run into a copy (the kernel skips its
+    key walk; FLASHINFER_JIT_ROPE_PREROTATE_K=1, the default since 2026-12-07); the rotation pass is timed.
+    flashinfer_jit_rope_walk is the same plan with the in-kernel walk (=0)."""
     from flashinfer_jit import env
 
     if data.wl.pos_encoding != "ROPE_LLAMA":
@@ -178,6 +179,19 @@ def setup_flashinfer_jit_rope_k_once(data: Data) -> Prepared:
     with env.overridden({"FLASHINFER_JIT_ROPE_PREROTATE_K": "1"}):  # read by plan()
         prepared = setup_flashinfer_jit(data, backend="sm90")
     prepared.notes[0] = "K rotated once per run into a copy (FLASHINFER_JIT_ROPE_PREROTATE_K=1), " + prepared.notes[0]
+    return prepared
+
+
+def setup_flashinfer_jit_rope_walk(data: Data) -> Prepared:
+    """RoPE rows only: the sm90 fused-RoPE plan rotating K in the kernel, once per q tile that reads it
+    (FLASHINFER_JIT_ROPE_PREROTATE_K=0)."""
+    from flashinfer_jit import env
+
+    if data.wl.pos_encoding != "ROPE_LLAMA":
+        raise NotImplementedError("the in-kernel key walk: RoPE rows only")
+    with env.overridden({"FLASHINFER_JIT_ROPE_PREROTATE_K": "0"}):  # read by plan()
+        prepared = setup_flashinfer_jit(data, backend="sm90")
+    prepared.notes[0] = "K rotated in the kernel per q tile (FLASHINFER_JIT_ROPE_PREROTATE_K=0), " + prepared.notes[0]
     return prepared
 
 
@@ -493,6 +507,7 @@ SETUP = {
     "flashinfer_jit_paged": setup_flashinfer_jit_paged,
     "flashinfer_jit_rope_2calls": setup_flashinfer_jit_rope_2calls,
     "flashinfer_jit_rope_k_once": setup_flashinfer_jit_rope_k_once,
+    "flashinfer_jit_rope_walk": setup_flashinfer_jit_rope_walk,
     "fa2_varlen": setup_fa2_varlen,
     "cudnn_padded": setup_cudnn_padded,
     "flex_docmask": setup_flex_docmask,

@@ -58,7 +58,7 @@ class _PlanState:
     page_size: int = 0
     max_page_index: int = -1
     kv_dtype: Optional[torch.dtype] = None  # the K/V (cache) dtype: `dtype`, or fp8
-    # FLASHINFER_JIT_ROPE_PREROTATE_K (sm90 ragged fused RoPE): run() rotates k rows [kv_begin, total_kv)
+    # sm90 ragged fused RoPE (unless FLASHINFER_JIT_ROPE_PREROTATE_K=0): run() rotates k rows [kv_begin, total_kv)
     # into k_rotated at k_positions (one pass) and the kernel reads that copy (params.keys_rotated).
     k_rotated: Optional[torch.Tensor] = None
     k_positions: Optional[torch.Tensor] = None
@@ -531,9 +531,12 @@ class _BatchAttention:
     def _prerotated_keys(self, layout: str, spec: Any, variant: options.VariantOptions, kv_dtype: Optional[torch.dtype],
                          kv_indptr: torch.Tensor, num_kv_heads: int, head_dim: int,
                          dtype: torch.dtype) -> Optional[dict[str, Any]]:
-        """The experiment FLASHINFER_JIT_ROPE_PREROTATE_K (env.py; off): for sm90 ragged NHD fused-RoPE plans
-        with 16-bit K outside CUDA graphs, the _PlanState fields that make run() rotate each K row once into
-        a copy (K stays unrotated in the caller's tensor), whose buffer the wrapper keeps across plans."""
+        """For sm90 ragged NHD fused-RoPE plans with 16-bit K outside CUDA graphs (and unless
+        FLASHINFER_JIT_ROPE_PREROTATE_K=0), the _PlanState fields that make run() rotate each K row once into
+        a copy (K stays unrotated in the caller's tensor; the wrapper keeps the buffer, K's size, across
+        plans), so the kernel skips its per-q-tile key walk: measured on an H100, chat16 causal hd128, 0.90
+        of the plain kernel's TFLOP/s instead of 0.61 (benchmarks/NOTES.md). Paged plans keep the walk
+        (a page may hold keys of several requests at different positions)."""
         if not (env.rope_prerotate_keys() and variant.rope and layout == "ragged" and spec.backend == "sm90"
                 and self._kv_layout == "NHD" and kv_dtype not in options.FP8_KV_DTYPES and not self._use_cuda_graph):
             return None

@@ -12,7 +12,7 @@ No other module touches os.environ (tests/test_env.py checks this).
 | FLASHINFER_JIT_NVCC               | the nvcc to build with (else $CUDA_HOME/bin/nvcc, resolved)      |
 | FLASHINFER_JIT_EXTRA_CUDAFLAGS    | extra nvcc flags (shell syntax); part of the cache key           |
 | FLASHINFER_JIT_LOCK_TIMEOUT       | seconds to wait for another process's build (default 900)        |
-| FLASHINFER_JIT_ROPE_PREROTATE_K   | 1: sm90 ragged fused-RoPE plans rotate K once per run into a copy (experiment, off; read by plan()) |
+| FLASHINFER_JIT_ROPE_PREROTATE_K   | 0: sm90 ragged fused-RoPE plans rotate K in the kernel, per q tile (default 1: once per run, into a copy; read by plan()) |
 | FLASHINFER_JIT_TRUSTED_ROOTS      | shared team caches: skip the owner/mode checks, root may be a symlink |
 | MAX_JOBS                          | parallel compile jobs (--jobs wins; default: cores; capped by free memory) |
 | CUDA_HOME, else CUDA_PATH         | the CUDA toolkit root, when FLASHINFER_JIT_NVCC is unset         |
@@ -37,8 +37,8 @@ def _get(name: str) -> str | None:
     return value if value not in (None, "") else None
 
 
-def _flag(name: str) -> bool:
-    value = (_get(name) or "0").strip().lower()
+def _flag(name: str, default: bool = False) -> bool:
+    value = (_get(name) or ("1" if default else "0")).strip().lower()
     if value in ("1", "true", "yes", "on"):
         return True
     if value in ("0", "false", "no", "off"):
@@ -96,7 +96,7 @@ def lock_timeout() -> float:
 
 
 def rope_prerotate_keys() -> bool:
-    return _flag("FLASHINFER_JIT_ROPE_PREROTATE_K")
+    return _flag("FLASHINFER_JIT_ROPE_PREROTATE_K", default=True)
 
 
 def max_jobs() -> int | None:

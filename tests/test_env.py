@@ -88,3 +88,15 @@ def test_build_environment_passes_flashinfer_jit_nvcc_as_pytorch_nvcc(monkeypatc
     assert "PYTORCH_NVCC" not in build.build_environment(3)
     monkeypatch.setenv("FLASHINFER_JIT_NVCC", "/opt/wrap/nvcc")
     assert build.build_environment(2) == {"MAX_JOBS": "2", "CUDA_HOME": "/opt/cuda", "PYTORCH_NVCC": "/opt/wrap/nvcc"}
+
+
+def test_rope_prerotate_keys_is_on_unless_turned_off(monkeypatch) -> None:
+    """sm90 ragged fused-RoPE plans rotate K once per run unless FLASHINFER_JIT_ROPE_PREROTATE_K=0."""
+    from flashinfer_jit import env
+    monkeypatch.delenv("FLASHINFER_JIT_ROPE_PREROTATE_K", raising=False)
+    assert env.rope_prerotate_keys()
+    monkeypatch.setenv("FLASHINFER_JIT_ROPE_PREROTATE_K", "0")
+    assert not env.rope_prerotate_keys()
+    monkeypatch.setenv("FLASHINFER_JIT_ROPE_PREROTATE_K", "maybe")
+    with pytest.raises(ValueError, match="FLASHINFER_JIT_ROPE_PREROTATE_K='maybe'"):
+        env.rope_prerotate_keys()

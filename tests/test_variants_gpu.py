@@ -335,17 +335,20 @@ def _skip_unless_hopper(backend: str) -> None:
 @pytest.mark.parametrize("head_dim, causal, theta, scale", ROPE_CASES,
                          ids=[f"hd{d}-{'causal' if c else 'full'}-theta{t:g}-scale{s:g}" for d, c, t, s in ROPE_CASES])
 def test_fused_rope_ragged_matches_reference(head_dim: int, causal: bool, theta: float, scale: float,
-                                             backend: str) -> None:
-    """Both kernels, named explicitly ("auto" picks fa2 for these short batches): the sm90 kernel rotates
-    keys with a sincos recurrence (transform_sm90.cuh), the fa2 kernel with a sincos per element."""
+                                             backend: str, monkeypatch) -> None:
+    """Both kernels, named explicitly ("auto" picks fa2 for these short batches), rotating keys in the
+    kernel: the sm90 kernel with a sincos recurrence (transform_sm90.cuh; FLASHINFER_JIT_ROPE_PREROTATE_K=0,
+    since by default its ragged plans rotate K once per run: the next test), the fa2 kernel with a sincos
+    per element."""
     _skip_unless_hopper(backend)
+    monkeypatch.setenv("FLASHINFER_JIT_ROPE_PREROTATE_K", "0")
     for group in (1, 4, 8):
         batch = _ragged(ROPE_LENS, group, head_dim, torch.bfloat16, seed=head_dim + group)
         w = flashinfer_jit.BatchPrefillWithRaggedKVCacheWrapper(
             torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=DEVICE), backend=backend)
         w.plan(batch.qo_indptr, batch.kv_indptr, batch.num_qo_heads, batch.num_kv_heads, head_dim, causal=causal,
                pos_encoding_mode="ROPE_LLAMA", rope_theta=theta, rope_scale=scale, q_data_type=torch.bfloat16)
-        assert w._pos_encoding_mode == "ROPE_LLAMA" and w.backend == backend
+        assert w._pos_encoding_mode == "ROPE_LLAMA" and w.backend == backend and w._state.k_rotated is None
         k_before = batch.k.clone()
         out, lse = _poisoned(batch.total_q, batch.num_qo_heads, head_dim, torch.bfloat16)
         w.run(batch.q, batch.k, batch.v, out=out, lse=lse, return_lse=True)
@@ -358,10 +361,10 @@ def test_fused_rope_ragged_matches_reference(head_dim: int, causal: bool, theta:
 
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 def test_fused_rope_with_keys_rotated_once_matches_reference(head_dim: int, monkeypatch) -> None:
-    """FLASHINFER_JIT_ROPE_PREROTATE_K=1 (the experiment): the sm90 ragged plan rotates K once per run into a
-    copy and the kernel skips its key walk; same reference, the caller's K untouched."""
+    """The sm90 ragged plan's default: K rotated once per run into a copy, the kernel skips its key walk;
+    same reference, the caller's K untouched."""
     _skip_unless_hopper("sm90")
-    monkeypatch.setenv("FLASHINFER_JIT_ROPE_PREROTATE_K", "1")
+    monkeypatch.delenv("FLASHINFER_JIT_ROPE_PREROTATE_K", raising=False)
     for group, causal in ((1, True), (4, False), (8, True)):
         batch = _ragged(ROPE_LENS, group, head_dim, torch.bfloat16, seed=head_dim + 3 * group)
         w = flashinfer_jit.BatchPrefillWithRaggedKVCacheWrapper(
