@@ -168,31 +168,27 @@ def setup_flashinfer_jit(data: Data, backend: str = "auto") -> Prepared:
                     {"first_plan_ms": round(plan_s * 1e3, 3), "backend": wrapper.backend})
 
 
-def setup_flashinfer_jit_rope_k_once(data: Data) -> Prepared:
-    """RoPE rows only: the sm90 fused-RoPE plan with K rotated once per run into a copy (the kernel skips its
-    key walk; FLASHINFER_JIT_ROPE_PREROTATE_K=1, the default since 2026-12-07); the rotation pass is timed.
-    flashinfer_jit_rope_walk is the same plan with the in-kernel walk (=0)."""
+def _setup_sm90_rope(data: Data, k_once: bool) -> Prepared:
+    """RoPE rows only: the sm90 fused-RoPE plan with K rotated once per run into a copy (k_once; the default
+    since 2026-12-07, FLASHINFER_JIT_ROPE_PREROTATE_K=1; the rotation pass is timed) or in the kernel, per q
+    tile that reads it (=0)."""
     from flashinfer_jit import env
 
     if data.wl.pos_encoding != "ROPE_LLAMA":
-        raise NotImplementedError("keys rotated once: RoPE rows only")
-    with env.overridden({"FLASHINFER_JIT_ROPE_PREROTATE_K": "1"}):  # read by plan()
+        raise NotImplementedError("sm90 fused-RoPE settings: RoPE rows only")
+    with env.overridden({"FLASHINFER_JIT_ROPE_PREROTATE_K": "1" if k_once else "0"}):  # read by plan()
         prepared = setup_flashinfer_jit(data, backend="sm90")
-    prepared.notes[0] = "K rotated once per run into a copy (FLASHINFER_JIT_ROPE_PREROTATE_K=1), " + prepared.notes[0]
+    how = "K rotated once per run into a copy" if k_once else "K rotated in the kernel per q tile"
+    prepared.notes[0] = f"{how} (FLASHINFER_JIT_ROPE_PREROTATE_K={int(k_once)}), " + prepared.notes[0]
     return prepared
+
+
+def setup_flashinfer_jit_rope_k_once(data: Data) -> Prepared:
+    return _setup_sm90_rope(data, k_once=True)
 
 
 def setup_flashinfer_jit_rope_walk(data: Data) -> Prepared:
-    """RoPE rows only: the sm90 fused-RoPE plan rotating K in the kernel, once per q tile that reads it
-    (FLASHINFER_JIT_ROPE_PREROTATE_K=0)."""
-    from flashinfer_jit import env
-
-    if data.wl.pos_encoding != "ROPE_LLAMA":
-        raise NotImplementedError("the in-kernel key walk: RoPE rows only")
-    with env.overridden({"FLASHINFER_JIT_ROPE_PREROTATE_K": "0"}):  # read by plan()
-        prepared = setup_flashinfer_jit(data, backend="sm90")
-    prepared.notes[0] = "K rotated in the kernel per q tile (FLASHINFER_JIT_ROPE_PREROTATE_K=0), " + prepared.notes[0]
-    return prepared
+    return _setup_sm90_rope(data, k_once=False)
 
 
 def setup_flashinfer_jit_fa2(data: Data) -> Prepared:

@@ -273,6 +273,7 @@ class _BatchAttention:
         self._rope_scale: Optional[float] = None
         self._rope_theta: Optional[float] = None
         self._params = PrefillParams(k_scale=1.0, v_scale=1.0)
+        self._k_rotated: Optional[torch.Tensor] = None  # _prerotated_keys' buffer, kept across plans
         self._plan_call = PlanCall(result=ctypes.pointer(PlanResult()))
         self._plan_id = next(_wrapper_ids)
         _wrappers[self._plan_id] = self
@@ -543,7 +544,7 @@ class _BatchAttention:
         begin, total = int(kv_indptr[0]), int(kv_indptr[-1])
         positions = kv_positions(kv_indptr)
         shape = (total, num_kv_heads, head_dim)
-        buffer = getattr(self, "_k_rotated", None)
+        buffer = self._k_rotated
         if buffer is None or buffer.dtype != dtype or buffer.shape[1:] != shape[1:] or buffer.shape[0] < total:
             buffer = self._k_rotated = torch.empty(shape, dtype=dtype, device=self._device)
         return dict(k_rotated=buffer[:total], k_positions=positions.to(self._device),
