@@ -14,7 +14,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT=${OUT:?set OUT to the output folder}
 SETTINGS=("$@")
-[ ${#SETTINGS[@]} -eq 0 ] && SETTINGS=("" "-DFIJ_SM90_ROPE_Q_PRODUCER=1" "-DFIJ_SM90_ROPE_K_UNROLL=2"
+[ ${#SETTINGS[@]} -eq 0 ] && SETTINGS=("" "-DFIJ_SM90_ROPE_Q_PRODUCER=1"
                                        "-DFIJ_SM90_ROPE_DIAG=1" "-DFIJ_SM90_ROPE_DIAG=2")
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"

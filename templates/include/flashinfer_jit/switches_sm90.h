@@ -107,14 +107,10 @@
 // Switch (off; -DFIJ_SM90_ROPE_Q_PRODUCER=1): the key transform warps of the producer warpgroup rotate
 // the unit's Q tile too (between its TMA barrier and q_full, in the shadow of the previous unit's last
 // tiles and epilogue) instead of each consumer warpgroup rotating its rows before its first wgmma.
+// Measured on the H100 while the same warps also walked every K tile: 309.5 vs 349.3 TFLOP/s (slower);
+// untried with K rotated once per run (the warps idle then): benchmarks/NOTES.md.
 #ifndef FIJ_SM90_ROPE_Q_PRODUCER
 #define FIJ_SM90_ROPE_Q_PRODUCER 0
-#endif
-
-// Switch (default 1; -DFIJ_SM90_ROPE_K_UNROLL=2): unroll of the key transform's row loop (ILP against
-// the producer's 56 registers).
-#ifndef FIJ_SM90_ROPE_K_UNROLL
-#define FIJ_SM90_ROPE_K_UNROLL 1
 #endif
 
 // Diagnostic (timing only, WRONG RESULTS; never shipped): -DFIJ_SM90_ROPE_DIAG=1 skips the key

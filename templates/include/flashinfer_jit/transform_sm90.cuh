@@ -95,7 +95,6 @@ struct KeyTransformWarps {
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int kRowsPerPass = kThreads / kGroups;
   static_assert(kThreads % kGroups == 0, "a thread's dims must stay fixed");
-  static constexpr int kUnroll = FIJ_SM90_ROPE_K_UNROLL;
 
   int group;  // dims [kDims * group, kDims * group + kDims) and their partners D/2 further
   int row0;   // first row of every tile
@@ -113,7 +112,7 @@ struct KeyTransformWarps {
     const int lo_chunk = dim / 8, hi_chunk = (dim + HEAD_DIM / 2) / 8, within = (dim % 8) * 2;  // bytes into the chunk
     if (FIJ_SM90_ROPE_DIAG == 1) return;
     variant.key_walk_start(walk, pos0 + row0);
-#pragma unroll kUnroll
+#pragma unroll 1  // unrolled by 2: no faster on the H100 (issue slots, not latency: benchmarks/NOTES.md)
     for (int r = row0; r < rows; r += kRowsPerPass) {
       uint8_t* lo_ptr = tile + sw128_chunk(KV_TILE, r, lo_chunk) + within;
       uint8_t* hi_ptr = tile + sw128_chunk(KV_TILE, r, hi_chunk) + within;
