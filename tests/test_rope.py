@@ -83,8 +83,9 @@ def test_rope_kernels_build(interleave: bool, monkeypatch, tmp_path, no_gpu) -> 
 
 # ---- GPU ---------------------------------------------------------------------------------------------
 
-CASES = [  # (head_dim, rotary_dim, interleave, scale, theta)
+CASES = [  # (head_dim, rotary_dim, interleave, scale, theta); rotary_dim % 16 != 0 takes the scalar kernel
     (128, None, False, 1.0, 1e4), (128, None, True, 1.0, 1e4), (64, 32, False, 2.0, 5e5), (256, 128, True, 1.0, 1e6),
+    (64, 40, False, 1.0, 1e4), (128, 24, True, 1.0, 1e4),
 ]
 
 
@@ -110,6 +111,23 @@ def test_rope_matches_reference(head_dim, rotary_dim, interleave, scale, theta, 
     v_before = qkv[:, hq + hk:].clone()
     flashinfer_jit.apply_rope_pos_ids_inplace(q, k, pos, **kw)
     assert torch.equal(q, q_out) and torch.equal(k, k_out) and torch.equal(qkv[:, hq + hk:], v_before)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("interleave", [False, True], ids=["half", "interleave"])
+def test_rope_on_views_not_16_byte_aligned(interleave: bool) -> None:
+    """Rows one element off 16-byte alignment: the 16-byte kernel must not take them (the scalar one does)."""
+    gen = torch.Generator(device=DEVICE).manual_seed(3)
+    nnz, hq, hk, head_dim = 33, 4, 2, 128
+    buf = torch.randn(nnz, (hq + hk) * head_dim + 1, device=DEVICE, dtype=torch.bfloat16, generator=gen)
+    qk = buf[:, 1:].unflatten(1, (hq + hk, head_dim))
+    q, k = qk[:, :hq], qk[:, hq:]
+    pos = torch.randint(0, 4096, (nnz,), device=DEVICE, dtype=torch.int32, generator=gen)
+    q_out, k_out = flashinfer_jit.apply_rope_pos_ids(q, k, pos, interleave=interleave)
+    for got, x in ((q_out, q), (k_out, k)):
+        assert bool(torch.isfinite(got).all())
+        torch.testing.assert_close(got.float(), rope_reference(x, pos, head_dim, interleave, 1.0, 1e4),
+                                   atol=2e-2, rtol=1e-2)
 
 
 @pytest.mark.gpu
