@@ -120,6 +120,36 @@ def test_decode_fp8_with_device_scales(fmt: str) -> None:
         w.run(b.q, b.cache.to(torch.bfloat16))
 
 
+DECODE_SHAPES = [(64, 1, torch.float16, "e4m3", "NONE"), (256, 8, torch.bfloat16, "e5m2", "NONE"),
+                 (128, 4, torch.bfloat16, "e4m3", "ROPE_LLAMA"), (64, 8, torch.float16, "e5m2", "ROPE_LLAMA"),
+                 (256, 1, torch.bfloat16, "e4m3", "ROPE_LLAMA")]
+
+
+@pytest.mark.parametrize("head_dim, group, dtype, fmt, pos_encoding", DECODE_SHAPES,
+                         ids=[f"hd{d}-g{g}-{fmt}-{pe}" for d, g, _, fmt, pe in DECODE_SHAPES])
+def test_decode_fp8_head_dims_groups_and_fused_rope(head_dim: int, group: int, dtype: torch.dtype, fmt: str,
+                                                    pos_encoding: str) -> None:
+    """Decode at every head_dim (hd64 / hd128: the 16-row decode tiles, whose fp8 path under
+    -DFIJ_FP8_WARP_WIDEN=1 widens each warp's keys and stages 5 tiles deep; hd256: 64-row tiles), GQA
+    groups 1 / 8, the fused-RoPE key transform applied while the keys are widened; KV lengths from 1 to
+    past 4k (a long range goes round the stage ring many times)."""
+    kv_lens = [1, 33, 777, 64, 4100, 5]
+    b, k, v = _fp8_paged([(1, n) for n in kv_lens], group, head_dim, dtype, FP8[fmt], "HND", 16, seed=head_dim + group)
+    w = flashinfer_jit.BatchDecodeWithPagedKVCacheWrapper(_workspace(), kv_layout="HND")
+    t = b.table
+    w.plan(t.indptr, t.indices, t.last_page_len, b.num_qo_heads, b.num_kv_heads, head_dim, 16, q_data_type=dtype,
+           kv_data_type=FP8[fmt], pos_encoding_mode=pos_encoding)
+    out = torch.full((len(kv_lens), b.num_qo_heads, head_dim), NAN, dtype=dtype, device=DEVICE)
+    w.run(b.q, b.cache, k_scale=0.5, v_scale=1.5, out=out)
+    q, keys = b.q, k * 0.5
+    if pos_encoding == "ROPE_LLAMA":
+        q_pos, k_pos = ref.rope_positions(b.qo_indptr, b.kv_indptr)
+        q = ref.rope_reference(b.q, q_pos.to(DEVICE), head_dim, False, 1.0, 1e4)
+        keys = ref.rope_reference(keys, k_pos.to(DEVICE), head_dim, False, 1.0, 1e4)
+    ref_out, _ = ref.ragged_attention_ref(q, keys, v * 1.5, b.qo_indptr, b.kv_indptr, False)
+    ref.check_attention(out, ref_out, dtype, f"fp8 {fmt} decode hd{head_dim} g{group} {pos_encoding}")
+
+
 def test_fp8_with_fused_rope_and_a_window() -> None:
     b, k, v = _fp8_paged(LENS, 4, 128, torch.bfloat16, torch.float8_e4m3fn, "NHD", 16, seed=41)
     w = flashinfer_jit.BatchPrefillWithPagedKVCacheWrapper(_workspace())

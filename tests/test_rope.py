@@ -81,9 +81,27 @@ def test_rope_kernels_build(interleave: bool, monkeypatch, tmp_path, no_gpu) -> 
     assert kernel.entry.library.exists()
 
 
+@requires_nvcc
+@pytest.mark.slow
+def test_rope_vector_kernel_is_opt_in(monkeypatch, tmp_path, no_gpu) -> None:
+    """-DFIJ_ROPE_VEC=1 (off until it has run on a GPU: benchmarks/rope_ab.sh) adds the 16-byte kernel:
+    128-bit global loads and stores that the scalar kernel has none of; its own cache key."""
+    from test_sm90_build import built_sass
+    monkeypatch.setenv("FLASHINFER_JIT_CACHE_DIR", str(tmp_path))
+    spec = RopeSpec(128, "bf16", False)
+    sass, keys = {}, set()
+    for flags in ("", "-DFIJ_ROPE_VEC=1"):
+        monkeypatch.setenv("FLASHINFER_JIT_EXTRA_CUDAFLAGS", flags)
+        keys.add(loader.compute_key(spec).key)
+        loader.clear_memo()  # (a process loads a spec once; the flags are read at load)
+        sass[flags] = built_sass(spec)
+    assert len(keys) == 2
+    assert "STG.E.128" not in sass[""] and "STG.E.128" in sass["-DFIJ_ROPE_VEC=1"]
+
+
 # ---- GPU ---------------------------------------------------------------------------------------------
 
-CASES = [  # (head_dim, rotary_dim, interleave, scale, theta); rotary_dim % 16 != 0 takes the scalar kernel
+CASES = [  # (head_dim, rotary_dim, interleave, scale, theta); rotary_dim % 16 != 0: always the scalar kernel
     (128, None, False, 1.0, 1e4), (128, None, True, 1.0, 1e4), (64, 32, False, 2.0, 5e5), (256, 128, True, 1.0, 1e6),
     (64, 40, False, 1.0, 1e4), (128, 24, True, 1.0, 1e4),
 ]

@@ -210,3 +210,20 @@ def test_attention_variants_build(spec: PrefillSpec, monkeypatch, no_gpu) -> Non
             in text or not spec.kv_dtype
         assert ("F2FP" in sass and ".E4M3" in sass or ".E5M2" in sass) == bool(spec.kv_dtype), \
             "the fp8 widening (F2FP ... E4M3 / E5M2) is missing or misplaced"
+
+
+@pytest.mark.parametrize("spec", [PrefillSpec("paged", 128, "bf16", False, backend="fa2", kv_dtype="fp8e4m3"),
+                                  PrefillSpec("paged", 64, "fp16", True, backend="fa2", kv_dtype="fp8e5m2", rope=True)],
+                         ids=["hd128-e4m3", "hd64-e5m2-rope"])
+def test_fp8_warp_widening_builds(spec: PrefillSpec, monkeypatch, no_gpu) -> None:
+    """-DFIJ_FP8_WARP_WIDEN=1 (off until measured on a GPU: benchmarks/decode_ab.sh): the fp8 decode tiles
+    widen each warp's own keys, K then V into one 16-bit tile, and stage 5 fp8 tiles deep while two CTAs
+    still fit an SM (a static_assert); its own cache key, the widening still F2FP conversions, no spills."""
+    monkeypatch.setenv("FLASHINFER_JIT_ARCH", "90a")
+    plain = loader.compute_key(spec).key
+    monkeypatch.setenv("FLASHINFER_JIT_EXTRA_CUDAFLAGS", "-DFIJ_FP8_WARP_WIDEN=1")
+    assert loader.compute_key(spec).key != plain
+    sass = built_sass(spec)
+    assert "F2FP" in sass and "HMMA.16816" in sass
+    assert not spills(sass), spills(sass)[:5]
+

@@ -31,6 +31,9 @@
 #ifndef FIJ_LAZY_RESCALE  // 1 on, 0 off, -1: on for head_dim >= 128 (at 64 the vote costs more than it saves)
 #define FIJ_LAZY_RESCALE -1
 #endif
+#ifndef FIJ_FP8_WARP_WIDEN  // fp8 decode tiles: each warp widens its own keys, K then V in one tile (0: the CTA both;
+#define FIJ_FP8_WARP_WIDEN 0  // off until it has run on a GPU: benchmarks/decode_ab.sh)
+#endif
 
 namespace fij {
 
@@ -199,9 +202,10 @@ struct PagedKVTileLoader {
 };
 
 // TKV: the K/V storage type, T (16-bit) or fp8 (quant.cuh): fp8 tiles are copied into staging tiles and
-// widened in shared memory into one 16-bit K and V tile per KV tile (an extra barrier a tile), with
-// k_scale applied to the logits in float32 (folded into the softmax's exp2 factor, or a multiply
-// before a variant's logits transform) and v_scale to the output. (Folding k_scale into the 16-bit Q
+// widened (in registers, conversions two values at a time) into one 16-bit K and V tile per KV tile
+// that the tensor cores read (an extra barrier a tile; decode tiles: see kWarpWiden), with k_scale
+// applied to the logits in float32 (folded into the softmax's exp2 factor, or a multiply before a
+// variant's logits transform) and v_scale to the output. (Folding k_scale into the 16-bit Q
 // would round q * k_scale to bf16: LSE errors of 1e-2 at logits of a few units, measured on the H100.)
 template <typename T, int HEAD_DIM, int CTA_Q, int KV_TILE, typename Variant, bool PAGED, bool ALIGNED_PAGES,
           typename TKV = T>
@@ -218,6 +222,20 @@ struct MainloopSm80 {
   static constexpr int kStage = KV_TILE * HEAD_DIM;  // elements of one K (or V) tile
   static constexpr uint32_t kStageBytes = kStage * int(sizeof(TKV));  // one landed (staged) tile
   static constexpr uint32_t kTileBytes = kStage * int(sizeof(T));     // one 16-bit tile
+  // fp8 decode tiles (KV-split warps): each warp widens only its own keys, K and then V into the same
+  // rows of one 16-bit tile, with warp barriers only. Decode is bound by the bytes in flight per SM
+  // (fp8 tiles are half as big for the same latency), so the tile saved buys deeper staging.
+  static constexpr bool kWarpWiden = kFp8 && S::kWarpsKV > 1 && FIJ_FP8_WARP_WIDEN != 0;
+  static constexpr int kWidenedTiles = kFp8 ? (kWarpWiden ? 1 : 2) : 0;
+  static constexpr int kFixedBytes = (CTA_Q * HEAD_DIM + kWidenedTiles * kStage) * int(sizeof(T));
+  // Stages: 16-bit K/V and fp8 prefill tiles by shape (PrefillShape); fp8 decode tiles as many as keep
+  // two CTAs an SM (113 KB each on sm90), at most 5.
+  static constexpr int kTwoCtaSmemBytes = 113 * 1024;
+  static constexpr int clamp_stages(int n) { return n < 2 ? 2 : n > 5 ? 5 : n; }
+  static constexpr int kStages =
+      FIJ_KV_STAGES > 0 || !kWarpWiden
+          ? S::kStages
+          : clamp_stages((kTwoCtaSmemBytes - kFixedBytes) / (2 * int(kStageBytes)));
 
   // What the mainloop leaves for the epilogue: unnormalised O, the softmax statistics, and the factor
   // the normalized output takes (fp8 caches' v_scale, else 1).
@@ -241,19 +259,21 @@ struct MainloopSm80 {
   }
 
   // Shared memory: Q, then kStages K tiles, then kStages V tiles (16-bit K/V); fp8: Q, one 16-bit K
-  // and V tile, then kStages fp8 K and V staging tiles. k_smem .. the end also holds the epilogue's
-  // KV-split merge buffer.
+  // and V tile (kWarpWiden: one tile for both), then kStages fp8 K and V staging tiles. k_smem .. the
+  // end also holds the epilogue's KV-split merge buffer.
   __device__ __forceinline__ static T* q_smem(uint8_t* smem) { return reinterpret_cast<T*>(smem); }
   __device__ __forceinline__ static T* k_smem(uint8_t* smem) { return q_smem(smem) + CTA_Q * HEAD_DIM; }
-  __device__ __forceinline__ static T* v_smem(uint8_t* smem) { return k_smem(smem) + (kFp8 ? 1 : S::kStages) * kStage; }
-  __device__ __forceinline__ static TKV* staged_k(uint8_t* smem) {
-    return kFp8 ? reinterpret_cast<TKV*>(v_smem(smem) + kStage) : reinterpret_cast<TKV*>(k_smem(smem));
+  __device__ __forceinline__ static T* v_smem(uint8_t* smem) {
+    return k_smem(smem) + (kFp8 ? kWidenedTiles - 1 : kStages) * kStage;
   }
-  __device__ __forceinline__ static TKV* staged_v(uint8_t* smem) { return staged_k(smem) + S::kStages * kStage; }
-  static constexpr int kSmemBytes = (CTA_Q * HEAD_DIM + (kFp8 ? 2 * kStage : 0)) * int(sizeof(T)) +
-                                    2 * S::kStages * int(kStageBytes);
+  __device__ __forceinline__ static TKV* staged_k(uint8_t* smem) {
+    return kFp8 ? reinterpret_cast<TKV*>(k_smem(smem) + kWidenedTiles * kStage) : reinterpret_cast<TKV*>(k_smem(smem));
+  }
+  __device__ __forceinline__ static TKV* staged_v(uint8_t* smem) { return staged_k(smem) + kStages * kStage; }
+  static constexpr int kSmemBytes = kFixedBytes + 2 * kStages * int(kStageBytes);
   static_assert(S::kMergeBytes <= kSmemBytes - CTA_Q * HEAD_DIM * int(sizeof(T)),
                 "the KV-split merge buffer must fit past Q");
+  static_assert(!kWarpWiden || kSmemBytes <= kTwoCtaSmemBytes, "fp8 decode tiles: two CTAs an SM");
 
   // Q tile (packed rows -> (token, head)); rows past the tile's end are zero.
   __device__ __forceinline__ static void load_q(const PrefillParams& p, const WorkTile& w, int hk, T* sQ) {
@@ -321,30 +341,36 @@ struct MainloopSm80 {
     __syncthreads();
   }
 
-  // fp8: the staged K and V tiles of keys [pos0, pos0 + KV_TILE) widened into the 16-bit tiles sK, sV
-  // (the variant's key transform applied on the way); rows past the KV range were zero-filled by the
-  // copy and stay zero. The caller's barrier before made the staged tiles visible; the one here
-  // publishes the widened ones.
-  template <typename QKState>
-  __device__ __forceinline__ static void widen_kv(const Variant& variant, const QKState& qk, const WorkTile& w, int hk,
-                                                  int pos0, const TKV* staged_k_tile, const TKV* staged_v_tile, T* sK,
-                                                  T* sV) {
-    const int chunk = threadIdx.x % kHalfChunks;
+  // fp8: rows [row0, row0 + ROWS) of the staged K and / or V tiles of keys [pos0, pos0 + KV_TILE)
+  // widened into the 16-bit tiles sK, sV (K: the variant's key transform applied on the way) by THREADS
+  // threads (the CTA, or the caller's warp: kWarpWiden). Rows past the KV
+  // range were zero-filled by the copy and stay zero. The callers' barriers make the staged rows visible
+  // before and publish the widened ones after. A thread's dims are transform_dim0()'s.
+  static_assert(32 % kHalfChunks == 0, "a lane's widened dims must be the thread's transform dims");
+  template <bool WIDEN_K, bool WIDEN_V, int ROWS, int THREADS, typename QKState>
+  __device__ __forceinline__ static void widen(const Variant& variant, const QKState& qk, const WorkTile& w, int hk,
+                                               int pos0, const TKV* staged_k_tile, const TKV* staged_v_tile, T* sK,
+                                               T* sV, int row0) {
+    const int tid = threadIdx.x % THREADS;  // (threadIdx.x itself, not a caller's copy: no spill at 128 rows)
+    const int chunk = tid % kHalfChunks;
     constexpr int kHalf = HEAD_DIM / 2;
 #pragma unroll 2
-    for (int row = threadIdx.x / kHalfChunks; row < KV_TILE; row += S::kThreads / kHalfChunks) {
+    for (int row = row0 + tid / kHalfChunks; row < row0 + ROWS; row += THREADS / kHalfChunks) {
       float lo[8], hi[8];
-      widen8(staged_k_tile + row * HEAD_DIM + chunk * 8, lo);
-      widen8(staged_k_tile + row * HEAD_DIM + kHalf + chunk * 8, hi);
-      if constexpr (Variant::kTransformsKey) variant.transform_key(qk, lo, hi, pos0 + row, hk, w);
-      store8(sK + Tile::offset(row, chunk), lo);
-      store8(sK + Tile::offset(row, chunk + kHalfChunks), hi);
-      widen8(staged_v_tile + row * HEAD_DIM + chunk * 8, lo);
-      widen8(staged_v_tile + row * HEAD_DIM + kHalf + chunk * 8, hi);
-      store8(sV + Tile::offset(row, chunk), lo);
-      store8(sV + Tile::offset(row, chunk + kHalfChunks), hi);
+      if constexpr (WIDEN_K) {
+        widen8(staged_k_tile + row * HEAD_DIM + chunk * 8, lo);
+        widen8(staged_k_tile + row * HEAD_DIM + kHalf + chunk * 8, hi);
+        if constexpr (Variant::kTransformsKey) variant.transform_key(qk, lo, hi, pos0 + row, hk, w);
+        store8(sK + Tile::offset(row, chunk), lo);
+        store8(sK + Tile::offset(row, chunk + kHalfChunks), hi);
+      }
+      if constexpr (WIDEN_V) {
+        widen8(staged_v_tile + row * HEAD_DIM + chunk * 8, lo);
+        widen8(staged_v_tile + row * HEAD_DIM + kHalf + chunk * 8, hi);
+        store8(sV + Tile::offset(row, chunk), lo);
+        store8(sV + Tile::offset(row, chunk + kHalfChunks), hi);
+      }
     }
-    __syncthreads();
   }
 
   __device__ __forceinline__ static void run(const PrefillParams& p, const Variant& variant, const WorkTile& w,
@@ -386,7 +412,7 @@ struct MainloopSm80 {
     if constexpr (PAGED) paged.fetch(kv_lo, kv_hi - kv_lo, p);
     // Prologue: tiles 0 .. kStages-2, one commit group each (the first also holds Q).
 #pragma unroll
-    for (int t = 0; t < S::kStages - 1; ++t) {
+    for (int t = 0; t < kStages - 1; ++t) {
       if (kv_lo + t * KV_TILE < kv_hi) load_tile(t, kv_lo + t * KV_TILE);
       cp_async_commit();
     }
@@ -409,20 +435,25 @@ struct MainloopSm80 {
     constexpr int kRowBytes = Tile::kRowBytes;
 
     int stage = 0;
-    for (int pos0 = kv_lo; pos0 < kv_hi; pos0 += KV_TILE, stage = stage + 1 == S::kStages ? 0 : stage + 1) {
+    for (int pos0 = kv_lo; pos0 < kv_hi; pos0 += KV_TILE, stage = stage + 1 == kStages ? 0 : stage + 1) {
       // One barrier per tile: after it, tile j (commit group j) is visible to every thread, and every
       // warp is done with tile j-1, whose stage now receives tile j + kStages - 1.
-      cp_async_wait<S::kStages - 2>();
+      cp_async_wait<kStages - 2>();
       __syncthreads();
       {
-        const int next = pos0 + (S::kStages - 1) * KV_TILE;
-        const int next_stage = stage == 0 ? S::kStages - 1 : stage - 1;
+        const int next = pos0 + (kStages - 1) * KV_TILE;
+        const int next_stage = stage == 0 ? kStages - 1 : stage - 1;
         if (next < kv_hi) load_tile(next_stage, next);
         cp_async_commit();  // possibly empty: keeps one group per tile for the wait count above
       }
-      if constexpr (kFp8) {
-        widen_kv(variant, qk_state, w, hk, pos0, staged_k(smem) + stage * kStage, staged_v(smem) + stage * kStage,
-                 k_smem(smem), v_smem(smem));
+      if constexpr (kWarpWiden) {  // this warp's keys of K; V follows the Q K^T MMAs into the same rows
+        widen<true, false, S::kKeysPerWarp, 32>(variant, qk_state, w, hk, pos0, staged_k(smem) + stage * kStage,
+                                                nullptr, k_smem(smem), nullptr, c.warp_key0);
+        __syncwarp();
+      } else if constexpr (kFp8) {  // the whole tile's K and V, by the CTA
+        widen<true, true, KV_TILE, S::kThreads>(variant, qk_state, w, hk, pos0, staged_k(smem) + stage * kStage,
+                                                staged_v(smem) + stage * kStage, k_smem(smem), v_smem(smem), 0);
+        __syncthreads();
       } else if constexpr (Variant::kTransformsKey) {
         // (p.keys_rotated: only sm90 plans have the launcher rotate K, so no run-time skip here)
         transform_k(variant, qk_state, w, hk, pos0, kv_hi, k_smem(smem) + stage * kStage);
@@ -453,6 +484,12 @@ struct MainloopSm80 {
         }
       }
 
+      if constexpr (kWarpWiden) {
+        __syncwarp();  // every lane's K fragments are read before V lands on the same rows
+        widen<false, true, S::kKeysPerWarp, 32>(variant, qk_state, w, hk, pos0, nullptr,
+                                                staged_v(smem) + stage * kStage, nullptr, v_smem(smem), c.warp_key0);
+        __syncwarp();
+      }
       if constexpr (kFp8 && Variant::kTransformsLogits) {
 #pragma unroll
         for (int mi = 0; mi < MQ; ++mi)

@@ -8,6 +8,11 @@
 
 #include "flashinfer_jit/common.cuh"
 
+// The 16-byte kernel (rope_kernel_vec) for aligned rows: off until it has run on a GPU (rope_ab.sh).
+#ifndef FIJ_ROPE_VEC
+#define FIJ_ROPE_VEC 0
+#endif
+
 namespace fij {
 
 // Mirrored by ctypes (flashinfer_jit/abi.py RopeParams); strides in elements.
