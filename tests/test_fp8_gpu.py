@@ -130,7 +130,7 @@ DECODE_SHAPES = [(64, 1, torch.float16, "e4m3", "NONE"), (256, 8, torch.bfloat16
 def test_decode_fp8_head_dims_groups_and_fused_rope(head_dim: int, group: int, dtype: torch.dtype, fmt: str,
                                                     pos_encoding: str) -> None:
     """Decode at every head_dim (hd64 / hd128: the 16-row decode tiles, whose fp8 path under
-    -DFIJ_FP8_WARP_WIDEN=1 widens each warp's keys and stages 5 tiles deep; hd256: 64-row tiles), GQA
+    -DFIJ_DECODE_WARP_LOCAL=1 widens each warp's keys and stages 5 tiles deep; hd256: 64-row tiles), GQA
     groups 1 / 8, the fused-RoPE key transform applied while the keys are widened; KV lengths from 1 to
     past 4k (a long range goes round the stage ring many times)."""
     kv_lens = [1, 33, 777, 64, 4100, 5]

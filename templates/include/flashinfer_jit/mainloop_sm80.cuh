@@ -31,8 +31,11 @@
 #ifndef FIJ_LAZY_RESCALE  // 1 on, 0 off, -1: on for head_dim >= 128 (at 64 the vote costs more than it saves)
 #define FIJ_LAZY_RESCALE -1
 #endif
-#ifndef FIJ_FP8_WARP_WIDEN  // fp8 decode tiles: each warp widens its own keys, K then V in one tile (0: the CTA both;
-#define FIJ_FP8_WARP_WIDEN 0  // off until it has run on a GPU: benchmarks/decode_ab.sh)
+// Decode tiles (four warps splitting each KV tile's keys): each warp widens (fp8) or transforms (RoPE)
+// only its own keys, with warp barriers (0: the CTA does the whole tile, a CTA barrier; off until it
+// has run on a GPU: benchmarks/decode_ab.sh).
+#ifndef FIJ_DECODE_WARP_LOCAL
+#define FIJ_DECODE_WARP_LOCAL 0
 #endif
 
 namespace fij {
@@ -203,7 +206,7 @@ struct PagedKVTileLoader {
 
 // TKV: the K/V storage type, T (16-bit) or fp8 (quant.cuh): fp8 tiles are copied into staging tiles and
 // widened (in registers, conversions two values at a time) into one 16-bit K and V tile per KV tile
-// that the tensor cores read (an extra barrier a tile; decode tiles: see kWarpWiden), with k_scale
+// that the tensor cores read (an extra barrier a tile; decode tiles: see kWarpLocal), with k_scale
 // applied to the logits in float32 (folded into the softmax's exp2 factor, or a multiply before a
 // variant's logits transform) and v_scale to the output. (Folding k_scale into the 16-bit Q
 // would round q * k_scale to bf16: LSE errors of 1e-2 at logits of a few units, measured on the H100.)
@@ -222,10 +225,12 @@ struct MainloopSm80 {
   static constexpr int kStage = KV_TILE * HEAD_DIM;  // elements of one K (or V) tile
   static constexpr uint32_t kStageBytes = kStage * int(sizeof(TKV));  // one landed (staged) tile
   static constexpr uint32_t kTileBytes = kStage * int(sizeof(T));     // one 16-bit tile
-  // fp8 decode tiles (KV-split warps): each warp widens only its own keys, K and then V into the same
-  // rows of one 16-bit tile, with warp barriers only. Decode is bound by the bytes in flight per SM
-  // (fp8 tiles are half as big for the same latency), so the tile saved buys deeper staging.
-  static constexpr bool kWarpWiden = kFp8 && S::kWarpsKV > 1 && FIJ_FP8_WARP_WIDEN != 0;
+  // Decode tiles (KV-split warps): each warp reads only its own keys, so it alone widens or transforms
+  // them, with warp barriers. fp8 (kWarpWiden): K and then V into the same rows of one 16-bit tile.
+  // Decode is bound by the bytes in flight per SM (fp8 tiles are half as big for the same latency), so
+  // the tile saved buys deeper staging.
+  static constexpr bool kWarpLocal = S::kWarpsKV > 1 && FIJ_DECODE_WARP_LOCAL != 0;
+  static constexpr bool kWarpWiden = kFp8 && kWarpLocal;
   static constexpr int kWidenedTiles = kFp8 ? (kWarpWiden ? 1 : 2) : 0;
   static constexpr int kFixedBytes = (CTA_Q * HEAD_DIM + kWidenedTiles * kStage) * int(sizeof(T));
   // Stages: 16-bit K/V and fp8 prefill tiles by shape (PrefillShape); fp8 decode tiles as many as keep
@@ -320,15 +325,17 @@ struct MainloopSm80 {
     __syncthreads();
   }
 
-  // Keys [pos0, min(pos0 + KV_TILE, kv_end)) of the K tile at sK, in place; the caller's barrier
-  // before made the tile visible, the one here publishes the transformed keys.
-  template <typename QKState>
+  // Keys [pos0 + row0, pos0 + row0 + ROWS) (those before kv_end) of the K tile at sK, in place, by
+  // THREADS threads (the CTA, or the caller's warp: kWarpLocal); the callers' barriers make the tile
+  // visible before and publish the transformed keys after.
+  template <int ROWS, int THREADS, typename QKState>
   __device__ __forceinline__ static void transform_k(const Variant& variant, const QKState& qk, const WorkTile& w,
-                                                     int hk, int pos0, int kv_end, T* sK) {
-    const int chunk = threadIdx.x % kHalfChunks;
-    const int rows = min(KV_TILE, kv_end - pos0);
+                                                     int hk, int pos0, int kv_end, T* sK, int row0) {
+    const int tid = threadIdx.x % THREADS;
+    const int chunk = tid % kHalfChunks;
+    const int rows = min(row0 + ROWS, kv_end - pos0);
 #pragma unroll 2
-    for (int row = threadIdx.x / kHalfChunks; row < rows; row += S::kThreads / kHalfChunks) {
+    for (int row = row0 + tid / kHalfChunks; row < rows; row += THREADS / kHalfChunks) {
       T* lo_ptr = sK + Tile::offset(row, chunk);
       T* hi_ptr = sK + Tile::offset(row, chunk + kHalfChunks);
       float lo[8], hi[8];
@@ -338,12 +345,11 @@ struct MainloopSm80 {
       store8(lo_ptr, lo);
       store8(hi_ptr, hi);
     }
-    __syncthreads();
   }
 
   // fp8: rows [row0, row0 + ROWS) of the staged K and / or V tiles of keys [pos0, pos0 + KV_TILE)
   // widened into the 16-bit tiles sK, sV (K: the variant's key transform applied on the way) by THREADS
-  // threads (the CTA, or the caller's warp: kWarpWiden). Rows past the KV
+  // threads (the CTA, or the caller's warp: kWarpLocal). Rows past the KV
   // range were zero-filled by the copy and stay zero. The callers' barriers make the staged rows visible
   // before and publish the widened ones after. A thread's dims are transform_dim0()'s.
   static_assert(32 % kHalfChunks == 0, "a lane's widened dims must be the thread's transform dims");
@@ -454,9 +460,14 @@ struct MainloopSm80 {
         widen<true, true, KV_TILE, S::kThreads>(variant, qk_state, w, hk, pos0, staged_k(smem) + stage * kStage,
                                                 staged_v(smem) + stage * kStage, k_smem(smem), v_smem(smem), 0);
         __syncthreads();
-      } else if constexpr (Variant::kTransformsKey) {
+      } else if constexpr (Variant::kTransformsKey && kWarpLocal) {  // this warp's keys
         // (p.keys_rotated: only sm90 plans have the launcher rotate K, so no run-time skip here)
-        transform_k(variant, qk_state, w, hk, pos0, kv_hi, k_smem(smem) + stage * kStage);
+        transform_k<S::kKeysPerWarp, 32>(variant, qk_state, w, hk, pos0, kv_hi, k_smem(smem) + stage * kStage,
+                                         c.warp_key0);
+        __syncwarp();
+      } else if constexpr (Variant::kTransformsKey) {
+        transform_k<KV_TILE, S::kThreads>(variant, qk_state, w, hk, pos0, kv_hi, k_smem(smem) + stage * kStage, 0);
+        __syncthreads();
       }
       const uint32_t stage_bytes = kFp8 ? 0u : stage * kTileBytes;
 
