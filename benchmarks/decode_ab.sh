@@ -12,6 +12,8 @@
 # Per setting: prebuild the paged libraries below (in parallel), the fp8 and RoPE decode GPU tests (tests/test_fp8_gpu.py -k decode, tests/test_variants_gpu.py
 # -k "rope and decode"; log OUT/<tag>-tests.log), then
 # bench_decode --quick (OUT/<tag>/<card>-<date>-decode.{json,md}); prints the rows and fp8 ratios.
+# Expect 2-3 minutes a setting on a 16-core device (each setting builds its own kernels): two settings
+# fit one 600 s device call.
 set -u -o pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
