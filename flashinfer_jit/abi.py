@@ -121,6 +121,8 @@ class RopeParams(ctypes.Structure):
                "ko_stride_n", "ko_stride_h", "nnz"),
         *_ints(_i32, "num_q_heads", "num_k_heads", "rotary_dim"), ("rcp_scale", _f32), ("rcp_theta", _f32),
         ("freqs", ctypes.POINTER(_f32)),  # or None: rcp_scale * rcp_theta^(2i / rotary_dim) in the kernel
+        # paged k rows (gathers): page src_pages[t], slot pos_ids[t] % src_page_size; or None
+        ("src_pages", ctypes.POINTER(_i32)), ("src_stride_page", _i64), ("src_page_size", _i32),
     ]
 
 

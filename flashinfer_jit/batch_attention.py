@@ -64,6 +64,8 @@ class _PlanState:
     k_positions: Optional[torch.Tensor] = None
     rope_freqs: Optional[torch.Tensor] = None
     kv_begin: int = 0
+    # sm90 paged plans under FLASHINFER_JIT_PAGED_VIA_RAGGED=1: planned as ragged; run() gathers the pages.
+    gather: Optional["PagedGather"] = None
 
     @property
     def fp8_kv(self) -> bool:
@@ -88,11 +90,15 @@ def _attention_run_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: to
     p.q_stride_n, p.q_stride_h = q.stride(0), q.stride(1)
     p.o_stride_n, p.o_stride_h = o.stride(0), o.stride(1)
     with device_guard(q.device):
-        if state.k_rotated is not None:  # one rotation per K row, not one per q tile that reads it
-            rope.rotate_keys(k[state.kv_begin:state.total_kv], state.k_rotated[state.kv_begin:state.total_kv],
-                             state.k_positions, state.rope_freqs)
-            k = state.k_rotated
-        owner._set_kv(p, k, v)
+        if state.gather is not None:  # a paged cache, run by the ragged kernel on copies of its rows
+            k, v = state.gather.run(k, v)
+            set_ragged_kv(p, k, v, nhd=True)
+        else:
+            if state.k_rotated is not None:  # one rotation per K row, not one per q tile that reads it
+                rope.rotate_keys(k[state.kv_begin:state.total_kv], state.k_rotated[state.kv_begin:state.total_kv],
+                                 state.k_positions, state.rope_freqs)
+                k = state.k_rotated
+            owner._set_kv(p, k, v)
         code = state.run_fn(ctypes.byref(p), state.grid_items, stream_of(q.device))
     state.kernel.check(code, "batch attention")
 
@@ -101,6 +107,58 @@ _attention_run_op = define(
     "attention_run(Tensor q, Tensor k, Tensor v, Tensor(a!) o, Tensor(b!)? lse, int plan_id) -> ()",
     _attention_run_cuda, lambda *args: None,
 )
+
+
+def _variant_kernel(backend: str, layout: str, head_dim: int, dtype: torch.dtype, causal: bool,
+                    variant: options.VariantOptions, custom: Optional[AttentionVariant],
+                    kv_dtype: Optional[torch.dtype]) -> PrefillKernel:
+    """The prefill kernel of `backend` and `layout` for a plan's variant switches and user variant."""
+    return prefill_kernel(backend, layout, head_dim, dtype, bool(causal), sliding_window=variant.sliding_window,
+                          soft_cap=variant.soft_cap, custom_mask=variant.custom_mask, rope=variant.rope,
+                          alibi=variant.alibi, kv_dtype=options.FP8_KV_DTYPES.get(kv_dtype, ""),
+                          custom=custom.code if custom is not None else None)
+
+
+def set_ragged_kv(p: PrefillParams, k: torch.Tensor, v: torch.Tensor, nhd: bool) -> None:
+    """Ragged K / V ([tokens, heads, D] NHD, or [heads, tokens, D]) into the launch params."""
+    p.k, p.v = k.data_ptr(), v.data_ptr()
+    p.kv_rows = k.shape[0] if nhd else k.shape[1]  # tokens (the sm90 kernel's TMA bound)
+    p.k_stride_n, p.k_stride_h = (k.stride(0), k.stride(1)) if nhd else (k.stride(1), k.stride(0))
+    p.v_stride_n, p.v_stride_h = (v.stride(0), v.stride(1)) if nhd else (v.stride(1), v.stride(0))
+
+
+@dataclass
+class PagedGather:
+    """An sm90 paged plan run by the ragged kernel (FLASHINFER_JIT_PAGED_VIA_RAGGED=1): each run copies
+    the batch's K rows (rotated on the way under fused RoPE) and V rows out of the pages into ragged
+    buffers of the batch's KV size, row t from page `pages[t]`, slot `positions[t] % page_size`."""
+
+    pages: torch.Tensor      # int32 [total_kv], on the device
+    positions: torch.Tensor  # int32 [total_kv]: each row's index in its request (its RoPE position)
+    k_out: torch.Tensor      # [total_kv, num_kv_heads, head_dim]
+    v_out: torch.Tensor
+    freqs: Optional[torch.Tensor]  # fused RoPE's table (K rotated), or None (copied)
+
+    def run(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k / v: the paged wrapper's NHD cache halves ([pages, page_size, heads, D] each, or both the 5-D
+        cache [pages, 2, ...]); returns the ragged copies."""
+        if k.dim() == 5:
+            k, v = k[:, 0], k[:, 1]
+        rope.gather_paged_rows(k, self.k_out, self.pages, self.positions, self.freqs)
+        rope.gather_paged_rows(v, self.v_out, self.pages, self.positions, None)
+        return self.k_out, self.v_out
+
+
+def paged_rows(kv_indptr: torch.Tensor, page_indptr: torch.Tensor, page_indices: torch.Tensor,
+               page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pages, positions), int32 [kv_indptr[-1]] on the host: for every K/V row of a paged batch (rows of
+    request r at kv_indptr[r] ..), the page holding it and its index in the request (host tensors, checked
+    by plan())."""
+    positions = kv_positions(kv_indptr).to(torch.int64)
+    lens = (kv_indptr[1:] - kv_indptr[:-1]).to(torch.int64)
+    request = torch.repeat_interleave(torch.arange(lens.numel()), lens)
+    entries = page_indptr.to(torch.int64)[request] + positions // page_size
+    return page_indices[entries].to(torch.int32), positions.to(torch.int32)
 
 
 # ---- argument checks shared by the wrappers ------------------------------------------------------
@@ -273,7 +331,8 @@ class _BatchAttention:
         self._rope_scale: Optional[float] = None
         self._rope_theta: Optional[float] = None
         self._params = PrefillParams(k_scale=1.0, v_scale=1.0)
-        self._k_rotated: Optional[torch.Tensor] = None  # _prerotated_keys' buffer, kept across plans
+        self._k_rotated: Optional[torch.Tensor] = None  # _prerotated_keys' (or PagedGather's K) buffer, kept
+        self._v_gathered: Optional[torch.Tensor] = None  # PagedGather's V buffer, kept across plans
         self._plan_call = PlanCall(result=ctypes.pointer(PlanResult()))
         self._plan_id = next(_wrapper_ids)
         _wrappers[self._plan_id] = self
@@ -360,10 +419,35 @@ class _BatchAttention:
         backend = resolve_backend(choice, self._device, layout, group, f"{type(self).__name__}.plan()",
                                   self._graph_backend or self._backend_requested, page_size, rows_per_request,
                                   fp8_kv=kv_dtype in options.FP8_KV_DTYPES)
-        return prefill_kernel(backend, layout, head_dim, dtype, bool(causal), sliding_window=variant.sliding_window,
-                              soft_cap=variant.soft_cap, custom_mask=variant.custom_mask, rope=variant.rope,
-                              alibi=variant.alibi, kv_dtype=options.FP8_KV_DTYPES.get(kv_dtype, ""),
-                              custom=custom.code if custom is not None else None)
+        return _variant_kernel(backend, layout, head_dim, dtype, causal, variant, custom, kv_dtype)
+
+    def _gathers_pages(self, layout: str, spec: Any, kv_dtype: Optional[torch.dtype]) -> bool:
+        """Whether this paged plan runs the ragged kernel over per-run copies of its rows (PagedGather):
+        FLASHINFER_JIT_PAGED_VIA_RAGGED=1 (experimental, off), sm90, NHD, 16-bit K/V, no CUDA graph (the
+        copies' size is the plan's). It costs a read and a write of the batch's K and V a run and that much
+        memory, against the paged kernel's per-page copies (0.8 of the ragged kernel's TFLOP/s) and, with
+        fused RoPE, its per-q-tile key rotation (0.73 of plain paged; benchmarks/NOTES.md)."""
+        return (env.paged_via_ragged() and layout == "paged" and spec.backend == "sm90" and self._kv_layout == "NHD"
+                and kv_dtype not in options.FP8_KV_DTYPES and not self._use_cuda_graph)
+
+    def _paged_gather(self, pages: tuple[torch.Tensor, torch.Tensor, int, int], kv_indptr: torch.Tensor,
+                      num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                      variant: options.VariantOptions) -> PagedGather:
+        """The plan's PagedGather: the rows' pages and positions on the device, the copy buffers (kept by
+        the wrapper across plans, grown as needed)."""
+        src_pages, positions = paged_rows(kv_indptr, pages[0], pages[1], pages[2])
+        total = positions.numel()
+        shape = (total, num_kv_heads, head_dim)
+        buffers = []
+        for name in ("_k_rotated", "_v_gathered"):
+            buffer = getattr(self, name)
+            if buffer is None or buffer.dtype != dtype or buffer.shape[1:] != shape[1:] or buffer.shape[0] < total:
+                buffer = torch.empty(shape, dtype=dtype, device=self._device)
+                setattr(self, name, buffer)
+            buffers.append(buffer[:total])
+        freqs = options.rope_frequencies(head_dim, variant, self._device) if variant.rope else None
+        return PagedGather(pages=src_pages.to(self._device), positions=positions.to(self._device),
+                           k_out=buffers[0], v_out=buffers[1], freqs=freqs)
 
     def _plan(self, layout: str, qo_host: torch.Tensor, kv_lens_indptr: torch.Tensor,
               num_qo_heads: int, num_kv_heads: int, head_dim: int, causal: bool, sm_scale: Optional[float],
@@ -425,6 +509,12 @@ class _BatchAttention:
         group = num_qo_heads // num_kv_heads
         kernel = self._kernel(layout, head_dim, q_dtype, causal, group, pages[2] if pages is not None else None,
                               total_q * group / max(batch, 1), variant, custom, kv_dtype)
+        gather = None
+        if pages is not None and self._gathers_pages(layout, kernel.spec, kv_dtype):
+            # planned as the ragged batch of its rows, copied out of the pages by each run (PagedGather)
+            kernel = _variant_kernel(kernel.spec.backend, "ragged", head_dim, q_dtype, causal, variant, custom, kv_dtype)
+            gather = self._paged_gather(pages, kv_lens_indptr, num_kv_heads, head_dim, q_dtype, variant)
+        plan_pages = None if gather is not None else pages  # the page table the kernel reads
         workspace = self._workspace
 
         cta_q = workspace.fixed_cta_q
@@ -449,24 +539,25 @@ class _BatchAttention:
         config = PlanConfig(batch=batch, group=group, num_kv_heads=num_kv_heads, cta_q=cta_q, kv_tile=kernel.kv_tile,
                             target_ctas=sms, min_chunk_tiles=MIN_CHUNK_TILES, split_tiles=split_tiles,
                             window_left=variant.window_left)
-        num_pages = _host_int(pages[0], batch) if pages is not None else 0
-        max_page_index = pages[3] if pages is not None else -1
+        num_pages = _host_int(plan_pages[0], batch) if plan_pages is not None else 0
+        max_page_index = pages[3] if pages is not None else -1  # (checked against the cache by run())
         items_cap, merges_cap, pages_cap, limits = workspace.capacities(
             batch=batch, total_q=total_q, group=group, cta_q=cta_q, num_kv_heads=num_kv_heads, sms=sms,
             slots_per_gpu=slots_per_gpu, fixed_split=split_tiles > 0, num_pages=num_pages,
-            page_table_len=pages[1].numel() if pages is not None else 0)
+            page_table_len=plan_pages[1].numel() if plan_pages is not None else 0)
 
         partial_slots = workspace.partial_slots(head_dim)
         call = self._plan_call
         call.qo_indptr, call.kv_indptr, call.config = qo_host.data_ptr(), kv_lens_indptr.data_ptr(), ctypes.pointer(config)
         call.stream = stream_of(self._device)
-        if pages is not None:
-            call.page_indptr, call.page_indices, call.num_page_indices = pages[0].data_ptr(), pages[1].data_ptr(), num_pages
+        if plan_pages is not None:
+            call.page_indptr, call.page_indices, call.num_page_indices = (plan_pages[0].data_ptr(),
+                                                                          plan_pages[1].data_ptr(), num_pages)
         else:
             call.page_indptr = call.page_indices = None
             call.num_page_indices = 0
         while True:
-            int_layout = IntLayout(items_cap, merges_cap, pages_cap if pages is not None else 0, num_kv_heads)
+            int_layout = IntLayout(items_cap, merges_cap, pages_cap if plan_pages is not None else 0, num_kv_heads)
             upload = int_layout.as_struct(partial_slots)
             call.layout = ctypes.pointer(upload)
             call.host, call.host_free = workspace.pinned_buffer(int_layout.total_ints)
@@ -508,21 +599,20 @@ class _BatchAttention:
             params.custom_mask, params.mask_offsets = packed_mask.bits.data_ptr(), packed_mask.offsets.data_ptr()
             self._variant_tensors.append(packed_mask)
         params.cta_q = cta_q
-        page_size = 0
-        if pages is not None:
-            page_size = pages[2]
+        page_size = pages[2] if pages is not None else 0  # (run() checks the cache's shape with it)
+        if plan_pages is not None:
             params.page_size = page_size
             params.page_div_mul, params.page_div_shift = page_divider(page_size)
             params.page_indices = base + 4 * int_layout.page_indices
         prerotated = self._prerotated_keys(layout, kernel.spec, variant, kv_dtype, kv_lens_indptr, num_kv_heads,
                                            head_dim, q_dtype)
-        params.keys_rotated = int(prerotated is not None)
+        params.keys_rotated = int(prerotated is not None or (gather is not None and gather.freqs is not None))
         self._state = _PlanState(
             kernel=kernel.kernel, run_fn=kernel.run_fn, params=params,
             grid_items=items_cap if self._use_cuda_graph else plan.num_items,
             dtype=q_dtype, kv_dtype=kv_dtype, batch=batch, total_q=total_q, total_kv=total_kv, num_qo_heads=num_qo_heads,
             num_kv_heads=num_kv_heads, head_dim=head_dim, page_size=page_size, max_page_index=max_page_index,
-            **(prerotated or {}))
+            gather=gather, **(prerotated or {}))
         self._plan_args = plan_args
         self._causal, self._sm_scale = bool(causal), sm_scale
         self._backend = kernel.spec.backend

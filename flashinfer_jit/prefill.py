@@ -76,6 +76,7 @@ from .batch_attention import (
     index_tensor,
     resolve_head_dim,
     run_options,
+    set_ragged_kv,
 )
 from .errors import NotSupportedError
 from .kernels import resolve_backend, select_backend
@@ -240,11 +241,7 @@ class BatchPrefillWithRaggedKVCacheWrapper(_BatchAttention):
         return self.run(q, k, v, return_lse=True)
 
     def _set_kv(self, p: PrefillParams, k: torch.Tensor, v: torch.Tensor) -> None:
-        p.k, p.v = k.data_ptr(), v.data_ptr()
-        nhd = self._kv_layout == "NHD"
-        p.kv_rows = k.shape[0] if nhd else k.shape[1]  # tokens (the sm90 kernel's TMA bound)
-        p.k_stride_n, p.k_stride_h = (k.stride(0), k.stride(1)) if nhd else (k.stride(1), k.stride(0))
-        p.v_stride_n, p.v_stride_h = (v.stride(0), v.stride(1)) if nhd else (v.stride(1), v.stride(0))
+        set_ragged_kv(p, k, v, nhd=self._kv_layout == "NHD")
 
 
 def _host_lengths(name: str, value: object) -> torch.Tensor:

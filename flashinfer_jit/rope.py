@@ -46,11 +46,39 @@ def _launch(q: torch.Tensor, k: torch.Tensor, q_out: torch.Tensor, k_out: torch.
     p.rcp_scale, p.rcp_theta = rcp_scale, rcp_theta
     if freqs is not None:
         p.freqs = ctypes.cast(freqs.data_ptr(), ctypes.POINTER(ctypes.c_float))
-    kernel = _kernel(q, interleave)
+    _run(p, q, interleave)
+
+
+def _run(p: RopeParams, like: torch.Tensor, interleave: bool) -> None:
+    """Launch the kernel of `like`'s head_dim and dtype on its device's current stream."""
+    kernel = _kernel(like, interleave)
     fn = kernel.function("apply", [ctypes.POINTER(RopeParams), ctypes.c_void_p])
-    with device_guard(q.device):
-        code = fn(ctypes.byref(p), stream_of(q.device))
+    with device_guard(like.device):
+        code = fn(ctypes.byref(p), stream_of(like.device))
     kernel.check(code, "apply_rope")
+
+
+def gather_paged_rows(cache: torch.Tensor, out: torch.Tensor, pages: torch.Tensor, pos_ids: torch.Tensor,
+                      freqs: Optional[torch.Tensor]) -> None:
+    """out[t] = row pos_ids[t] % page_size of page pages[t] of `cache` (one NHD half of a paged cache,
+    [num_pages, page_size, heads, head_dim], any page stride), rotated (non-interleaved, all dims) at
+    pos_ids[t] with the fused kernels' table `freqs`, or copied when freqs is None: the sm90 paged plans'
+    gather into ragged copies (batch_attention). out [rows, heads, head_dim]; pages, pos_ids int32 [rows] on
+    out's device. No checks: the plan made every tensor."""
+    p = RopeParams()
+    p.q = p.k = cache.data_ptr()
+    p.q_out = p.k_out = out.data_ptr()
+    p.pos_ids = ctypes.cast(pos_ids.data_ptr(), ctypes.POINTER(ctypes.c_int32))
+    p.k_stride_n, p.k_stride_h = cache.stride(1), cache.stride(2)
+    p.ko_stride_n, p.ko_stride_h = out.stride(0), out.stride(1)
+    p.nnz, p.num_q_heads, p.num_k_heads = out.shape[0], 0, out.shape[1]
+    p.rotary_dim = out.shape[-1] if freqs is not None else 0
+    p.rcp_scale = p.rcp_theta = 1.0
+    if freqs is not None:
+        p.freqs = ctypes.cast(freqs.data_ptr(), ctypes.POINTER(ctypes.c_float))
+    p.src_pages = ctypes.cast(pages.data_ptr(), ctypes.POINTER(ctypes.c_int32))
+    p.src_stride_page, p.src_page_size = cache.stride(0), cache.shape[1]
+    _run(p, out, False)
 
 
 def rotate_keys(k: torch.Tensor, k_out: torch.Tensor, pos_ids: torch.Tensor, freqs: torch.Tensor) -> None:

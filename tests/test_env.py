@@ -100,3 +100,16 @@ def test_rope_prerotate_keys_is_on_unless_turned_off(monkeypatch) -> None:
     monkeypatch.setenv("FLASHINFER_JIT_ROPE_PREROTATE_K", "maybe")
     with pytest.raises(ValueError, match="FLASHINFER_JIT_ROPE_PREROTATE_K='maybe'"):
         env.rope_prerotate_keys()
+
+
+def test_paged_via_ragged_is_off_unless_turned_on(monkeypatch) -> None:
+    """sm90 paged plans keep the paged kernel unless FLASHINFER_JIT_PAGED_VIA_RAGGED=1 (experimental)."""
+    from flashinfer_jit import env
+    monkeypatch.delenv("FLASHINFER_JIT_PAGED_VIA_RAGGED", raising=False)
+    assert not env.paged_via_ragged()
+    monkeypatch.setenv("FLASHINFER_JIT_PAGED_VIA_RAGGED", "1")
+    assert env.paged_via_ragged()
+    monkeypatch.setenv("FLASHINFER_JIT_PAGED_VIA_RAGGED", "sometimes")
+    with pytest.raises(ValueError, match="FLASHINFER_JIT_PAGED_VIA_RAGGED='sometimes'"):
+        env.paged_via_ragged()
+

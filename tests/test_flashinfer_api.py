@@ -1086,6 +1086,23 @@ def test_fp8_kv_data_type_chooses_the_fp8_kernel(which: str, kv_dtype, no_kernel
     assert kernels.sm90_obstacle(torch.device("cpu"), "paged", fp8_kv=True).startswith("it has no fp8 KV cache")
 
 
+def test_paged_rows_of_a_paged_batch() -> None:
+    """The rows FLASHINFER_JIT_PAGED_VIA_RAGGED's gather copies: each K/V row's page and index in its request,
+    the same as the reference's (page, slot) walk of the page table, shuffled pages and empty requests
+    included."""
+    import reference as ref
+    from flashinfer_jit.batch_attention import paged_rows
+    kv_lens = [17, 0, 1, 48, 5]
+    table = ref.make_page_table(kv_lens, 16, extra_pages=3, shuffle=True, seed=4)
+    kv_indptr = torch.tensor([0, *torch.tensor(kv_lens).cumsum(0).tolist()], dtype=torch.int32)
+    pages, positions = paged_rows(kv_indptr, table.indptr, table.indices, 16)
+    want_pages, want_slots = ref.token_page_slots(table.indptr, table.indices, kv_lens, 16)
+    assert pages.dtype == positions.dtype == torch.int32
+    assert pages.tolist() == want_pages.tolist()
+    assert (positions % 16).tolist() == want_slots.tolist()
+    assert positions.tolist() == [j for n in kv_lens for j in range(n)]
+
+
 def test_kv_positions_of_a_ragged_batch() -> None:
     """The K rows' RoPE positions the sm90 launcher rotates with (FLASHINFER_JIT_ROPE_PREROTATE_K): each row's
     index in its request, empty requests included, rows before kv_indptr[0] not covered."""

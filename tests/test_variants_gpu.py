@@ -413,6 +413,38 @@ def test_fused_rope_paged_and_with_other_variants(layout: str, page_size: int, b
                             f"causal={causal} window={window_left} cap={cap}", lse, ref_lse)
 
 
+@pytest.mark.parametrize("cache_form", ["5d", "tuple"])
+def test_paged_via_ragged_matches_reference(cache_form: str, monkeypatch) -> None:
+    """FLASHINFER_JIT_PAGED_VIA_RAGGED=1 (experimental): sm90 paged NHD plans copy the batch's K (rotated under
+    fused RoPE) and V rows out of the shuffled pages each run and run the ragged kernel: plain, fused RoPE,
+    RoPE with a window + soft-cap, GQA 1 / 4 / 8; two runs on one plan; the cache never written."""
+    _skip_unless_hopper("sm90")
+    monkeypatch.setenv("FLASHINFER_JIT_PAGED_VIA_RAGGED", "1")
+    for causal, group, rope, window_left, cap in ((True, 4, False, -1, 0.0), (True, 4, True, -1, 0.0),
+                                                  (False, 8, True, -1, 0.0), (True, 1, True, 50, 30.0)):
+        b = ref.make_paged_batch([a for a, _ in ROPE_LENS], [k for _, k in ROPE_LENS], NUM_KV_HEADS * group,
+                                 NUM_KV_HEADS, 128, torch.bfloat16, DEVICE, "NHD", 16, seed=group + 3 * rope)
+        cache = b.cache if cache_form == "5d" else (b.cache[:, 0], b.cache[:, 1])
+        w = flashinfer_jit.BatchPrefillWithPagedKVCacheWrapper(
+            torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=DEVICE), kv_layout="NHD", backend="sm90")
+        t = b.table
+        w.plan(b.qo_indptr, t.indptr, t.indices, t.last_page_len, b.num_qo_heads, b.num_kv_heads, 128, 16,
+               causal=causal, pos_encoding_mode="ROPE_LLAMA" if rope else "NONE", window_left=window_left,
+               logits_soft_cap=cap, q_data_type=torch.bfloat16)
+        assert w.backend == "sm90" and w._state.gather is not None
+        before = b.cache.clone()
+        k, v = b.gathered()
+        q_ref, k_ref = _rotated(b.q, k, b.qo_indptr, b.kv_indptr, 1e4, 1.0) if rope else (b.q, k)
+        ref_out, ref_lse = ref.ragged_attention_ref(q_ref, k_ref, v, b.qo_indptr, b.kv_indptr, causal,
+                                                    window_left=window_left, logits_soft_cap=cap)
+        for attempt in range(2):
+            out, lse = _poisoned(b.total_q, b.num_qo_heads, 128, torch.bfloat16)
+            w.run(b.q, cache, out=out, lse=lse, return_lse=True)
+            ref.check_attention(out, ref_out, torch.bfloat16, f"paged via ragged ({cache_form}) g{group} rope={rope} "
+                                f"causal={causal} window={window_left} cap={cap}, run {attempt}", lse, ref_lse)
+        assert torch.equal(b.cache.view(torch.int16), before.view(torch.int16)), "the cache must not be written"
+
+
 def test_fused_rope_decode_and_single_calls() -> None:
     """Decode (a query at position kv_len - 1), single_prefill_with_kv_cache and single_decode_with_kv_cache."""
     kv_lens = [1, 17, 300, 1000, 64, 2049, 20000]

@@ -1,5 +1,6 @@
 // Rotary position embedding (RoPE) with FlashInfer's semantics, for the standalone ops (rope.py:
-// apply_rope*, apply_rope_pos_ids*) and the sm90 fused-RoPE plans' pass over K. Dims [0, rotary_dim) of
+// apply_rope*, apply_rope_pos_ids*), the sm90 fused-RoPE plans' pass over K, and gathers of paged K / V
+// rows into ragged copies (rotary_dim 0: a copy; src_pages). Dims [0, rotary_dim) of
 // every head rotate by angle pos * freq(i), freq(i) = rcp_scale * rcp_theta^(2i / rotary_dim) for pair i;
 // non-interleaved pairs are (i, i + rotary_dim / 2) (rotate-half, Llama), interleaved ones (2i, 2i + 1)
 // (GPT-J). The math is float32; dims past rotary_dim are copied (out-of-place) or left (in place).
@@ -28,6 +29,11 @@ struct RopeParams {
   int32_t num_q_heads, num_k_heads, rotary_dim;
   float rcp_scale, rcp_theta;
   const float* freqs;  // or nullptr: rotary_dim / 2 frequencies (the fused kernels' float64-exact table)
+  // Paged input (gathers, num_q_heads == 0): k row `token` is slot pos_ids[token] % src_page_size of page
+  // src_pages[token] (k_stride_n / k_stride_h within the page, src_stride_page between pages); else nullptr.
+  const int32_t* src_pages;
+  int64_t src_stride_page;
+  int32_t src_page_size;
 };
 
 constexpr int kRopeThreads = 128;
@@ -51,8 +57,14 @@ template <typename T>
 __device__ __forceinline__ void rope_rows(const RopeParams& p, int64_t token, int h, const T** in, T** out) {
   const bool is_q = h < p.num_q_heads;
   const int hh = is_q ? h : h - p.num_q_heads;
-  *in = static_cast<const T*>(is_q ? p.q : p.k) + token * (is_q ? p.q_stride_n : p.k_stride_n) +
-        hh * (is_q ? p.q_stride_h : p.k_stride_h);
+  if (!is_q && p.src_pages != nullptr) {
+    const int32_t slot = __ldg(p.pos_ids + token) % p.src_page_size;
+    *in = static_cast<const T*>(p.k) + __ldg(p.src_pages + token) * p.src_stride_page + slot * p.k_stride_n +
+          hh * p.k_stride_h;
+  } else {
+    *in = static_cast<const T*>(is_q ? p.q : p.k) + token * (is_q ? p.q_stride_n : p.k_stride_n) +
+          hh * (is_q ? p.q_stride_h : p.k_stride_h);
+  }
   *out = static_cast<T*>(is_q ? p.q_out : p.k_out) + token * (is_q ? p.qo_stride_n : p.ko_stride_n) +
          hh * (is_q ? p.qo_stride_h : p.ko_stride_h);
 }
@@ -164,6 +176,7 @@ inline bool rope_vec_ok(const RopeParams& p) {
   constexpr int64_t kElems = 16 / int64_t(sizeof(T));
   auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
   const bool strides = p.k_stride_n % kElems == 0 && p.k_stride_h % kElems == 0 && p.ko_stride_n % kElems == 0 &&
+                       p.src_stride_page % kElems == 0 &&
                        p.ko_stride_h % kElems == 0 &&
                        (p.num_q_heads == 0 || (p.q_stride_n % kElems == 0 && p.q_stride_h % kElems == 0 &&
                                                p.qo_stride_n % kElems == 0 && p.qo_stride_h % kElems == 0));
