@@ -17,6 +17,9 @@ OUT=${OUT:?set OUT to the output folder}
 PY=${PYTHON:-python3}
 WORKLOADS=${WORKLOADS:-chat16_causal_hd128,chat16_full_hd128,chat16_causal_hd128_rope}
 mkdir -p "$OUT"
+# The gathers run on the standalone RoPE kernel: its 16-byte form unless FLAGS says otherwise (the flags
+# are part of every kernel's cache key, so both settings run the same binaries).
+export FLASHINFER_JIT_EXTRA_CUDAFLAGS=${FLAGS--DFIJ_ROPE_VEC=1}
 export FIJ_CACHE_DIR=${FIJ_CACHE_DIR:-$PWD/cache/paged-ab}
 OUT=$OUT/build BUDGET_S=${BUILD_S:-150} bash benchmarks/run_device.sh build > "$OUT/build.log" 2>&1
 export FLASHINFER_JIT_CACHE_DIR=$FIJ_CACHE_DIR

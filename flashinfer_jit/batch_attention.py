@@ -436,18 +436,20 @@ class _BatchAttention:
         """The plan's PagedGather: the rows' pages and positions on the device, the copy buffers (kept by
         the wrapper across plans, grown as needed)."""
         src_pages, positions = paged_rows(kv_indptr, pages[0], pages[1], pages[2])
-        total = positions.numel()
-        shape = (total, num_kv_heads, head_dim)
-        buffers = []
-        for name in ("_k_rotated", "_v_gathered"):
-            buffer = getattr(self, name)
-            if buffer is None or buffer.dtype != dtype or buffer.shape[1:] != shape[1:] or buffer.shape[0] < total:
-                buffer = torch.empty(shape, dtype=dtype, device=self._device)
-                setattr(self, name, buffer)
-            buffers.append(buffer[:total])
+        shape = (positions.numel(), num_kv_heads, head_dim)
         freqs = options.rope_frequencies(head_dim, variant, self._device) if variant.rope else None
         return PagedGather(pages=src_pages.to(self._device), positions=positions.to(self._device),
-                           k_out=buffers[0], v_out=buffers[1], freqs=freqs)
+                           k_out=self._kept_buffer("_k_rotated", shape, dtype),
+                           v_out=self._kept_buffer("_v_gathered", shape, dtype), freqs=freqs)
+
+    def _kept_buffer(self, attr: str, shape: tuple[int, int, int], dtype: torch.dtype) -> torch.Tensor:
+        """The first shape[0] rows of the wrapper's buffer `attr` (kept across plans; reallocated when too
+        small or of another dtype or row shape)."""
+        buffer = getattr(self, attr)
+        if buffer is None or buffer.dtype != dtype or buffer.shape[1:] != shape[1:] or buffer.shape[0] < shape[0]:
+            buffer = torch.empty(shape, dtype=dtype, device=self._device)
+            setattr(self, attr, buffer)
+        return buffer[:shape[0]]
 
     def _plan(self, layout: str, qo_host: torch.Tensor, kv_lens_indptr: torch.Tensor,
               num_qo_heads: int, num_kv_heads: int, head_dim: int, causal: bool, sm_scale: Optional[float],
@@ -627,17 +629,15 @@ class _BatchAttention:
         a copy (K stays unrotated in the caller's tensor; the wrapper keeps the buffer, K's size, across
         plans), so the kernel skips its per-q-tile key walk: measured on an H100, chat16 causal hd128, 0.90
         of the plain kernel's TFLOP/s instead of 0.61 (benchmarks/NOTES.md). Paged plans keep the walk
-        (a page may hold keys of several requests at different positions)."""
+        (a page may hold keys of several requests at different positions), unless they run as ragged
+        (FLASHINFER_JIT_PAGED_VIA_RAGGED: PagedGather rotates while it copies)."""
         if not (env.rope_prerotate_keys() and variant.rope and layout == "ragged" and spec.backend == "sm90"
                 and self._kv_layout == "NHD" and kv_dtype not in options.FP8_KV_DTYPES and not self._use_cuda_graph):
             return None
         begin, total = int(kv_indptr[0]), int(kv_indptr[-1])
         positions = kv_positions(kv_indptr)
-        shape = (total, num_kv_heads, head_dim)
-        buffer = self._k_rotated
-        if buffer is None or buffer.dtype != dtype or buffer.shape[1:] != shape[1:] or buffer.shape[0] < total:
-            buffer = self._k_rotated = torch.empty(shape, dtype=dtype, device=self._device)
-        return dict(k_rotated=buffer[:total], k_positions=positions.to(self._device),
+        return dict(k_rotated=self._kept_buffer("_k_rotated", (total, num_kv_heads, head_dim), dtype),
+                    k_positions=positions.to(self._device),
                     rope_freqs=options.rope_frequencies(head_dim, variant, self._device), kv_begin=begin)
 
     def _kv_scales(self, where: str, s: _PlanState, k_scale: Any, v_scale: Any) -> None:
