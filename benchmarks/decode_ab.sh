@@ -43,4 +43,8 @@ PYEOF
   echo "$t: fp8 / RoPE decode tests: $(tail -1 "$OUT/$t-tests.log")"
   timeout "${BENCH_S:-120}" "$PY" benchmarks/bench_decode.py --quick --impls flashinfer_jit --workloads "$WORKLOADS" \
     --out "$OUT/$t" 2>&1 | grep -E "^== |^  flashinfer_jit |^fp8 |^variant " | sed "s/^/$t: /" | cut -c1-120
+  # the planner's split target at two CTAs an SM (fp8 tiles: half the bytes in flight per CTA)
+  FLASHINFER_JIT_SPLIT_CTAS_PER_SM=2 timeout "${BENCH_S:-120}" "$PY" benchmarks/bench_decode.py --quick \
+    --impls flashinfer_jit --workloads "${SPLIT_WORKLOADS:-b1_kv32768,b16_kv4096,b1_kv32768_fp8,b16_kv4096_fp8}" \
+    --out "$OUT/$t-split2" 2>&1 | grep -E "^== |^  flashinfer_jit " | sed "s/^/$t split2: /" | cut -c1-120
 done

@@ -522,8 +522,9 @@ class _BatchAttention:
         cta_q = workspace.fixed_cta_q
         if cta_q is None:
             cta_q = _choose_cta_q(kernel.spec.cta_q_options, total_q * group, batch)
-        # Split KV only as far as one CTA per SM: measured on H100 decode, more and shorter chunks
-        # lose more to merging and per-CTA start-up than they gain in parallelism.
+        # Split KV only as far as one CTA per SM (FLASHINFER_JIT_SPLIT_CTAS_PER_SM: more, under A/B):
+        # measured on H100 bf16 decode, more and shorter chunks lose more to merging and per-CTA
+        # start-up than they gain in parallelism.
         # Host-side checks first (the indptrs, in C: microseconds), then the device: without a GPU
         # the first error still names a bad indptr.
         check_indptrs(kernel.kernel, qo_host, kv_lens_indptr, batch)
@@ -538,13 +539,15 @@ class _BatchAttention:
             split_tiles = 0
         validate.workspace_buffer("float_workspace_buffer", workspace.float_buffer)
         sms, slots_per_gpu = kernel.gpu_slots(self._device, cta_q)
+        # (FLASHINFER_JIT_SPLIT_CTAS_PER_SM, under A/B: fp8 tiles are half the bytes in flight per CTA)
+        target_ctas = min(sms * env.split_ctas_per_sm(), slots_per_gpu)
         config = PlanConfig(batch=batch, group=group, num_kv_heads=num_kv_heads, cta_q=cta_q, kv_tile=kernel.kv_tile,
-                            target_ctas=sms, min_chunk_tiles=MIN_CHUNK_TILES, split_tiles=split_tiles,
+                            target_ctas=target_ctas, min_chunk_tiles=MIN_CHUNK_TILES, split_tiles=split_tiles,
                             window_left=variant.window_left)
         num_pages = _host_int(plan_pages[0], batch) if plan_pages is not None else 0
         max_page_index = pages[3] if pages is not None else -1  # (checked against the cache by run())
         items_cap, merges_cap, pages_cap, limits = workspace.capacities(
-            batch=batch, total_q=total_q, group=group, cta_q=cta_q, num_kv_heads=num_kv_heads, sms=sms,
+            batch=batch, total_q=total_q, group=group, cta_q=cta_q, num_kv_heads=num_kv_heads, sms=target_ctas,
             slots_per_gpu=slots_per_gpu, fixed_split=split_tiles > 0, num_pages=num_pages,
             page_table_len=plan_pages[1].numel() if plan_pages is not None else 0)
 

@@ -14,6 +14,7 @@ No other module touches os.environ (tests/test_env.py checks this).
 | FLASHINFER_JIT_LOCK_TIMEOUT       | seconds to wait for another process's build (default 900)        |
 | FLASHINFER_JIT_ROPE_PREROTATE_K   | 0: sm90 ragged fused-RoPE plans rotate K in the kernel, per q tile (default 1: once per run, into a copy; read by plan()) |
 | FLASHINFER_JIT_PAGED_VIA_RAGGED   | 1: sm90 paged NHD 16-bit plans gather the batch's K (rotated, with fused RoPE) and V into ragged copies each run and launch the ragged kernel (default 0, experimental: not yet run on a GPU; read by plan()) |
+| FLASHINFER_JIT_SPLIT_CTAS_PER_SM  | split-KV target: resident CTAs per SM the planner fills (default 1; capped by occupancy; experimental, read by plan()) |
 | FLASHINFER_JIT_TRUSTED_ROOTS      | shared team caches: skip the owner/mode checks, root may be a symlink |
 | MAX_JOBS                          | parallel compile jobs (--jobs wins; default: cores; capped by free memory) |
 | CUDA_HOME, else CUDA_PATH         | the CUDA toolkit root, when FLASHINFER_JIT_NVCC is unset         |
@@ -102,6 +103,17 @@ def rope_prerotate_keys() -> bool:
 
 def paged_via_ragged() -> bool:
     return _flag("FLASHINFER_JIT_PAGED_VIA_RAGGED")
+
+
+def split_ctas_per_sm() -> int:
+    raw = _get("FLASHINFER_JIT_SPLIT_CTAS_PER_SM") or "1"
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"FLASHINFER_JIT_SPLIT_CTAS_PER_SM={raw!r}: expected a positive integer")
+    return value
 
 
 def max_jobs() -> int | None:

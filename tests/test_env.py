@@ -113,3 +113,15 @@ def test_paged_via_ragged_is_off_unless_turned_on(monkeypatch) -> None:
     with pytest.raises(ValueError, match="FLASHINFER_JIT_PAGED_VIA_RAGGED='sometimes'"):
         env.paged_via_ragged()
 
+
+
+def test_split_ctas_per_sm_is_one_unless_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The planner's split target: one CTA per SM unless FLASHINFER_JIT_SPLIT_CTAS_PER_SM names more."""
+    monkeypatch.delenv("FLASHINFER_JIT_SPLIT_CTAS_PER_SM", raising=False)
+    assert env.split_ctas_per_sm() == 1
+    monkeypatch.setenv("FLASHINFER_JIT_SPLIT_CTAS_PER_SM", "2")
+    assert env.split_ctas_per_sm() == 2
+    for bad in ("0", "-1", "two"):
+        monkeypatch.setenv("FLASHINFER_JIT_SPLIT_CTAS_PER_SM", bad)
+        with pytest.raises(ValueError, match=f"FLASHINFER_JIT_SPLIT_CTAS_PER_SM='{bad}'"):
+            env.split_ctas_per_sm()
