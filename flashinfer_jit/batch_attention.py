@@ -539,7 +539,6 @@ class _BatchAttention:
             split_tiles = 0
         validate.workspace_buffer("float_workspace_buffer", workspace.float_buffer)
         sms, slots_per_gpu = kernel.gpu_slots(self._device, cta_q)
-        # (FLASHINFER_JIT_SPLIT_CTAS_PER_SM, under A/B: fp8 tiles are half the bytes in flight per CTA)
         target_ctas = min(sms * env.split_ctas_per_sm(), slots_per_gpu)
         config = PlanConfig(batch=batch, group=group, num_kv_heads=num_kv_heads, cta_q=cta_q, kv_tile=kernel.kv_tile,
                             target_ctas=target_ctas, min_chunk_tiles=MIN_CHUNK_TILES, split_tiles=split_tiles,

@@ -114,7 +114,6 @@ def test_paged_via_ragged_is_off_unless_turned_on(monkeypatch) -> None:
         env.paged_via_ragged()
 
 
-
 def test_split_ctas_per_sm_is_one_unless_set(monkeypatch: pytest.MonkeyPatch) -> None:
     """The planner's split target: one CTA per SM unless FLASHINFER_JIT_SPLIT_CTAS_PER_SM names more."""
     monkeypatch.delenv("FLASHINFER_JIT_SPLIT_CTAS_PER_SM", raising=False)
