@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import requires_nvcc
 from flashinfer_jit import codegen, loader, wgmma_gen
 from flashinfer_jit.spec import PrefillSpec
 
@@ -232,3 +233,36 @@ def test_decode_warp_local_builds(spec: PrefillSpec, monkeypatch, no_gpu) -> Non
     assert "HMMA.16816" in sass and (".E4M3" in sass or ".E5M2" in sass) == bool(spec.kv_dtype)
     assert ("MUFU.SIN" in sass) == spec.rope
     assert not spills(sass), spills(sass)[:5]
+
+
+def count(sass: str, opcode: str) -> int:
+    """SASS instructions whose opcode starts with `opcode` (MUFU.EX2, FADD.FTZ.RM, ...)."""
+    return len(re.findall(rf"\s{re.escape(opcode)}[\s.]", sass))
+
+
+@requires_nvcc
+@pytest.mark.slow
+@pytest.mark.parametrize("eighths", [2, 4])
+def test_poly_exp2_moves_softmax_exp2s_off_the_mufu(eighths: int, monkeypatch, no_gpu) -> None:
+    """-DFIJ_POLY_EXP2=N (off until measured: benchmarks/softcap_ab.sh): N eighths of the softmax's element
+    exp2s become exp2_poly (softmax.cuh; its rounding add is an FADD.FTZ.RM) in the sm90 soft-cap kernel,
+    MUFU.EX2s drop by that share of the 2 x 64 element exp2s a consumer thread's two softmax blocks (tile 0,
+    the loop) hold, the cap's MUFU.TANHs stay; its own cache key, HGMMA, no spills, pipelined wgmma. The
+    fa2 kernel (same OnlineSoftmax) is untouched by the flag."""
+    monkeypatch.setenv("FLASHINFER_JIT_ARCH", "90a")
+    spec = PrefillSpec("ragged", 128, "bf16", True, backend="sm90", soft_cap=True)
+    plain_key = loader.compute_key(spec).key
+    default = built_sass(spec)
+    monkeypatch.setenv("FLASHINFER_JIT_EXTRA_CUDAFLAGS", f"-DFIJ_POLY_EXP2={eighths}")
+    assert loader.compute_key(spec).key != plain_key
+    loader.clear_memo()  # (a process loads a spec once; the flags are read at load)
+    poly = built_sass(spec)
+    moved = 2 * 64 * eighths // 8
+    assert count(default, "FADD.FTZ.RM") == 0 and count(poly, "FADD.FTZ.RM") == moved
+    assert count(poly, "MUFU.EX2") == count(default, "MUFU.EX2") - moved
+    assert count(poly, "MUFU.TANH") == count(default, "MUFU.TANH") > 0
+    assert re.search(r"HGMMA\.64x128x16\.F32\.BF16", poly), "no HGMMA"
+    assert not spills(poly), f"local-memory spills: {spills(poly)[:5]}"
+    assert not serialized_wgmma(poly), "ptxas serialized the wgmma pipeline"
+    fa2 = built_sass(PrefillSpec("ragged", 128, "bf16", True, backend="fa2", soft_cap=True))
+    assert count(fa2, "FADD.FTZ.RM") == 0 and count(fa2, "MUFU.EX2") > 0, "the flag reached the fa2 kernel"

@@ -74,6 +74,7 @@ struct Shape {
   static constexpr bool kItemPrefetch = FIJ_SM90_ITEM_PREFETCH != 0;
   static_assert(!(kStoreWarps && kTailWarp) || kConsumers <= 2, "store warps 1..kConsumers and tail warp 3 overlap");
   static constexpr bool kLazyRescale = HEAD_DIM >= 128;
+  static constexpr int kPolyExp2 = FIJ_POLY_EXP2;  // eighths of the softmax's exp2s taken off the MUFU
   static_assert(HEAD_DIM % 64 == 0 && KV_TILE % 16 == 0 && KV_TILE <= 256, "unsupported sm90 tile shape");
 };
 
@@ -498,7 +499,7 @@ struct Consumer {
   static constexpr int kQueryBarrier = 6;  // + consumer: its warpgroup's transformed Q rows (transform_sm90.cuh)
   // Q rotated by the consumers (else by the producer's transform warps, before q_full)
   static constexpr bool kTransformsQ = Variant::kTransformsQuery && !FIJ_SM90_ROPE_Q_PRODUCER;
-  using Softmax = OnlineSoftmax<T, 1, S::kNtS, S::kNtO, S::kLazyRescale>;
+  using Softmax = OnlineSoftmax<T, 1, S::kNtS, S::kNtO, S::kLazyRescale, S::kPolyExp2>;
   using MmaS = Wgmma<KV_TILE, T>;
   using MmaO = Wgmma<HEAD_DIM, T>;
 

@@ -9,13 +9,41 @@
 // exponentiated. For plain attention x is the raw logit and scale = sm_scale * log2(e) (one FFMA per
 // element); a variant that transforms logits (soft-cap, ALiBi, ...) passes transformed scores and
 // scale = log2(e) (variant.cuh), so its maximum is over the transformed scores, not the raw ones.
+//
+// POLY_EIGHTHS (0..8; the sm90 kernel's FIJ_POLY_EXP2, switches_sm90.h): element e of n8 tile nt of a
+// row takes its exp2 from exp2_poly when (2 * nt + e) % 8 < POLY_EIGHTHS, so that share of the exp2s
+// runs on the FMA / integer pipes, spread evenly over the tile, and the rest on the MUFU. 0 (every
+// exp2 on the MUFU) is the sm80 kernels' and the default.
 #pragma once
 #include "flashinfer_jit/common.cuh"
 
 namespace fij {
 
-template <typename T, int MQ, int NT_S, int NT_O, bool LAZY_RESCALE>
+// 2^x for the softmax's x <= 0 without the MUFU. A soft-capped score costs two MUFU ops (tanh, ex2) and
+// the MUFU (16 ops / clock / SM) is then the kernel's bottleneck while the FMA pipe (128) has room
+// (issue #12): 2^x = 2^floor(x) * p(x - floor(x)), p ~ 2^f on [0, 1) a degree-3 polynomial (minimax
+// relative error with p(0) = 1: at most 8.6e-5 evaluated in fp32, below the 16-bit rounding of P;
+// tests/test_exp2_poly.py reads the coefficients from here and checks them), floor(x) added to p's
+// exponent bits. x <= -127, -inf (masked scores) included, gives exactly 0; (-127, -126) a value below
+// 2^-126 (ex2.approx.ftz: 0); a NaN gives 0, not NaN.
+__device__ __forceinline__ float exp2_poly(float x) {
+  constexpr float kC1 = 0.695116758f, kC2 = 0.227644995f, kC3 = 0.0770670399f;
+  constexpr float kRound = 12582912.f;  // 1.5 * 2^23: kRound + n holds the integer n in its low mantissa bits
+  x = fmaxf(x, -127.f);
+  const float shifted = __fadd_rd(x, kRound);  // kRound + floor(x), exactly (rounded down to an integer)
+  const float f = x - (shifted - kRound);      // x - floor(x) in [0, 1), exactly
+  const float p = fmaf(fmaf(fmaf(kC3, f, kC2), f, kC1), f, 1.f);  // in [1, 2); 1 exactly at f = 0
+  // shifted's 9 low bits are floor(x) in two's complement (the others shift out): add it to p's exponent
+  // (x = -127: the 127 of p's biased exponent is cancelled, p = 1 leaves all bits 0)
+  return __int_as_float(__float_as_int(p) + (__float_as_int(shifted) << 23));
+}
+
+template <typename T, int MQ, int NT_S, int NT_O, bool LAZY_RESCALE, int POLY_EIGHTHS = 0>
 struct OnlineSoftmax {
+  static_assert(POLY_EIGHTHS >= 0 && POLY_EIGHTHS <= 8, "the polynomial exp2's share is in eighths: 0..8");
+  // Whether element e of n8 tile nt takes exp2_poly (see the file comment); constant once unrolled.
+  __device__ __forceinline__ static constexpr bool poly_exp2(int nt, int e) { return (2 * nt + e) % 8 < POLY_EIGHTHS; }
+
   float row_max[MQ][2];  // running maximum of the softmax inputs (not multiplied by scale)
   float row_sum[MQ][2];  // this thread's part of the row sum (quad-reduced by total_sum)
 
@@ -29,8 +57,8 @@ struct OnlineSoftmax {
 
   // One KV tile, in two steps, so that a caller can overlap them with asynchronous MMAs (sm90):
   // exponentiate turns the scores s into P (fp32, in place), updates the running maxima and sums and
-  // returns each row's correction factor; rescale applies the corrections to O. A row that has seen
-  // no key keeps max -inf; exp2 of -inf is 0.
+  // returns each row's correction factor (always a MUFU exp2); rescale applies the corrections to O. A
+  // row that has seen no key keeps max -inf; exp2 of -inf is 0 (exp2_poly's too).
   __device__ __forceinline__ void exponentiate(float (&s)[MQ][NT_S][4], float scale, float (&correction)[MQ][2]) {
 #pragma unroll
     for (int mi = 0; mi < MQ; ++mi)
@@ -49,7 +77,8 @@ struct OnlineSoftmax {
         for (int nt = 0; nt < NT_S; ++nt)
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            const float x = exp2f(fmaf(s[mi][nt][2 * h + e], scale, -base));
+            const float arg = fmaf(s[mi][nt][2 * h + e], scale, -base);
+            const float x = poly_exp2(nt, e) ? exp2_poly(arg) : exp2f(arg);
             s[mi][nt][2 * h + e] = x;
             sum += x;
           }

@@ -102,6 +102,17 @@
 #define FIJ_SM90_HD64_STAGES 3
 #endif
 
+// Switch (off until measured; -DFIJ_POLY_EXP2=N, N = 1..8): N eighths of the softmax's element exp2s
+// (element e of n8 score tile nt where (2 * nt + e) % 8 < N) come from a polynomial on the FMA and
+// integer pipes (softmax.cuh, exp2_poly) instead of the MUFU; the correction factors stay on the MUFU.
+// A soft-capped score costs a MUFU.TANH and a MUFU.EX2, and the soft-cap kernel ran at 0.861 of the
+// plain causal kernel's TFLOP/s on the H100 (issue #12), MUFU-bound (packed tanh is two MUFU ops on
+// sm_90a: no relief). Every sm90 variant takes it; the sm80 kernels never do. benchmarks/softcap_ab.sh
+// A/Bs it (plain and soft-cap rows).
+#ifndef FIJ_POLY_EXP2
+#define FIJ_POLY_EXP2 0
+#endif
+
 // ---- fused RoPE (transform_sm90.cuh): under A/B -------------------------------------------------
 
 // Switch (off; -DFIJ_SM90_ROPE_Q_PRODUCER=1): the key transform warps of the producer warpgroup rotate
