@@ -266,3 +266,20 @@ def test_poly_exp2_moves_softmax_exp2s_off_the_mufu(eighths: int, monkeypatch, n
     assert not serialized_wgmma(poly), "ptxas serialized the wgmma pipeline"
     fa2 = built_sass(PrefillSpec("ragged", 128, "bf16", True, backend="fa2", soft_cap=True))
     assert count(fa2, "FADD.FTZ.RM") == 0 and count(fa2, "MUFU.EX2") > 0, "the flag reached the fa2 kernel"
+
+
+@requires_nvcc
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["sm90", "fa2"])
+def test_alibi_bias_costs_two_ffmas_an_element(backend: str, monkeypatch, no_gpu) -> None:
+    """ALiBi's bias slope * (key - pos) takes the per-row form (AlibiAttention::logits_row, kRowLogits):
+    one int -> float conversion and one multiply per fragment row and KV tile, then two FFMAs per
+    element. The element-wise form cost an add, a sub, an I2FP, an FMUL and an FFMA per element (SASS,
+    hd128: 128 I2FP in the sm90 kernel, 104 in the fa2 one), beside the softmax's own few per element."""
+    monkeypatch.setenv("FLASHINFER_JIT_ARCH", "90a")
+    plain = built_sass(PrefillSpec("ragged", 128, "bf16", True, backend=backend))
+    alibi = built_sass(PrefillSpec("ragged", 128, "bf16", True, backend=backend, alibi=True))
+    conversions = count(alibi, "I2FP") + count(alibi, "I2F") - count(plain, "I2FP") - count(plain, "I2F")
+    assert conversions <= 16, f"{conversions} more int -> float conversions than the plain kernel: per element again?"
+    assert count(alibi, "FMUL") <= count(plain, "FMUL") + 16, "a multiply per element is back in the ALiBi bias"
+    assert count(alibi, "FFMA") > count(plain, "FFMA"), "the bias's FFMAs are missing"

@@ -19,13 +19,23 @@ __device__ __forceinline__ void score_and_mask_fragments(const Variant& variant,
 #pragma unroll
     for (int mi = 0; mi < MQ; ++mi)
 #pragma unroll
-      for (int h = 0; h < 2; ++h)
+      for (int h = 0; h < 2; ++h) {
+        if constexpr (HasRowLogits<Variant>::value) {  // the per-row form: row terms once, then a constant offset
+          const auto row = variant.logits_row(rows[mi][h].token, key0, rows[mi][h].head, w);
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
+          for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-          for (int e = 0; e < 2; ++e)
-            s[mi][nt][2 * h + e] =
-                variant.transform_logits(s[mi][nt][2 * h + e], rows[mi][h].token, key0 + nt * 8 + e, rows[mi][h].head, w);
+            for (int e = 0; e < 2; ++e)
+              s[mi][nt][2 * h + e] = variant.transform_row_logits(s[mi][nt][2 * h + e], row, nt * 8 + e);
+        } else {
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int e = 0; e < 2; ++e)
+              s[mi][nt][2 * h + e] = variant.transform_logits(s[mi][nt][2 * h + e], rows[mi][h].token,
+                                                              key0 + nt * 8 + e, rows[mi][h].head, w);
+        }
+      }
   }
   const bool edge = pos0 + KV_TILE > w.unmasked.end || (Variant::kBoundedBelow && pos0 < w.unmasked.begin);
   if (edge || Variant::kMasksLogits) {

@@ -12,7 +12,9 @@
 //     transform_logits, softmax_scale_log2): with no transform the positive sm_scale * log2(e) is
 //     folded into exp2 (one FFMA), and the running maximum may be taken over raw logits because the
 //     scale is positive; a non-linear transform (soft-cap, ALiBi, user snippets) is applied first and
-//     the softmax then scales by log2(e) alone, so its maximum is over the transformed scores.
+//     the softmax then scales by log2(e) alone, so its maximum is over the transformed scores. A variant
+//     whose transform splits by row (optional member kRowLogits = true) also gives logits_row and
+//     transform_row_logits: row terms once per row and KV tile, then a compile-time key offset per element.
 //   - mask(q, kv, head, tile): an extra per-element mask (kMasksLogits), on top of kv_range. The hooks
 //     get the work tile (its request, q_len, kv_len) as their last argument.
 //   - query and key transforms (kTransformsQuery, kTransformsKey: RoPE), applied in shared memory to
@@ -36,6 +38,16 @@
 #endif
 
 namespace fij {
+
+// Whether Variant declares kRowLogits = true (optional: a variant without the member has no per-row form).
+template <typename Variant, typename = void>
+struct HasRowLogits {
+  static constexpr bool value = false;
+};
+template <typename Variant>
+struct HasRowLogits<Variant, decltype(void(Variant::kRowLogits))> {
+  static constexpr bool value = Variant::kRowLogits;
+};
 
 // Keys [begin, end) within one request; empty when end <= begin.
 struct KvRange {
@@ -160,6 +172,7 @@ struct SoftCapAttention : StandardAttention<CAUSAL, WINDOW> {
 template <bool CAUSAL, bool WINDOW = false>
 struct AlibiAttention : StandardAttention<CAUSAL, WINDOW> {
   static constexpr bool kTransformsLogits = true;
+  static constexpr bool kRowLogits = true;
 
   const float* slopes_log2;
 
@@ -175,6 +188,21 @@ struct AlibiAttention : StandardAttention<CAUSAL, WINDOW> {
                                                     const Tile& w) const {
     const int32_t pos = token + (w.kv_len - w.q_len);
     return fmaf(qk, this->scale_log2, __ldg(slopes_log2 + head) * float(key - pos));
+  }
+  // The same transform split by row (kRowLogits): logits_row once per fragment row and KV tile (the
+  // thread's first key key0), then transform_row_logits per element at key key0 + dk, dk a compile-time
+  // constant in the unrolled fragment loops. Per element that is two FFMAs, where the form above costs an
+  // add, a sub, an int -> float conversion, an FMUL and an FFMA (SASS, sm_90a hd128: 128 I2FP a tile).
+  struct LogitsRow {
+    float slope, bias0;  // slope(head) * log2(e); the bias at key0
+  };
+  template <typename Tile>
+  __device__ __forceinline__ LogitsRow logits_row(int32_t token, int32_t key0, int32_t head, const Tile& w) const {
+    const float slope = __ldg(slopes_log2 + head);
+    return LogitsRow{slope, slope * float(key0 - (token + (w.kv_len - w.q_len)))};
+  }
+  __device__ __forceinline__ float transform_row_logits(float qk, const LogitsRow& row, int32_t dk) const {
+    return fmaf(qk, this->scale_log2, fmaf(row.slope, float(dk), row.bias0));
   }
 #endif
 };
