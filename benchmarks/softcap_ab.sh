@@ -3,9 +3,10 @@
 # one device call: the soft-cap kernel ran at 0.861 of the plain causal kernel's TFLOP/s on the H100
 # (issue #12, MUFU-bound; target >= 0.95). For each setting (FLASHINFER_JIT_EXTRA_CUDAFLAGS, part of the
 # cache key): prebuild the sm90 kernels the tests and rows load (in parallel), run the soft-cap / window
-# variant GPU tests (ragged hd128 bf16, paged hd128 fp16 page 16) and the ragged suite's hd128 cases on
-# the sm90 kernel, then bench_prefill's chat16_causal_hd128 and chat16_causal_hd128_softcap50 rows (the
-# "variant" line is their ratio), all on one card in one run.
+# variant GPU tests (ragged hd128 bf16, paged hd128 fp16 page 16), the ALiBi ragged hd128 test and the
+# ragged suite's hd128 cases on the sm90 kernel, then bench_prefill's chat16_causal_hd128,
+# chat16_causal_hd128_softcap50 and chat16_causal_hd128_alibi_mode rows (the "variant" lines are their
+# ratios to the plain row; ALiBi was 0.85 on the H100), all on one card in one run.
 #
 #   OUT=dir PYTHONPATH=. bash benchmarks/softcap_ab.sh [SETTING ...]
 #
@@ -35,6 +36,8 @@ from flashinfer_jit.spec import PrefillSpec
 specs = [PrefillSpec("ragged", 128, "bf16", c, backend="sm90", sliding_window=w, soft_cap=s)
          for c in (False, True) for w in (False, True) for s in (False, True)]
 specs += [PrefillSpec("ragged", 128, "fp16", c, backend="sm90") for c in (False, True)]
+# ALiBi (its bias by row since 6448ad8: two FFMAs an element): its hd128 test and bench row
+specs += [PrefillSpec("ragged", 128, "bf16", c, backend="sm90", alibi=True) for c in (False, True)]
 # the paged variant test's fp16 kernels (window, cap, both)
 specs += [PrefillSpec("paged", 128, "fp16", c, backend="sm90", sliding_window=w, soft_cap=s)
           for c in (False, True) for w, s in ((True, False), (False, True), (True, True))]
@@ -42,12 +45,12 @@ report = pb.run(specs, [toolchain.target_archs()], cache.writable_layer())
 print(f"prebuild: {report.count(pb.BUILT)} built, {report.count(pb.FAILED)} failed in {report.seconds:.1f} s")
 PYEOF
   FIJ_TEST_PREFILL_BACKEND=sm90 timeout 100 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_variants_gpu.py \
-    -k "soft_cap or (ragged_variant and hd128) or (paged_variant and 16)" > "$OUT/$t-tests.log" 2>&1
+    -k "soft_cap or (ragged_variant and hd128) or (paged_variant and 16) or (alibi_ragged and 128)" > "$OUT/$t-tests.log" 2>&1
   echo "$t: variant tests: $(tail -1 "$OUT/$t-tests.log")"
   FIJ_TEST_PREFILL_BACKEND=sm90 timeout 100 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_prefill_gpu.py \
     -k "ragged_matches_reference and hd128" > "$OUT/$t-ragged-tests.log" 2>&1
   echo "$t: ragged suite hd128 (sm90): $(tail -1 "$OUT/$t-ragged-tests.log")"
-  timeout 120 "$PY" benchmarks/bench_prefill.py --quick --workloads chat16_causal_hd128,chat16_causal_hd128_softcap50 \
+  timeout 120 "$PY" benchmarks/bench_prefill.py --quick --workloads chat16_causal_hd128,chat16_causal_hd128_softcap50,chat16_causal_hd128_alibi_mode \
     --impls flashinfer_jit --out "$OUT/$t" 2>&1 | grep -E "^== |^  flashinfer_jit|^variant" | cut -c1-110 | sed "s/^/$t: /"
 done
 echo "done in $SECONDS s"
