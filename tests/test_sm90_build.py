@@ -283,3 +283,29 @@ def test_alibi_bias_costs_two_ffmas_an_element(backend: str, monkeypatch, no_gpu
     assert conversions <= 16, f"{conversions} more int -> float conversions than the plain kernel: per element again?"
     assert count(alibi, "FMUL") <= count(plain, "FMUL") + 16, "a multiply per element is back in the ALiBi bias"
     assert count(alibi, "FFMA") > count(plain, "FFMA"), "the bias's FFMAs are missing"
+
+
+@requires_nvcc
+@pytest.mark.slow
+@pytest.mark.parametrize("layout, head_dim, rope", [("paged", 128, False), ("paged", 256, False), ("paged", 64, True)],
+                         ids=["hd128", "hd256", "hd64-rope"])
+def test_sm90_paged_wide_box_builds_one_box_per_page(layout: str, head_dim: int, rope: bool, monkeypatch,
+                                                     no_gpu) -> None:
+    """-DFIJ_SM90_PAGED_WIDE_BOX=1 (off until measured: benchmarks/paged_ab.sh): paged K / V tiles by 8-row
+    group (tile_layout_sm90.cuh), each page's rows with all head dims in one 5-D TMA box (UTMALDG.5D), so
+    no 4-D per-64-dim boxes are left; its own cache key; HGMMA, pipelined wgmma, a loop free of local
+    memory (the key transform warps' walk too, under fused RoPE). The ragged kernel keeps its 3-D boxes."""
+    monkeypatch.setenv("FLASHINFER_JIT_ARCH", "90a")
+    spec = PrefillSpec(layout, head_dim, "bf16", True, backend="sm90", rope=rope)
+    default = built_sass(spec)
+    plain_key = loader.compute_key(spec).key
+    monkeypatch.setenv("FLASHINFER_JIT_EXTRA_CUDAFLAGS", "-DFIJ_SM90_PAGED_WIDE_BOX=1")
+    assert loader.compute_key(spec).key != plain_key
+    loader.clear_memo()
+    wide = built_sass(spec)
+    assert count(default, "UTMALDG.4D") > 0 and count(default, "UTMALDG.5D") == 0
+    assert count(wide, "UTMALDG.5D") > 0 and count(wide, "UTMALDG.4D") == 0, "per-64-dim boxes left"
+    assert "HGMMA" in wide and not serialized_wgmma(wide)
+    assert not spills_between_hgmmas(wide), spills_between_hgmmas(wide)[:5]
+    ragged = built_sass(PrefillSpec("ragged", head_dim, "bf16", True, backend="sm90"))
+    assert count(ragged, "UTMALDG.5D") == 0 and count(ragged, "UTMALDG.3D") > 0

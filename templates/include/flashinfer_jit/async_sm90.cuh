@@ -90,6 +90,16 @@ __device__ __forceinline__ void tma_load_4d(uint32_t dst, const void* tensor_map
       : "memory");
 }
 
+// The 5-D form of tma_load_4d (coordinates c0 innermost .. c4).
+__device__ __forceinline__ void tma_load_5d(uint32_t dst, const void* tensor_map, int c0, int c1, int c2, int c3,
+                                            int c4, uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.5d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5, %6}], "
+      "[%7];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(tensor_map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(c4), "r"(bar)
+      : "memory");
+}
+
 // Shared memory at `src` into the box of a 3-D tensor map at (c0 innermost, c1, c2), as one bulk-async
 // group member (commit with bulk_commit_group). Out-of-bounds elements are not written.
 __device__ __forceinline__ void tma_store_3d(const void* tensor_map, int c0, int c1, int c2, uint32_t src) {

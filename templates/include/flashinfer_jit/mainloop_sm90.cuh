@@ -30,6 +30,7 @@
 #include "flashinfer_jit/score_mask.cuh"
 #include "flashinfer_jit/softmax.cuh"
 #include "flashinfer_jit/switches_sm90.h"
+#include "flashinfer_jit/tile_layout_sm90.cuh"
 #include "flashinfer_jit/tile_scheduler.cuh"
 #include "flashinfer_jit/transform_sm90.cuh"
 #include "flashinfer_jit/variant.cuh"
@@ -152,6 +153,7 @@ struct TensorMaps {
   // Paged: (head dims, slots, heads, pages) for HND caches, else (head dims, heads, slots, pages).
   int32_t k_rows_inner, v_rows_inner;
   int32_t box_rows;  // paged: slots per box (min(page size, KV tile))
+  int32_t head_step;  // paged, FIJ_SM90_PAGED_WIDE_BOX: a KV head's step in its map coordinate (tma_host_sm90.h)
 };
 
 // Where a role is in the barrier sequences, across the work units of a persistent CTA: the producer
@@ -180,7 +182,10 @@ __device__ __forceinline__ int kv_tiles(const WorkTile& w) {
 template <typename T, int HEAD_DIM, int KV_TILE, bool PAGED, bool TRANSFORM_K = false, bool TRANSFORM_Q = false>
 struct Producer {
   using S = Shape<HEAD_DIM, KV_TILE>;
-  using KeyWarps = KeyTransformWarps<T, HEAD_DIM, KV_TILE>;
+  // FIJ_SM90_PAGED_WIDE_BOX: paged K / V tiles by 8-row group, one box per page (tile_layout_sm90.cuh)
+  static constexpr bool kWideBox = PAGED && FIJ_SM90_PAGED_WIDE_BOX != 0;
+  using KvLayout = KvTileLayout<HEAD_DIM, KV_TILE, kWideBox>;
+  using KeyWarps = KeyTransformWarps<T, HEAD_DIM, KV_TILE, KvLayout>;
   static_assert(!TRANSFORM_Q || TRANSFORM_K, "the query transform warps are the key transform warps");
   static constexpr bool kTransformQ = TRANSFORM_Q;
   static constexpr uint32_t kQFullArrivals = TRANSFORM_Q ? KeyWarps::kWarps : 1;
@@ -189,6 +194,7 @@ struct Producer {
   static constexpr uint32_t kFullArrivals = kGather ? 128 : 1;  // per K / V full phase: gatherers or the TMA issuer
   static constexpr uint32_t kKFullArrivals = TRANSFORM_K ? KeyWarps::kWarps : kFullArrivals;
   static_assert(!kGather || (!S::kStoreWarps && !S::kTailWarp), "the gather takes the whole producer warpgroup");
+  static_assert(!kGather || !kWideBox, "the gather writes the by-block layout: no wide boxes with it");
   static_assert(!TRANSFORM_K || (!kGather && !S::kStoreWarps && !S::kTailWarp),
                 "the key transform warps are warps 1..3 of the producer warpgroup: no gather, store or tail warps");
 
@@ -278,17 +284,31 @@ struct Producer {
       if (lane == 0) mbar_arrive_expect_tx(bar, uint32_t(boxes * box_rows) * HEAD_DIM * uint32_t(sizeof(T)));
       __syncwarp();
 #pragma unroll 1
-      for (int i = lane; i < boxes; i += 32) {
-        const PageBox at = locate(p, w, uint32_t(pos0 + i * box_rows));
-        const int page = at.page, slot = at.slot;
+      for (int i = lane; i < boxes; i += 32) issue_page_box(map, rows_inner, dst, bar, hk, i * box_rows,
+                                                             locate(p, w, uint32_t(pos0 + i * box_rows)));
+    }
+  }
+
+  // The boxes of one page's rows [row0, row0 + box rows) of a paged tile: one per 64 head dims into the
+  // by-block layout, or (kWideBox) one with all of them into the by-group layout (map coordinates:
+  // tma_host_sm90.h's encode_page_map / encode_wide_page_map). `hk` is the KV head, times
+  // TensorMaps::head_step with kWideBox (head_coord).
+  __device__ __forceinline__ static void issue_page_box(const CUtensorMap* map, bool rows_inner, uint32_t dst,
+                                                        uint32_t bar, int hk, int row0, const PageBox& at) {
+    if constexpr (kWideBox) {
+      const uint32_t to = dst + KvLayout::row(0, row0);
+      if (rows_inner)  // HND: (64 dims, 8 slots, blocks, heads x 8-slot groups, pages)
+        tma_load_5d(to, map, 0, 0, 0, hk + at.slot / 8, at.page, bar);
+      else  // NHD: (64 dims, 8 slots, heads x 64-dim blocks, 8-slot groups, pages)
+        tma_load_5d(to, map, 0, 0, hk, at.slot / 8, at.page, bar);
+    } else {
 #pragma unroll
-        for (int b = 0; b < S::kBlocks; ++b) {
-          const uint32_t to = dst + b * KV_TILE * 128 + i * box_rows * 128;
-          if (rows_inner)
-            tma_load_4d(to, map, b * 64, slot, hk, page, bar);
-          else
-            tma_load_4d(to, map, b * 64, hk, slot, page, bar);
-        }
+      for (int b = 0; b < S::kBlocks; ++b) {
+        const uint32_t to = dst + KvLayout::row(b, row0);
+        if (rows_inner)
+          tma_load_4d(to, map, b * 64, at.slot, hk, at.page, bar);
+        else
+          tma_load_4d(to, map, b * 64, hk, at.slot, at.page, bar);
       }
     }
   }
@@ -308,16 +328,7 @@ struct Producer {
     const int boxes = (rows + box_rows - 1) / box_rows;
     if (lane == 0) mbar_arrive_expect_tx(bar, uint32_t(boxes * box_rows) * HEAD_DIM * uint32_t(sizeof(T)));
     __syncwarp();
-    if (lane < boxes) {
-#pragma unroll
-      for (int b = 0; b < S::kBlocks; ++b) {
-        const uint32_t to = dst + b * KV_TILE * 128 + lane * box_rows * 128;
-        if (rows_inner)
-          tma_load_4d(to, map, b * 64, box.slot, hk, box.page, bar);
-        else
-          tma_load_4d(to, map, b * 64, hk, box.slot, box.page, bar);
-      }
-    }
+    if (lane < boxes) issue_page_box(map, rows_inner, dst, bar, hk, lane * box_rows, box);
   }
 
   // One work unit, run by one whole warp (kGather: by the whole warpgroup).
@@ -346,11 +357,12 @@ struct Producer {
     if (box_per_lane) box = page_box(p, w, maps.box_rows, w.kv.begin);
     GatherRow rows;  // kGather: the current tile's lookups
     if constexpr (kGather) rows = gather_lookup(p, w, w.kv.begin, threadIdx.x % kThreads);
+    const int head_coord = kWideBox ? hk * maps.head_step : hk;  // (issue_page_box)
     auto load = [&](const CUtensorMap* map, bool rows_inner, uint32_t dst, uint32_t bar, int pos0) {
       if (box_per_lane)
-        load_paged_tile(map, rows_inner, maps.box_rows, dst, bar, w, hk, pos0, box);
+        load_paged_tile(map, rows_inner, maps.box_rows, dst, bar, w, head_coord, pos0, box);
       else
-        load_tile(p, map, rows_inner, maps.box_rows, dst, bar, w, hk, pos0);
+        load_tile(p, map, rows_inner, maps.box_rows, dst, bar, w, head_coord, pos0);
     };
 #pragma unroll 1
     for (int j = 0; j < n; ++j) {
@@ -461,8 +473,7 @@ struct Producer {
 #pragma unroll 1
     for (int i = lane; i < S::kBlocks * rows * 8; i += 32) {
       const int b = i / (rows * 8), r = (i / 8) % rows, chunk = i % 8;
-      *reinterpret_cast<uint4*>(tile + b * KV_TILE * 128 + (KV_TILE - rows + r) * 128 + chunk * 16) =
-          make_uint4(0, 0, 0, 0);
+      *reinterpret_cast<uint4*>(tile + KvLayout::row(b, KV_TILE - rows + r) + chunk * 16) = make_uint4(0, 0, 0, 0);
     }
     fence_proxy_async();
     __syncwarp();
@@ -525,7 +536,9 @@ struct Consumer {
     return consumer * S::kRowsPerConsumer + warp * 16 + lane_g + 8 * h;
   }
 
-  // S = Q K^T of one stage: D / 16 k-steps; a step advances 32 bytes within a 128-byte block.
+  // S = Q K^T of one stage: D / 16 k-steps; a step advances 32 bytes within a 128-byte block. K-major K:
+  // its 8-row groups KvLayout::kGroupStride apart (tile_layout_sm90.cuh).
+  template <typename KvLayout>
   __device__ __forceinline__ void issue_qk(float (&s)[KV_TILE / 2], const SmemLayout<S>& sm, int q_buffer,
                                            int stage) const {
     const uint32_t q0 = sm.q(q_buffer) + consumer * S::kRowsPerConsumer * 128;
@@ -534,18 +547,21 @@ struct Consumer {
     for (int ks = 0; ks < HEAD_DIM / 16; ++ks) {
       const uint32_t step = (ks / 4), within = (ks % 4) * 32;
       const uint64_t a = smem_desc_sw128(q0 + step * S::kCtaQ * 128 + within, 16, 1024);
-      const uint64_t b = smem_desc_sw128(k0 + step * KV_TILE * 128 + within, 16, 1024);
+      const uint64_t b = smem_desc_sw128(k0 + step * KvLayout::kBlockStride + within, 16, KvLayout::kGroupStride);
       MmaS::ss(s, a, b, ks > 0 ? 1 : 0);
     }
   }
 
-  // O += P V of one stage: KV_TILE / 16 k-steps of 16 keys (2048 bytes of V each).
+  // O += P V of one stage: KV_TILE / 16 k-steps of 16 keys (two 8-row groups of V each). MN-major V: its
+  // 64-dim blocks KvLayout::kBlockStride apart (leading), its 8-row groups kGroupStride apart (stride).
+  template <typename KvLayout>
   __device__ __forceinline__ static void issue_pv(float (&o)[HEAD_DIM / 2], const uint32_t (&pf)[KV_TILE / 16][4],
                                                   const SmemLayout<S>& sm, int stage) {
     const uint32_t v0 = sm.v(stage);
 #pragma unroll
     for (int kk = 0; kk < KV_TILE / 16; ++kk)
-      MmaO::rs(o, pf[kk], smem_desc_sw128(v0 + kk * 2048, KV_TILE * 128, 1024), 1);
+      MmaO::rs(o, pf[kk],
+               smem_desc_sw128(v0 + kk * 2 * KvLayout::kGroupStride, KvLayout::kBlockStride, KvLayout::kGroupStride), 1);
   }
 
   // P (fp32 in s) -> 16-bit A fragments: k-step kk takes n8 tiles 2kk and 2kk + 1 of S.
@@ -581,8 +597,8 @@ struct Consumer {
   // One work unit. Leaves O (unnormalised) and the softmax state for the epilogue. `q_landed` runs once
   // the unit's Q tile is in shared memory (a trace hook; empty otherwise).
   // kGathered: K and V came by cp.async (Producer::kGather), ordinary writes that the wgmma (async
-  // proxy) may read only after a proxy fence by the reading thread.
-  template <bool kGathered = false, typename OnQ>
+  // proxy) may read only after a proxy fence by the reading thread. KvLayout: the producer's K / V tiles.
+  template <bool kGathered, typename KvLayout, typename OnQ>
   __device__ __forceinline__ void run(const PrefillParams& p, const Variant& variant, const WorkTile& w, int hk,
                                       const SmemLayout<S>& sm, uint8_t* smem, State& st, PipelineState& ps,
                                       const TurnTaking& turn, OnQ&& q_landed) const {
@@ -620,7 +636,7 @@ struct Consumer {
     turn.wait();
     wait_kv(sm.k_full(stage_of(0)), phase_of(0));
     wgmma_fence();
-    issue_qk(s, sm, qb, stage_of(0));
+    issue_qk<KvLayout>(s, sm, qb, stage_of(0));
     wgmma_commit();
     turn.pass();
     wgmma_wait<0>();
@@ -635,11 +651,11 @@ struct Consumer {
       wait_kv(sm.k_full(stage), phase_of(j));
       fence_operands(s);
       wgmma_fence();
-      issue_qk(s, sm, qb, stage);
+      issue_qk<KvLayout>(s, sm, qb, stage);
       wgmma_commit();
       wait_kv(sm.v_full(prev), phase_of(j - 1));
       fence_operands(st.o);
-      issue_pv(st.o, pf, sm, prev);
+      issue_pv<KvLayout>(st.o, pf, sm, prev);
       wgmma_commit();
       turn.pass();
       wgmma_wait<1>();  // S of tile j is ready; tile j-1's PV may still run
@@ -659,7 +675,7 @@ struct Consumer {
     wait_kv(sm.v_full(last), phase_of(n - 1));
     fence_operands(st.o);
     wgmma_fence();
-    issue_pv(st.o, pf, sm, last);
+    issue_pv<KvLayout>(st.o, pf, sm, last);
     wgmma_commit();
     turn.pass();
     wgmma_wait<0>();

@@ -249,7 +249,7 @@ __global__ void __launch_bounds__(Shape<HEAD_DIM, KV_TILE>::kThreads, 1)
       const int hk = work.kv_head;
       const WorkTile tile = WorkTile::of<Variant, S::kCtaQ>(item, variant, p.group);
       typename Cons::State st;
-      c.template run<Prod::kGather>(p, variant, tile, hk, sm, smem, st, ps, turn, [&] {
+      c.template run<Prod::kGather, typename Prod::KvLayout>(p, variant, tile, hk, sm, smem, st, ps, turn, [&] {
         FIJ_TRACE_UNIT_MARK(1);
         if constexpr (S::kItemPrefetch) TileScheduler::prefetch(p, persistent_unit_or_any(k + 1, units));
       });
@@ -296,6 +296,18 @@ inline int encode_tensor_maps(const PrefillParams& p, TensorMaps* maps) {
   maps->v_rows_inner = p.v_stride_n < p.v_stride_h;
   if constexpr (Producer<T, HEAD_DIM, KV_TILE, PAGED>::kGather) {
     maps->box_rows = 0;  // gathered by cp.async: no K / V maps, any page size
+  } else if constexpr (Producer<T, HEAD_DIM, KV_TILE, PAGED>::kWideBox) {
+    if (!pages_fit_boxes<KV_TILE>(p.page_size) || maps->k_rows_inner != maps->v_rows_inner)
+      return int(cudaErrorInvalidValue);
+    maps->box_rows = p.page_size < KV_TILE ? p.page_size : KV_TILE;
+    int v_step = 0;
+    if (err == 0)
+      err = encode_wide_page_map<T>(&maps->k, p.k, p.kv_rows, p.page_size, p.num_kv_heads, HEAD_DIM, p.stride_page,
+                                    p.k_stride_n, p.k_stride_h, maps->box_rows, maps->k_rows_inner, &maps->head_step);
+    if (err == 0)
+      err = encode_wide_page_map<T>(&maps->v, p.v, p.kv_rows, p.page_size, p.num_kv_heads, HEAD_DIM, p.stride_page,
+                                    p.v_stride_n, p.v_stride_h, maps->box_rows, maps->v_rows_inner, &v_step);
+    if (err == 0 && v_step != maps->head_step) err = int(cudaErrorInvalidValue);
   } else if constexpr (PAGED) {
     if (!pages_fit_boxes<KV_TILE>(p.page_size)) return int(cudaErrorInvalidValue);
     maps->box_rows = p.page_size < KV_TILE ? p.page_size : KV_TILE;

@@ -86,6 +86,17 @@
 #define FIJ_SM90_PAGED_GATHER 0
 #endif
 
+// Switch (off until measured; -DFIJ_SM90_PAGED_WIDE_BOX=1): paged K and V tiles laid out by 8-row group
+// (tile_layout_sm90.cuh), so one TMA box brings a page's rows with all their head dims (5-D tensor maps,
+// tma_host_sm90.h) instead of one box per page and 64 dims: 8 boxes per K or V tile at head_dim 128 and
+// page 16, not 16. Paged ran at 0.80-0.85 of ragged, its consumers starved for tiles with DRAM idle
+// (ncu, H200, 2026-12-04); FlashInfer's maintainers say TMA falls short on small boxes (its issue #1474).
+// Needs each token's heads packed (NHD: head stride = head_dim; HND: head stride = page size x slot
+// stride), else the launch fails with cudaErrorInvalidValue. Not with the gather.
+#ifndef FIJ_SM90_PAGED_WIDE_BOX
+#define FIJ_SM90_PAGED_WIDE_BOX 0
+#endif
+
 // Switch (off until measured; -DFIJ_SM90_ITEM_PREFETCH=1): once a unit's Q tile has landed the consumers
 // prefetch their next unit's work item into L1 (the trace showed ~0.5 us from a unit's start to its Q
 // tile even with Q double-buffered: the item's load from L2). Issued there because at the unit's

@@ -93,5 +93,38 @@ inline int encode_page_map(CUtensorMap* map, const void* base, int64_t pages, in
   return encode_tiled<T>(map, base, 4, dims, strides, box);
 }
 
+// The same cache for the by-group tile layout (FIJ_SM90_PAGED_WIDE_BOX, tile_layout_sm90.cuh): one box
+// brings box_rows (a multiple of 8) slots of one head with all head_dim dims, landing as
+// [box_rows / 8][head_dim / 64][8][64]. A 5-D map (64 dims, 8 slots, ...): the 64-dim blocks are a
+// dimension of stride 128 bytes, which the heads' stride continues where they are packed, so
+//   NHD (heads packed in a slot: stride_head == head_dim): (64, 8 slots, heads x blocks, groups of 8
+//       slots, pages), a head's coordinate step (*head_step) head_dim / 64;
+//   HND (slots_inner; a head's slots packed: stride_head == page_size * stride_slot): (64, 8 slots,
+//       blocks, heads x groups of 8 slots, pages), step page_size / 8.
+// Strides need not grow outwards (the driver asks 16-byte multiples below 2^40). A cache whose heads are
+// not packed so, or pages not whole 8-slot groups, is cudaErrorInvalidValue.
+template <typename T>
+inline int encode_wide_page_map(CUtensorMap* map, const void* base, int64_t pages, int page_size, int heads,
+                                int head_dim, int64_t stride_page, int64_t stride_slot, int64_t stride_head,
+                                int box_rows, bool slots_inner, int* head_step) {
+  if (page_size % 8 != 0 || box_rows % 8 != 0 || head_dim % 64 != 0) return int(cudaErrorInvalidValue);
+  const int blocks = head_dim / 64;
+  const cuuint64_t np = cuuint64_t(pages > 0 ? pages : 1);
+  const cuuint64_t by_slot = cuuint64_t(stride_slot) * sizeof(T), by_page = cuuint64_t(stride_page) * sizeof(T);
+  const cuuint32_t box[5] = {64, 8, cuuint32_t(blocks), cuuint32_t(box_rows / 8), 1};
+  if (slots_inner) {
+    if (stride_head != int64_t(page_size) * stride_slot) return int(cudaErrorInvalidValue);
+    *head_step = page_size / 8;
+    const cuuint64_t dims[5] = {64, 8, cuuint64_t(blocks), cuuint64_t(heads) * cuuint64_t(page_size / 8), np};
+    const cuuint64_t strides[4] = {by_slot, 128, 8 * by_slot, by_page};
+    return encode_tiled<T>(map, base, 5, dims, strides, box);
+  }
+  if (stride_head != head_dim) return int(cudaErrorInvalidValue);
+  *head_step = blocks;
+  const cuuint64_t dims[5] = {64, 8, cuuint64_t(heads) * cuuint64_t(blocks), cuuint64_t(page_size / 8), np};
+  const cuuint64_t strides[4] = {by_slot, 128, 8 * by_slot, by_page};
+  return encode_tiled<T>(map, base, 5, dims, strides, box);
+}
+
 }  // namespace sm90
 }  // namespace fij

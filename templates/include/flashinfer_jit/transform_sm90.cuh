@@ -12,8 +12,8 @@
 //     each thread keeps 4 dims (and partners) and walks its rows key0, key0 + stride, ... advancing the
 //     rotation by a complex multiply (variant.key_walk*: one sincos per dim and tile). 8-byte accesses
 //     (4-byte at head_dim 256) keep the walk in the producer's 56 (40) registers.
-// The tiles use the TMA's 128-byte swizzle in blocks of 64 dims: a dim's chunk and its partner's chunk
-// sit at the same swizzled position of their own 16-byte slots (sw128_chunk).
+// The tiles use the TMA's 128-byte swizzle in blocks of 64 dims (tile_layout_sm90.cuh): a dim's chunk and
+// its partner's chunk sit at the same swizzled position of their own 16-byte slots.
 #pragma once
 #include <stdint.h>
 
@@ -21,15 +21,10 @@
 #include "flashinfer_jit/common.cuh"
 #include "flashinfer_jit/gqa.cuh"
 #include "flashinfer_jit/switches_sm90.h"
+#include "flashinfer_jit/tile_layout_sm90.cuh"
 
 namespace fij {
 namespace sm90 {
-
-// Byte offset of 16-byte chunk `chunk` of row `row` in a tile of `rows` rows laid out as the TMA's
-// 128-byte swizzle, in blocks of 64 dims ([D / 64][rows][64]); the tile starts 1024-byte aligned.
-__device__ __forceinline__ uint32_t sw128_chunk(int rows, int row, int chunk) {
-  return uint32_t((chunk / 8) * rows * 128 + row * 128 + (((chunk % 8) ^ (row & 7)) * 16));
-}
 
 // N (2 or 4) consecutive 16-bit values <-> N floats through one 4- or 8-byte access.
 template <typename T, int N>
@@ -84,8 +79,8 @@ __device__ __forceinline__ void transform_query_rows(const Variant& variant, con
   }
 }
 
-// The K-tile transform warps (warps 1..3 of the producer warpgroup).
-template <typename T, int HEAD_DIM, int KV_TILE>
+// The K-tile transform warps (warps 1..3 of the producer warpgroup); K tiles laid out as KvLayout.
+template <typename T, int HEAD_DIM, int KV_TILE, typename KvLayout = KvTileLayout<HEAD_DIM, KV_TILE, false>>
 struct KeyTransformWarps {
   static constexpr int kFirstWarp = 1;
   // Dims a thread keeps: 4 (8-byte accesses), 2 at head_dim 256, whose producer has 40 registers.
@@ -114,8 +109,8 @@ struct KeyTransformWarps {
     variant.key_walk_start(walk, pos0 + row0);
 #pragma unroll 1  // unrolled by 2: no faster on the H100 (issue slots, not latency: benchmarks/NOTES.md)
     for (int r = row0; r < rows; r += kRowsPerPass) {
-      uint8_t* lo_ptr = tile + sw128_chunk(KV_TILE, r, lo_chunk) + within;
-      uint8_t* hi_ptr = tile + sw128_chunk(KV_TILE, r, hi_chunk) + within;
+      uint8_t* lo_ptr = tile + KvLayout::chunk(r, lo_chunk) + within;
+      uint8_t* hi_ptr = tile + KvLayout::chunk(r, hi_chunk) + within;
       float lo[kDims], hi[kDims];
       load_n<T, kDims>(lo_ptr, lo);
       load_n<T, kDims>(hi_ptr, hi);
